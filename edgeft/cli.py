@@ -1,0 +1,303 @@
+"""The `edgeft` command: a thin layer over edgeft.run and friends."""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from pathlib import Path
+
+import click
+
+from edgeft import config as cfgmod
+from edgeft.config import ConfigError, RunConfig
+
+# CLI flag -> (section, field). Help texts and defaults come from edgeft/config.py: a flag
+# left out keeps the recipe's value, which keeps the dataclass default.
+TUNE_FLAGS = [
+    ("--model", "model", "name"),
+    ("--max-seq-len", "model", "max_seq_len"),
+    ("--quantize-bits", "model", "quantize_bits"),
+    ("--lora-rank", "lora", "rank"),
+    ("--lora-alpha", "lora", "alpha"),
+    ("--lora-dropout", "lora", "dropout"),
+    ("--lora-layers", "lora", "layers"),
+    ("--targets", "lora", "targets"),
+    ("--valid", "data", "valid"),
+    ("--valid-fraction", "data", "valid_fraction"),
+    ("--system-prompt", "data", "system_prompt"),
+    ("--skip-bad-lines", "data", "skip_bad_lines"),
+    ("--steps", "train", "steps"),
+    ("--batch-size", "train", "batch_size"),
+    ("--grad-accum", "train", "grad_accum"),
+    ("--learning-rate", "train", "learning_rate"),
+    ("--warmup-steps", "train", "warmup_steps"),
+    ("--seed", "train", "seed"),
+    ("--eval-every", "train", "eval_every"),
+    ("--save-every", "train", "save_every"),
+    ("--grad-checkpoint", "train", "grad_checkpoint"),
+    ("--quant", "export", "quant"),
+]
+
+
+def _field(section: str, name: str) -> dataclasses.Field:
+    cls = {f.name: f.default_factory for f in dataclasses.fields(RunConfig)}[section]
+    return {f.name: f for f in dataclasses.fields(cls())}[name]
+
+
+def _dest(flag: str) -> str:
+    return flag.lstrip("-").replace("-", "_")
+
+
+def config_options(fn):
+    """Add one option per TUNE_FLAGS entry, typed and documented from the dataclass."""
+    for flag, section, name in reversed(TUNE_FLAGS):
+        f = _field(section, name)
+        typ = str(f.type)
+        help_text = f"{f.metadata['help']} [{section}.{name}]"
+        if typ == "bool":
+            fn = click.option(flag, _dest(flag), is_flag=True, default=None, help=help_text)(fn)
+            continue
+        ptype = click.INT if typ.startswith("int") else click.FLOAT if typ.startswith("float") else click.STRING
+        fn = click.option(flag, _dest(flag), type=ptype, default=None, help=help_text)(fn)
+    return fn
+
+
+def build_config(recipe: str | None, data: str | None, flags: dict) -> RunConfig:
+    cfg = cfgmod.load_recipe(recipe)
+    overrides: dict = {}
+    for flag, section, name in TUNE_FLAGS:
+        value = flags.get(_dest(flag))
+        if value is None:
+            continue
+        if name == "targets":
+            value = [t.strip() for t in value.split(",") if t.strip()]
+        overrides.setdefault(section, {})[name] = value
+    if data is not None:
+        overrides.setdefault("data", {})["train"] = data
+    return cfgmod.apply_overrides(cfg, overrides, "command line")
+
+
+def _fail(e: Exception):
+    raise click.ClickException(str(e).splitlines()[0] if str(e) else e.__class__.__name__)
+
+
+def user_errors():
+    """The exceptions that are the user's to fix: shown as one line, never a traceback."""
+    from edgeft import hub, lora, trainer
+    from edgeft.dataset import DataError
+    from edgeft.loader import ModelLoadError
+    from edgeft.tokenizer import TemplateError
+
+    return (
+        ConfigError,
+        DataError,
+        ModelLoadError,
+        TemplateError,
+        hub.SourceError,
+        lora.LoRAError,
+        trainer.TrainingError,
+        FileNotFoundError,
+    )
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(package_name="edgeft")
+def main():
+    """edgeft: fine-tune a small language model on your own conversations, on a laptop,
+    and ship it as a GGUF file for llama.cpp, Ollama or LM Studio.
+
+    \b
+    Start here:
+      edgeft tune --data examples/brand_voice.jsonl
+      edgeft chat runs/<name> --prompt "Do you ship to Canada?"
+    """
+
+
+@main.command()
+@click.option("--data", "data", type=click.Path(dir_okay=False), help="training JSONL [data.train]")
+@click.option("--recipe", default=None, help=f"recipe name or YAML file (default: {cfgmod.DEFAULT_RECIPE})")
+@click.option("--name", default=None, help="run name: the run goes to RUNS_DIR/NAME (default: model + time)")
+@click.option("--runs-dir", default="runs", show_default=True, type=click.Path(file_okay=False), help="where runs go")
+@click.option("--resume", is_flag=True, help="continue the run --name from its last checkpoint")
+@click.option("--export/--no-export", "export", default=None, help="write the GGUF at the end [export.enabled]")
+@config_options
+def tune(data, recipe, name, runs_dir, resume, export, **flags):
+    """Fine-tune a model (LoRA) on a JSONL file of conversations.
+
+    Each line is {"messages": [{"role": "user", "content": ...}, {"role": "assistant",
+    "content": ...}]}, or {"prompt": ..., "completion": ...}, or {"text": ...}. Loss is taken
+    on every assistant turn. Without --model, the built-in SmolLM2-135M-Instruct is used.
+
+    \b
+    Example:
+      edgeft tune --data examples/brand_voice.jsonl
+      edgeft tune --data chats.jsonl --model ./qwen2.5-0.5b-instruct-q8_0.gguf --steps 300
+      edgeft tune --resume --name my-run          # after an interruption
+    """
+    from edgeft import run
+
+    try:
+        if resume:
+            if not name:
+                raise ConfigError("--resume needs --name (the run to continue)")
+            cfg = run.read_run_config(Path(runs_dir) / name)
+        else:
+            cfg = build_config(recipe, data, flags)
+        if export is not None:
+            cfg.export.enabled = export
+        result = run.tune(cfg, Path(runs_dir), name=name, resume=resume, log=click.echo)
+    except user_errors() as e:
+        _fail(e)
+    st = result.state
+    click.echo("")
+    click.echo(f"done: {st.step} steps, {st.tokens} tokens in {st.elapsed_s:.0f} s ({st.tokens / max(st.elapsed_s, 1e-9):.0f} tok/s)")
+    if result.first_val is not None and st.history:
+        click.echo(f"validation loss: {result.first_val:.4f} -> {st.history[-1][1]:.4f}")
+    click.echo(f"run folder: {result.run_dir}")
+    click.echo(f"adapters:   {result.adapters}")
+    if result.export:
+        click.echo(f"GGUF:       {result.export}")
+    click.echo(f'try it:     edgeft chat {result.run_dir} --prompt "Hello!"')
+
+
+@main.command()
+@click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
+@click.option("--prompt", "-p", default=None, help="one prompt; without it, an interactive chat")
+@click.option("--system", default=None, help="system message (default: the run's system prompt)")
+@click.option("--max-tokens", default=200, show_default=True, help="new tokens per reply")
+@click.option("--temperature", default=0.0, show_default=True, help="0 is greedy")
+@click.option("--base", is_flag=True, help="answer with the base model, without the adapters")
+def chat(run_dir, prompt, system, max_tokens, temperature, base):
+    """Talk to a tuned model (its base plus the run's adapters).
+
+    \b
+    Example:
+      edgeft chat runs/brand-voice --prompt "Do you ship to Canada?"
+      edgeft chat runs/brand-voice            # interactive; empty line or Ctrl-D quits
+    """
+    from edgeft import generate, run
+
+    try:
+        if base:
+            cfg = run.read_run_config(Path(run_dir))
+            loaded = run.load_base(cfg, quiet=True)
+        else:
+            loaded, cfg = run.load_tuned(Path(run_dir))
+    except user_errors() as e:
+        _fail(e)
+    system = system if system is not None else cfg.data.system_prompt
+    history = [{"role": "system", "content": system}] if system else []
+
+    def reply(text: str) -> str:
+        history.append({"role": "user", "content": text})
+        answer = generate.chat(
+            loaded.model, loaded.tokenizer, history, max_tokens=max_tokens, temperature=temperature
+        )
+        history.append({"role": "assistant", "content": answer})
+        return answer
+
+    if prompt is not None:
+        click.echo(reply(prompt))
+        return
+    while True:
+        try:
+            text = click.prompt("you", default="", show_default=False)
+        except (EOFError, click.Abort):
+            break
+        if not text.strip():
+            break
+        click.echo(f"model: {reply(text)}")
+
+
+@main.command()
+def models():
+    """List the built-in models and whether each is in the cache.
+
+    \b
+    Example:
+      edgeft models
+      edgeft tune --data chats.jsonl --model qwen2.5-0.5b-instruct
+    """
+    from edgeft import hub
+
+    rows = hub.list_models()
+    click.echo(f"cache: {hub.cache_dir()}")
+    for row in rows:
+        mark = "*" if row.name == cfgmod.DEFAULT_MODEL else " "
+        where = str(row.cached) if row.cached else "not cached"
+        click.echo(f"{mark} {row.name:28} {row.description}\n    {where}")
+    click.echo("* default")
+
+
+@main.group()
+def data():
+    """Inspect training data."""
+
+
+@data.command("check")
+@click.argument("file", type=click.Path(dir_okay=False))
+@click.option("--model", default=None, help="tokenize with this model's tokenizer (default: the recipe's)")
+@click.option("--recipe", default=None, help="recipe whose max_seq_len and data settings apply")
+def data_check(file, model, recipe):
+    """Validate a training file: problems by line, counts, token lengths.
+
+    Exits with status 1 when a line has a problem.
+
+    \b
+    Example:
+      edgeft data check chats.jsonl
+    """
+    from edgeft import dataset, hub
+    from edgeft.loader import load
+
+    try:
+        cfg = cfgmod.load_recipe(recipe)
+        if model:
+            cfg.model.name = model
+        if not Path(file).is_file():
+            raise ConfigError(f"{file}: no such file")
+        tok = load(hub.resolve(cfg.model.name, quiet=True), tokenizer_only=True).tokenizer
+        report = dataset.check_file(file, tok, cfg.data, cfg.model.max_seq_len)
+    except user_errors() as e:
+        _fail(e)
+    click.echo(report.summary())
+    if report.problems:
+        sys.exit(1)
+
+
+@main.command()
+def doctor():
+    """Show what edgeft runs on: device, BLAS, versions, and a quick matmul speed.
+
+    \b
+    Example:
+      edgeft doctor
+    """
+    import platform
+    import time
+
+    from edgeft import _blas
+
+    import mlx.core as mx
+
+    name, path = _blas.ensure()
+    click.echo(f"python   {platform.python_version()} on {platform.system()} {platform.machine()}")
+    click.echo(f"mlx      {mx.__version__}, device {mx.default_device()}")
+    click.echo(f"BLAS     {name}{f' ({path})' if path else ''}")
+    a = mx.random.normal((1024, 1024))
+    mx.eval(a @ a)
+    tic = time.perf_counter()
+    for _ in range(5):
+        mx.eval(a @ a)
+    dt = (time.perf_counter() - tic) / 5
+    click.echo(f"matmul   fp32 1024^3: {2 * 1024**3 / dt / 1e9:.0f} GFLOP/s")
+    for mod in ("mlx_lm", "gguf", "llama_cpp"):
+        try:
+            m = __import__(mod)
+            click.echo(f"{mod:8} {getattr(m, '__version__', 'installed')}")
+        except ImportError:
+            click.echo(f"{mod:8} not installed" + ("  (pip install 'edgeft[llama]' for export checks)" if mod == "llama_cpp" else ""))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,386 @@
+"""The training loop: AdamW with warm-up + cosine decay, gradient accumulation and clipping,
+validation, checkpoints that resume exactly, metrics.jsonl, a progress line.
+
+The loop takes its loss and its batches as arguments (as mlx-lm's trainer does), so it is
+tested on tiny models. Randomness is a pure function of (seed, step): the batch order comes
+from edgeft.dataset.iterate_batches(seed, start_step) and mx.random is reseeded from
+(seed, step) before every step, so a resumed run replays exactly what the first would have.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import resource
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable, Iterator
+
+import mlx.core as mx
+import mlx.nn as nn
+import mlx.optimizers as optim
+import numpy as np
+from mlx.utils import tree_flatten, tree_map, tree_unflatten
+
+from edgeft.config import TrainConfig
+from edgeft.io import atomic_save_safetensors, atomic_write_text
+from edgeft.lora import adapter_parameters
+
+# A batch as the dataset yields it: inputs, targets, loss mask (all [B, T]).
+Batch = tuple
+
+
+class TrainingError(RuntimeError):
+    pass
+
+
+# ---------------------------------------------------------------------------------------------
+# Loss
+
+
+def output_head(model: nn.Module) -> Callable[[mx.array], mx.array]:
+    """The vocabulary projection of an mlx-lm causal LM (tied embedding or lm_head)."""
+    if "lm_head" in model:
+        return model.lm_head
+    return model.model.embed_tokens.as_linear
+
+
+def loss_positions(targets: mx.array, loss_mask: mx.array) -> tuple[mx.array, mx.array]:
+    """Flat indices of the positions that carry loss, and their target ids."""
+    mask = np.asarray(loss_mask).reshape(-1) > 0
+    idx = np.nonzero(mask)[0].astype(np.int32)
+    tgt = np.asarray(targets).reshape(-1)[idx].astype(np.int32)
+    return mx.array(idx), mx.array(tgt)
+
+
+def lm_loss(model: nn.Module, inputs: mx.array, idx: mx.array, tgt: mx.array) -> tuple[mx.array, mx.array]:
+    """Mean cross-entropy over the loss positions only.
+
+    The vocabulary projection and softmax, the most expensive part of a small model's step,
+    run only where there is loss (assistant tokens), not over prompt and padding.
+    """
+    h = model.model(inputs)
+    h = h.reshape(-1, h.shape[-1])[idx]
+    logits = output_head(model)(h).astype(mx.float32)
+    ntoks = idx.size
+    loss = nn.losses.cross_entropy(logits, tgt, reduction="sum") / max(ntoks, 1)
+    return loss, mx.array(ntoks)
+
+
+# ---------------------------------------------------------------------------------------------
+# Schedule, state
+
+
+def lr_schedule(cfg: TrainConfig) -> Callable[[mx.array], mx.array]:
+    """Linear warm-up to the peak, then cosine decay to peak * min_lr_ratio at the last step."""
+    peak = cfg.learning_rate
+    warm = min(cfg.warmup_steps, cfg.steps)
+    decay = optim.cosine_decay(peak, max(cfg.steps - warm, 1), end=peak * cfg.min_lr_ratio)
+    if warm == 0:
+        return decay
+    return optim.join_schedules([optim.linear_schedule(0.0, peak, warm), decay], [warm])
+
+
+def step_seed(seed: int, step: int) -> int:
+    return int.from_bytes(hashlib.sha256(f"{seed}:{step}".encode()).digest()[:4], "little")
+
+
+def peak_memory_gb() -> float:
+    """Peak of MLX's allocator and of the process RSS, whichever is larger, in GB."""
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+    if sys.platform == "darwin":
+        rss //= 1024  # macOS: bytes
+    return max(mx.get_peak_memory(), rss) / 1e9
+
+
+@dataclass
+class TrainState:
+    step: int = 0  # optimizer steps completed
+    tokens: int = 0  # input tokens seen
+    elapsed_s: float = 0.0  # training time, excluding evaluation
+    best_val: float | None = None
+    history: list = field(default_factory=list)  # validation results [(step, loss)]
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def save_checkpoint(folder: Path, model, optimizer, state: TrainState, keep: int) -> Path:
+    """Write checkpoints/step_NNNNNN/ (adapters, optimizer, state.json with checksums) and
+    prune to the `keep` newest. The folder appears only when complete (rename)."""
+    folder = Path(folder)
+    final = folder / f"step_{state.step:06d}"
+    tmp = folder / f".step_{state.step:06d}.tmp"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    atomic_save_safetensors(tmp / "adapters.safetensors", adapter_parameters(model))
+    opt_state = dict(tree_flatten(optimizer.state))
+    atomic_save_safetensors(tmp / "optimizer.safetensors", opt_state)
+    meta = {
+        "step": state.step,
+        "tokens": state.tokens,
+        "elapsed_s": state.elapsed_s,
+        "best_val": state.best_val,
+        "history": state.history,
+        "sha256": {n: _sha256(tmp / n) for n in ("adapters.safetensors", "optimizer.safetensors")},
+    }
+    atomic_write_text(tmp / "state.json", json.dumps(meta, indent=2) + "\n")
+    if final.exists():
+        shutil.rmtree(final)
+    tmp.rename(final)
+    for old in sorted(folder.glob("step_*"))[: -max(keep, 1)]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def checkpoint_problem(ckpt: Path) -> str | None:
+    """Why `ckpt` cannot be resumed from, or None if it is whole."""
+    try:
+        meta = json.loads((ckpt / "state.json").read_text())
+        for name, digest in meta["sha256"].items():
+            if _sha256(ckpt / name) != digest:
+                return f"{name} fails its checksum"
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        return f"unreadable ({e.__class__.__name__}: {e})"
+    return None
+
+
+def latest_checkpoint(folder: Path, warn: Callable[[str], None] = print) -> Path | None:
+    """The newest checkpoint that passes its checksums; broken ones are reported and skipped."""
+    for ckpt in sorted(Path(folder).glob("step_*"), reverse=True):
+        problem = checkpoint_problem(ckpt)
+        if problem is None:
+            return ckpt
+        warn(f"skipping checkpoint {ckpt}: {problem}")
+    return None
+
+
+def load_checkpoint(ckpt: Path, model, optimizer) -> TrainState:
+    meta = json.loads((ckpt / "state.json").read_text())
+    model.load_weights(list(mx.load(str(ckpt / "adapters.safetensors")).items()), strict=False)
+    opt_state = mx.load(str(ckpt / "optimizer.safetensors"))
+    optimizer.state = tree_unflatten(list(opt_state.items()))
+    mx.eval(model.parameters(), optimizer.state)
+    return TrainState(
+        step=meta["step"],
+        tokens=meta["tokens"],
+        elapsed_s=meta["elapsed_s"],
+        best_val=meta.get("best_val"),
+        history=meta.get("history", []),
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# The loop
+
+
+def evaluate(model, batches: Iterable[Batch], loss_fn=lm_loss) -> float:
+    """Token-weighted mean loss over the batches."""
+    total, count = 0.0, 0
+    for batch in batches:
+        idx, tgt = loss_positions(batch[1], batch[2])
+        if idx.size == 0:
+            continue
+        loss, n = loss_fn(model, batch[0], idx, tgt)
+        mx.eval(loss)
+        total += loss.item() * n.item()
+        count += n.item()
+    return total / max(count, 1)
+
+
+def _fmt_time(s: float) -> str:
+    s = int(s)
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+
+
+class Progress:
+    """One status line: step, loss, tokens/s, ETA, peak memory (redrawn on a terminal)."""
+
+    def __init__(self, total: int, stream=sys.stderr, every: int = 1):
+        self.total, self.stream, self.every = total, stream, max(every, 1)
+        self.tty = hasattr(stream, "isatty") and stream.isatty()
+
+    def step(self, step: int, loss: float, tps: float, eta_s: float, peak_gb: float):
+        if not self.tty and step % self.every and step != self.total:
+            return
+        width = 20
+        done = int(width * step / self.total)
+        line = (
+            f"[{'#' * done}{'.' * (width - done)}] step {step}/{self.total} "
+            f"loss {loss:.3f} | {tps:.0f} tok/s | eta {_fmt_time(eta_s)} | peak {peak_gb:.2f} GB"
+        )
+        if self.tty:
+            self.stream.write("\r" + line + "\x1b[K")
+        else:
+            self.stream.write(line + "\n")
+        self.stream.flush()
+
+    def message(self, text: str):
+        self.stream.write(("\n" if self.tty else "") + text + "\n")
+        self.stream.flush()
+
+
+def train(
+    model: nn.Module,
+    cfg: TrainConfig,
+    train_batches: Callable[[int], Iterator[Batch]],
+    valid_batches: Callable[[], Iterable[Batch]] | None = None,
+    run_dir: Path | None = None,
+    loss_fn=lm_loss,
+    resume: bool = False,
+    progress: Progress | None = None,
+    on_checkpoint: Callable[[Path], None] | None = None,
+) -> TrainState:
+    """Train the trainable (adapter) parameters of `model`.
+
+    train_batches(start_step) yields batches from that step on; valid_batches() yields the
+    validation set. With run_dir: metrics.jsonl and checkpoints/ go there, and resume=True
+    continues from its newest whole checkpoint.
+    """
+    progress = progress or Progress(cfg.steps, every=cfg.log_every)
+    optimizer = optim.AdamW(learning_rate=lr_schedule(cfg), weight_decay=cfg.weight_decay)
+    state = TrainState()
+    ckpt_dir = run_dir / "checkpoints" if run_dir else None
+    metrics_path = run_dir / "metrics.jsonl" if run_dir else None
+
+    if cfg.grad_checkpoint:
+        from mlx_lm.tuner.trainer import grad_checkpoint
+
+        grad_checkpoint(model.layers[0])
+
+    if resume:
+        ckpt = latest_checkpoint(ckpt_dir, warn=progress.message) if ckpt_dir else None
+        if ckpt is None:
+            raise TrainingError(f"nothing to resume in {run_dir}: no whole checkpoint in {ckpt_dir}")
+        state = load_checkpoint(ckpt, model, optimizer)
+        progress.message(f"resumed from {ckpt} (step {state.step})")
+        _truncate_metrics(metrics_path, state.step)
+
+    def write_metrics(record: dict):
+        if metrics_path:
+            with open(metrics_path, "a", encoding="utf-8") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def run_eval():
+        if valid_batches is None:
+            return
+        val = evaluate(model, valid_batches(), loss_fn)
+        if not math.isfinite(val):
+            raise TrainingError(f"validation loss is {val} at step {state.step}")
+        state.history.append([state.step, val])
+        state.best_val = val if state.best_val is None else min(state.best_val, val)
+        write_metrics({"kind": "valid", "step": state.step, "val_loss": val})
+        progress.message(f"step {state.step}: validation loss {val:.4f}")
+
+    loss_and_grad = nn.value_and_grad(model, loss_fn)
+    batches = train_batches(state.step * cfg.grad_accum)
+    if state.step == 0 and valid_batches is not None and cfg.eval_every > 0:
+        run_eval()
+
+    while state.step < cfg.steps:
+        tic = time.perf_counter()
+        mx.random.seed(step_seed(cfg.seed, state.step))
+        grads_sum, loss_sum, ntok_sum, step_tokens = None, 0.0, 0, 0
+        for _ in range(cfg.grad_accum):
+            inputs, targets, mask = next(batches)[:3]
+            idx, tgt = loss_positions(targets, mask)
+            if idx.size == 0:
+                continue
+            (loss, ntoks), grads = loss_and_grad(model, inputs, idx, tgt)
+            n = idx.size
+            grads = tree_map_scale(grads, n)
+            grads_sum = grads if grads_sum is None else tree_add(grads_sum, grads)
+            loss_sum = loss * n + loss_sum
+            ntok_sum += n
+            step_tokens += _input_tokens(mask)
+            mx.eval(grads_sum, loss_sum)
+        if grads_sum is None:
+            raise TrainingError(f"step {state.step + 1}: no batch carried any loss token")
+        grads = tree_map_scale(grads_sum, 1.0 / ntok_sum)
+        loss = loss_sum / ntok_sum
+        if cfg.max_grad_norm:
+            grads, gnorm = optim.clip_grad_norm(grads, cfg.max_grad_norm)
+        else:
+            gnorm = mx.sqrt(sum((g * g).sum() for _, g in tree_flatten(grads)))
+        optimizer.update(model, grads)
+        mx.eval(model.trainable_parameters(), optimizer.state, loss, gnorm)
+        loss_v, gnorm_v = loss.item(), gnorm.item()
+        if not (math.isfinite(loss_v) and math.isfinite(gnorm_v)):
+            raise TrainingError(
+                f"step {state.step + 1}: loss {loss_v} / gradient norm {gnorm_v} is not finite; "
+                "the last checkpoint is kept. Try a lower learning rate or max_grad_norm."
+            )
+        dt = time.perf_counter() - tic
+        state.step += 1
+        state.tokens += step_tokens
+        state.elapsed_s += dt
+        tps = step_tokens / dt
+        peak = peak_memory_gb()
+        eta = state.elapsed_s / max(state.step, 1) * (cfg.steps - state.step)
+        write_metrics(
+            {
+                "kind": "train",
+                "step": state.step,
+                "loss": loss_v,
+                "grad_norm": gnorm_v,
+                "lr": float(optimizer.learning_rate.item()),
+                "tokens": step_tokens,
+                "loss_tokens": ntok_sum,
+                "step_time_s": dt,
+                "tokens_per_s": tps,
+                "peak_mem_gb": peak,
+            }
+        )
+        progress.step(state.step, loss_v, tps, eta, peak)
+        last = state.step == cfg.steps
+        if valid_batches is not None and (last or (cfg.eval_every > 0 and state.step % cfg.eval_every == 0)):
+            run_eval()
+        if ckpt_dir and ((cfg.save_every > 0 and state.step % cfg.save_every == 0) or last):
+            path = save_checkpoint(ckpt_dir, model, optimizer, state, cfg.keep_checkpoints)
+            if on_checkpoint:
+                on_checkpoint(path)
+    return state
+
+
+def _input_tokens(mask: mx.array) -> int:
+    """Input tokens of a batch without the padding after each sequence's last loss token."""
+    m = np.asarray(mask)
+    last = np.where(m.any(axis=1), m.shape[1] - np.argmax(m[:, ::-1] > 0, axis=1), 0)
+    return int(last.sum())
+
+
+def tree_map_scale(tree, s):
+    return tree_map(lambda g: g * s, tree)
+
+
+def tree_add(a, b):
+    return tree_map(lambda x, y: x + y, a, b)
+
+
+def _truncate_metrics(path: Path | None, step: int) -> None:
+    """Drop metrics lines written after `step` by a run that died before its next checkpoint."""
+    if not path or not path.exists():
+        return
+    keep = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            continue
+        if rec.get("step", 0) <= step:
+            keep.append(line)
+    atomic_write_text(path, "".join(l + "\n" for l in keep))
