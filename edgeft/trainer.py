@@ -254,6 +254,8 @@ def train(
     progress = progress or Progress(cfg.steps, every=cfg.log_every)
     optimizer = optim.AdamW(learning_rate=lr_schedule(cfg), weight_decay=cfg.weight_decay)
     state = TrainState()
+    if run_dir:
+        Path(run_dir).mkdir(parents=True, exist_ok=True)
     ckpt_dir = run_dir / "checkpoints" if run_dir else None
     metrics_path = run_dir / "metrics.jsonl" if run_dir else None
 

@@ -1,0 +1,215 @@
+"""LoRA + trainer on tiny random models: counts, learning, fast path = plain path, resume."""
+
+import json
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+import pytest
+from mlx.utils import tree_flatten
+from mlx_lm.models import llama
+
+from edgeft import backend, lora, trainer
+from edgeft.config import LoRAConfig, TrainConfig
+
+VOCAB = 96
+
+
+def tiny_llama(seed=0, quantize=True):
+    mx.random.seed(seed)
+    args = llama.ModelArgs(
+        model_type="llama",
+        hidden_size=64,
+        num_hidden_layers=2,
+        intermediate_size=128,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        rms_norm_eps=1e-5,
+        vocab_size=VOCAB,
+        tie_word_embeddings=True,
+    )
+    model = llama.Model(args)
+    if quantize:
+        nn.quantize(model, group_size=32, bits=4)
+    mx.eval(model.parameters())
+    return model
+
+
+def batches_from(seqs, bs, start=0):
+    """Deterministic cycling batches of fixed sequences (inputs, targets, mask)."""
+    seqs = np.array(seqs, dtype=np.int32)
+    step = start
+    while True:
+        i = (step * bs) % len(seqs)
+        chunk = np.concatenate([seqs, seqs])[i : i + bs]
+        mask = np.ones_like(chunk[:, 1:], dtype=np.float32)
+        mask[:, : chunk.shape[1] // 2] = 0  # the first half is "prompt"
+        yield mx.array(chunk[:, :-1]), mx.array(chunk[:, 1:]), mx.array(mask)
+        step += 1
+
+
+def four_examples():
+    rng = np.random.default_rng(1)
+    return rng.integers(0, VOCAB, size=(4, 17)).tolist()
+
+
+def test_lora_parameter_count_all_linear_layers():
+    model = tiny_llama()
+    lora.apply_lora(model, LoRAConfig(rank=4))
+    trainable, _ = lora.count_parameters(model)
+    # per layer: q 64->64, k 64->32, v 64->32, o 64->64, gate 64->128, up 64->128, down 128->64
+    dims = [(64, 64), (64, 32), (64, 32), (64, 64), (64, 128), (64, 128), (128, 64)]
+    assert trainable == 2 * sum(4 * (i + o) for i, o in dims)
+    assert len(lora.lora_layers(model)) == 14
+
+
+def test_lora_targets_and_layers_are_honoured():
+    model = tiny_llama()
+    lora.apply_lora(model, LoRAConfig(rank=2, targets=["q_proj", "v_proj"], layers=1))
+    names = sorted(n for n, _ in lora.lora_layers(model))
+    assert names == ["model.layers.1.self_attn.q_proj", "model.layers.1.self_attn.v_proj"]
+
+
+def test_unknown_target_is_a_clear_error():
+    with pytest.raises(lora.LoRAError, match="'qkv' is not a linear layer.*q_proj"):
+        lora.apply_lora(tiny_llama(), LoRAConfig(targets=["qkv"]))
+
+
+def test_new_adapters_leave_the_output_unchanged():
+    model = tiny_llama()
+    x = mx.array([[1, 2, 3, 4]])
+    before = model(x)
+    lora.apply_lora(model, LoRAConfig())
+    assert mx.allclose(before, model(x), atol=1e-6)
+
+
+def test_cpu_path_matches_quantized_matmul():
+    """backend.prepare swaps in dequantize-then-BLAS layers: same numbers as MLX's kernel."""
+    model = tiny_llama()
+    x = mx.array([[5, 6, 7, 8, 9]])
+    ref = model(x)
+    backend.prepare(model, cpu=True)
+    assert isinstance(model.layers[0].self_attn.q_proj, backend.DequantizedLinear)
+    assert mx.allclose(ref, model(x), atol=1e-4, rtol=1e-4)
+
+
+def test_loss_falls_when_overfitting_four_examples():
+    model = backend.prepare(tiny_llama(), cpu=True)
+    lora.apply_lora(model, LoRAConfig(rank=8, alpha=16))
+    cfg = TrainConfig(steps=40, batch_size=4, learning_rate=1e-2, warmup_steps=2, eval_every=0, save_every=0)
+    seqs = four_examples()
+    first = trainer.evaluate(model, [next(batches_from(seqs, 4))])
+    trainer.train(model, cfg, lambda s: batches_from(seqs, 4, s), progress=trainer.Progress(40, every=1000))
+    last = trainer.evaluate(model, [next(batches_from(seqs, 4))])
+    assert last < 0.5 * first, (first, last)
+
+
+def test_fast_path_equals_plain_path():
+    """Dequantized BLAS layers + loss only at masked positions give the same losses and
+    adapters as MLX's quantized matmul + a full-vocabulary masked cross-entropy."""
+
+    def plain_loss(model, inputs, idx, tgt):
+        logits = model(inputs).astype(mx.float32)
+        flat = logits.reshape(-1, logits.shape[-1])
+        ce = nn.losses.cross_entropy(flat, mx.zeros(flat.shape[0], dtype=mx.int32).at[idx].add(tgt))
+        m = mx.zeros(flat.shape[0]).at[idx].add(1.0)
+        return (ce * m).sum() / m.sum(), mx.array(idx.size)
+
+    cfg = TrainConfig(steps=5, batch_size=2, learning_rate=5e-3, warmup_steps=1, eval_every=0, save_every=0)
+    seqs = four_examples()
+    results = []
+    for fast in (True, False):
+        model = tiny_llama(seed=3)
+        backend.prepare(model, cpu=fast)
+        mx.random.seed(7)
+        lora.apply_lora(model, LoRAConfig(rank=4, dropout=0.1))
+        state_losses = []
+        trainer.train(
+            model,
+            cfg,
+            lambda s: batches_from(seqs, 2, s),
+            loss_fn=trainer.lm_loss if fast else plain_loss,
+            progress=trainer.Progress(5, every=1000),
+        )
+        results.append(dict(tree_flatten(model.trainable_parameters())))
+    for k in results[0]:
+        assert mx.allclose(results[0][k], results[1][k], atol=1e-4, rtol=1e-3), k
+
+
+def test_grad_accumulation_matches_bigger_batch():
+    seqs = four_examples()
+    out = []
+    for bs, accum in ((4, 1), (2, 2)):
+        model = backend.prepare(tiny_llama(seed=2), cpu=True)
+        mx.random.seed(1)
+        lora.apply_lora(model, LoRAConfig(rank=4))
+        cfg = TrainConfig(steps=3, batch_size=bs, grad_accum=accum, learning_rate=1e-2, warmup_steps=0, eval_every=0, save_every=0)
+        trainer.train(model, cfg, lambda s, bs=bs: batches_from(seqs, bs, s), progress=trainer.Progress(3, every=1000))
+        out.append(dict(tree_flatten(model.trainable_parameters())))
+    for k in out[0]:
+        assert mx.allclose(out[0][k], out[1][k], atol=1e-5, rtol=1e-4), k
+
+
+def test_resume_replays_exactly(tmp_path):
+    """Stop after a checkpoint, resume in a new model: same adapters as one straight run."""
+    seqs = four_examples()
+
+    def fresh():
+        model = backend.prepare(tiny_llama(seed=4), cpu=True)
+        mx.random.seed(0)
+        lora.apply_lora(model, LoRAConfig(rank=4, dropout=0.2))
+        return model
+
+    def cfg(steps):
+        return TrainConfig(steps=steps, batch_size=2, learning_rate=5e-3, warmup_steps=2, eval_every=0, save_every=3, seed=9)
+
+    straight = fresh()
+    trainer.train(straight, cfg(6), lambda s: batches_from(seqs, 2, s), run_dir=tmp_path / "a", progress=trainer.Progress(6, every=1000))
+
+    first = fresh()
+    with pytest.raises(_Stop):
+        trainer.train(first, cfg(6), lambda s: batches_from(seqs, 2, s), run_dir=tmp_path / "b", progress=trainer.Progress(6, every=1000), on_checkpoint=_stop_at(3))
+    resumed = fresh()
+    state = trainer.train(resumed, cfg(6), lambda s: batches_from(seqs, 2, s), run_dir=tmp_path / "b", resume=True, progress=trainer.Progress(6, every=1000))
+    assert state.step == 6
+    a = dict(tree_flatten(straight.trainable_parameters()))
+    b = dict(tree_flatten(resumed.trainable_parameters()))
+    for k in a:
+        assert mx.array_equal(a[k], b[k]), k
+    steps = [json.loads(l)["step"] for l in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4, 5, 6]
+
+
+class _Stop(Exception):
+    pass
+
+
+def _stop_at(step):
+    """An on_checkpoint hook that kills the run right after checkpoint `step` is written."""
+
+    def hook(path):
+        if path.name == f"step_{step:06d}":
+            raise _Stop
+
+    return hook
+
+
+def test_non_finite_loss_stops_with_a_clear_error():
+    model = backend.prepare(tiny_llama(), cpu=True)
+    lora.apply_lora(model, LoRAConfig(rank=4))
+    cfg = TrainConfig(steps=3, batch_size=2, learning_rate=1e-2, eval_every=0, save_every=0)
+
+    def nan_loss(model, inputs, idx, tgt):
+        loss, n = trainer.lm_loss(model, inputs, idx, tgt)
+        return loss * mx.array(float("nan")), n
+
+    with pytest.raises(trainer.TrainingError, match="step 1: loss nan"):
+        trainer.train(model, cfg, lambda s: batches_from(four_examples(), 2, s), loss_fn=nan_loss, progress=trainer.Progress(3, every=1000))
+
+
+def test_schedule_warms_up_then_decays_to_floor():
+    sched = trainer.lr_schedule(TrainConfig(steps=100, learning_rate=1e-3, warmup_steps=10, min_lr_ratio=0.1))
+    assert sched(mx.array(0)).item() == pytest.approx(0.0)
+    assert sched(mx.array(10)).item() == pytest.approx(1e-3, rel=1e-5)
+    assert sched(mx.array(100)).item() == pytest.approx(1e-4, rel=1e-4)
+    assert sched(mx.array(55)).item() < 1e-3
