@@ -168,6 +168,7 @@ class GGUFIndex:
     tensors: list[TensorInfo]
     data_offset: int
     file_size: int
+    metadata: dict  # decoded only when asked for (read_index(..., with_metadata=True))
 
     def type_names(self) -> set[str]:
         return {ggml_type_name(t.ggml_type) for t in self.tensors}
@@ -202,20 +203,28 @@ class _Cursor:
         start = self.take(n)
         return bytes(self.buf[start : start + n]).decode("utf-8", errors="replace")
 
-    def skip_value(self, vtype: int):
+    def value(self, vtype: int, decode: bool):
+        """Read (decode=True) or skip one metadata value; numeric arrays come back as NumPy."""
         if vtype in _SCALAR_FORMATS:
-            self.take(struct.calcsize(_SCALAR_FORMATS[vtype]))
-        elif vtype == _STRING:
-            self.take(self.unpack("Q"))
-        elif vtype == _ARRAY:
+            dtype = np.dtype("<" + _SCALAR_FORMATS[vtype])
+            start = self.take(dtype.itemsize)
+            # NumPy scalars keep the GGUF width and sign, so a re-export writes the same type
+            return np.frombuffer(self.buf, dtype, 1, start)[0] if decode else None
+        if vtype == _STRING:
+            return self.string() if decode else self.take(self.unpack("Q"))
+        if vtype == _ARRAY:
             sub, n = self.unpack("I"), self.unpack("Q")
             if sub in _SCALAR_FORMATS:
-                self.take(n * struct.calcsize(_SCALAR_FORMATS[sub]))
-            else:
-                for _ in range(n):
-                    self.skip_value(sub)
-        else:
-            raise ModelLoadError(f"{self.name}: unknown GGUF value type {vtype} near byte {self.pos}")
+                fmt = "<" + _SCALAR_FORMATS[sub]
+                start = self.take(n * struct.calcsize(fmt))
+                if decode:
+                    return np.frombuffer(self.buf, np.dtype(fmt), n, start).copy()
+                return None
+            if n > len(self.buf):  # every element takes at least one byte
+                self.take(n)
+            items = [self.value(sub, decode) for _ in range(n)]
+            return items if decode else None
+        raise ModelLoadError(f"{self.name}: unknown GGUF value type {vtype} near byte {self.pos}")
 
 
 def ggml_type_name(ggml_type: int) -> str:
@@ -234,26 +243,26 @@ def tensor_nbytes(shape: tuple[int, ...], ggml_type: int) -> int:
     return math.prod(shape) // block * size
 
 
-def read_index(path: str | os.PathLike) -> GGUFIndex:
+def read_index(path: str | os.PathLike, with_metadata: bool = False) -> GGUFIndex:
     """Header check, then the tensor table; refuses files whose tensors run past the end.
 
-    Metadata values are skipped, not decoded (the loader gets them from `mx.load`), so this
-    costs a pass over the header only, with no allocation proportional to the weights.
+    Metadata values are skipped unless `with_metadata` (then decoded: str, list[str],
+    Python scalars, NumPy arrays); either way nothing proportional to the weights is read.
     """
     path = Path(path)
     header = check_header(path)
     name = str(path)
+    metadata: dict = {}
     with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
         cur = _Cursor(memoryview(mm), name)
         try:
             cur.take(HEADER_SIZE)
-            alignment = DEFAULT_ALIGNMENT
             for _ in range(header.n_kv):
                 key, vtype = cur.string(), cur.unpack("I")
-                if key == KEY_ALIGNMENT and vtype in (4, 10):
-                    alignment = cur.unpack(_SCALAR_FORMATS[vtype])
-                else:
-                    cur.skip_value(vtype)
+                decode = with_metadata or key == KEY_ALIGNMENT
+                value = cur.value(vtype, decode)
+                if decode:
+                    metadata[key] = value
             tensors = []
             for _ in range(header.n_tensors):
                 tname, n_dims = cur.string(), cur.unpack("I")
@@ -265,8 +274,12 @@ def read_index(path: str | os.PathLike) -> GGUFIndex:
         finally:
             cur.buf.release()
         size = mm.size()
-    if alignment <= 0 or alignment & (alignment - 1):
+    alignment = metadata.get(KEY_ALIGNMENT, DEFAULT_ALIGNMENT)
+    if not with_metadata:
+        metadata.clear()
+    if not isinstance(alignment, (int, np.integer)) or alignment <= 0 or alignment & (alignment - 1):
         raise ModelLoadError(f"{name}: general.alignment {alignment} is not a power of two")
+    alignment = int(alignment)
     data_offset = -(-end_of_infos // alignment) * alignment
     for t in tensors:
         try:
@@ -281,7 +294,7 @@ def read_index(path: str | os.PathLike) -> GGUFIndex:
                 f"{name}: tensor {t.name} ends past the end of the file ({size} bytes): "
                 "the file is truncated, download it again"
             )
-    return GGUFIndex(header, tensors, data_offset, size)
+    return GGUFIndex(header, tensors, data_offset, size, metadata)
 
 
 # --- metadata values ---------------------------------------------------------------------
@@ -435,7 +448,16 @@ def write_metadata(writer, md: dict) -> None:
     """
     from gguf import GGUFValueType as T
 
+    by_dtype = {np.dtype(np.uint8): T.UINT8, np.dtype(np.int8): T.INT8,
+                np.dtype(np.uint16): T.UINT16, np.dtype(np.int16): T.INT16,
+                np.dtype(np.uint32): T.UINT32, np.dtype(np.int32): T.INT32,
+                np.dtype(np.uint64): T.UINT64, np.dtype(np.int64): T.INT64,
+                np.dtype(np.float32): T.FLOAT32, np.dtype(np.float64): T.FLOAT64,
+                np.dtype(np.bool_): T.BOOL}
+
     def vtype(v):
+        if isinstance(v, (np.generic, np.ndarray)) and v.dtype in by_dtype:
+            return by_dtype[v.dtype]
         if isinstance(v, (bool, np.bool_)):
             return T.BOOL
         if isinstance(v, (int, np.integer)):
@@ -449,11 +471,17 @@ def write_metadata(writer, md: dict) -> None:
     for key, value in md.items():
         if key == KEY_ARCHITECTURE:
             continue
-        value = as_list(value) if hasattr(value, "tolist") and getattr(value, "ndim", 0) else scalar(value)
-        if isinstance(value, (list, tuple)):
-            if not value:
+        if hasattr(value, "tolist") and not isinstance(value, (np.ndarray, np.generic)):
+            value = np.array(value)  # mx.array -> NumPy, keeping its dtype
+        if isinstance(value, np.ndarray) and value.ndim == 0:
+            value = value[()]
+        if isinstance(value, (list, tuple, np.ndarray)):
+            if len(value) == 0:
                 continue
-            sub = T.INT32 if key == KEY_TOKEN_TYPE else vtype(value[0])
+            if isinstance(value, np.ndarray):
+                sub = vtype(value)
+            else:
+                sub = T.INT32 if key == KEY_TOKEN_TYPE else vtype(value[0])
             writer.add_key_value(key, list(value), T.ARRAY, sub_type=sub)
         else:
             writer.add_key_value(key, value, vtype(value))

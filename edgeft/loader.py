@@ -1,0 +1,274 @@
+"""Load a base model: a GGUF file or a Hugging Face / MLX folder -> an mlx-lm model + tokenizer.
+
+GGUF files whose tensors are all F32/F16/BF16/Q4_0/Q4_1/Q8_0 are read by `mx.load` itself:
+quantized tensors arrive as MLX affine triplets (weight/scales/biases, group 32) and the
+matching layers become nn.QuantizedLinear/QuantizedEmbedding with those exact values.
+`mx.load` refuses a whole file if any tensor has another type (K-quants such as Q4_K_M mix
+Q4_K/Q6_K with Q5_0/Q8_0), so such files are read with gguf-py instead: every quantized
+tensor is dequantized and re-quantized to MLX affine group 32, at 8 bits for types of 5+
+bits and for the token embedding, 4 bits otherwise (a small extra rounding error).
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+from mlx.utils import tree_flatten
+
+from edgeft import gguf as G
+from edgeft.gguf import ModelLoadError
+from edgeft.tokenizer import Tokenizer
+
+__all__ = ["Loaded", "ModelLoadError", "load", "QUANT_GROUP_SIZE"]
+
+QUANT_GROUP_SIZE = 32  # GGUF's block size: MLX 4-bit g32 maps onto Q4_1 for export
+FOLDER_MODEL_TYPES = tuple(G.MODEL_TYPE_TO_ARCH)  # llama, mistral, qwen2, qwen3
+# ggml types re-quantized to 8 bits when a file needs gguf-py (everything else: 4 bits)
+EIGHT_BIT_SOURCES = {"Q8_0", "Q8_1", "Q8_K", "Q6_K", "Q5_0", "Q5_1", "Q5_K"}
+FLOAT_TYPES = {"F32": np.float32, "F16": np.float16, "BF16": None, "F64": np.float64}
+
+
+@dataclass
+class Loaded:
+    model: nn.Module | None  # None when loaded with tokenizer_only=True
+    tokenizer: Tokenizer
+    config: dict  # mlx-lm ModelArgs dict
+    path: Path
+    fmt: str  # "gguf" or "folder"
+    qk_layout: str  # "gguf": Q/K rows as llama.cpp stores them; "hf": Hugging Face's
+    gguf_metadata: dict | None
+
+
+def load(path, quantize_bits: int | None = None, tokenizer_only: bool = False) -> Loaded:
+    """Load a GGUF file or a model folder (config.json + *.safetensors, or one .gguf).
+
+    quantize_bits (4 or 8) quantizes the layers still in full precision after loading,
+    group size 32. tokenizer_only skips the weights (Loaded.model is None).
+    """
+    path = Path(path).expanduser()
+    if quantize_bits not in (None, 4, 8):
+        raise ModelLoadError(f"quantize_bits must be 4, 8 or unset, not {quantize_bits}")
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            ggufs = sorted(path.glob("*.gguf"))
+            if len(ggufs) == 1:
+                return load(ggufs[0], quantize_bits, tokenizer_only)
+            raise ModelLoadError(
+                f"{path}: no config.json (and not exactly one .gguf); point at a GGUF file "
+                "or a Hugging Face model folder"
+            )
+        return _load_folder(path, quantize_bits, tokenizer_only)
+    if not path.is_file():
+        raise ModelLoadError(f"{path}: no such file or folder")
+    return _load_gguf(path, quantize_bits, tokenizer_only)
+
+
+# --- GGUF ----------------------------------------------------------------------------------
+def _load_gguf(path: Path, quantize_bits, tokenizer_only: bool) -> Loaded:
+    index = G.read_index(path, with_metadata=True)  # header, bounds, metadata: no weights yet
+    md = index.metadata
+    infos = {t.name: t for t in index.tensors}
+    rope_freqs = infos.get(G.ROPE_FREQS_TENSOR)
+    try:
+        config = G.metadata_to_config(
+            md, set(infos), None if rope_freqs is None else _read_tensor(path, index, rope_freqs)
+        )
+        tokenizer = Tokenizer.from_gguf_metadata(md)
+    except ModelLoadError as e:
+        raise ModelLoadError(f"{path}: {e}") from None
+    qk_layout = "gguf" if config["rope_traditional"] else "hf"
+    if tokenizer_only:
+        return Loaded(None, tokenizer, config, path, "gguf", qk_layout, md)
+
+    if index.type_names() <= G.MLX_NATIVE_TYPES:
+        try:
+            weights = mx.load(str(path))
+        except (RuntimeError, ValueError) as e:
+            raise ModelLoadError(f"{path}: MLX cannot read it ({e}); download it again") from e
+    else:
+        weights = {}
+        for info in index.tensors:
+            weights.update(_requantized(info, _read_tensor(path, index, info)))
+    weights.pop(G.ROPE_FREQS_TENSOR, None)  # its content is in config["rope_scaling"]
+
+    mlx_weights = {}
+    for name, w in weights.items():
+        mlx_name = G.gguf_to_mlx_name(name)
+        if mlx_name is None:
+            raise ModelLoadError(
+                f"{path}: tensor {name} has no place in a {config['model_type']} model; "
+                "the file holds an architecture variant edgeft does not support"
+            )
+        mlx_weights[mlx_name] = w
+    model = _build(config, mlx_weights, path, lambda n: G.mlx_to_gguf_name(n) or n)
+    if quantize_bits:
+        _quantize_rest(model, quantize_bits)
+    return Loaded(model, tokenizer, config, path, "gguf", qk_layout, md)
+
+
+def _read_tensor(path: Path, index: G.GGUFIndex, info: G.TensorInfo) -> np.ndarray:
+    """One tensor as NumPy in row-major order: floats as stored, quantized ones dequantized."""
+    import gguf as gguf_py
+
+    kind = G.ggml_type_name(info.ggml_type)
+    start = index.data_offset + info.offset
+    raw = np.memmap(path, np.uint8, "r", start, G.tensor_nbytes(info.shape, info.ggml_type))
+    shape = tuple(reversed(info.shape))  # ggml lists the fastest-varying dimension first
+    if kind in ("F32", "F16", "F64"):
+        return np.array(raw.view(FLOAT_TYPES[kind]).reshape(shape))
+    if kind == "BF16":
+        return (raw.view(np.uint16).astype(np.uint32) << 16).view(np.float32).reshape(shape)
+    try:
+        rows = raw.reshape(*shape[:-1], -1)
+        return gguf_py.quants.dequantize(rows, gguf_py.GGMLQuantizationType(info.ggml_type))
+    except NotImplementedError:
+        raise ModelLoadError(
+            f"{path}: tensor {info.name} is {kind}, which gguf-py cannot dequantize; "
+            "re-quantize the model to Q4_K_M, Q8_0 or Q4_0 with llama.cpp's llama-quantize"
+        ) from None
+
+
+def _requantized(info: G.TensorInfo, array: np.ndarray) -> dict[str, mx.array]:
+    """A tensor gguf-py read, as mx.load would give it: quantized ones as MLX triplets."""
+    kind = G.ggml_type_name(info.ggml_type)
+    if kind in FLOAT_TYPES:
+        a = mx.array(array.astype(np.float32) if kind == "F64" else array)
+        return {info.name: a.astype(mx.bfloat16) if kind == "BF16" else a}
+    base, _, suffix = info.name.rpartition(".")
+    if suffix != "weight" or array.ndim != 2 or array.shape[-1] % QUANT_GROUP_SIZE:
+        return {info.name: mx.array(array.astype(np.float16))}
+    bits = 8 if kind in EIGHT_BIT_SOURCES or base == "token_embd" else 4
+    w, scales, biases = mx.quantize(
+        mx.array(array.astype(np.float16)), group_size=QUANT_GROUP_SIZE, bits=bits
+    )
+    return {info.name: w, f"{base}.scales": scales, f"{base}.biases": biases}
+
+
+# --- folders -------------------------------------------------------------------------------
+def _load_folder(path: Path, quantize_bits, tokenizer_only: bool) -> Loaded:
+    config_file = path / "config.json"
+    try:
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(f"{config_file}: not readable JSON ({e})") from e
+    model_type = config.get("model_type")
+    if model_type not in FOLDER_MODEL_TYPES:
+        raise ModelLoadError(
+            f"{config_file}: unsupported architecture {model_type}; supported: "
+            f"{', '.join(G.ARCHITECTURES)} (mistral loads as llama)"
+        )
+    if "quantization_config" in config and "quantization" not in config:
+        method = config["quantization_config"].get("quant_method", "?")
+        raise ModelLoadError(
+            f"{config_file}: {method}-quantized checkpoints are not supported; use the "
+            "fp16/bf16 model (quantize_bits=4 quantizes it on load) or an MLX-quantized one"
+        )
+    tokenizer = Tokenizer.from_folder(path)
+    if tokenizer_only:
+        return Loaded(None, tokenizer, config, path, "folder", "hf", None)
+
+    files = sorted(path.glob("model*.safetensors")) or sorted(
+        f for f in path.glob("*.safetensors") if not f.name.startswith("adapter")
+    )
+    if not files:
+        raise ModelLoadError(f"{path}: no *.safetensors weights in the folder")
+    weights = {}
+    for f in files:
+        try:
+            weights.update(mx.load(str(f)))
+        except (RuntimeError, ValueError) as e:
+            raise ModelLoadError(f"{f}: MLX cannot read it ({e}); download it again") from e
+    # HF's default is untied; mlx-lm's is tied: let the weights decide when config is silent.
+    config.setdefault("tie_word_embeddings", "lm_head.weight" not in weights)
+    model = _build(config, weights, path, lambda n: n)
+    if quantize_bits and "quantization" not in config:
+        _quantize_rest(model, quantize_bits)
+    return Loaded(model, tokenizer, config, path, "folder", "hf", None)
+
+
+# --- building ------------------------------------------------------------------------------
+def _arch_module(model_type: str):
+    return importlib.import_module(f"mlx_lm.models.{G.MODEL_TYPE_TO_ARCH[model_type]}")
+
+
+def _build(config: dict, weights: dict, source: Path, shown) -> nn.Module:
+    """mlx-lm model for `config`; quantize the layers that come with scales; load strictly.
+
+    `shown` maps an mlx-lm parameter name to the name the user's file uses, for messages.
+    """
+    module = _arch_module(config["model_type"])
+    try:
+        model = module.Model(module.ModelArgs.from_dict(config))
+    except (TypeError, ValueError, KeyError, AssertionError) as e:
+        raise ModelLoadError(f"{source}: config does not describe a valid model ({e})") from e
+    weights = model.sanitize(dict(weights))
+    overrides = config.get("quantization") or {}
+    quantized = {k[: -len(".scales")] for k in weights if k.endswith(".scales")}
+
+    def predicate(p, m):
+        if p not in quantized:
+            return False
+        if not hasattr(m, "to_quantized"):
+            raise ModelLoadError(f"{source}: tensor {shown(p + '.scales')} belongs to no quantizable layer")
+        if isinstance(overrides.get(p), dict):
+            return overrides[p]
+        return _quant_params(m, weights[p + ".weight"], weights[p + ".scales"], source, shown(p + ".weight"))
+
+    nn.quantize(model, class_predicate=predicate)
+    _check_weights(model, weights, source, shown, config["model_type"])
+    model.load_weights(list(weights.items()), strict=True)
+    mx.eval(model.parameters())
+    return model
+
+
+def _quant_params(module: nn.Module, w: mx.array, scales: mx.array, source, shown_name) -> dict:
+    in_dims = module.weight.shape[-1]
+    if scales.dtype == mx.uint8:
+        raise ModelLoadError(f"{source}: tensor {shown_name} uses a non-affine MLX quantization mode")
+    if w.ndim != 2 or scales.ndim != 2 or scales.shape[-1] == 0 or in_dims % scales.shape[-1]:
+        raise ModelLoadError(
+            f"{source}: tensor {shown_name} has scales of shape {tuple(scales.shape)}, which do "
+            f"not divide its {in_dims} inputs into groups"
+        )
+    return {
+        "group_size": in_dims // scales.shape[-1],
+        "bits": w.shape[-1] * 32 // in_dims,
+        "mode": "affine",
+    }
+
+
+def _check_weights(model: nn.Module, weights: dict, source: Path, shown, model_type: str) -> None:
+    expected = dict(tree_flatten(model.parameters()))
+    for name, value in expected.items():
+        if name not in weights:
+            raise ModelLoadError(
+                f"{source}: tensor {shown(name)} is missing; the file is incomplete or not "
+                f"a {model_type} model of this configuration"
+            )
+        if tuple(weights[name].shape) != tuple(value.shape):
+            raise ModelLoadError(
+                f"{source}: tensor {shown(name)} has shape {tuple(weights[name].shape)}, "
+                f"expected {tuple(value.shape)} from the model's configuration"
+            )
+    for name in weights:
+        if name not in expected:
+            raise ModelLoadError(
+                f"{source}: unexpected tensor {shown(name)}; the file does not match a "
+                f"{model_type} model of this configuration"
+            )
+
+
+def _quantize_rest(model: nn.Module, bits: int) -> None:
+    """Quantize the Linear/Embedding layers still in full precision (group size 32)."""
+
+    def predicate(_, m):
+        return isinstance(m, (nn.Linear, nn.Embedding)) and m.weight.shape[-1] % QUANT_GROUP_SIZE == 0
+
+    nn.quantize(model, group_size=QUANT_GROUP_SIZE, bits=bits, class_predicate=predicate)
+    mx.eval(model.parameters())

@@ -1,0 +1,238 @@
+"""Tiny random models written as real files, for tests of loading, data, training and export.
+
+    from tiny import make_tiny, make_tiny_folder      # tests/ is on sys.path under pytest
+
+    path, ref_model, cfg = make_tiny("llama", tmp_path)               # f32 GGUF
+    path, ref_model, cfg = make_tiny("qwen2", tmp_path, quant="q4_0")  # 4-bit GGUF
+    folder, ref_model, cfg = make_tiny_folder("qwen3", tmp_path)       # HF-style folder
+
+Each model: 2 layers, hidden 64, 4 heads, 2 KV heads, intermediate 128, and a byte-level BPE
+vocabulary of 300 tokens: ids 0-2 are the specials <|endoftext|> (BOS), <|im_start|>,
+<|im_end|> (EOS), then the 256 byte tokens, then 41 merges; the chat template is ChatML.
+`ref_model` is an mlx-lm model holding exactly the weights the file holds (for quantized
+files, gguf-py's dequantization of them), built with `cfg`, the ModelArgs dict edgeft's
+loader should produce for the file. The same `seed` gives the same underlying weights in
+both forms: the folder keeps Hugging Face's Q/K row order (`rope_traditional=False`), the
+GGUF llama.cpp's permuted one (`rope_traditional=True` for llama), so both compute the same
+function.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import edgeft  # noqa: F401  (BLAS before mlx)
+import gguf as gguf_py
+import mlx.core as mx
+import numpy as np
+from mlx.utils import tree_flatten
+
+from edgeft import gguf as G
+from edgeft.tokenizer import CHATML_TEMPLATE
+
+SPECIALS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
+BOS, EOS = "<|endoftext|>", "<|im_end|>"
+MERGES = (
+    "Ġ t", "h e", "Ġ a", "i n", "Ġt he", "e r", "o n", "Ġ s", "r e", "a n", "Ġ w", "o u",
+    "Ġ c", "a t", "e n", "Ġ o", "i s", "Ġ f", "Ġ b", "o r", "e s", "in g", "Ġ p", "Ġ m",
+    "l l", "Ġ d", "a r", "Ġ h", "Ġ i", "i t", "a l", "l e", "Ġ l", "e d", "Ġ n", "o m",
+    "Ġ g", "Ġ y", "Ġ u", "s t", "Ġo f",
+)
+ARCHS = ("llama", "qwen2", "qwen3")
+
+
+def _byte_chars() -> list[str]:
+    """GPT-2's printable stand-ins for the 256 bytes, in byte order."""
+    keep = list(range(ord("!"), ord("~") + 1)) + list(range(0xA1, 0xAD)) + list(range(0xAE, 0x100))
+    extra = iter(range(256, 512))
+    return [chr(b) if b in keep else chr(next(extra)) for b in range(256)]
+
+
+def tiny_tokens() -> list[str]:
+    return list(SPECIALS) + _byte_chars() + [m.replace(" ", "") for m in MERGES]
+
+
+def tiny_tokenizer_metadata() -> dict:
+    """GGUF tokenizer keys of the tiny byte-level BPE (ChatML template)."""
+    tokens = tiny_tokens()
+    return {
+        G.KEY_TOKENIZER_MODEL: "gpt2",
+        G.KEY_TOKENIZER_PRE: "smollm",
+        G.KEY_TOKENS: tokens,
+        G.KEY_TOKEN_TYPE: [G.TOKEN_CONTROL] * len(SPECIALS) + [G.TOKEN_NORMAL] * (len(tokens) - len(SPECIALS)),
+        G.KEY_MERGES: list(MERGES),
+        G.KEY_BOS_ID: tokens.index(BOS),
+        G.KEY_EOS_ID: tokens.index(EOS),
+        G.KEY_PAD_ID: tokens.index(BOS),
+        G.KEY_ADD_BOS: False,
+        G.KEY_CHAT_TEMPLATE: CHATML_TEMPLATE,
+    }
+
+
+def tiny_config(arch: str = "llama", tie: bool = True, **overrides) -> dict:
+    """Hugging Face-style config (Q/K in HF row order: rope_traditional False)."""
+    if arch not in ARCHS:
+        raise ValueError(f"arch must be one of {ARCHS}")
+    cfg = {
+        "model_type": arch,
+        "hidden_size": 64,
+        "num_hidden_layers": 2,
+        "intermediate_size": 128,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "head_dim": 16,
+        "rms_norm_eps": 1e-5,
+        "vocab_size": len(tiny_tokens()),
+        "rope_theta": 10000.0,
+        "max_position_embeddings": 512,
+        "tie_word_embeddings": tie,
+        "rope_traditional": False,
+    }
+    if arch == "llama":
+        cfg.update(attention_bias=False, mlp_bias=False)
+    cfg.update(overrides)
+    cfg["head_dim"] = cfg["hidden_size"] // cfg["num_attention_heads"]
+    return cfg
+
+
+def gguf_config(cfg: dict) -> dict:
+    """The config a GGUF of `cfg` loads with: llama gets llama.cpp's Q/K order."""
+    return {**cfg, "rope_traditional": G.ROPE_TRADITIONAL[G.MODEL_TYPE_TO_ARCH[cfg["model_type"]]]}
+
+
+def build_model(cfg: dict, weights: dict | None = None):
+    """An mlx-lm model for `cfg`, optionally with `weights` (name -> array) loaded strictly."""
+    import importlib
+
+    arch = G.MODEL_TYPE_TO_ARCH[cfg["model_type"]]
+    module = importlib.import_module(f"mlx_lm.models.{arch}")
+    model = module.Model(module.ModelArgs.from_dict(cfg))
+    if weights is not None:
+        model.load_weights([(k, mx.array(v)) for k, v in weights.items()], strict=True)
+    mx.eval(model.parameters())
+    return model
+
+
+def tiny_weights(cfg: dict, seed: int = 0) -> dict[str, np.ndarray]:
+    """Random float32 weights in mlx-lm/HF names and HF row order; norms away from 1."""
+    mx.random.seed(seed)
+    model = build_model(cfg)
+    rng = np.random.default_rng(seed)
+    out = {}
+    for name, value in tree_flatten(model.parameters()):
+        w = np.array(value, dtype=np.float32)
+        if "norm" in name:
+            w = 1.0 + 0.2 * rng.standard_normal(w.shape).astype(np.float32)
+        elif name.endswith(".bias"):
+            w = 0.1 * rng.standard_normal(w.shape).astype(np.float32)
+        elif "embed_tokens" in name:
+            w = 0.5 * rng.standard_normal(w.shape).astype(np.float32)
+        out[name] = w
+    return out
+
+
+def _to_gguf_layout(cfg: dict, weights: dict) -> dict[str, np.ndarray]:
+    """mlx names/HF order -> GGUF names/llama.cpp order."""
+    permute = G.MODEL_TYPE_TO_ARCH[cfg["model_type"]] == "llama"
+    out = {}
+    for name, w in weights.items():
+        if permute and ".q_proj." in name:
+            w = G.permute_qk(w, cfg["num_attention_heads"])
+        elif permute and ".k_proj." in name:
+            w = G.permute_qk(w, cfg["num_key_value_heads"])
+        out[G.mlx_to_gguf_name(name)] = w
+    return out
+
+
+def _encode_tensor(name: str, w: np.ndarray, quant: str | None):
+    """(data to write, raw ggml type or None, what a reader dequantizes it to)."""
+    if quant is None or w.ndim < 2 or name.endswith("norm.weight"):
+        return w, None, w
+    if quant == "f16":
+        h = w.astype(np.float16)
+        return h, None, h.astype(np.float32)
+    qtype = gguf_py.GGMLQuantizationType[quant.upper()]
+    data = gguf_py.quants.quantize(w, qtype)
+    return data, qtype, gguf_py.quants.dequantize(data, qtype).astype(np.float32).reshape(w.shape)
+
+
+def write_gguf(path, cfg: dict, tensors: dict[str, np.ndarray], quant: str | None = None,
+               extra_metadata: dict | None = None) -> dict[str, np.ndarray]:
+    """Write a GGUF of `tensors` (GGUF names) with `cfg`'s and the tiny tokenizer's metadata.
+
+    Returns the tensors as a reader dequantizes them.
+    """
+    arch = G.MODEL_TYPE_TO_ARCH[cfg["model_type"]]
+    writer = gguf_py.GGUFWriter(str(path), arch)
+    md = {**G.config_to_metadata(cfg), G.KEY_NAME: f"tiny-{arch}", **tiny_tokenizer_metadata()}
+    md.update(extra_metadata or {})
+    G.write_metadata(writer, md)
+    stored = {}
+    for name, w in tensors.items():
+        data, raw, stored[name] = _encode_tensor(name, w, quant)
+        writer.add_tensor(name, data, raw_dtype=raw)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return stored
+
+
+def make_tiny(arch: str = "llama", tmp_path=".", quant: str | None = None, *, seed: int = 0,
+              tie: bool = True, **overrides):
+    """A tiny random model as a GGUF file.
+
+    quant: None (f32), "f16", "bf16", "q8_0", "q4_0", "q4_1" (any type gguf-py can quantize)
+    applied to every 2-D weight, token embedding included, norms kept f32 as llama.cpp does.
+    Returns (gguf_path, ref_model, cfg).
+    """
+    cfg = gguf_config(tiny_config(arch, tie, **overrides))
+    tensors = _to_gguf_layout(cfg, tiny_weights(tiny_config(arch, tie, **overrides), seed))
+    path = Path(tmp_path) / f"tiny-{arch}-{quant or 'f32'}-{seed}.gguf"
+    stored = write_gguf(path, cfg, tensors, quant)
+    ref = build_model(cfg, {G.gguf_to_mlx_name(k): v for k, v in stored.items()})
+    return path, ref, cfg
+
+
+def tiny_hf_tokenizer():
+    """The tiny BPE as a `tokenizers.Tokenizer` (what tokenizer.json holds)."""
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
+
+    tokens = tiny_tokens()
+    tk = Tokenizer(models.BPE({t: i for i, t in enumerate(tokens)}, [tuple(m.split(" ")) for m in MERGES]))
+    tk.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Digits(individual_digits=True),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+    ])
+    tk.decoder = decoders.ByteLevel()
+    tk.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIALS])
+    return tk
+
+
+def make_tiny_folder(arch: str = "llama", tmp_path=".", *, seed: int = 0, tie: bool = True,
+                     dtype: str = "float32", **overrides):
+    """A tiny random model as a Hugging Face-style folder.
+
+    Writes config.json, model.safetensors (dtype "float32", "float16" or "bfloat16"),
+    tokenizer.json, tokenizer_config.json. Same `seed` -> same weights as make_tiny.
+    Returns (folder, ref_model, cfg).
+    """
+    cfg = tiny_config(arch, tie, **overrides)
+    weights = tiny_weights(cfg, seed)
+    folder = Path(tmp_path) / f"tiny-{arch}-hf-{seed}"
+    folder.mkdir(parents=True, exist_ok=True)
+    hf_cfg = {k: v for k, v in cfg.items() if k != "rope_traditional"}
+    hf_cfg.update(architectures=[{"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM",
+                                  "qwen3": "Qwen3ForCausalLM"}[arch]],
+                  torch_dtype=dtype, bos_token_id=0, eos_token_id=2)
+    (folder / "config.json").write_text(json.dumps(hf_cfg, indent=2))
+    arrays = {k: mx.array(v).astype(getattr(mx, dtype)) for k, v in weights.items()}
+    mx.save_safetensors(str(folder / "model.safetensors"), arrays, metadata={"format": "pt"})
+    tiny_hf_tokenizer().save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(json.dumps({
+        "bos_token": BOS, "eos_token": EOS, "add_bos_token": False,
+        "chat_template": CHATML_TEMPLATE, "model_max_length": cfg["max_position_embeddings"],
+    }, indent=2))
+    ref = build_model(cfg, {k: np.array(v.astype(mx.float32)) for k, v in arrays.items()})
+    return folder, ref, cfg
