@@ -70,6 +70,34 @@ def tiny_tokenizer_metadata() -> dict:
     }
 
 
+SPM_PIECES = (
+    "▁", "e", "t", "a", "o", "i", "n", "s", "h", "r", "d", "l", "u", "c", "m", "w", "f", "g",
+    "y", "p", "b", "▁t", "he", "▁a", "in", "er", "on", "▁s", "re", "an", "▁w", "▁the", "at",
+    "en", "is", "ing", "▁c", "▁of", "▁i", "it", "ed",
+)
+
+
+def spm_tokenizer_metadata() -> dict:
+    """GGUF keys of a tiny SentencePiece ("llama") vocabulary, also 300 tokens: <unk> <s>
+    </s> (BOS 1, EOS 2, add_bos on), 256 byte-fallback tokens, 41 scored pieces; ChatML."""
+    tokens = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)] + list(SPM_PIECES)
+    return {
+        G.KEY_TOKENIZER_MODEL: "llama",
+        G.KEY_TOKENIZER_PRE: None,
+        G.KEY_MERGES: None,
+        G.KEY_TOKENS: tokens,
+        G.KEY_SCORES: [0.0] * 259 + [-float(i) for i in range(len(SPM_PIECES))],
+        G.KEY_TOKEN_TYPE: [G.TOKEN_UNKNOWN, G.TOKEN_CONTROL, G.TOKEN_CONTROL]
+        + [G.TOKEN_BYTE] * 256 + [G.TOKEN_NORMAL] * len(SPM_PIECES),
+        G.KEY_BOS_ID: 1,
+        G.KEY_EOS_ID: 2,
+        G.KEY_UNK_ID: 0,
+        G.KEY_PAD_ID: None,
+        G.KEY_ADD_BOS: True,
+        G.KEY_CHAT_TEMPLATE: CHATML_TEMPLATE,
+    }
+
+
 def tiny_config(arch: str = "llama", tie: bool = True, **overrides) -> dict:
     """Hugging Face-style config (Q/K in HF row order: rope_traditional False)."""
     if arch not in ARCHS:
@@ -132,8 +160,8 @@ def tiny_weights(cfg: dict, seed: int = 0) -> dict[str, np.ndarray]:
     return out
 
 
-def _to_gguf_layout(cfg: dict, weights: dict) -> dict[str, np.ndarray]:
-    """mlx names/HF order -> GGUF names/llama.cpp order."""
+def gguf_tensors(cfg: dict, weights: dict) -> dict[str, np.ndarray]:
+    """mlx names/HF order -> GGUF names/llama.cpp order (Q/K permuted for llama)."""
     permute = G.MODEL_TYPE_TO_ARCH[cfg["model_type"]] == "llama"
     out = {}
     for name, w in weights.items():
@@ -161,12 +189,14 @@ def write_gguf(path, cfg: dict, tensors: dict[str, np.ndarray], quant: str | Non
                extra_metadata: dict | None = None) -> dict[str, np.ndarray]:
     """Write a GGUF of `tensors` (GGUF names) with `cfg`'s and the tiny tokenizer's metadata.
 
-    Returns the tensors as a reader dequantizes them.
+    `extra_metadata` adds or replaces keys (a None value removes one). Returns the tensors
+    as a reader dequantizes them.
     """
     arch = G.MODEL_TYPE_TO_ARCH[cfg["model_type"]]
     writer = gguf_py.GGUFWriter(str(path), arch)
     md = {**G.config_to_metadata(cfg), G.KEY_NAME: f"tiny-{arch}", **tiny_tokenizer_metadata()}
     md.update(extra_metadata or {})
+    md = {k: v for k, v in md.items() if v is not None}
     G.write_metadata(writer, md)
     stored = {}
     for name, w in tensors.items():
@@ -180,17 +210,20 @@ def write_gguf(path, cfg: dict, tensors: dict[str, np.ndarray], quant: str | Non
 
 
 def make_tiny(arch: str = "llama", tmp_path=".", quant: str | None = None, *, seed: int = 0,
-              tie: bool = True, **overrides):
+              tie: bool = True, tokenizer: str = "bpe", **overrides):
     """A tiny random model as a GGUF file.
 
     quant: None (f32), "f16", "bf16", "q8_0", "q4_0", "q4_1" (any type gguf-py can quantize)
     applied to every 2-D weight, token embedding included, norms kept f32 as llama.cpp does.
-    Returns (gguf_path, ref_model, cfg).
+    tokenizer: "bpe" (byte-level, the default) or "spm" (SentencePiece, see
+    spm_tokenizer_metadata). overrides: config fields, e.g. hidden_size=256 (K-quants need
+    rows of 256). Returns (gguf_path, ref_model, cfg).
     """
     cfg = gguf_config(tiny_config(arch, tie, **overrides))
-    tensors = _to_gguf_layout(cfg, tiny_weights(tiny_config(arch, tie, **overrides), seed))
-    path = Path(tmp_path) / f"tiny-{arch}-{quant or 'f32'}-{seed}.gguf"
-    stored = write_gguf(path, cfg, tensors, quant)
+    tensors = gguf_tensors(cfg, tiny_weights(tiny_config(arch, tie, **overrides), seed))
+    path = Path(tmp_path) / f"tiny-{arch}-{quant or 'f32'}-{tokenizer}-{seed}.gguf"
+    extra = {"bpe": None, "spm": spm_tokenizer_metadata()}[tokenizer]
+    stored = write_gguf(path, cfg, tensors, quant, extra_metadata=extra)
     ref = build_model(cfg, {G.gguf_to_mlx_name(k): v for k, v in stored.items()})
     return path, ref, cfg
 
