@@ -12,3 +12,27 @@ def smollm2_path():
     from edgeft import hub
 
     return hub.resolve("smollm2-135m-instruct")
+
+
+BRAND_STEPS = 40
+
+
+@pytest.fixture(scope="session")
+def tuned_smollm2(tmp_path_factory, smollm2_path):
+    """One real `edgeft tune` of SmolLM2-135M on the example brand-voice chats, shared by the
+    tests that need a tuned model (learning, chat, export). Returns the run folder."""
+    from pathlib import Path
+
+    from click.testing import CliRunner
+
+    from edgeft.cli import main
+
+    runs = tmp_path_factory.mktemp("runs")
+    data = Path(__file__).resolve().parent.parent / "examples" / "brand_voice.jsonl"
+    result = CliRunner().invoke(
+        main,
+        ["tune", "--data", str(data), "--model", str(smollm2_path), "--steps", str(BRAND_STEPS),
+         "--eval-every", "20", "--save-every", "20", "--no-export", "--name", "brand", "--runs-dir", str(runs)],
+    )
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    return runs / "brand"
