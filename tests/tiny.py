@@ -6,9 +6,11 @@
     path, ref_model, cfg = make_tiny("qwen2", tmp_path, quant="q4_0")  # 4-bit GGUF
     folder, ref_model, cfg = make_tiny_folder("qwen3", tmp_path)       # HF-style folder
 
-Each model: 2 layers, hidden 64, 4 heads, 2 KV heads, intermediate 128, and a byte-level BPE
-vocabulary of 300 tokens: ids 0-2 are the specials <|endoftext|> (BOS), <|im_start|>,
-<|im_end|> (EOS), then the 256 byte tokens, then 41 merges; the chat template is ChatML.
+Each model: 2 layers, hidden 64, 4 heads (head_dim 16), 2 KV heads, intermediate 128, and a
+byte-level BPE vocabulary of 300 tokens: ids 0-2 are the specials <|endoftext|> (BOS),
+<|im_start|>, <|im_end|> (EOS, the only stop id), then the 256 byte tokens, then 41 merges;
+the chat template is ChatML; add_bos is off. `make_tiny(..., tokenizer="spm")` writes a
+300-token SentencePiece vocabulary instead (<unk> <s> </s>, BOS 1, EOS 2, add_bos on).
 `ref_model` is an mlx-lm model holding exactly the weights the file holds (for quantized
 files, gguf-py's dequantization of them), built with `cfg`, the ModelArgs dict edgeft's
 loader should produce for the file. The same `seed` gives the same underlying weights in
@@ -230,7 +232,7 @@ def make_tiny(arch: str = "llama", tmp_path=".", quant: str | None = None, *, se
 
 def tiny_hf_tokenizer():
     """The tiny BPE as a `tokenizers.Tokenizer` (what tokenizer.json holds)."""
-    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
 
     tokens = tiny_tokens()
     tk = Tokenizer(models.BPE({t: i for i, t in enumerate(tokens)}, [tuple(m.split(" ")) for m in MERGES]))
