@@ -101,10 +101,11 @@ class Report:
             roles = ", ".join(f"{r} {n}" for r, n in self.roles.items())
             added = f" ({self.system_added} from data.system_prompt)" if self.system_added else ""
             out.append(f"  format {self.format}; messages: {roles}{added}")
+            totals = (f"{self.total_tokens:,} in {_n(self.samples, 'sample')} "
+                      f"({self.loss_tokens:,} carry loss); " if self.bad_lines else "")
             out.append(
-                f"  tokens: {self.total_tokens:,} in {_n(self.samples, 'sample')}, {self.loss_tokens:,} carry"
-                f" loss; mean {self.total_tokens / self.samples:.0f}, longest {self.longest}"
-                f" (max_seq_len {self.max_seq_len})"
+                f"  tokens: {totals}per sample mean {self.total_tokens / self.samples:.0f}, "
+                f"longest {self.longest} (max_seq_len {self.max_seq_len})"
             )
         if self.truncated or self.dropped:
             out.append(f"  over max_seq_len: {self._overlong_text()}")
