@@ -427,11 +427,10 @@ def _build(path, tokenizer, data_cfg, max_seq_len: int) -> tuple[list[Sample], R
                 obj = _parse(raw, lineno)
                 if obj is None:
                     continue
-                report.lines += 1
                 parsed.append((lineno, obj, _format_of(obj)))
             except _LineProblem as e:
-                report.lines += 1
                 report.problems.append(Problem(lineno, str(e)))
+            report.lines += 1
     except OSError as e:
         report.problems = [Problem(0, f"cannot be read ({e.strerror or e})")]
         return [], report
