@@ -102,7 +102,7 @@ class Report:
             added = f" ({self.system_added} from data.system_prompt)" if self.system_added else ""
             out.append(f"  format {self.format}; messages: {roles}{added}")
             totals = (f"{self.total_tokens:,} in {_n(self.samples, 'sample')} "
-                      f"({self.loss_tokens:,} carry loss); " if self.bad_lines else "")
+                      f"({self.loss_tokens:,} carry loss); " if self.bad_lines and not self.skip_bad_lines else "")
             out.append(
                 f"  tokens: {totals}per sample mean {self.total_tokens / self.samples:.0f}, "
                 f"longest {self.longest} (max_seq_len {self.max_seq_len})"
