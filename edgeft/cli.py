@@ -78,7 +78,11 @@ def build_config(recipe: str | None, data: str | None, flags: dict) -> RunConfig
 
 
 def _fail(e: Exception):
-    raise click.ClickException(str(e).splitlines()[0] if str(e) else e.__class__.__name__)
+    from edgeft.dataset import DataError
+
+    text = str(e) or e.__class__.__name__
+    # A data report lists one problem per line; every other error is one sentence.
+    raise click.ClickException(text if isinstance(e, DataError) else text.splitlines()[0])
 
 
 def user_errors():

@@ -31,11 +31,12 @@ class LoRAError(ValueError):
 def layer_keys(model: nn.Module, targets: list[str]) -> list[str]:
     """Module paths inside one transformer block whose last name is a target (e.g.
     'self_attn.q_proj' for 'q_proj'); an unknown target is an error naming the known ones."""
-    block = model.layers[0]
+    mods = dict(model.layers[0].named_modules())
     linears = [
         name
-        for name, m in block.named_modules()
-        if isinstance(m, (nn.Linear, nn.QuantizedLinear))
+        for name, m in mods.items()
+        if isinstance(m, (nn.Linear, nn.QuantizedLinear, LoRALinear))
+        and not isinstance(mods.get(name.rpartition(".")[0]), LoRALinear)
     ]
     keys = []
     for t in targets:

@@ -1,0 +1,155 @@
+"""The edgeft command through click's CliRunner, on tiny models, with a temporary home."""
+
+import json
+
+import pytest
+from click.testing import CliRunner
+from tiny import make_tiny
+
+from edgeft.cli import main
+
+
+@pytest.fixture()
+def home(tmp_path, monkeypatch):
+    monkeypatch.setenv("EDGEFT_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+@pytest.fixture()
+def tiny_gguf(tmp_path):
+    path, _, _ = make_tiny("llama", tmp_path / "model", "q8_0")
+    return path
+
+
+def write_chats(path, n=12):
+    lines = []
+    for i in range(n):
+        lines.append(
+            {
+                "messages": [
+                    {"role": "user", "content": f"question {i} about tea"},
+                    {"role": "assistant", "content": f"answer {i}: the tea is good."},
+                ]
+            }
+        )
+    path.write_text("".join(json.dumps(l) + "\n" for l in lines))
+    return path
+
+
+def tune(args, home):
+    return CliRunner().invoke(main, ["tune", *args, "--runs-dir", str(home / "runs")])
+
+
+def test_tune_writes_a_complete_run_folder(home, tiny_gguf):
+    data = write_chats(home / "chats.jsonl")
+    r = tune(["--data", str(data), "--model", str(tiny_gguf), "--steps", "4", "--batch-size", "2",
+              "--eval-every", "2", "--save-every", "2", "--no-export", "--name", "t"], home)
+    assert r.exit_code == 0, r.output
+    run = home / "runs" / "t"
+    assert {p.name for p in run.iterdir()} >= {"config.json", "metrics.jsonl", "adapters", "checkpoints", "data_report.txt"}
+    cfg = json.loads((run / "config.json").read_text())
+    assert cfg["train"]["steps"] == 4 and cfg["train"]["batch_size"] == 2 and cfg["data"]["train"] == str(data)
+    recs = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in recs if r["kind"] == "train"]
+    assert [r["step"] for r in train] == [1, 2, 3, 4]
+    assert all(r["tokens_per_s"] > 0 and r["peak_mem_gb"] > 0 for r in train)
+    assert [r["step"] for r in recs if r["kind"] == "valid"] == [0, 2, 4]
+    adapter_cfg = json.loads((run / "adapters" / "adapter_config.json").read_text())
+    assert adapter_cfg["fine_tune_type"] == "lora" and adapter_cfg["num_layers"] == 2
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_000002", "step_000004"]
+    assert "run folder:" in r.output and "edgeft chat" in r.output
+
+
+def test_recipe_then_flags_override_defaults(home, tiny_gguf):
+    recipe = home / "r.yaml"
+    recipe.write_text("train:\n  steps: 3\n  batch_size: 3\nlora:\n  rank: 2\n")
+    data = write_chats(home / "chats.jsonl")
+    r = tune(["--data", str(data), "--model", str(tiny_gguf), "--recipe", str(recipe), "--batch-size", "2",
+              "--eval-every", "0", "--no-export", "--name", "r"], home)
+    assert r.exit_code == 0, r.output
+    cfg = json.loads((home / "runs" / "r" / "config.json").read_text())
+    assert (cfg["train"]["steps"], cfg["train"]["batch_size"], cfg["lora"]["rank"]) == (3, 2, 2)
+
+
+def test_resume_continues_a_stopped_run(home, tiny_gguf):
+    data = write_chats(home / "chats.jsonl")
+    args = ["--data", str(data), "--model", str(tiny_gguf), "--batch-size", "2", "--eval-every", "0",
+            "--save-every", "2", "--no-export", "--name", "res"]
+    assert tune([*args, "--steps", "2"], home).exit_code == 0
+    # Pretend the run was meant to go on: raise its step budget, then resume it.
+    cfg_path = home / "runs" / "res" / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["train"]["steps"] = 4
+    cfg_path.write_text(json.dumps(cfg))
+    r = tune(["--resume", "--name", "res"], home)
+    assert r.exit_code == 0, r.output
+    assert "resumed from" in r.output
+    steps = [json.loads(l)["step"] for l in (home / "runs" / "res" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4]
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--steps", "0"], "train.steps must be at least 1"),
+        (["--lora-rank", "0"], "lora.rank must be at least 1"),
+        (["--targets", "qkv"], "LoRA target 'qkv' is not a linear layer"),
+        (["--name", "../evil"], "run name '../evil'"),
+        (["--recipe", "nope"], "unknown recipe 'nope'"),
+    ],
+)
+def test_user_mistakes_are_one_line_errors(home, tiny_gguf, args, message):
+    data = write_chats(home / "chats.jsonl")
+    r = tune(["--data", str(data), "--model", str(tiny_gguf), "--no-export", *args], home)
+    assert r.exit_code != 0
+    assert message in r.output
+    assert "Traceback" not in r.output and r.output.strip().count("\n") == 0
+
+
+def test_missing_data_and_bad_recipe_key(home, tiny_gguf):
+    r = tune(["--model", str(tiny_gguf)], home)
+    assert r.exit_code != 0 and "pass --data" in r.output
+    recipe = home / "r.yaml"
+    recipe.write_text("train:\n  stepz: 3\n")
+    r = tune(["--data", "x.jsonl", "--recipe", str(recipe)], home)
+    assert r.exit_code != 0 and "unknown key 'train.stepz'" in r.output
+
+
+def test_bad_data_is_reported_by_line_before_training(home, tiny_gguf):
+    data = home / "bad.jsonl"
+    good = json.dumps({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]})
+    data.write_text(good + "\n{not json\n" + json.dumps({"messages": [{"role": "bot", "content": "x"}]}) + "\n")
+    r = tune(["--data", str(data), "--model", str(tiny_gguf), "--no-export", "--name", "bad"], home)
+    assert r.exit_code != 0
+    assert "bad.jsonl" in r.output and "--skip-bad-lines" in r.output
+    assert not (home / "runs" / "bad" / "checkpoints").exists()
+    r = CliRunner().invoke(main, ["data", "check", str(data), "--model", str(tiny_gguf)])
+    assert r.exit_code == 1
+    assert "bad.jsonl:2" in r.output and "bad.jsonl:3" in r.output
+
+
+def test_existing_run_is_not_overwritten(home, tiny_gguf):
+    data = write_chats(home / "chats.jsonl")
+    args = ["--data", str(data), "--model", str(tiny_gguf), "--steps", "1", "--eval-every", "0", "--no-export", "--name", "once"]
+    assert tune(args, home).exit_code == 0
+    r = tune(args, home)
+    assert r.exit_code != 0 and "already holds a run" in r.output
+
+
+def test_chat_answers_with_the_tuned_adapters(home, tiny_gguf):
+    data = write_chats(home / "chats.jsonl")
+    assert tune(["--data", str(data), "--model", str(tiny_gguf), "--steps", "2", "--eval-every", "0",
+                 "--no-export", "--name", "c"], home).exit_code == 0
+    r = CliRunner().invoke(main, ["chat", str(home / "runs" / "c"), "--prompt", "hello", "--max-tokens", "5"])
+    assert r.exit_code == 0, r.output
+    r = CliRunner().invoke(main, ["chat", str(home / "runs" / "c")], input="hello\n\n")
+    assert r.exit_code == 0 and "model:" in r.output
+
+
+def test_models_and_doctor(home):
+    r = CliRunner().invoke(main, ["models"])
+    assert r.exit_code == 0 and "smollm2-135m-instruct" in r.output
+    r = CliRunner().invoke(main, ["doctor"])
+    assert r.exit_code == 0 and "BLAS" in r.output and "GFLOP/s" in r.output
