@@ -1,0 +1,600 @@
+"""Ship a run as GGUF: the merged model, or a LoRA adapter for llama.cpp, plus a Modelfile.
+
+    edgeft export runs/brand                     # runs/brand/export/brand-q8_0.gguf
+    edgeft export runs/brand --quant q4_k_m      # K-quants through llama.cpp's quantizer
+    edgeft export runs/brand --adapter           # runs/brand/export/brand-lora.gguf
+
+Merged: the base is dequantized, the LoRA delta added in fp32 (edgeft.lora.merge), and the
+result written with gguf-py (f16, bf16, q8_0, q4_0, q4_1) or written as f16 to a temporary
+file and quantized by llama.cpp's own `llama_model_quantize` (q4_k_m, q5_k_m, q6_k).
+
+Adapter: llama.cpp's LoRA format (convert_lora_to_gguf.py, src/llama-adapter.cpp):
+`general.type = adapter`, `adapter.type = lora`, `adapter.lora.alpha`, and per adapted
+base tensor `<name>.lora_a` (rows = rank, ggml ne = [in, rank]) and `<name>.lora_b`
+(ggml ne = [rank, out]); llama.cpp adds `scale * lora_b @ (lora_a @ x)` with scale =
+alpha / rank * the user's scale. mlx-lm's layers hold lora_a (in, rank) and lora_b
+(rank, out) and add `s * (x @ lora_a) @ lora_b`, so the file holds their transposes and
+alpha = s * rank. The tensor names are the base GGUF's, so the adapter applies to that very
+file; for a folder base the base itself is exported beside the adapter.
+
+Q/K rows: llama.cpp stores llama-family Q and K rows permuted for its RoPE. A base read
+from a llama GGUF already has them so (Loaded.qk_layout "gguf"), and so do the adapter's
+lora_b rows; from a Hugging Face folder ("hf") they are permuted on the way out.
+
+Every file is written to a temporary name, checked in llama.cpp (edgeft.verify), and only
+then renamed into place, so a failed export leaves nothing half-written.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import json
+import os
+import re
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+
+from edgeft import gguf as G
+from edgeft import modelfile as MF
+from edgeft import verify as V
+
+GGUF_PY_QUANTS = ("f16", "bf16", "q8_0", "q4_0", "q4_1")  # written by gguf-py itself
+LLAMA_CPP_QUANTS = ("q4_k_m", "q5_k_m", "q6_k")  # through llama.cpp's quantizer
+QUANTS = GGUF_PY_QUANTS + LLAMA_CPP_QUANTS
+INTERMEDIATE = "f16"  # what llama.cpp's quantizer starts from
+
+KEY_TYPE = "general.type"
+KEY_FINETUNE = "general.finetune"
+KEY_LICENSE = "general.license"
+KEY_ORGANIZATION = "general.organization"
+KEY_REPO_URL = "general.repo_url"
+KEY_BASE_MODEL_PREFIX = "general.base_model."
+KEY_BASE_MODEL_COUNT = "general.base_model.count"
+KEY_BASE_MODEL_NAME = "general.base_model.0.name"
+KEY_BASE_MODEL_ORG = "general.base_model.0.organization"
+KEY_BASE_MODEL_URL = "general.base_model.0.repo_url"
+KEY_ADAPTER_TYPE = "adapter.type"
+KEY_ADAPTER_ALPHA = "adapter.lora.alpha"
+# Keys of a base GGUF that an export never copies: they describe the file, not the model.
+NOT_COPIED = {G.KEY_FILE_TYPE, G.KEY_QUANTIZATION_VERSION, G.KEY_ALIGNMENT}
+NOT_COPIED_PREFIXES = ("split.", KEY_BASE_MODEL_PREFIX)
+
+
+class ExportError(ValueError):
+    """An export that cannot be made or did not pass verification; one line says why."""
+
+
+@dataclass
+class ExportResult:
+    gguf: Path  # the merged model, or the adapter
+    modelfile: Path
+    quant: str
+    adapter: bool
+    base: Path | None = None  # the GGUF the adapter applies to
+    sizes: dict[str, int] = field(default_factory=dict)  # file name -> bytes
+    parity: V.Parity | None = None  # None: llama.cpp not installed or verify=False
+    seconds: float = 0.0
+
+    def summary(self) -> str:
+        lines = [f"{'adapter' if self.adapter else 'GGUF':9}{self.gguf}  ({_mb(self.sizes.get(self.gguf.name, 0))})"]
+        if self.base is not None:
+            lines.append(f"{'base':9}{self.base}  ({_mb(self.sizes.get(self.base.name, self.base.stat().st_size))})")
+        lines.append(f"{'Modelfile':9}{self.modelfile}")
+        if self.parity is not None:
+            lines.append(self.parity.table())
+        lines.append(f"exported in {self.seconds:.1f} s")
+        return "\n".join(lines)
+
+
+def _mb(n: int) -> str:
+    return f"{n / 1e6:.1f} MB"
+
+
+def check_quant(quant: str) -> str:
+    q = (quant or "").lower()
+    if q not in QUANTS:
+        raise ExportError(f"unknown --quant {quant!r}; choose one of {', '.join(QUANTS)}")
+    return q
+
+
+# --- tensors ---------------------------------------------------------------------------------
+@dataclass
+class TensorSpec:
+    name: str  # GGUF name
+    shape: tuple[int, ...]  # NumPy order (rows first)
+    get: Callable[[], np.ndarray]  # fp32, llama.cpp row order
+
+
+def _qk_heads(mlx_name: str, config: dict) -> int | None:
+    if ".self_attn.q_proj." in mlx_name:
+        return int(config["num_attention_heads"])
+    if ".self_attn.k_proj." in mlx_name:
+        return int(config.get("num_key_value_heads") or config["num_attention_heads"])
+    return None
+
+
+def needs_qk_permute(config: dict, qk_layout: str) -> bool:
+    """llama.cpp's llama family wants permuted Q/K rows; an "hf" model does not have them."""
+    return qk_layout == "hf" and G.ROPE_TRADITIONAL[G.MODEL_TYPE_TO_ARCH[config["model_type"]]]
+
+
+def model_tensors(model, config: dict, qk_layout: str) -> list[TensorSpec]:
+    """Every tensor of the base GGUF for `model` (LoRA layers seen through to their base,
+    quantized layers dequantized), in llama.cpp's names and row order; computed lazily."""
+    import mlx.core as mx
+    import mlx.nn as nn
+    from mlx.utils import tree_flatten
+    from mlx_lm.tuner.lora import LoRALinear
+
+    from edgeft.backend import dequantized_weight
+
+    modules = dict(model.named_modules())
+    permute = needs_qk_permute(config, qk_layout)
+    specs = []
+    for name, value in tree_flatten(model.parameters()):
+        owner, _, leaf = name.rpartition(".")
+        module = modules.get(owner)
+        quantized = isinstance(module, (nn.QuantizedLinear, nn.QuantizedEmbedding))
+        if leaf in ("lora_a", "lora_b") or (quantized and leaf in ("scales", "biases")):
+            continue
+        base_owner = owner
+        if owner.endswith(".linear") and isinstance(modules.get(owner[: -len(".linear")]), LoRALinear):
+            base_owner = owner[: -len(".linear")]
+        mlx_name = f"{base_owner}.{leaf}"
+        gguf_name = G.mlx_to_gguf_name(mlx_name)
+        if gguf_name is None:
+            raise ExportError(f"tensor {mlx_name} has no GGUF name; this model cannot be exported")
+        shape = tuple(value.shape)
+        if quantized and leaf == "weight":
+            shape = (shape[0], shape[1] * 32 // module.bits)
+        heads = _qk_heads(mlx_name, config) if permute else None
+
+        def get(value=value, module=module if quantized and leaf == "weight" else None, heads=heads):
+            w = dequantized_weight(module) if module is not None else value
+            w = np.array(w.astype(mx.float32))
+            return G.permute_qk(w, heads) if heads else w
+
+        specs.append(TensorSpec(gguf_name, shape, get))
+    if (config.get("rope_scaling") or {}).get("rope_type") == "llama3":
+        freqs = G.llama3_rope_freqs(config)
+        specs.append(TensorSpec(G.ROPE_FREQS_TENSOR, freqs.shape, lambda: freqs))
+    return specs
+
+
+def adapter_tensors(model, config: dict, qk_layout: str) -> tuple[list[TensorSpec], float]:
+    """The LoRA layers as llama.cpp adapter tensors, and the adapter's alpha."""
+    import mlx.core as mx
+
+    from edgeft.lora import lora_layers
+
+    permute = needs_qk_permute(config, qk_layout)
+    specs, alphas = [], set()
+    for name, layer in lora_layers(model):
+        base = G.mlx_to_gguf_name(f"{name}.weight")
+        if base is None:
+            raise ExportError(f"LoRA layer {name} has no GGUF tensor name; cannot export it")
+        a = np.array(layer.lora_a.astype(mx.float32)).T  # (rank, in)
+        b = np.array(layer.lora_b.astype(mx.float32)).T  # (out, rank)
+        heads = _qk_heads(f"{name}.weight", config) if permute else None
+        if heads:
+            b = G.permute_qk(b, heads)
+        alphas.add(float(np.float32(layer.scale * a.shape[0])))
+        specs.append(TensorSpec(f"{base}.lora_a", a.shape, lambda a=a: a))
+        specs.append(TensorSpec(f"{base}.lora_b", b.shape, lambda b=b: b))
+    if not specs:
+        raise ExportError("the run has no LoRA layers to export")
+    if len(alphas) != 1:
+        raise ExportError(f"LoRA layers use different scales ({sorted(alphas)}); one adapter file needs one")
+    return specs, alphas.pop()
+
+
+def _ggml_type(name: str, shape: tuple[int, ...], quant: str):
+    """What a tensor is stored as: norms, biases and other vectors stay F32 (as llama.cpp
+    does); rows a block type cannot divide fall back to F16."""
+    import gguf as gguf_py
+
+    T = gguf_py.GGMLQuantizationType
+    if len(shape) < 2 or name.endswith(".lora_a") or name.endswith(".lora_b") or quant == "f32":
+        return T.F32
+    qtype = T[quant.upper()]
+    block, _ = gguf_py.GGML_QUANT_SIZES[qtype]
+    return qtype if shape[-1] % block == 0 else T.F16
+
+
+def _encode(w: np.ndarray, qtype) -> np.ndarray:
+    import gguf as gguf_py
+
+    T = gguf_py.GGMLQuantizationType
+    if qtype == T.F32:
+        return np.ascontiguousarray(w, dtype=np.float32)
+    if qtype == T.F16:
+        return np.ascontiguousarray(w, dtype=np.float16)
+    return gguf_py.quants.quantize(np.ascontiguousarray(w, dtype=np.float32), qtype)
+
+
+def write_gguf(path, arch: str, metadata: dict, tensors: list[TensorSpec], quant: str) -> None:
+    """Write a GGUF one tensor at a time (memory: one tensor, not the model)."""
+    import gguf as gguf_py
+
+    writer = gguf_py.GGUFWriter(str(path), arch)
+    G.write_metadata(writer, metadata)
+    plan = []
+    for t in tensors:
+        qtype = _ggml_type(t.name, t.shape, quant)
+        writer.add_tensor_info(t.name, t.shape, np.dtype(np.float32), G.tensor_nbytes(t.shape, qtype), raw_dtype=qtype)
+        plan.append((t, qtype))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_ti_data_to_file()
+    try:
+        for t, qtype in plan:
+            w = t.get()
+            if tuple(w.shape) != tuple(t.shape):
+                raise ExportError(f"tensor {t.name}: shape {tuple(w.shape)}, expected {t.shape}")
+            writer.write_tensor_data(_encode(w, qtype))
+    finally:
+        writer.close()
+
+
+@contextlib.contextmanager
+def _quiet():
+    """Silence llama.cpp's C-level logging (it writes to the process's stderr)."""
+    try:
+        from llama_cpp._utils import suppress_stdout_stderr
+    except ImportError:
+        yield
+        return
+    with suppress_stdout_stderr(disable=False):
+        yield
+
+
+def llama_quantize(src, dst, quant: str) -> None:
+    """K-quantize `src` (an f16/f32 GGUF) into `dst` with llama.cpp's own quantizer."""
+    llama_cpp = V.require_llama_cpp(f"write {quant} (K-quants come from llama.cpp's quantizer)")
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{quant.upper()}")
+    params.nthread = os.cpu_count() or 1
+    with _quiet():
+        rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
+    if rc != 0:
+        raise ExportError(f"llama.cpp could not quantize {src} to {quant} (code {rc})")
+
+
+# --- metadata --------------------------------------------------------------------------------
+def file_type(quant: str) -> int:
+    import gguf as gguf_py
+
+    name = {"f32": "ALL_F32", "f16": "MOSTLY_F16", "bf16": "MOSTLY_BF16"}.get(quant, f"MOSTLY_{quant.upper()}")
+    return int(gguf_py.LlamaFileType[name])
+
+
+def model_metadata(loaded, run_name: str, quant: str, system_prompt: str | None = None,
+                   log: Callable[[str], None] = print) -> dict:
+    """GGUF metadata of an export: a GGUF base's keys copied (all but the file-describing
+    ones and the labels), or built from a folder's config and tokenizer; then the fine-tune
+    labels, the file type and, if set, the recipe's system prompt as the template default."""
+    import gguf as gguf_py
+
+    if loaded.gguf_metadata is not None:
+        md = {k: v for k, v in loaded.gguf_metadata.items()
+              if k not in NOT_COPIED and not k.startswith(NOT_COPIED_PREFIXES)}
+    else:
+        md = folder_metadata(loaded)
+    base_name = G.scalar(md.get(G.KEY_NAME)) or Path(loaded.path).stem
+    md[G.KEY_NAME] = f"{base_name} {run_name}"
+    md[KEY_FINETUNE] = run_name
+    md[KEY_BASE_MODEL_COUNT] = np.uint32(1)
+    md[KEY_BASE_MODEL_NAME] = base_name
+    for key, to in ((KEY_ORGANIZATION, KEY_BASE_MODEL_ORG), (KEY_REPO_URL, KEY_BASE_MODEL_URL)):
+        if md.get(key) is not None:
+            md[to] = md[key]
+    md[G.KEY_FILE_TYPE] = np.uint32(file_type(quant))
+    if quant not in ("f32", "f16", "bf16"):
+        md[G.KEY_QUANTIZATION_VERSION] = np.uint32(gguf_py.GGML_QUANT_VERSION)
+    template = G.scalar(md.get(G.KEY_CHAT_TEMPLATE))
+    if system_prompt:
+        if template and MF.supports_system(template):
+            md[G.KEY_CHAT_TEMPLATE] = MF.with_default_system(template, system_prompt)
+        elif template:
+            log("note: the chat template takes no system message; the recipe's system prompt is not built in")
+    return md
+
+
+def adapter_metadata(loaded, run_name: str, alpha: float) -> dict:
+    arch = G.MODEL_TYPE_TO_ARCH[loaded.config["model_type"]]
+    base_md = loaded.gguf_metadata or {}
+    base_name = G.scalar(base_md.get(G.KEY_NAME)) or Path(loaded.path).stem
+    return {
+        G.KEY_ARCHITECTURE: arch,
+        KEY_TYPE: "adapter",
+        KEY_ADAPTER_TYPE: "lora",
+        KEY_ADAPTER_ALPHA: np.float32(alpha),
+        G.KEY_NAME: f"{base_name} {run_name} LoRA",
+        KEY_FINETUNE: run_name,
+        KEY_BASE_MODEL_COUNT: np.uint32(1),
+        KEY_BASE_MODEL_NAME: base_name,
+    }
+
+
+# --- folder bases: metadata from config.json + tokenizer files -------------------------------
+PROBE_TEXTS = [
+    "Hello world! It's 2024, isn't it? They'll say: \"we've done 12345 things\".",
+    "  leading spaces,\ttabs\tand\n\nnew lines   \n end",
+    "Ünïcödé, 你好世界, émojis 🙂🚀 and numbers 3.14159 / 1,000,000",
+    "def f(x):\n    return x**2  # comment\n",
+    "<|im_start|>user\nhi there<|im_end|>\n<|im_start|>assistant\n",
+]
+PRE_CANDIDATES = ("smollm", "gpt-2", "llama-bpe", "qwen2")
+
+
+def folder_metadata(loaded) -> dict:
+    """Architecture + tokenizer metadata for a Hugging Face / MLX folder base.
+
+    Byte-level BPE (tokenizer.json) and SentencePiece (tokenizer.model) vocabularies are
+    supported; the result is checked by rebuilding edgeft's tokenizer from it and comparing
+    encodings with the folder's own tokenizer."""
+    from edgeft.tokenizer import Tokenizer
+
+    try:
+        md = G.config_to_metadata(loaded.config)
+    except G.ModelLoadError as e:
+        raise ExportError(f"{loaded.path}: {e}") from None
+    path = Path(loaded.path)
+    tok = loaded.tokenizer
+    md[G.KEY_NAME] = path.name
+    license_ = _readme_license(path)
+    if license_:
+        md[KEY_LICENSE] = license_
+    vocab_size = int(loaded.config["vocab_size"])
+    if (path / "tokenizer.json").is_file() and _is_byte_level_bpe(path / "tokenizer.json"):
+        tk_md = _bpe_metadata(path / "tokenizer.json", vocab_size)
+        candidates = PRE_CANDIDATES
+    elif (path / "tokenizer.model").is_file():
+        tk_md = _spm_metadata(path / "tokenizer.model", vocab_size)
+        candidates = (None,)
+    else:
+        raise ExportError(
+            f"{path}: only byte-level BPE (tokenizer.json) and SentencePiece (tokenizer.model) "
+            "vocabularies can be written to GGUF; convert the base with llama.cpp's "
+            "convert_hf_to_gguf.py and tune from that GGUF"
+        )
+    tk_md.update({
+        G.KEY_ADD_BOS: bool(tok.add_bos),
+        **({G.KEY_BOS_ID: np.uint32(tok.bos_id)} if tok.bos_id is not None else {}),
+        **({G.KEY_EOS_ID: np.uint32(tok.eos_id)} if tok.eos_id is not None else {}),
+        **({G.KEY_CHAT_TEMPLATE: tok.chat_template} if tok.chat_template else {}),
+    })
+    want = [tok.encode(t) for t in PROBE_TEXTS]
+    for pre in candidates:
+        trial = dict(tk_md, **({G.KEY_TOKENIZER_PRE: pre} if pre else {}))
+        try:
+            rebuilt = Tokenizer.from_gguf_metadata(trial)
+        except G.ModelLoadError:
+            continue
+        if [rebuilt.encode(t) for t in PROBE_TEXTS] == want:
+            md.update(trial)
+            return md
+    raise ExportError(
+        f"{path}: the tokenizer's pre-tokenizer matches none llama.cpp knows of "
+        f"({', '.join(c for c in candidates if c)}); convert the base with llama.cpp's "
+        "convert_hf_to_gguf.py and tune from that GGUF"
+    )
+
+
+def _is_byte_level_bpe(file: Path) -> bool:
+    j = json.loads(file.read_text(encoding="utf-8"))
+    return (j.get("model") or {}).get("type") == "BPE" and "ByteLevel" in json.dumps(
+        [j.get("pre_tokenizer"), j.get("decoder")])
+
+
+def _bpe_metadata(file: Path, vocab_size: int) -> dict:
+    j = json.loads(file.read_text(encoding="utf-8"))
+    model = j["model"]
+    n = max(vocab_size, max(model["vocab"].values()) + 1,
+            max((t["id"] + 1 for t in j.get("added_tokens", [])), default=0))
+    tokens = [f"[PAD{i}]" for i in range(n)]
+    types = [G.TOKEN_UNUSED] * n
+    for t, i in model["vocab"].items():
+        tokens[i], types[i] = t, G.TOKEN_NORMAL
+    for t in j.get("added_tokens", []):
+        tokens[t["id"]] = t["content"]
+        types[t["id"]] = G.TOKEN_CONTROL if t.get("special") else G.TOKEN_USER_DEFINED
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
+    return {
+        G.KEY_TOKENIZER_MODEL: "gpt2",
+        G.KEY_TOKENS: tokens,
+        G.KEY_TOKEN_TYPE: np.array(types, dtype=np.int32),
+        G.KEY_MERGES: merges,
+    }
+
+
+def _spm_metadata(file: Path, vocab_size: int) -> dict:
+    import sentencepiece as spm
+
+    sp = spm.SentencePieceProcessor(model_file=str(file))
+    n = sp.get_piece_size()
+    tokens, scores, types = [], [], []
+    for i in range(max(n, vocab_size)):
+        if i >= n:
+            tokens.append(f"[PAD{i}]"); scores.append(-1000.0); types.append(G.TOKEN_UNUSED)  # noqa: E702
+            continue
+        tokens.append(sp.id_to_piece(i))
+        scores.append(sp.get_score(i))
+        types.append(G.TOKEN_UNKNOWN if sp.is_unknown(i) else G.TOKEN_CONTROL if sp.is_control(i)
+                     else G.TOKEN_BYTE if sp.is_byte(i) else G.TOKEN_UNUSED if sp.is_unused(i)
+                     else G.TOKEN_NORMAL)
+    md = {
+        G.KEY_TOKENIZER_MODEL: "llama",
+        G.KEY_TOKENS: tokens,
+        G.KEY_SCORES: np.array(scores, dtype=np.float32),
+        G.KEY_TOKEN_TYPE: np.array(types, dtype=np.int32),
+        G.KEY_ADD_SPACE_PREFIX: True,
+    }
+    if sp.unk_id() >= 0:
+        md[G.KEY_UNK_ID] = np.uint32(sp.unk_id())
+    return md
+
+
+def _readme_license(folder: Path) -> str | None:
+    """`license:` from a Hugging Face README's YAML front matter."""
+    readme = folder / "README.md"
+    if not readme.is_file():
+        return None
+    m = re.match(r"---\n(.*?)\n---", readme.read_text(encoding="utf-8", errors="replace"), re.S)
+    if not m:
+        return None
+    import yaml
+
+    try:
+        front = yaml.safe_load(m.group(1)) or {}
+    except yaml.YAMLError:
+        return None
+    value = front.get("license") if isinstance(front, dict) else None
+    return str(value) if value else None
+
+
+# --- the run -> files ------------------------------------------------------------------------
+def default_path(run_dir: Path, quant: str, adapter: bool) -> Path:
+    name = Path(run_dir).resolve().name
+    return Path(run_dir) / "export" / (f"{name}-lora.gguf" if adapter else f"{name}-{quant}.gguf")
+
+
+def modelfile_path(gguf: Path) -> Path:
+    return gguf.with_suffix(".Modelfile")
+
+
+@contextlib.contextmanager
+def _staged(targets: list[Path]) -> Iterator[list[Path]]:
+    """Temporary paths beside `targets`, renamed onto them only if the block succeeds."""
+    tmps = []
+    try:
+        for t in targets:
+            t.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=t.parent, prefix=f".{t.name}.", suffix=".tmp")
+            os.close(fd)
+            tmps.append(Path(tmp))
+        yield tmps
+        for tmp, t in zip(tmps, targets):
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
+            os.replace(tmp, t)
+    finally:
+        for tmp in tmps:
+            tmp.unlink(missing_ok=True)
+
+
+def export_run(run_dir, quant: str = "q8_0", out=None, adapter: bool = False, verify: bool = True,
+               log: Callable[[str], None] = print) -> ExportResult:
+    """Export a finished run (its base + adapters) as GGUF, check it in llama.cpp, and
+    write an Ollama Modelfile beside it. See the module docstring for the formats."""
+    from edgeft import run
+
+    tic = time.perf_counter()
+    quant = check_quant(quant)
+    run_dir = Path(run_dir)
+    loaded, cfg = run.load_tuned(run_dir)
+    run_name = run_dir.resolve().name
+    out = Path(out) if out else default_path(run_dir, quant, adapter)
+    if out.suffix != ".gguf":
+        raise ExportError(f"--out {out}: the file name must end in .gguf")
+    if verify and not V.llama_cpp_available():
+        if quant in LLAMA_CPP_QUANTS:
+            V.require_llama_cpp(f"write {quant}")
+        log(f"llama.cpp check skipped: llama-cpp-python is not installed ({V.INSTALL_HINT} to enable it)")
+        verify = False
+    system = cfg.data.system_prompt
+    if adapter:
+        result = _export_adapter(loaded, run_name, quant, out, verify, system, log)
+    else:
+        result = _export_merged(loaded, run_name, quant, out, verify, system, log)
+    result.seconds = time.perf_counter() - tic
+    return result
+
+
+def _check(parity: V.Parity, log) -> None:
+    log(parity.table())
+    if parity.passed:
+        return
+    if parity.fatal:
+        raise ExportError(f"{parity.file.name}: {parity.verdict()}; nothing was written")
+    log(f"warning: {parity.file.name} agrees with the MLX model on only {parity.top1:.1%} of "
+        "next tokens; try a larger --quant (q8_0)")
+
+
+def _export_merged(loaded, run_name, quant, out, verify, system, log) -> ExportResult:
+    from edgeft import lora
+
+    arch = G.MODEL_TYPE_TO_ARCH[loaded.config["model_type"]]
+    md = model_metadata(loaded, run_name, quant, system, log)
+    lora.merge(loaded.model)
+    tensors = model_tensors(loaded.model, loaded.config, loaded.qk_layout)
+    parity = None
+    with _staged([out]) as (tmp,):
+        if quant in LLAMA_CPP_QUANTS:
+            log(f"writing {INTERMEDIATE} intermediate, then llama.cpp quantizes it to {quant}")
+            with tempfile.TemporaryDirectory(dir=out.parent, prefix=".edgeft-export-") as td:
+                inter = Path(td) / f"intermediate-{INTERMEDIATE}.gguf"
+                write_gguf(inter, arch, {**md, G.KEY_FILE_TYPE: np.uint32(file_type(INTERMEDIATE))},
+                           tensors, INTERMEDIATE)
+                llama_quantize(inter, tmp, quant)
+        else:
+            log(f"writing {quant} GGUF")
+            write_gguf(tmp, arch, md, tensors, quant)
+        if verify:
+            parity = V.compare(tmp, loaded.model, loaded.tokenizer, system_prompt=system)
+            parity.file = out
+            _check(parity, log)
+    mf = MF.build(f"./{out.name}", G.scalar(md.get(G.KEY_CHAT_TEMPLATE)), system,
+                  MF.stop_strings(loaded.tokenizer), comment=f"ollama create {run_name} -f {modelfile_path(out).name}")
+    from edgeft.io import atomic_write_text
+
+    atomic_write_text(modelfile_path(out), mf.text)
+    return ExportResult(out, modelfile_path(out), quant, False, sizes={out.name: out.stat().st_size},
+                        parity=parity)
+
+
+def _export_adapter(loaded, run_name, quant, out, verify, system, log) -> ExportResult:
+    arch = G.MODEL_TYPE_TO_ARCH[loaded.config["model_type"]]
+    specs, alpha = adapter_tensors(loaded.model, loaded.config, loaded.qk_layout)
+    md = adapter_metadata(loaded, run_name, alpha)
+    targets = [out]
+    base_out = None
+    if loaded.fmt != "gguf":
+        base_out = out.with_name(f"{run_name}-base-{quant}.gguf")
+        targets.append(base_out)
+    parity = None
+    with _staged(targets) as tmps:
+        log(f"writing LoRA adapter GGUF (alpha {alpha:g}, {len(specs) // 2} tensor pairs)")
+        write_gguf(tmps[0], arch, md, specs, "f32")
+        if base_out is not None:
+            if quant in LLAMA_CPP_QUANTS:
+                raise ExportError("a folder base is exported beside its adapter as f16, bf16, q8_0, q4_0 or q4_1")
+            log(f"the base is a folder: writing it as {base_out.name} for the adapter to apply to")
+            base_md = model_metadata(loaded, run_name, quant, None, log)
+            base_md[G.KEY_NAME], base_md[KEY_FINETUNE] = G.scalar(base_md[KEY_BASE_MODEL_NAME]), None
+            base_md = {k: v for k, v in base_md.items() if v is not None and not k.startswith(KEY_BASE_MODEL_PREFIX)}
+            write_gguf(tmps[1], arch, base_md, model_tensors(loaded.model, loaded.config, loaded.qk_layout), quant)
+        base_path = tmps[1] if base_out is not None else Path(loaded.path)
+        if verify:
+            parity = V.compare(base_path, loaded.model, loaded.tokenizer, lora=tmps[0], system_prompt=system,
+                               kind=V.precision_class(base_path))
+            parity.file, parity.lora = base_out or Path(loaded.path), out
+            _check(parity, log)
+    base_final = base_out or Path(loaded.path)
+    template = loaded.tokenizer.chat_template
+    if system and not (template is None or MF.supports_system(template)):
+        system = None
+    mf = MF.build(MF.relative_or_absolute(base_final, out.parent), template, system,
+                  MF.stop_strings(loaded.tokenizer), adapter=f"./{out.name}",
+                  comment=f"ollama create {run_name} -f {modelfile_path(out).name}")
+    from edgeft.io import atomic_write_text
+
+    atomic_write_text(modelfile_path(out), mf.text)
+    sizes = {out.name: out.stat().st_size, base_final.name: base_final.stat().st_size}
+    return ExportResult(out, modelfile_path(out), quant, True, base=base_final, sizes=sizes, parity=parity)

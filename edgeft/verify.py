@@ -1,0 +1,268 @@
+"""Does a GGUF answer like the MLX model it came from? Run it in llama.cpp and compare.
+
+A few fixed chats are rendered with the model's chat template and tokenized by edgeft; both
+llama.cpp (through llama-cpp-python, on the GGUF) and MLX (on the model the file was made
+from) score every position, and we compare the next-token distributions: how often the
+top-1 token agrees, and the largest absolute logit difference.
+
+Weights are not the only difference: llama.cpp multiplies quantized weights against
+8-bit-quantized activations (f16 against f16 ones), MLX here in fp32. So the bar depends
+on the file's weight types (FACTS: a Q4_1 file agrees ~95% with MLX on the same weights):
+
+    f32/f16/bf16   top-1 agreement >= 99%, else the export fails
+    q8_0           >= 95%, else the export fails
+    4/5/6-bit      reported; a warning below 85%
+
+    edgeft verify runs/brand/export/brand-q8_0.gguf
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+INSTALL_HINT = "pip install 'edgeft[llama]'"
+
+FLOAT, Q8, LOW_BIT = "f16", "q8_0", "4-6 bit"
+# precision class -> (minimum top-1 agreement, whether falling below fails the export)
+THRESHOLDS = {FLOAT: (0.99, True), Q8: (0.95, True), LOW_BIT: (0.85, False)}
+FLOAT_TYPES = {"F32", "F16", "BF16"}
+
+# Fixed chats: short, varied, none from any training file; each includes the answer so
+# every kind of position (prompt, turn markers, reply) is compared.
+CHATS = [
+    [{"role": "user", "content": "What is the capital of France?"},
+     {"role": "assistant", "content": "The capital of France is Paris."}],
+    [{"role": "user", "content": "Write a haiku about autumn leaves."},
+     {"role": "assistant", "content": "Red leaves drift and fall,\nwhispering to the cold ground:\nsummer says goodbye."}],
+    [{"role": "user", "content": "How do I reverse a list in Python?"},
+     {"role": "assistant", "content": "Use my_list[::-1] for a new list, or my_list.reverse() to reverse it in place."}],
+    [{"role": "user", "content": "Hi! Can you recommend a book for a long flight?"},
+     {"role": "assistant", "content": "Try \"The Martian\" by Andy Weir: funny, fast, and hard to put down."},
+     {"role": "user", "content": "Thanks. Anything shorter?"},
+     {"role": "assistant", "content": "\"Of Mice and Men\" by John Steinbeck is about 100 pages."}],
+    [{"role": "user", "content": "Convert 37 degrees Celsius to Fahrenheit."},
+     {"role": "assistant", "content": "37 C is 98.6 F (multiply by 9/5, then add 32)."}],
+]
+
+
+class VerifyError(RuntimeError):
+    """Verification could not run (missing run, base or llama.cpp)."""
+
+
+class LlamaCppMissing(VerifyError):
+    def __init__(self, what: str = "verify a GGUF in llama.cpp"):
+        super().__init__(f"llama-cpp-python is not installed: {INSTALL_HINT} to {what}")
+
+
+def llama_cpp_available() -> bool:
+    try:
+        import llama_cpp  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def require_llama_cpp(what: str = "verify a GGUF in llama.cpp"):
+    try:
+        import llama_cpp
+    except ImportError:
+        raise LlamaCppMissing(what) from None
+    return llama_cpp
+
+
+@dataclass
+class Row:
+    label: str
+    positions: int
+    agree: int
+    max_abs: float
+
+
+@dataclass
+class Parity:
+    """The comparison of one GGUF (plus adapter) in llama.cpp with an MLX model."""
+
+    file: Path
+    kind: str  # precision class: FLOAT, Q8 or LOW_BIT
+    rows: list[Row] = field(default_factory=list)
+    lora: Path | None = None
+
+    @property
+    def positions(self) -> int:
+        return sum(r.positions for r in self.rows)
+
+    @property
+    def top1(self) -> float:
+        return sum(r.agree for r in self.rows) / max(self.positions, 1)
+
+    @property
+    def max_abs(self) -> float:
+        return max((r.max_abs for r in self.rows), default=0.0)
+
+    @property
+    def threshold(self) -> float:
+        return THRESHOLDS[self.kind][0]
+
+    @property
+    def fatal(self) -> bool:
+        return THRESHOLDS[self.kind][1]
+
+    @property
+    def passed(self) -> bool:
+        return self.top1 >= self.threshold
+
+    def verdict(self) -> str:
+        if self.passed:
+            return f"ok: top-1 agreement {self.top1:.1%} >= {self.threshold:.0%} ({self.kind} weights)"
+        word = "FAILED" if self.fatal else "warning"
+        return (f"{word}: top-1 agreement {self.top1:.1%} is below {self.threshold:.0%} "
+                f"for {self.kind} weights")
+
+    def table(self) -> str:
+        what = self.file.name + (f" + {self.lora.name}" if self.lora else "")
+        lines = [f"llama.cpp vs MLX: {what}",
+                 f"  {'chat':<6}{'positions':>10}{'top-1 agree':>13}{'max |dlogit|':>14}"]
+        for r in self.rows:
+            lines.append(f"  {r.label:<6}{r.positions:>10}{r.agree / max(r.positions, 1):>13.1%}{r.max_abs:>14.3f}")
+        lines.append(f"  {'all':<6}{self.positions:>10}{self.top1:>13.1%}{self.max_abs:>14.3f}")
+        lines.append(f"  {self.verdict()}")
+        return "\n".join(lines)
+
+
+def precision_class(path: str | os.PathLike) -> str:
+    """FLOAT, Q8 or LOW_BIT from the types of a GGUF's matrices (norms are always F32)."""
+    from edgeft import gguf as G
+
+    index = G.read_index(path)
+    types = {G.ggml_type_name(t.ggml_type) for t in index.tensors if len(t.shape) >= 2}
+    if types <= FLOAT_TYPES:
+        return FLOAT
+    if types <= FLOAT_TYPES | {"Q8_0"}:
+        return Q8
+    return LOW_BIT
+
+
+def prompt_ids(tokenizer, system_prompt: str | None = None) -> list[list[int]]:
+    """The fixed chats as token ids, rendered with the model's template (with the run's
+    system prompt when it has one and the template takes it)."""
+    from edgeft.tokenizer import TemplateError
+
+    out = []
+    for chat in CHATS:
+        messages = chat
+        if system_prompt:
+            messages = [{"role": "system", "content": system_prompt}, *chat]
+        try:
+            text = tokenizer.render(messages)
+        except TemplateError:
+            text = tokenizer.render(chat)
+        ids = tokenizer.encode(text)
+        # as edgeft.dataset trains: BOS first when the tokenizer wants one, never twice
+        if tokenizer.add_bos and tokenizer.bos_id is not None and ids[:1] != [tokenizer.bos_id]:
+            ids = [tokenizer.bos_id] + ids
+        out.append(ids)
+    return out
+
+
+def mlx_logits(model, ids: list[int]) -> np.ndarray:
+    import mlx.core as mx
+
+    return np.array(model(mx.array(ids)[None]).astype(mx.float32))[0]
+
+
+def llama_cpp_logits(path, ids_list: list[list[int]], lora=None) -> list[np.ndarray]:
+    """llama.cpp's logits at every position of each token list (one context, reset between)."""
+    llama_cpp = require_llama_cpp()
+    longest = max(len(ids) for ids in ids_list)
+    n_ctx = max(256, 1 << (longest - 1).bit_length())
+    try:
+        llm = llama_cpp.Llama(
+            str(path), lora_path=None if lora is None else str(lora), n_ctx=n_ctx,
+            n_batch=n_ctx, logits_all=True, verbose=False, n_threads=max(1, min(4, os.cpu_count() or 1)),
+        )
+    except (ValueError, RuntimeError) as e:
+        what = f"{path}" + (f" with adapter {lora}" if lora else "")
+        raise VerifyError(f"llama.cpp cannot load {what} ({e})") from e
+    try:
+        out = []
+        for ids in ids_list:
+            llm.reset()
+            llm.eval(ids)
+            out.append(np.array(llm.scores[: len(ids)], dtype=np.float32))
+        return out
+    finally:
+        llm.close()
+
+
+def compare(path, model, tokenizer, *, lora=None, system_prompt: str | None = None,
+            kind: str | None = None) -> Parity:
+    """llama.cpp on `path` (plus `lora`) against the MLX `model`, over the fixed chats.
+
+    `kind` (precision class) defaults to that of `path`: for an adapter, the base's."""
+    ids_list = prompt_ids(tokenizer, system_prompt)
+    theirs = llama_cpp_logits(path, ids_list, lora)
+    parity = Parity(Path(path), kind or precision_class(path), lora=None if lora is None else Path(lora))
+    for i, (ids, lc) in enumerate(zip(ids_list, theirs), 1):
+        ours = mlx_logits(model, ids)
+        v = min(ours.shape[-1], lc.shape[-1])
+        ours, lc = ours[:, :v], lc[:, :v]
+        parity.rows.append(Row(str(i), len(ids), int((ours.argmax(-1) == lc.argmax(-1)).sum()),
+                               float(np.abs(ours - lc).max())))
+    return parity
+
+
+# --- `edgeft verify FILE` ------------------------------------------------------------------
+def find_run(path: Path) -> Path | None:
+    """The run folder of a file exported to its default place, runs/<name>/export/FILE."""
+    folder = Path(path).resolve().parent.parent
+    if (folder / "config.json").is_file() and (folder / "adapters").is_dir():
+        return folder
+    return None
+
+
+def verify_file(path, run_dir=None, base=None, log: Callable[[str], None] = print) -> Parity:
+    """Verify a GGUF made by `edgeft export` (merged model or LoRA adapter) in llama.cpp.
+
+    The MLX reference is the run's tuned model (`run_dir`, or found from the file's
+    place); a merged file without a run is compared with edgeft's own load of it. An
+    adapter needs its base GGUF: `base`, the run's base if that is a GGUF, or the
+    *-base-*.gguf exported beside it for folder bases.
+    """
+    from edgeft import gguf as G
+    from edgeft import lora, run
+    from edgeft.loader import load
+
+    path = Path(path)
+    md = G.read_index(path, with_metadata=True).metadata
+    is_adapter = G.scalar(md.get("general.type")) == "adapter"
+    run_dir = Path(run_dir) if run_dir else find_run(path)
+    require_llama_cpp()
+    if run_dir is None:
+        if is_adapter:
+            raise VerifyError(f"{path}: an adapter is checked against its run: pass --run RUN_DIR")
+        log(f"no run found for {path.name}: comparing llama.cpp with edgeft's own MLX load of it")
+        loaded = load(path)
+        from edgeft import backend
+
+        backend.prepare(loaded.model)
+        return compare(path, loaded.model, loaded.tokenizer)
+    loaded, cfg = run.load_tuned(run_dir)
+    system = cfg.data.system_prompt
+    if not is_adapter:
+        lora.merge(loaded.model)
+        return compare(path, loaded.model, loaded.tokenizer, system_prompt=system)
+    if base is None:
+        if loaded.fmt == "gguf":
+            base = loaded.path
+        else:
+            found = sorted(path.parent.glob("*-base-*.gguf"))
+            if len(found) != 1:
+                raise VerifyError(f"{path}: cannot tell which base GGUF it applies to: pass --base BASE.gguf")
+            base = found[0]
+    return compare(base, loaded.model, loaded.tokenizer, lora=path, system_prompt=system,
+                   kind=precision_class(base))
