@@ -303,5 +303,77 @@ def doctor():
             click.echo(f"{mod:8} not installed" + ("  (pip install 'edgeft[llama]' for export checks)" if mod == "llama_cpp" else ""))
 
 
+def _export_errors():
+    from edgeft.export import ExportError
+    from edgeft.verify import VerifyError
+
+    return (ExportError, VerifyError, *user_errors())
+
+
+@main.command("export")
+@click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
+@click.option("--quant", default="q8_0", show_default=True,
+              help="f16, bf16, q8_0, q4_0, q4_1 (written by gguf-py) or q4_k_m, q5_k_m, q6_k (llama.cpp)")
+@click.option("--out", type=click.Path(dir_okay=False), default=None,
+              help="output .gguf (default: RUN_DIR/export/<run>-<quant>.gguf, or <run>-lora.gguf)")
+@click.option("--adapter", is_flag=True, help="write a llama.cpp LoRA adapter GGUF instead of a merged model")
+@click.option("--no-verify", is_flag=True, help="skip the llama.cpp parity check")
+def export_cmd(run_dir, quant, out, adapter, no_verify):
+    """Write a run as a GGUF for llama.cpp, Ollama and LM Studio, plus an Ollama Modelfile.
+
+    The merged model (base + LoRA) is checked in llama.cpp against the MLX model before it
+    is kept: top-1 next-token agreement must reach 99% (f16/bf16) or 95% (q8_0).
+
+    \b
+    Example:
+      edgeft export runs/brand                      # runs/brand/export/brand-q8_0.gguf
+      edgeft export runs/brand --quant q4_k_m
+      edgeft export runs/brand --adapter            # llama-cli -m BASE.gguf --lora brand-lora.gguf
+      ollama create brand -f runs/brand/export/brand-q8_0.Modelfile && ollama run brand
+    """
+    from edgeft.export import export_run
+
+    try:
+        result = export_run(Path(run_dir), quant=quant, out=out, adapter=adapter,
+                            verify=not no_verify, log=click.echo)
+    except _export_errors() as e:
+        _fail(e)
+    click.echo("")
+    click.echo(result.summary().split("\nllama.cpp vs MLX")[0] if result.parity else result.summary())
+    if result.parity is not None:
+        click.echo(f"exported in {result.seconds:.1f} s")
+    click.echo(f"run it:   llama-cli -m {result.base or result.gguf}"
+               + (f" --lora {result.gguf}" if result.adapter else "") + " -cnv")
+    click.echo(f"Ollama:   ollama create {Path(run_dir).resolve().name} -f {result.modelfile}")
+
+
+@main.command("verify")
+@click.argument("gguf", type=click.Path(exists=True, dir_okay=False))
+@click.option("--run", "run_dir", type=click.Path(exists=True, file_okay=False), default=None,
+              help="the run the file came from (default: found from RUN/export/FILE)")
+@click.option("--base", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="for an adapter: the base GGUF it applies to (default: the run's base)")
+def verify_cmd(gguf, run_dir, base):
+    """Run a GGUF made by `edgeft export` in llama.cpp and compare it with the MLX model.
+
+    Prints top-1 next-token agreement and the largest logit difference over fixed chats;
+    exits with status 1 when a f16/bf16 (99%) or q8_0 (95%) file falls below its bar.
+
+    \b
+    Example:
+      edgeft verify runs/brand/export/brand-q8_0.gguf
+      edgeft verify runs/brand/export/brand-lora.gguf --base ./SmolLM2-135M-Instruct.Q4_1.gguf
+    """
+    from edgeft.verify import verify_file
+
+    try:
+        parity = verify_file(Path(gguf), run_dir=run_dir, base=base, log=click.echo)
+    except _export_errors() as e:
+        _fail(e)
+    click.echo(parity.table())
+    if parity.fatal and not parity.passed:
+        raise click.ClickException(f"{Path(gguf).name} does not answer like the MLX model")
+
+
 if __name__ == "__main__":
     main()
