@@ -210,7 +210,8 @@ def _fmt_time(s: float) -> str:
 class Progress:
     """One status line: step, loss, tokens/s, ETA, peak memory (redrawn on a terminal)."""
 
-    def __init__(self, total: int, stream=sys.stderr, every: int = 1):
+    def __init__(self, total: int, stream=None, every: int = 1):
+        stream = stream or sys.stderr  # looked up now: CliRunner swaps sys.stderr
         self.total, self.stream, self.every = total, stream, max(every, 1)
         self.tty = hasattr(stream, "isatty") and stream.isatty()
 
