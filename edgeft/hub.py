@@ -466,8 +466,8 @@ def _download_file(t: _Target, fname: str, offline: bool) -> Path:
 def _download_folder(t: _Target, patterns, offline: bool) -> Path:
     from huggingface_hub import snapshot_download
 
-    folder = Path(snapshot_download(allow_patterns=list(patterns), ignore_patterns=list(NEVER_FETCH),
-                                    **_hub_kwargs(t, offline)))
+    folder = Path(snapshot_download(allow_patterns=list(patterns),
+                                    ignore_patterns=list(NEVER_FETCH), **_hub_kwargs(t, offline)))
     names = [p.name for p in folder.iterdir()]
     if "config.json" not in names or not any(n.endswith(".safetensors") for n in names):
         raise _Miss(f"{t.repo}: no config.json + *.safetensors in {folder} (edgeft never loads "
@@ -562,7 +562,8 @@ def _hub_reason(e: Exception, t: _Target, offline: bool) -> str:
     from huggingface_hub import errors
 
     what = f"{t.repo}{':' + t.file if t.file else ''}"
-    if isinstance(e, errors.LocalEntryNotFoundError) or (offline and isinstance(e, FileNotFoundError)):
+    not_cached = offline and isinstance(e, FileNotFoundError)
+    if isinstance(e, errors.LocalEntryNotFoundError) or not_cached:
         return f"{what} not downloaded yet (cache: {_hf_cache()})"
     if isinstance(e, errors.GatedRepoError):
         return f"{t.repo} is gated: accept its license on the Hub, then `hf auth login`"

@@ -201,7 +201,8 @@ def test_hub_folder_from_offline_cache(homes):
 def test_choose_never_picks_pickle_weights():
     with pytest.raises(hub._Miss, match="pickle"):
         hub._choose(["config.json", "pytorch_model.bin", "tokenizer.json"], None)
-    assert hub._choose(["config.json", "model.safetensors", "x.Q8_0.gguf"], None) == ("folder", None)
+    both = ["config.json", "model.safetensors", "x.Q8_0.gguf"]
+    assert hub._choose(both, None) == ("folder", None)
     with pytest.raises(hub._Miss, match="several GGUF files"):
         hub._choose(["a.Q5_0.gguf", "a.Q6_K.gguf"], None)
     assert not any(p in hub.FOLDER_PATTERNS for p in hub.NEVER_FETCH)
