@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import shlex
+import signal
 import sys
 from pathlib import Path
 
@@ -77,6 +79,12 @@ def build_config(recipe: str | None, data: str | None, flags: dict) -> RunConfig
     return cfgmod.apply_overrides(cfg, overrides, "command line")
 
 
+def resume_command(run_dir: Path) -> str:
+    """The exact command that continues the run in `run_dir`."""
+    run_dir = Path(run_dir)
+    return shlex.join(["edgeft", "tune", "--resume", "--name", run_dir.name, "--runs-dir", str(run_dir.parent)])
+
+
 def _fail(e: Exception):
     from edgeft.dataset import DataError
 
@@ -138,9 +146,11 @@ def tune(data, recipe, name, runs_dir, resume, export, **flags):
       edgeft tune --data chats.jsonl --model ./qwen2.5-0.5b-instruct-q8_0.gguf --steps 300
       edgeft tune --resume --name my-run          # after an interruption
     """
-    from edgeft import run
+    from edgeft import run, trainer
 
     try:
+        if name:
+            run.check_run_name(name)  # before the name is used as a path, even to read
         if resume:
             if not name:
                 raise ConfigError("--resume needs --name (the run to continue)")
@@ -152,6 +162,17 @@ def tune(data, recipe, name, runs_dir, resume, export, **flags):
         result = run.tune(cfg, Path(runs_dir), name=name, resume=resume, log=click.echo)
     except user_errors() as e:
         _fail(e)
+    except trainer.Interrupted as e:
+        run_dir = e.run_dir or Path(runs_dir) / (name or "")
+        saved = f"checkpoint {e.checkpoint} saved" if e.checkpoint else "no checkpoint saved"
+        click.echo(f"\n{e.signame}: stopped after step {e.step}; {saved}.", err=True)
+        click.echo(f"resume with: {resume_command(run_dir)}", err=True)
+        sys.exit(128 + getattr(signal, e.signame, signal.SIGINT))
+    except KeyboardInterrupt:
+        click.echo("\nstopped at once.", err=True)
+        if name and (Path(runs_dir) / name / "config.json").exists():
+            click.echo(f"resume from its last checkpoint with: {resume_command(Path(runs_dir) / name)}", err=True)
+        sys.exit(130)
     st = result.state
     click.echo("")
     click.echo(f"done: {st.step} steps, {st.tokens} tokens in {st.elapsed_s:.0f} s ({st.tokens / max(st.elapsed_s, 1e-9):.0f} tok/s)")

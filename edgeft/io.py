@@ -15,7 +15,8 @@ from typing import Iterator
 import mlx.core as mx
 
 
-def _fsync_dir(folder: Path) -> None:
+def fsync_dir(folder: Path) -> None:
+    """Make a rename inside `folder` durable (best effort: not every OS can fsync a folder)."""
     try:
         fd = os.open(folder, os.O_RDONLY)
     except OSError:
@@ -42,7 +43,7 @@ def atomic_path(target: str | Path, suffix: str = "") -> Iterator[Path]:
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, target)
-        _fsync_dir(target.parent)
+        fsync_dir(target.parent)
     finally:
         if tmp.exists():
             tmp.unlink()

@@ -76,7 +76,8 @@ def tune(
     if resume:
         if not (run_dir / "config.json").exists():
             raise ConfigError(f"nothing to resume at {run_dir}: no config.json there")
-    elif run_dir.exists() and any(run_dir.iterdir()):
+    elif (run_dir / "config.json").exists() or (run_dir / "checkpoints").exists():
+        # (a folder a failed start left with only data_report.txt is reused, not a trap)
         raise ConfigError(f"{run_dir} already holds a run; pick another --name or pass --resume")
     run_dir.mkdir(parents=True, exist_ok=True)
 
@@ -114,15 +115,22 @@ def tune(
     def valid_batches():
         return dataset.eval_batches(valid_set, bs) if valid_set else iter(())
 
-    state = trainer.train(
-        loaded.model,
-        cfg.train,
-        train_batches,
-        valid_batches if valid_set else None,
-        run_dir=run_dir,
-        resume=resume,
-        progress=progress,
-    )
+    try:
+        with trainer.stop_requests() as stop:  # Ctrl-C: checkpoint, then trainer.Interrupted
+            state = trainer.train(
+                loaded.model,
+                cfg.train,
+                train_batches,
+                valid_batches if valid_set else None,
+                run_dir=run_dir,
+                resume=resume,
+                progress=progress,
+                stop=stop,
+            )
+    except trainer.Interrupted as e:
+        e.run_dir = run_dir
+        raise
+    trainer.pause_for_test("adapters", state.step)
     adapters = lora.save_adapters(
         loaded.model, run_dir / "adapters", lora.adapter_config(loaded.model, cfg.lora, str(loaded.path))
     )

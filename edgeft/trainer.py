@@ -9,12 +9,16 @@ from edgeft.dataset.iterate_batches(seed, start_step) and mx.random is reseeded 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
+import os
 import resource
 import shutil
+import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,7 +31,7 @@ import numpy as np
 from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
 from edgeft.config import TrainConfig
-from edgeft.io import atomic_save_safetensors, atomic_write_text
+from edgeft.io import atomic_save_safetensors, atomic_write_text, fsync_dir
 from edgeft.lora import adapter_parameters
 
 # A batch as the dataset yields it: inputs, targets, loss mask (all [B, T]).
@@ -36,6 +40,58 @@ Batch = tuple
 
 class TrainingError(RuntimeError):
     pass
+
+
+class Interrupted(Exception):
+    """SIGINT/SIGTERM stopped the run after a step; `checkpoint` holds that step (None
+    without a run folder). `run_dir` is filled in by whoever knows the run (edgeft.run)."""
+
+    def __init__(self, signame: str, step: int, checkpoint: Path | None):
+        super().__init__(f"{signame} at step {step}")
+        self.signame, self.step, self.checkpoint = signame, step, checkpoint
+        self.run_dir: Path | None = None
+
+
+def pause_for_test(point: str, step: int) -> None:
+    """Test-only: with EDGEFT_TEST_PAUSE_AT=point:step (point: step, checkpoint, eval or
+    adapters) and EDGEFT_TEST_PAUSE_FILE=PATH, write PATH and wait here until it is deleted,
+    so tests/test_reliability.py can signal or SIGKILL the process at that exact moment."""
+    if os.environ.get("EDGEFT_TEST_PAUSE_AT") != f"{point}:{step}":
+        return
+    marker = Path(os.environ["EDGEFT_TEST_PAUSE_FILE"])
+    marker.write_text(f"{point}:{step} {os.getpid()}\n")
+    deadline = time.monotonic() + 600
+    while marker.exists() and time.monotonic() < deadline:
+        time.sleep(0.02)
+
+
+@contextlib.contextmanager
+def stop_requests(enabled: bool = True):
+    """While active, SIGINT (Ctrl-C) and SIGTERM only set flag["signal"]: the loop saves a
+    checkpoint after the current step and raises Interrupted. A second signal stops at once
+    (checkpoints are written atomically, so that loses nothing already saved)."""
+    flag: dict = {"signal": None}
+    if not enabled or threading.current_thread() is not threading.main_thread():
+        yield flag
+        return
+    sigs = (signal.SIGINT, signal.SIGTERM)
+    old = {s: signal.getsignal(s) for s in sigs}
+
+    def handler(signum, frame):
+        if flag["signal"] is not None:
+            raise KeyboardInterrupt
+        flag["signal"] = signal.Signals(signum).name
+        # os.write, not print: a signal may land while the progress line is being written
+        os.write(2, f"\n{flag['signal']}: saving a checkpoint after this step "
+                    "(press Ctrl-C again to stop at once)\n".encode())
+
+    for s in sigs:
+        signal.signal(s, handler)
+    try:
+        yield flag
+    finally:
+        for s in sigs:
+            signal.signal(s, old[s])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -128,6 +184,7 @@ def save_checkpoint(folder: Path, model, optimizer, state: TrainState, keep: int
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
     atomic_save_safetensors(tmp / "adapters.safetensors", adapter_parameters(model))
+    pause_for_test("checkpoint", state.step)
     opt_state = dict(tree_flatten(optimizer.state))
     atomic_save_safetensors(tmp / "optimizer.safetensors", opt_state)
     meta = {
@@ -142,8 +199,11 @@ def save_checkpoint(folder: Path, model, optimizer, state: TrainState, keep: int
     if final.exists():
         shutil.rmtree(final)
     tmp.rename(final)
+    fsync_dir(folder)
     for old in sorted(folder.glob("step_*"))[: -max(keep, 1)]:
         shutil.rmtree(old, ignore_errors=True)
+    for stale in folder.glob(".step_*.tmp"):  # left by a run killed while saving
+        shutil.rmtree(stale, ignore_errors=True)
     return final
 
 
@@ -245,12 +305,14 @@ def train(
     resume: bool = False,
     progress: Progress | None = None,
     on_checkpoint: Callable[[Path], None] | None = None,
+    stop: dict | None = None,
 ) -> TrainState:
     """Train the trainable (adapter) parameters of `model`.
 
     train_batches(start_step) yields batches from that step on; valid_batches() yields the
     validation set. With run_dir: metrics.jsonl and checkpoints/ go there, and resume=True
-    continues from its newest whole checkpoint.
+    continues from its newest whole checkpoint. `stop` is the flag of stop_requests(): once
+    set, the loop checkpoints after the current step and raises Interrupted.
     """
     progress = progress or Progress(cfg.steps, every=cfg.log_every)
     optimizer = optim.AdamW(learning_rate=lr_schedule(cfg), weight_decay=cfg.weight_decay)
@@ -259,6 +321,7 @@ def train(
         Path(run_dir).mkdir(parents=True, exist_ok=True)
     ckpt_dir = run_dir / "checkpoints" if run_dir else None
     metrics_path = run_dir / "metrics.jsonl" if run_dir else None
+    last_ckpt = None  # the newest checkpoint written or resumed from
 
     if cfg.grad_checkpoint:
         from mlx_lm.tuner.trainer import grad_checkpoint
@@ -268,10 +331,14 @@ def train(
     if resume:
         ckpt = latest_checkpoint(ckpt_dir, warn=progress.message) if ckpt_dir else None
         if ckpt is None:
-            raise TrainingError(f"nothing to resume in {run_dir}: no whole checkpoint in {ckpt_dir}")
-        state = load_checkpoint(ckpt, model, optimizer)
-        progress.message(f"resumed from {ckpt} (step {state.step})")
-        _truncate_metrics(metrics_path, state.step)
+            # Stopped before its first checkpoint: the same seed makes a fresh start exact.
+            progress.message(f"no whole checkpoint in {ckpt_dir}: starting again from step 0")
+            _truncate_metrics(metrics_path, -1)
+        else:
+            state = load_checkpoint(ckpt, model, optimizer)
+            last_ckpt = ckpt
+            progress.message(f"resumed from {ckpt} (step {state.step})")
+            _truncate_metrics(metrics_path, state.step)
 
     def write_metrics(record: dict):
         if metrics_path:
@@ -282,6 +349,7 @@ def train(
         if valid_batches is None:
             return
         val = evaluate(model, valid_batches(), loss_fn)
+        pause_for_test("eval", state.step)
         if not math.isfinite(val):
             raise TrainingError(f"validation loss is {val} at step {state.step}")
         state.history.append([state.step, val])
@@ -315,6 +383,7 @@ def train(
             raise TrainingError(f"step {state.step + 1}: no batch carried any loss token")
         grads = tree_map_scale(grads_sum, 1.0 / ntok_sum)
         loss = loss_sum / ntok_sum
+        pause_for_test("step", state.step + 1)
         if cfg.max_grad_norm:
             grads, gnorm = optim.clip_grad_norm(grads, cfg.max_grad_norm)
         else:
@@ -323,9 +392,12 @@ def train(
         mx.eval(model.trainable_parameters(), optimizer.state, loss, gnorm)
         loss_v, gnorm_v = loss.item(), gnorm.item()
         if not (math.isfinite(loss_v) and math.isfinite(gnorm_v)):
+            # Nothing of this step is saved: no metrics line, no checkpoint, no adapters.
+            kept = f"the last good checkpoint, {last_ckpt}, is kept" if last_ckpt else "no checkpoint was written"
             raise TrainingError(
                 f"step {state.step + 1}: loss {loss_v} / gradient norm {gnorm_v} is not finite; "
-                "the last checkpoint is kept. Try a lower learning rate or max_grad_norm."
+                f"training stopped and {kept}. Try a lower learning rate (now {cfg.learning_rate:g}) "
+                "or a smaller max_grad_norm in a new run."
             )
         dt = time.perf_counter() - tic
         state.step += 1
@@ -346,6 +418,7 @@ def train(
                 "step_time_s": dt,
                 "tokens_per_s": tps,
                 "peak_mem_gb": peak,
+                "mlx_peak_gb": mx.get_peak_memory() / 1e9,
             }
         )
         progress.step(state.step, loss_v, tps, eta, peak)
@@ -353,9 +426,13 @@ def train(
         if valid_batches is not None and (last or (cfg.eval_every > 0 and state.step % cfg.eval_every == 0)):
             run_eval()
         if ckpt_dir and ((cfg.save_every > 0 and state.step % cfg.save_every == 0) or last):
-            path = save_checkpoint(ckpt_dir, model, optimizer, state, cfg.keep_checkpoints)
+            path = last_ckpt = save_checkpoint(ckpt_dir, model, optimizer, state, cfg.keep_checkpoints)
             if on_checkpoint:
                 on_checkpoint(path)
+        if stop and stop["signal"] and not last:
+            if ckpt_dir and last_ckpt != ckpt_dir / f"step_{state.step:06d}":
+                last_ckpt = save_checkpoint(ckpt_dir, model, optimizer, state, cfg.keep_checkpoints)
+            raise Interrupted(stop["signal"], state.step, last_ckpt if ckpt_dir else None)
     return state
 
 
