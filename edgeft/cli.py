@@ -87,10 +87,12 @@ def resume_command(run_dir: Path) -> str:
 
 def _fail(e: Exception):
     from edgeft.dataset import DataError
+    from edgeft.hub import SourceError
 
     text = str(e) or e.__class__.__name__
-    # A data report lists one problem per line; every other error is one sentence.
-    raise click.ClickException(text if isinstance(e, DataError) else text.splitlines()[0])
+    # A data report lists one problem per line, a source error one line per source tried;
+    # every other error is one sentence.
+    raise click.ClickException(text if isinstance(e, (DataError, SourceError)) else text.splitlines()[0])
 
 
 def user_errors():
