@@ -1,0 +1,706 @@
+"""LoRA training speed on the CPU: edgeft against mlx-lm and PyTorch + PEFT, side by side.
+
+    python scripts/bench.py                                # all four, ~20 min on 2 cores
+    python scripts/bench.py --only torch-bf16 --steps 4    # a quick look at one contestant
+    python scripts/bench.py --only edgeft                  # add edgeft to an earlier full run
+
+Every contestant trains SmolLM2-135M-Instruct (from its Q4_1 GGUF) on the same chats (the
+seed tasks in /work/shared/data, one task per conversation, or generated ones), LoRA rank 8,
+alpha 16 on all 7 projections of all layers, batch 4, sequences truncated to 256 tokens, loss
+on the assistant turn only, AdamW lr 2e-4 constant, no weight decay, no clipping:
+
+- edgeft      `edgeft tune` in a subprocess; its metrics.jsonl gives loss, tokens, step time.
+- mlx-lm      `python -m mlx_lm lora` as installed (the stock reference BLAS: edgeft's fix is
+              not loaded), on a 4-bit group-32 MLX folder converted once from the GGUF. It is
+              slow (~3 tokens/s), so it runs only --mlx-lm-steps steps; step times come from
+              the time its per-step report lines arrive.
+- torch-fp32  transformers + PEFT on the CPU (2 threads) in their own venv, fp32 weights
+- torch-bf16  same, bf16 weights (PEFT keeps the adapters in fp32)
+
+Tokens/s counts non-padding input tokens after --warmup steps. Peak RSS is the child's
+ru_maxrss (os.wait4). The torch peers train on exactly the batches mlx-lm draws (bench.py
+replicates its order); edgeft draws its own batches from the same file. Outputs go to --out:
+bench_results.md, bench_results.json, one log per contestant, and cached environments.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime as dt
+import hashlib
+import json
+import os
+import platform
+import random
+import re
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+DEFAULT_GGUF = Path.home() / ".cache/edgeft/models/smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf"
+SEED_TASKS = Path("/work/shared/data/seed_tasks.jsonl")
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+MLX_KEYS = [f"self_attn.{t}" for t in TARGETS[:4]] + [f"mlp.{t}" for t in TARGETS[4:]]
+# torch from the CPU wheel on this disk; the others pinned to what FACTS.md measured.
+TORCH_REQUIREMENTS = ["torch==2.13.0", "transformers==5.23.0", "peft==0.21.2", "gguf==0.19.0"]
+CONTESTANTS = ["torch-fp32", "torch-bf16", "edgeft", "mlx-lm"]
+TORCH_NAMES = ["torch-fp32", "torch-bf16"]
+ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+
+
+@dataclass(frozen=True)
+class Setup:
+    """What every contestant is asked to do; the results file records it."""
+
+    batch_size: int = 4
+    max_seq_len: int = 256
+    rank: int = 8
+    alpha: float = 16.0
+    learning_rate: float = 2e-4
+    seed: int = 0
+
+
+@dataclass
+class Ctx:
+    args: argparse.Namespace
+    setup: Setup
+    out: Path
+    gguf: Path
+    chat: Path = None  # chat JSONL every contestant reads
+    tokens: Path = None  # token ids + loss masks of those chats (transformers' tokenizer)
+    batches: Path = None  # the batch order mlx-lm draws; the torch peers follow it
+    samples: list = field(default_factory=list)
+    schedule: list = field(default_factory=list)
+
+
+# ---------------------------------------------------------------------------------------------
+# Subprocesses
+
+
+@dataclass
+class ChildRun:
+    rc: int
+    wall_s: float
+    maxrss_gb: float
+    lines: list  # [(seconds since start, line)]
+    timed_out: bool = False
+
+    def tail(self, n: int = 1) -> str:
+        text = [ln for _, ln in self.lines if ln.strip()]
+        return " | ".join(text[-n:]) if text else f"exit code {self.rc}"
+
+
+def run_child(cmd: list, log: Path, env: dict | None = None, timeout: float = 3600) -> ChildRun:
+    """Run cmd, tee its output to log with a timestamp per line, and measure its peak RSS
+    from outside: os.wait4 gives this child's own rusage, unmixed with earlier children."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    tic = time.perf_counter()
+    lines = []
+    with open(log, "w", encoding="utf-8") as f:
+        f.write("$ " + " ".join(map(str, cmd)) + "\n")
+        f.flush()
+        p = subprocess.Popen(
+            [str(c) for c in cmd], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env,
+            text=True, encoding="utf-8", errors="replace", bufsize=1,
+        )
+        killer = threading.Timer(timeout, p.kill)
+        killer.start()
+        for raw in p.stdout:
+            t = time.perf_counter() - tic
+            # tqdm-style progress bars redraw with \r: keep the last state of the line
+            line = ANSI.sub("", raw.rstrip("\n")).split("\r")[-1]
+            lines.append((t, line))
+            f.write(f"[{t:8.2f}] {line}\n")
+            f.flush()
+        _, status, usage = os.wait4(p.pid, 0)
+        killer.cancel()
+        timed_out = time.perf_counter() - tic >= timeout
+        p.returncode = os.waitstatus_to_exitcode(status)
+    wall = time.perf_counter() - tic
+    return ChildRun(p.returncode, wall, usage.ru_maxrss * 1024 / 1e9, lines, timed_out)
+
+
+def loadavg() -> float:
+    try:
+        return float(Path("/proc/loadavg").read_text().split()[0])
+    except OSError:
+        return float("nan")
+
+
+def clean_env(**extra) -> dict:
+    env = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", "EDGEFT_BLAS", "PYTHONPATH")}
+    env.update(TQDM_DISABLE="1", PYTHONUNBUFFERED="1", NO_COLOR="1", COLUMNS="200", **extra)
+    return env
+
+
+# ---------------------------------------------------------------------------------------------
+# Data: the chats, their tokens, the batch order
+
+
+def seed_task_chats(path: Path) -> list[dict]:
+    chats = []
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            if not line.strip():
+                continue
+            task = json.loads(line)
+            inst = task["instances"][0]
+            user = task["instruction"] + (f"\n\n{inst['input']}" if inst.get("input") else "")
+            chats.append({"messages": [{"role": "user", "content": user},
+                                       {"role": "assistant", "content": inst["output"]}]})
+    return chats
+
+
+def generated_chats(n: int = 170, seed: int = 0) -> list[dict]:
+    """Support-desk chats of varied length, for machines without the seed tasks."""
+    rng = random.Random(seed)
+    items = ["order", "parcel", "refund", "invoice", "subscription", "password", "warranty", "voucher"]
+    asks = ["Where is my {i}?", "How do I change my {i}?", "Can you explain the {i} policy?",
+            "My {i} number {n} does not work. What now?", "Is there a fee for a late {i}?"]
+    sents = ["Thanks for reaching out about your {i}.", "I checked {i} {n} in our system just now.",
+             "It left our warehouse on day {d} and usually arrives within {k} working days.",
+             "You can change this under Account, then Settings, then {I}.",
+             "If anything still looks wrong, reply to this message and we will sort it out.",
+             "Our policy gives you {k} days from delivery to ask for a {i} review.",
+             "There is no fee for the first change; later ones cost {k} euros.",
+             "Best regards, the support team."]
+    chats = []
+    for _ in range(n):
+        i = rng.choice(items)
+        fill = dict(i=i, I=i.capitalize(), n=rng.randint(10000, 99999), d=rng.randint(1, 28), k=rng.randint(2, 30))
+        user = rng.choice(asks).format(**fill)
+        answer = " ".join(rng.choice(sents).format(**fill) for _ in range(rng.randint(1, 14)))
+        chats.append({"messages": [{"role": "user", "content": user}, {"role": "assistant", "content": answer}]})
+    return chats
+
+
+def prepare_data(ctx: Ctx, need_hf_dir: Path | None) -> None:
+    """Write the chats, tokenize them once with transformers (in the torch venv), drop the
+    chats whose answer starts past max_seq_len (no loss token left: every contestant must
+    see the same usable set), and fix the batch order."""
+    data = ctx.out / "data"
+    data.mkdir(parents=True, exist_ok=True)
+    if ctx.args.seed_tasks.exists():
+        chats, source = seed_task_chats(ctx.args.seed_tasks), str(ctx.args.seed_tasks)
+    else:
+        chats, source = generated_chats(seed=ctx.setup.seed), "generated in bench.py"
+    cand = data / "candidates.jsonl"
+    cand.write_text("".join(json.dumps(c) + "\n" for c in chats), encoding="utf-8")
+    tok_all = data / "tokens_all.json"
+    cmd = [venv_python(ctx), HERE / "bench_torch_peft.py", "prepare", "--gguf", ctx.gguf, "--chat", cand,
+           "--max-seq-len", ctx.setup.max_seq_len, "--tokens-out", tok_all]
+    if need_hf_dir:
+        cmd += ["--hf-dir", need_hf_dir]
+    child = run_child(cmd, ctx.out / "logs" / "prepare.log", env=clean_env())
+    if child.rc != 0:
+        sys.exit(f"bench: tokenizing the data failed ({child.tail()}); see {ctx.out / 'logs/prepare.log'}")
+    tokens = json.loads(tok_all.read_text(encoding="utf-8"))
+    keep = [i for i, s in enumerate(tokens["samples"]) if any(s["mask"])]
+    ctx.samples = [tokens["samples"][i] for i in keep]
+    ctx.chat = data / "chat.jsonl"
+    ctx.chat.write_text("".join(json.dumps(chats[i]) + "\n" for i in keep), encoding="utf-8")
+    ctx.tokens = data / "tokens.json"
+    tokens.update(samples=ctx.samples, source=source, dropped_no_loss=len(chats) - len(keep))
+    ctx.tokens.write_text(json.dumps(tokens) + "\n", encoding="utf-8")
+    n = max(ctx.args.steps, ctx.args.mlx_lm_steps)
+    ctx.schedule = mlx_lm_batch_order(len(ctx.samples), ctx.setup.batch_size, ctx.setup.seed, n)
+    ctx.batches = data / "batches.json"
+    ctx.batches.write_text(json.dumps({"policy": "mlx-lm 0.32 order", "batches": ctx.schedule}) + "\n", encoding="utf-8")
+    print(f"data: {len(keep)} chats from {source} ({len(chats) - len(keep)} dropped: answer past "
+          f"{ctx.setup.max_seq_len} tokens), {sum(len(s['ids']) for s in ctx.samples)} tokens", flush=True)
+
+
+def mlx_lm_batch_order(n_samples: int, batch_size: int, seed: int, steps: int) -> list[list[int]]:
+    """The batches `mlx_lm lora` draws, replicated: mlx_lm.tuner.trainer.iterate_batches sorts
+    by CacheDataset.itemlen, which for chat data is len() of the JSON object (1 for every
+    line), so the sort keeps file order; consecutive groups of batch_size, then a permutation
+    of the groups per epoch from NumPy's global RNG, seeded with the config's seed. The
+    mlx-lm runner checks this against the loss-token counts mlx-lm prints."""
+    groups = [list(range(i, i + batch_size)) for i in range(0, n_samples - batch_size + 1, batch_size)]
+    rng = np.random.RandomState(seed)
+    order = []
+    while len(order) < steps:
+        order += [groups[i] for i in rng.permutation(len(groups))]
+    return order[:steps]
+
+
+def batch_tokens(samples: list, idx: list[int]) -> int:
+    """Non-padding input tokens of a batch: each sequence's ids[:-1]."""
+    return sum(len(samples[i]["ids"]) - 1 for i in idx)
+
+
+def check_edgeft_tokens(ctx: Ctx) -> dict:
+    """Does edgeft's own tokenizer render the same ids as transformers'? (best effort: the
+    tokenizer API may change while edgeft is young)."""
+    try:
+        import edgeft  # noqa: F401  (loads the BLAS before mlx, as everywhere)
+        from edgeft import gguf as egguf
+        from edgeft.tokenizer import Tokenizer
+
+        tok = Tokenizer.from_gguf_metadata(egguf.read_index(ctx.gguf, with_metadata=True).metadata)
+        same, differ = 0, []
+        chats = [json.loads(line) for line in ctx.chat.read_text(encoding="utf-8").splitlines()]
+        for i, (chat, s) in enumerate(zip(chats, ctx.samples)):
+            ids = tok.encode(tok.render(chat["messages"]))[: ctx.setup.max_seq_len]
+            if ids == s["ids"]:
+                same += 1
+            else:
+                differ.append({"sample": i, "edgeft_len": len(ids), "transformers_len": len(s["ids"])})
+        return {"same": same, "total": len(chats), "differ": differ}
+    except Exception as e:  # noqa: BLE001 - a report line, not a failure of the benchmark
+        return {"skipped": f"{type(e).__name__}: {e}"}
+
+
+# ---------------------------------------------------------------------------------------------
+# Environments
+
+
+def venv_python(ctx: Ctx) -> Path:
+    return ctx.out / "torch-venv" / "bin" / "python"
+
+
+def ensure_torch_venv(ctx: Ctx) -> None:
+    """Make (once) the venv with CPU torch + transformers + PEFT; refuse a CUDA build."""
+    venv = ctx.out / "torch-venv"
+    marker = venv / "bench-requirements.txt"
+    want = "\n".join(TORCH_REQUIREMENTS) + "\n"
+    if marker.exists() and marker.read_text() == want and venv_python(ctx).exists():
+        return
+    print(f"torch venv: creating {venv} ({' '.join(TORCH_REQUIREMENTS)}), about a minute", flush=True)
+    shutil.rmtree(venv, ignore_errors=True)
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    log = ctx.out / "logs" / "torch-venv.log"
+    child = run_child([venv_python(ctx), "-m", "pip", "install", "--progress-bar", "off", *TORCH_REQUIREMENTS], log)
+    if child.rc != 0:
+        sys.exit(f"bench: pip install into {venv} failed; see {log}")
+    probe = subprocess.run(
+        [str(venv_python(ctx)), "-c",
+         "import torch, importlib.metadata as m; print(torch.__version__, torch.version.cuda, "
+         "sum(d.metadata['Name'].startswith('nvidia') for d in m.distributions()))"],
+        capture_output=True, text=True,
+    )
+    version, cuda, nvidia = (probe.stdout.split() + ["?", "?", "?"])[:3]
+    if probe.returncode != 0 or cuda != "None" or nvidia != "0":
+        sys.exit(f"bench: {venv} holds torch {version} (CUDA {cuda}, {nvidia} nvidia packages): "
+                 "expected the CPU build; remove the venv and check `pip install torch==2.13.0`")
+    marker.write_text(want)
+
+
+def mlx_model_dir(ctx: Ctx) -> Path:
+    return ctx.out / "models" / f"{ctx.gguf.stem}-mlx-q4-g32"
+
+
+def gguf_stamp(gguf: Path) -> dict:
+    st = gguf.stat()
+    return {"gguf": str(gguf), "size": st.st_size, "mtime": int(st.st_mtime)}
+
+
+def mlx_model_ready(ctx: Ctx) -> bool:
+    marker = mlx_model_dir(ctx) / "bench-source.json"
+    return marker.exists() and json.loads(marker.read_text()) == gguf_stamp(ctx.gguf)
+
+
+def convert_mlx_model(ctx: Ctx, hf_dir: Path) -> None:
+    """HF folder (dequantized by transformers) -> mlx_lm.convert 4-bit, group 32."""
+    dst = mlx_model_dir(ctx)
+    shutil.rmtree(dst, ignore_errors=True)
+    cmd = [sys.executable, "-m", "mlx_lm", "convert", "--hf-path", hf_dir, "--mlx-path", dst,
+           "-q", "--q-bits", "4", "--q-group-size", "32"]
+    child = run_child(cmd, ctx.out / "logs" / "mlx-convert.log", env=clean_env())
+    if child.rc != 0:
+        sys.exit(f"bench: mlx_lm convert failed ({child.tail()}); see {ctx.out / 'logs/mlx-convert.log'}")
+    shutil.rmtree(hf_dir, ignore_errors=True)
+    (dst / "bench-source.json").write_text(json.dumps(gguf_stamp(ctx.gguf)))
+
+
+# ---------------------------------------------------------------------------------------------
+# Contestants: each returns a result dict (see `result`)
+
+
+def result(name: str, **kw) -> dict:
+    base = dict(name=name, status="ok", error=None, steps=0, warmup=0, losses=[], tokens=[], step_times=[],
+                steady_tokens_per_s=None, peak_rss_gb=None, wall_s=None, notes=[],
+                measured_at=dt.datetime.now().isoformat(timespec="seconds"))
+    base.update(kw)
+    return base
+
+
+def steady(res: dict) -> dict:
+    """Steady-state tokens/s: all tokens after the warm-up steps over their step time."""
+    w, toks, times = res["warmup"], res["tokens"], res["step_times"]
+    if len(times) > w and sum(times[w:]) > 0:
+        res["steady_tokens_per_s"] = sum(toks[w:]) / sum(times[w:])
+        res["steady_steps"] = len(times) - w
+    return res
+
+
+def finish(res: dict, child: ChildRun, before: float) -> dict:
+    if child.timed_out:
+        res.update(status="failed", error=f"stopped after {child.wall_s:.0f} s (--timeout)")
+    res.update(peak_rss_gb=child.maxrss_gb, wall_s=child.wall_s, loadavg_before=before, loadavg_after=loadavg())
+    return steady(res)
+
+
+def read_metrics(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return [r for r in rows if r.get("kind") == "train"]
+
+
+def from_metrics(res: dict, rows: list[dict]) -> dict:
+    res.update(steps=len(rows), losses=[r["loss"] for r in rows], tokens=[r["tokens"] for r in rows],
+               step_times=[r["step_time_s"] for r in rows])
+    return res
+
+
+def run_torch(ctx: Ctx, name: str) -> dict:
+    dtype = name.split("-")[1]
+    s = ctx.setup
+    metrics = ctx.out / name / "metrics.jsonl"
+    metrics.parent.mkdir(parents=True, exist_ok=True)
+    cmd = [venv_python(ctx), HERE / "bench_torch_peft.py", "train", "--gguf", ctx.gguf, "--tokens", ctx.tokens,
+           "--batches", ctx.batches, "--dtype", dtype, "--steps", ctx.args.steps, "--lr", s.learning_rate,
+           "--rank", s.rank, "--alpha", s.alpha, "--threads", 2, "--seed", s.seed, "--metrics-out", metrics]
+    before = loadavg()
+    child = run_child(cmd, ctx.out / "logs" / f"{name}.log", env=clean_env(), timeout=ctx.args.timeout)
+    res = from_metrics(result(name, warmup=ctx.args.warmup), read_metrics(metrics))
+    if child.rc != 0:
+        res.update(status="failed", error=child.tail())
+    version = next((ln for _, ln in child.lines if ln.startswith("torch ")), None)
+    if version:
+        res["notes"].append(version)
+    return finish(res, child, before)
+
+
+# The `edgeft tune` flags for the common setup, in one place: adapt here if the CLI changes.
+def edgeft_command(ctx: Ctx, recipe: Path, runs_dir: Path) -> list:
+    s = ctx.setup
+    exe = Path(sys.executable).parent / "edgeft"
+    return [exe if exe.exists() else "edgeft", "tune", "--recipe", recipe, "--data", ctx.chat, "--model", ctx.gguf,
+            "--steps", ctx.args.steps, "--batch-size", s.batch_size, "--max-seq-len", s.max_seq_len,
+            "--lora-rank", s.rank, "--lora-alpha", s.alpha, "--learning-rate", s.learning_rate,
+            "--warmup-steps", 0, "--valid-fraction", 0, "--eval-every", 0, "--save-every", 0,
+            "--no-export", "--seed", s.seed, "--runs-dir", runs_dir, "--name", "bench"]
+
+
+def edgeft_recipe(ctx: Ctx) -> Path:
+    """The knobs the flags above do not reach: a constant learning rate (the peers use one)
+    and no gradient clipping (the peers do not clip)."""
+    path = ctx.out / "edgeft" / "bench-recipe.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(
+        "# written by scripts/bench.py: the benchmark's common setup\n"
+        f"lora: {{rank: {ctx.setup.rank}, alpha: {ctx.setup.alpha}, dropout: 0.0, targets: [{', '.join(TARGETS)}]}}\n"
+        "data: {valid_fraction: 0.0, overlong: truncate}\n"
+        "train: {warmup_steps: 0, min_lr_ratio: 1.0, weight_decay: 0.0, max_grad_norm: null, grad_accum: 1}\n"
+        "export: {enabled: false}\n",
+        encoding="utf-8",
+    )
+    return path
+
+
+def run_edgeft(ctx: Ctx) -> dict:
+    runs_dir = ctx.out / "edgeft" / "runs"
+    shutil.rmtree(runs_dir / "bench", ignore_errors=True)  # edgeft refuses to overwrite a run
+    cmd = edgeft_command(ctx, edgeft_recipe(ctx), runs_dir)
+    before = loadavg()
+    child = run_child(cmd, ctx.out / "logs" / "edgeft.log", env=clean_env(), timeout=ctx.args.timeout)
+    rows = read_metrics(runs_dir / "bench" / "metrics.jsonl")
+    res = from_metrics(result("edgeft", warmup=ctx.args.warmup), rows)
+    if child.rc != 0 or not rows:
+        res.update(status="failed", error=child.tail())
+    if rows:
+        res["edgeft_peak_mem_gb"] = max(r.get("peak_mem_gb", 0) for r in rows)
+        res["notes"].append("edgeft draws its own batches from the same chats")
+    return finish(res, child, before)
+
+
+REPORT = re.compile(r"^\s*(\d+)\s+([0-9.]+)\s*[▼▲]\s+([0-9,.]+)\s+([0-9.]+)k\s*$")
+
+
+def mlx_lm_config(ctx: Ctx, steps: int, data_dir: Path, adapters: Path) -> str:
+    s = ctx.setup
+    return "\n".join([
+        "# written by scripts/bench.py: the benchmark's common setup for `mlx_lm lora`",
+        f"model: {mlx_model_dir(ctx)}", "train: true", f"data: {data_dir}", "fine_tune_type: lora",
+        "num_layers: -1", f"batch_size: {s.batch_size}", f"iters: {steps}", f"learning_rate: {s.learning_rate}",
+        "steps_per_report: 1", "steps_per_eval: 1000000", "save_every: 1000000", f"adapter_path: {adapters}",
+        f"max_seq_length: {s.max_seq_len}", "mask_prompt: true", "grad_checkpoint: false", f"seed: {s.seed}",
+        "optimizer: adamw",
+        "optimizer_config: {adamw: {weight_decay: 0.0, bias_correction: true}}  # as torch's AdamW",
+        f"lora_parameters: {{keys: [{', '.join(MLX_KEYS)}], rank: {s.rank}, scale: {s.alpha / s.rank}, dropout: 0.0}}",
+        "",
+    ])
+
+
+def run_mlx_lm(ctx: Ctx) -> dict:
+    steps = ctx.args.mlx_lm_steps
+    work = ctx.out / "mlx-lm"
+    data_dir = work / "data"
+    data_dir.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(ctx.chat, data_dir / "train.jsonl")  # no valid.jsonl: mlx-lm skips validation
+    cfg = work / "lora.yaml"
+    cfg.write_text(mlx_lm_config(ctx, steps, data_dir, work / "adapters"), encoding="utf-8")
+    before = loadavg()
+    child = run_child([sys.executable, "-m", "mlx_lm", "lora", "-c", cfg], ctx.out / "logs" / "mlx-lm.log",
+                      env=clean_env(), timeout=ctx.args.timeout)
+    res = result("mlx-lm", warmup=min(ctx.args.mlx_lm_warmup, steps - 1))
+    # A step runs between the line before its report and its report (no validation set).
+    prev_t, expect_loss_toks, verified = None, 0, True
+    for t, line in child.lines:
+        m = REPORT.match(line)
+        if m and prev_t is not None:
+            it, loss, printed_k = int(m[1]), float(m[2]), float(m[4])
+            idx = ctx.schedule[it - 1]
+            res["losses"].append(loss)
+            res["tokens"].append(batch_tokens(ctx.samples, idx))
+            res["step_times"].append(t - prev_t)
+            expect_loss_toks += mlx_lm_loss_tokens(ctx, idx)
+            verified &= abs(expect_loss_toks / 1000 - printed_k) <= 0.051
+        prev_t = t
+    res["steps"] = len(res["losses"])
+    if child.rc != 0 or not res["losses"]:
+        res.update(status="failed", error=child.tail())
+    elif not verified:
+        res["notes"].append("WARNING: mlx-lm's printed loss-token counts do not match the replicated batch "
+                            "order: its tokens/s may be off (see mlx_lm_batch_order)")
+    else:
+        res["notes"].append("batches checked against the loss tokens mlx-lm prints")
+    res["notes"].append("model: mlx_lm.convert 4-bit g32 (embedding too) of the dequantized GGUF; stock BLAS")
+    return finish(res, child, before)
+
+
+def mlx_lm_loss_tokens(ctx: Ctx, idx: list[int]) -> int:
+    """Targets mlx-lm's default_loss counts: from the prompt length through the last token of
+    the (truncated) sequence, within the padded width it builds."""
+    lengths = [len(ctx.samples[i]["ids"]) for i in idx]
+    width = min(1 + 32 * ((max(lengths) + 31) // 32), ctx.setup.max_seq_len)
+    total = 0
+    for i, n in zip(idx, lengths):
+        offset = ctx.samples[i]["mask"].index(True)
+        total += max(0, min(n, width - 1) - max(offset, 1) + 1)
+    return total
+
+
+RUNNERS = {"torch-fp32": lambda c: run_torch(c, "torch-fp32"), "torch-bf16": lambda c: run_torch(c, "torch-bf16"),
+           "edgeft": run_edgeft, "mlx-lm": run_mlx_lm}
+
+
+# ---------------------------------------------------------------------------------------------
+# Report
+
+
+def machine() -> dict:
+    cpu = "?"
+    try:
+        cpu = next(ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    return {"cpu": cpu, "cores": os.cpu_count(), "memory_gib": round(mem, 1), "python": platform.python_version(),
+            "platform": platform.platform()}
+
+
+def versions() -> dict:
+    from importlib import metadata
+
+    out = {}
+    for name in ["edgeft", "mlx", "mlx-cpu", "mlx-lm", "numpy"]:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
+    out["torch-venv"] = " ".join(TORCH_REQUIREMENTS)
+    return out
+
+
+def at(values: list, step: int):
+    return values[step - 1] if 0 < step <= len(values) else None
+
+
+def fmt(v, spec=".2f", none="–"):
+    return none if v is None else format(v, spec)
+
+
+def render_markdown(doc: dict) -> str:
+    res = [r for r in doc["results"]]
+    ok = [r for r in res if r["status"] == "ok"]
+    k = min((r["steps"] for r in ok), default=0)
+    n = doc["config"]["steps"]
+    ref = doc.get("reference")
+    refr = next((r for r in res if r["name"] == ref), None)
+    lines = [
+        "# edgeft benchmark: LoRA training on the CPU", "",
+        f"{doc['date']} · `{doc['command']}` · {doc['wall_s'] / 60:.1f} min",
+        f"{doc['machine']['cpu']}, {doc['machine']['cores']} cores, {doc['machine']['memory_gib']} GiB; "
+        + ", ".join(f"{k_} {v}" for k_, v in doc["versions"].items()), "",
+        f"Same for all: {Path(doc['config']['model']).name}, {doc['config']['samples']} chats "
+        f"({doc['config']['data_source']}), LoRA r{doc['config']['rank']} alpha {doc['config']['alpha']:g} on "
+        f"q,k,v,o,gate,up,down of all layers, batch {doc['config']['batch_size']}, max {doc['config']['max_seq_len']} "
+        f"tokens, loss on the answer only, AdamW lr {doc['config']['learning_rate']:g} constant, no weight decay, "
+        "no clipping.", "",
+        f"| contestant | steps (warm-up) | tokens/s | × {ref or 'torch'} | peak RSS GB | × {ref or 'torch'} | "
+        f"loss @1 | loss @{k} | loss @{n} | mean loss {max(n - 9, 1)}-{n} | wall s |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for r in res:
+        if r["status"] != "ok":
+            lines.append(f"| {r['name']} | {r['status']}: {r['error']} | | | | | | | | | |")
+            continue
+        tps, rss = r["steady_tokens_per_s"], r["peak_rss_gb"]
+        x_tps = tps / refr["steady_tokens_per_s"] if refr and tps and refr["steady_tokens_per_s"] else None
+        x_rss = rss / refr["peak_rss_gb"] if refr and rss and refr["peak_rss_gb"] else None
+        last = r["losses"][max(n - 10, 0):n] if r["steps"] >= n else []
+        lines.append(
+            f"| {r['name']} | {r['steps']} ({r['warmup']}) | {fmt(tps, '.1f')} | {fmt(x_tps, '.3f')} | {fmt(rss)} | "
+            f"{fmt(x_rss)} | {fmt(at(r['losses'], 1), '.3f')} | {fmt(at(r['losses'], k), '.3f')} | "
+            f"{fmt(at(r['losses'], n), '.3f')} | {fmt(sum(last) / len(last) if last else None, '.3f')} | "
+            f"{fmt(r['wall_s'], '.0f')} |"
+        )
+    lines += ["", "Notes:",
+              "- tokens/s: non-padding input tokens per second of step time, after the warm-up steps; "
+              "peak RSS: the child process's ru_maxrss (model loading included).",
+              "- torch-fp32, torch-bf16 and mlx-lm train on the same batches in the same order (bench.py "
+              "replicates mlx-lm's order); edgeft draws its own batches from the same chats, so its per-step "
+              "losses differ by batch: compare its mean loss.",
+              "- Load average (1 min) before → after each contestant, to judge noise from other work on the "
+              "machine: " + ", ".join(f"{r['name']} {fmt(r.get('loadavg_before'), '.1f')} → "
+                                       f"{fmt(r.get('loadavg_after'), '.1f')}" for r in res if r.get("wall_s")) + "."]
+    for r in res:
+        for note in r.get("notes", []):
+            lines.append(f"- {r['name']}: {note}")
+    m = doc.get("matched")
+    if m:
+        lines.append(f"- On the very same steps ({m['steps']}), mlx-lm ran at {m['mlx_lm']:.1f} tokens/s and "
+                     f"{m['torch']} at {m['torch_tps']:.1f}: ×{m['ratio']:.3f}.")
+    tc = doc.get("edgeft_tokenizer", {})
+    if "same" in tc:
+        lines.append(f"- edgeft's tokenizer renders {tc['same']}/{tc['total']} chats to the same ids as "
+                     "transformers' (the peers' tokens).")
+    elif tc:
+        lines.append(f"- edgeft's tokenizer was not compared: {tc['skipped']}")
+    return "\n".join(lines) + "\n"
+
+
+def matched_ratio(results: list[dict], ref: str | None) -> dict | None:
+    """mlx-lm against the reference torch run on exactly the same (post-warm-up) steps."""
+    mlx = next((r for r in results if r["name"] == "mlx-lm" and r["status"] == "ok"), None)
+    t = next((r for r in results if r["name"] == ref and r["status"] == "ok"), None)
+    if not mlx or not t or mlx["steps"] <= mlx["warmup"] or t["steps"] < mlx["steps"]:
+        return None
+    sl = slice(mlx["warmup"], mlx["steps"])
+    m_tps = sum(mlx["tokens"][sl]) / sum(mlx["step_times"][sl])
+    t_tps = sum(t["tokens"][sl]) / sum(t["step_times"][sl])
+    return {"steps": f"{sl.start + 1}-{sl.stop}", "mlx_lm": m_tps, "torch": ref, "torch_tps": t_tps,
+            "ratio": m_tps / t_tps}
+
+
+def write_report(ctx: Ctx, doc: dict, results: dict) -> None:
+    order = [n for n in CONTESTANTS if n in results]
+    doc["results"] = [results[n] for n in order]
+    torch_ok = [results[n] for n in TORCH_NAMES if n in results and results[n]["status"] == "ok"
+                and results[n]["steady_tokens_per_s"]]
+    doc["reference"] = max(torch_ok, key=lambda r: r["steady_tokens_per_s"])["name"] if torch_ok else None
+    doc["matched"] = matched_ratio(doc["results"], doc["reference"])
+    doc["wall_s"] = time.perf_counter() - ctx.args.t0
+    (ctx.out / "bench_results.json").write_text(json.dumps(doc, indent=2) + "\n", encoding="utf-8")
+    (ctx.out / "bench_results.md").write_text(render_markdown(doc), encoding="utf-8")
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def default_gguf() -> Path:
+    try:
+        from edgeft import hub
+
+        return Path(hub.resolve("smollm2-135m-instruct", quiet=True))
+    except Exception:  # noqa: BLE001 - hub.py not written yet, or offline: the usual cache path
+        return DEFAULT_GGUF
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--steps", type=int, default=30, help="steps for edgeft and the torch peers (default 30)")
+    p.add_argument("--warmup", type=int, default=2, help="steps left out of tokens/s (default 2)")
+    p.add_argument("--mlx-lm-steps", type=int, default=2, help="steps for mlx-lm, ~2-3 min each (default 2)")
+    p.add_argument("--mlx-lm-warmup", type=int, default=1, help="mlx-lm steps left out of tokens/s (default 1)")
+    p.add_argument("--only", default=",".join(CONTESTANTS), help=f"comma list of {', '.join(CONTESTANTS)}")
+    p.add_argument("--out", type=Path, default=ROOT / "runs" / "bench", help="output dir (default runs/bench)")
+    p.add_argument("--model", type=Path, default=None, help="the GGUF (default: edgeft's built-in SmolLM2)")
+    p.add_argument("--seed-tasks", type=Path, default=SEED_TASKS, help="seed tasks JSONL (else generated chats)")
+    p.add_argument("--timeout", type=float, default=1800, help="seconds per contestant before it is stopped")
+    args = p.parse_args(argv)
+    args.only = [c.strip() for c in args.only.split(",") if c.strip()]
+    unknown = [c for c in args.only if c not in CONTESTANTS]
+    if unknown:
+        p.error(f"--only: unknown {', '.join(unknown)}; known: {', '.join(CONTESTANTS)}")
+    if args.steps <= args.warmup or args.mlx_lm_steps < 1:
+        p.error("--steps must exceed --warmup, and --mlx-lm-steps be at least 1")
+    return args
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    args.t0 = time.perf_counter()
+    out = args.out.resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    gguf = (args.model or default_gguf()).expanduser().resolve()
+    if not gguf.exists():
+        sys.exit(f"bench: {gguf} not found; pass --model PATH.gguf")
+    ctx = Ctx(args=args, setup=Setup(), out=out, gguf=gguf)
+
+    ensure_torch_venv(ctx)
+    hf_dir = None
+    if "mlx-lm" in args.only and not mlx_model_ready(ctx):
+        hf_dir = out / "models" / "hf-from-gguf"
+    prepare_data(ctx, hf_dir)
+    if hf_dir:
+        convert_mlx_model(ctx, hf_dir)
+
+    config = dict(dataclasses.asdict(ctx.setup), model=str(gguf), steps=args.steps, warmup=args.warmup,
+                  targets=TARGETS, samples=len(ctx.samples),
+                  data_source=json.loads(ctx.tokens.read_text())["source"],
+                  data_sha256=hashlib.sha256(ctx.chat.read_bytes()).hexdigest())
+    doc = {"date": dt.datetime.now().isoformat(timespec="seconds"),
+           "command": "python scripts/bench.py " + " ".join(sys.argv[1:] if argv is None else argv),
+           "machine": machine(), "versions": versions(), "config": config}
+    if "edgeft" in args.only:
+        doc["edgeft_tokenizer"] = check_edgeft_tokens(ctx)
+
+    # Keep earlier results of the contestants not run now, if they ran the same setup.
+    results = {}
+    prev_path = out / "bench_results.json"
+    if prev_path.exists():
+        prev = json.loads(prev_path.read_text(encoding="utf-8"))
+        if prev.get("config") == config:
+            results = {r["name"]: r for r in prev.get("results", []) if r["name"] not in args.only}
+            doc["edgeft_tokenizer"] = doc.get("edgeft_tokenizer") or prev.get("edgeft_tokenizer")
+
+    for name in [c for c in CONTESTANTS if c in args.only]:
+        print(f"{name}: running ...", flush=True)
+        results[name] = RUNNERS[name](ctx)
+        r = results[name]
+        print(f"{name}: {r['status']} {r['error'] or ''} steps {r['steps']}, "
+              f"{fmt(r['steady_tokens_per_s'], '.1f')} tokens/s, peak RSS {fmt(r['peak_rss_gb'])} GB, "
+              f"losses {[round(x, 3) for x in r['losses'][:3]]}..., {fmt(r['wall_s'], '.0f')} s", flush=True)
+        write_report(ctx, doc, results)
+
+    write_report(ctx, doc, results)
+    print()
+    print((out / "bench_results.md").read_text(encoding="utf-8"))
+    print(f"written: {out / 'bench_results.md'}, {out / 'bench_results.json'}")
+
+
+if __name__ == "__main__":
+    main()
