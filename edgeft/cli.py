@@ -362,12 +362,10 @@ def export_cmd(run_dir, quant, out, adapter, no_verify):
     except _export_errors() as e:
         _fail(e)
     click.echo("")
-    click.echo(result.summary().split("\nllama.cpp vs MLX")[0] if result.parity else result.summary())
-    if result.parity is not None:
-        click.echo(f"exported in {result.seconds:.1f} s")
-    click.echo(f"run it:   llama-cli -m {result.base or result.gguf}"
+    click.echo(result.summary())
+    click.echo(f"{'run it':11}llama-cli -m {result.base or result.gguf}"
                + (f" --lora {result.gguf}" if result.adapter else "") + " -cnv")
-    click.echo(f"Ollama:   ollama create {Path(run_dir).resolve().name} -f {result.modelfile}")
+    click.echo(f"{'Ollama':11}ollama create {Path(run_dir).resolve().name} -f {result.modelfile}")
 
 
 @main.command("verify")
