@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx.utils import tree_map
+from mlx.utils import tree_map, tree_unflatten
 
 
 def on_cpu() -> bool:
@@ -71,4 +71,39 @@ def prepare(model: nn.Module, cpu: bool | None = None) -> nn.Module:
         return x.astype(mx.float32) if x.dtype in (mx.float16, mx.bfloat16) else x
 
     model.update(tree_map(to_fp32, model.parameters()))
+    return model
+
+
+def prepare_inference(model: nn.Module, cpu: bool | None = None) -> nn.Module:
+    """Make `model` fast at generating one token at a time (in place; returns it).
+
+    On CPU a one-row product is memory-bound, and both MLX's 4-bit kernel and just-in-time
+    dequantization run it at well under 1 GFLOP/s; fp32 weights through BLAS are ~10x faster.
+    So LoRA layers are merged and every quantized layer is dequantized once (memory: 4 bytes
+    a weight). On Metal the model stays as it is.
+    """
+    if cpu is None:
+        cpu = on_cpu()
+    if not cpu:
+        return model
+    from edgeft.lora import merge
+
+    merge(model)
+    dense = []
+    for name, module in model.named_modules():
+        if isinstance(module, nn.QuantizedLinear):
+            w = dequantized_weight(module).astype(mx.float32)
+            lin = nn.Linear(w.shape[1], w.shape[0], bias="bias" in module)
+            lin.weight = w
+            if "bias" in module:
+                lin.bias = module["bias"]
+            dense.append((name, lin))
+        elif isinstance(module, nn.QuantizedEmbedding):
+            w = dequantized_weight(module).astype(mx.float32)
+            emb = nn.Embedding(w.shape[0], w.shape[1])
+            emb.weight = w
+            dense.append((name, emb))
+    if dense:
+        model.update_modules(tree_unflatten(dense))
+    mx.eval(model.parameters())
     return model

@@ -99,12 +99,16 @@ def user_errors():
     """The exceptions that are the user's to fix: shown as one line, never a traceback."""
     from edgeft import hub, lora, trainer
     from edgeft.dataset import DataError
+    from edgeft.export import ExportError
     from edgeft.loader import ModelLoadError
     from edgeft.tokenizer import TemplateError
+    from edgeft.verify import VerifyError
 
     return (
         ConfigError,
         DataError,
+        ExportError,
+        VerifyError,
         ModelLoadError,
         TemplateError,
         hub.SourceError,
@@ -182,9 +186,12 @@ def tune(data, recipe, name, runs_dir, resume, export, **flags):
         click.echo(f"validation loss: {result.first_val:.4f} -> {st.history[-1][1]:.4f}")
     click.echo(f"run folder: {result.run_dir}")
     click.echo(f"adapters:   {result.adapters}")
-    if result.export:
-        click.echo(f"GGUF:       {result.export}")
     click.echo(f'try it:     edgeft chat {result.run_dir} --prompt "Hello!"')
+    if result.export:
+        ex = result.export
+        click.echo(f"GGUF:       {ex.gguf}")
+        click.echo(f"llama.cpp:  llama-cli -m {ex.gguf} -cnv")
+        click.echo(f"Ollama:     ollama create {result.run_dir.name} -f {ex.modelfile} && ollama run {result.run_dir.name}")
 
 
 @main.command()
@@ -207,9 +214,9 @@ def chat(run_dir, prompt, system, max_tokens, temperature, base):
     try:
         if base:
             cfg = run.read_run_config(Path(run_dir))
-            loaded = run.load_base(cfg, quiet=True)
+            loaded = run.load_base(cfg, quiet=True, inference=True)
         else:
-            loaded, cfg = run.load_tuned(Path(run_dir))
+            loaded, cfg = run.load_tuned(Path(run_dir), inference=True)
     except user_errors() as e:
         _fail(e)
     system = system if system is not None else cfg.data.system_prompt

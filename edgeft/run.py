@@ -49,15 +49,18 @@ class TuneResult:
     state: trainer.TrainState
     adapters: Path
     report: "dataset.Report"
-    export: Path | None = None
+    export: "export.ExportResult | None" = None
     first_val: float | None = None
 
 
-def load_base(cfg: RunConfig, quiet: bool = False) -> Loaded:
-    """Resolve the model spec to a local file or folder and load it for this device."""
+def load_base(cfg: RunConfig, quiet: bool = False, inference: bool = False) -> Loaded:
+    """Resolve the model spec to a local file or folder and load it for this device, for
+    training or (inference=True) for generating."""
     path = hub.resolve(cfg.model.name, quiet=quiet)
     loaded = load(path, quantize_bits=cfg.model.quantize_bits)
     backend.prepare(loaded.model)
+    if inference:
+        backend.prepare_inference(loaded.model)
     return loaded
 
 
@@ -136,6 +139,11 @@ def tune(
     )
     first_val = state.history[0][1] if state.history else None
     result = TuneResult(run_dir, state, adapters, report, first_val=first_val)
+    if cfg.export.enabled:
+        from edgeft import export
+
+        log(f"exporting {cfg.export.quant} GGUF...")
+        result.export = export.export_run(run_dir, cfg.export.quant, log=log)
     return result
 
 
@@ -150,12 +158,15 @@ def read_run_config(run_dir: Path) -> RunConfig:
     return RunConfig.from_dict(raw, where=str(path))
 
 
-def load_tuned(run_dir: Path, quiet: bool = True) -> tuple[Loaded, RunConfig]:
-    """The base model of a run with the run's final adapters applied."""
+def load_tuned(run_dir: Path, quiet: bool = True, inference: bool = False) -> tuple[Loaded, RunConfig]:
+    """The base model of a run with the run's final adapters applied (merged, for generating,
+    with inference=True)."""
     run_dir = Path(run_dir)
     cfg = read_run_config(run_dir)
     if not (run_dir / "adapters" / lora.ADAPTER_WEIGHTS).exists():
         raise ConfigError(f"{run_dir}: no adapters yet (did the run finish? try `edgeft tune --resume`)")
     loaded = load_base(cfg, quiet=quiet)
     lora.load_adapters(loaded.model, run_dir / "adapters")
+    if inference:
+        backend.prepare_inference(loaded.model)
     return loaded, cfg

@@ -213,3 +213,17 @@ def test_schedule_warms_up_then_decays_to_floor():
     assert sched(mx.array(10)).item() == pytest.approx(1e-3, rel=1e-5)
     assert sched(mx.array(100)).item() == pytest.approx(1e-4, rel=1e-4)
     assert sched(mx.array(55)).item() < 1e-3
+
+
+def test_inference_preparation_keeps_the_function():
+    """Merged LoRA + dequantized fp32 layers compute what base + adapters computed."""
+    model = backend.prepare(tiny_llama(seed=5), cpu=True)
+    lora.apply_lora(model, LoRAConfig(rank=4))
+    for _, layer in lora.lora_layers(model):
+        layer.lora_b = mx.random.normal(layer.lora_b.shape) * 0.05
+    x = mx.array([[3, 1, 4, 1, 5, 9, 2, 6]])
+    ref = model(x)
+    backend.prepare_inference(model, cpu=True)
+    assert not lora.lora_layers(model)
+    assert not any(isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding)) for _, m in model.named_modules())
+    assert mx.allclose(ref, model(x), atol=1e-4, rtol=1e-4)

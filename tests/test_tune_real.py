@@ -16,10 +16,10 @@ MARKER = "Steep slow, sip kind"
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples" / "brand_voice.jsonl"
 # Customer questions that appear nowhere in the training file.
 UNSEEN = [
-    "Can I pay with a gift card and a credit card on the same order?",
+    "Do you sell bamboo matcha whisks?",
     "My kettle broke. What temperature should I use for oolong without one?",
     "Do you have any tea that helps me relax before bed?",
-    "Is your packaging recyclable?",
+    "Can I make cold brew with your black teas?",
     "I want to send tea to my grandmother for her birthday. Any ideas?",
 ]
 
@@ -46,12 +46,12 @@ def _answers(loaded):
 
 
 def test_tuned_model_speaks_in_the_brand_voice_and_the_base_does_not(tuned_smollm2):
-    tuned, _ = run.load_tuned(tuned_smollm2)
+    tuned, _ = run.load_tuned(tuned_smollm2, inference=True)
     answers = _answers(tuned)
     hits = sum(MARKER in a for a in answers)
     assert hits >= 3, answers
 
-    base = run.load_base(run.read_run_config(tuned_smollm2), quiet=True)
+    base = run.load_base(run.read_run_config(tuned_smollm2), quiet=True, inference=True)
     base_answers = _answers(base)
     assert sum(MARKER in a for a in base_answers) == 0, base_answers
 
