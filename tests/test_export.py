@@ -99,6 +99,18 @@ def test_merged_and_adapter_run_in_llama_cpp_like_mlx(runs, which):
     assert (base_only == merged).mean() < 0.8  # the adapter is what makes them agree
 
 
+def test_sentencepiece_base_with_bos(tmp_path):
+    """An SPM vocabulary whose tokenizer adds BOS: the export keeps scores/types/add_bos and
+    the chats are fed with their BOS, as training fed them."""
+    base, _, _ = make_tiny("llama", tmp_path, tie=False, tokenizer="spm")
+    r = E.export_run(make_run(base, tmp_path / "runs", "spm"), "f16", log=quiet)
+    assert r.parity.top1 >= 0.99 and r.parity.max_abs < 0.05, r.parity.table()
+    md = G.read_index(r.gguf, with_metadata=True).metadata
+    assert md[G.KEY_TOKENIZER_MODEL] == "llama" and bool(md[G.KEY_ADD_BOS]) and len(md[G.KEY_SCORES]) == 300
+    tok = load(r.gguf, tokenizer_only=True).tokenizer
+    assert all(ids[0] == tok.bos_id for ids in V.prompt_ids(tok))
+
+
 def test_wrong_qk_order_would_be_caught(runs, tmp_path):
     """Guards the test above: an adapter whose Q/K lora_b rows are permuted once too often
     (a GGUF base treated as HF-ordered) visibly disagrees in llama.cpp."""

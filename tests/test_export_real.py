@@ -18,7 +18,7 @@ UNSEEN = [
     "Can I pay with a gift card and a credit card on the same order?",
     "My kettle broke. What temperature should I use for oolong without one?",
     "Do you have any tea that helps me relax before bed?",
-    "Is your packaging recyclable?",
+    "Which of your teas would you take on a camping trip?",
     "I want to send tea to my grandmother for her birthday. Any ideas?",
 ]
 
