@@ -37,6 +37,7 @@ TUNE_FLAGS = [
     ("--eval-every", "train", "eval_every"),
     ("--save-every", "train", "save_every"),
     ("--grad-checkpoint", "train", "grad_checkpoint"),
+    ("--auto-fit", "train", "auto_fit"),
     ("--quant", "export", "quant"),
 ]
 
@@ -97,7 +98,7 @@ def _fail(e: Exception):
 
 def user_errors():
     """The exceptions that are the user's to fix: shown as one line, never a traceback."""
-    from edgeft import hub, lora, trainer
+    from edgeft import hub, lora, plan, trainer
     from edgeft.dataset import DataError
     from edgeft.export import ExportError
     from edgeft.loader import ModelLoadError
@@ -112,6 +113,7 @@ def user_errors():
         ModelLoadError,
         TemplateError,
         hub.SourceError,
+        plan.PlanError,
         lora.LoRAError,
         trainer.TrainingError,
         FileNotFoundError,
@@ -243,6 +245,36 @@ def chat(run_dir, prompt, system, max_tokens, temperature, base):
         click.echo(f"model: {reply(text)}")
 
 
+@main.command("plan")
+@click.option("--data", "data", type=click.Path(dir_okay=False), help="training JSONL: size batches from its longest samples")
+@click.option("--recipe", default=None, help=f"recipe name or YAML file (default: {cfgmod.DEFAULT_RECIPE})")
+@click.option("--export/--no-export", "export", default=None, help="count the GGUF export's disk [export.enabled]")
+@config_options
+def plan_cmd(data, recipe, export, **flags):
+    """Estimate a run's peak memory and disk without training (or loading the weights).
+
+    Takes the same options as `edgeft tune`. Exits with status 1 when tune would refuse to
+    start (set train.auto_fit / --auto-fit to let tune lower the batch instead).
+
+    \b
+    Example:
+      edgeft plan --data chats.jsonl
+      edgeft plan --model ./qwen2.5-0.5b-instruct-q8_0.gguf --batch-size 8 --max-seq-len 1024
+    """
+    from edgeft import plan
+
+    try:
+        cfg = build_config(recipe, data, flags)
+        if export is not None:
+            cfg.export.enabled = export
+        lines, ok = plan.plan_run(cfg)
+    except user_errors() as e:
+        _fail(e)
+    click.echo("\n".join(lines))
+    if not ok:
+        sys.exit(1)
+
+
 @main.command()
 def models():
     """List the built-in models and whether each is in the cache.
@@ -281,8 +313,7 @@ def data_check(file, model, recipe):
     Example:
       edgeft data check chats.jsonl
     """
-    from edgeft import dataset, hub
-    from edgeft.loader import load
+    from edgeft import dataset, hub, run
 
     try:
         cfg = cfgmod.load_recipe(recipe)
@@ -290,7 +321,7 @@ def data_check(file, model, recipe):
             cfg.model.name = model
         if not Path(file).is_file():
             raise ConfigError(f"{file}: no such file")
-        tok = load(hub.resolve(cfg.model.name, quiet=True), tokenizer_only=True).tokenizer
+        tok = run.load_model(hub.resolve(cfg.model.name, quiet=True), tokenizer_only=True).tokenizer
         report = dataset.check_file(file, tok, cfg.data, cfg.model.max_seq_len)
     except user_errors() as e:
         _fail(e)

@@ -71,6 +71,11 @@ class TrainConfig:
     weight_decay: float = _f(0.0, "AdamW decoupled weight decay")
     max_grad_norm: float | None = _f(1.0, "clip the global gradient norm (None: off)")
     grad_checkpoint: bool = _f(False, "recompute layer activations in backward: less memory")
+    auto_fit: bool = _f(
+        False,
+        "when the memory estimate exceeds what is free, turn on grad_checkpoint, then lower "
+        "batch_size (raising grad_accum: same samples per step) instead of refusing to start",
+    )
     seed: int = _f(0, "seeds data order, LoRA init and dropout")
     eval_every: int = _f(50, "validation loss every N steps (and at the end)")
     eval_batches: int | None = _f(None, "validation batches per evaluation (None: all)")

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import re
+import struct
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,10 +22,10 @@ from typing import Callable
 
 import mlx.core as mx
 
-from edgeft import backend, dataset, hub, lora, trainer
+from edgeft import backend, dataset, hub, lora, plan, trainer
 from edgeft.config import ConfigError, RunConfig
 from edgeft.io import atomic_write_text
-from edgeft.loader import Loaded, load
+from edgeft.loader import Loaded, ModelLoadError, load
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 
@@ -53,11 +54,27 @@ class TuneResult:
     first_val: float | None = None
 
 
+def load_model(path, **kw) -> Loaded:
+    """loader.load, where any failure to parse the file is a ModelLoadError: a model file is
+    untrusted input, so even a parser gap ends in one line that names the file, not a traceback."""
+    try:
+        return load(path, **kw)
+    except ModelLoadError:
+        raise
+    except (ValueError, TypeError, KeyError, IndexError, ArithmeticError, RecursionError,
+            MemoryError, UnicodeError, struct.error) as e:
+        why = (str(e).splitlines() or [""])[0][:160]
+        raise ModelLoadError(
+            f"{path}: cannot be read as a model ({type(e).__name__}: {why}); the file is damaged "
+            "or its metadata is invalid: download or convert it again"
+        ) from e
+
+
 def load_base(cfg: RunConfig, quiet: bool = False, inference: bool = False) -> Loaded:
     """Resolve the model spec to a local file or folder and load it for this device, for
     training or (inference=True) for generating."""
     path = hub.resolve(cfg.model.name, quiet=quiet)
-    loaded = load(path, quantize_bits=cfg.model.quantize_bits)
+    loaded = load_model(path, quantize_bits=cfg.model.quantize_bits)
     backend.prepare(loaded.model)
     if inference:
         backend.prepare_inference(loaded.model)
@@ -97,6 +114,8 @@ def tune(
         raise ConfigError(f"{cfg.data.train}: no usable training samples")
     atomic_write_text(run_dir / "data_report.txt", report.summary() + "\n")
     log(report.summary().splitlines()[0])
+    mem = plan.preflight(cfg, loaded, train_set, run_dir, resume=resume, log=log)
+    log(f"memory: about {plan.gb(mem.total)} at peak (estimate; `edgeft plan` shows the breakdown)")
 
     if not resume:
         atomic_write_text(run_dir / "config.json", json.dumps(cfg.to_dict(), indent=2) + "\n")

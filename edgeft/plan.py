@@ -1,0 +1,515 @@
+"""How much memory and disk a run will need, before it starts (`edgeft plan`, tune's preflight).
+
+Peak memory of one LoRA step, as MLX's CPU backend runs edgeft's step (edgeft/backend.py:
+quantized projections are dequantized to fp32 just in time, the model computes in fp32):
+
+  runtime       the process before any model: Python, MLX, BLAS, tokenizer (measured constant)
+  weights       the base as held in memory (fp32 scales/biases on CPU, half floats made fp32)
+  lora          adapters + AdamW's two moments, and the step's gradients and clipped copy
+  dequantized   fp32 copies of quantized weights, kept from the forward pass for the backward
+  activations   what each adapted layer keeps per token for the backward pass
+  attention     attention scores: one per head and token pair, per layer, plus one layer's work
+  logits        the vocabulary projection, only at the positions that carry loss
+  transient     one layer's backward-pass temporaries
+
+The per-token and per-score byte counts are measured, not derived: fitted to MLX's peak
+(mx.get_peak_memory) over tiny models of 4 shapes x 2 depths x 6 batch shapes and over the real
+SmolLM2-135M at 10 batch shapes (mlx 0.32.4, Linux x86_64 CPU). The fit is within 7% on every
+SmolLM2 shape. Gradient checkpointing keeps only each layer's input and redoes one layer at a
+time. On Metal (not measured here) weights are not dequantized and activations are half width.
+
+Disk: the checkpoints kept (one more while a new one is written), the final adapters, and the
+exported GGUF at its quantization (plus llama.cpp's f16 intermediate for K-quants).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import shutil
+import struct
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+RUNTIME_BYTES = 115_000_000  # peak RSS of `edgeft tune` on a tiny model minus MLX's own peak
+# Bytes per unit, fitted (see the module docstring):
+ACT_PER_H = 28.0  # saved per token, per adapted layer, per hidden unit (~7 fp32 values)
+ACT_PER_I = 20.0  # ... per MLP intermediate unit (~5 fp32 values)
+TRANSIENT_PER_I = 21.5  # one layer's backward temporaries, per token per intermediate unit
+ATTN_SAVED = 4.0  # per head, per (query, key) pair, per adapted layer
+ATTN_TRANSIENT = 12.0  # per head, per (query, key) pair, one layer at a time
+LOGITS_PER_V = 16.0  # per loss position per vocabulary entry: logits, softmax, their gradients
+LORA_COPIES = 5  # fp32: parameters, 2 AdamW moments, gradient, clipped gradient
+CHECKPOINT_FILES = 3  # adapters + optimizer moments: 3 fp32 values per adapter parameter
+
+# GGUF export size per weight, in bits (K-quants: llama.cpp's typical mixes).
+EXPORT_BITS = {"f32": 32, "f16": 16, "bf16": 16, "q8_0": 8.5, "q4_0": 4.5, "q4_1": 5.0,
+               "q4_k_m": 4.9, "q5_k_m": 5.7, "q6_k": 6.6}
+K_QUANT_INTERMEDIATE = "f16"
+
+TARGET_DIMS = {  # projection -> (in, out) in terms of the config
+    "q_proj": ("H", "Q"), "k_proj": ("H", "KV"), "v_proj": ("H", "KV"), "o_proj": ("Q", "H"),
+    "gate_proj": ("H", "I"), "up_proj": ("H", "I"), "down_proj": ("I", "H"),
+}
+
+
+@dataclass
+class QuantInfo:
+    """How the base model sits in memory."""
+
+    weight_bytes: int  # all base parameters as held in memory for training
+    linear_quantized: bool  # projections stored quantized (the CPU path dequantizes copies)
+    head_quantized: bool  # the vocabulary projection (tied embedding or lm_head) is quantized
+    device: str = "cpu"  # "cpu" or "gpu"
+    source: str = ""  # what the numbers were read from, for messages
+
+
+@dataclass
+class Breakdown:
+    """Estimated peak bytes of a training step, by cause."""
+
+    runtime: int
+    weights: int
+    lora: int
+    dequantized: int
+    activations: int
+    attention: int
+    logits: int
+    transient: int
+    batch_size: int = 0
+    seq_len: int = 0
+    loss_tokens: int = 0
+    grad_checkpoint: bool = False
+    parts: tuple = ("runtime", "weights", "lora", "dequantized", "activations", "attention",
+                    "logits", "transient")
+
+    @property
+    def mlx(self) -> int:
+        """What MLX allocates (comparable to mx.get_peak_memory())."""
+        return self.total - self.runtime
+
+    @property
+    def total(self) -> int:
+        return sum(getattr(self, p) for p in self.parts)
+
+    def lines(self) -> list[str]:
+        out = [f"  {p:12} {gb(getattr(self, p)):>9}" for p in self.parts]
+        out.append(f"  {'total':12} {gb(self.total):>9}")
+        return out
+
+
+@dataclass
+class DiskPlan:
+    checkpoints: int
+    adapters: int
+    export: int
+    metrics: int
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def total(self) -> int:
+        return self.checkpoints + self.adapters + self.export + self.metrics
+
+
+def gb(n: float) -> str:
+    return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"
+
+
+# ---------------------------------------------------------------------------------------------
+# The model's shape
+
+
+def dims(config: dict) -> dict[str, int]:
+    """H (hidden), I (MLP), Q (query width), KV (key/value width), L, V, heads of a ModelArgs dict."""
+    H = int(config["hidden_size"])
+    heads = int(config["num_attention_heads"])
+    head_dim = int(config.get("head_dim") or H // heads)
+    kv_heads = int(config.get("num_key_value_heads") or heads)
+    return {"H": H, "I": int(config["intermediate_size"]), "Q": heads * head_dim,
+            "KV": kv_heads * head_dim, "L": int(config["num_hidden_layers"]),
+            "V": int(config["vocab_size"]), "heads": heads}
+
+
+def base_parameters(config: dict) -> int:
+    """Parameters of the base model (projections, embeddings, norms)."""
+    d = dims(config)
+    per_layer = sum(_numel(d, t) for t in TARGET_DIMS) + 2 * d["H"]
+    head = 0 if config.get("tie_word_embeddings", True) else d["V"] * d["H"]
+    return d["L"] * per_layer + d["V"] * d["H"] + head + d["H"]
+
+
+def _numel(d, target) -> int:
+    i, o = TARGET_DIMS[target]
+    return d[i] * d[o]
+
+
+def adapted_layers(config: dict, lora_cfg) -> int:
+    L = dims(config)["L"]
+    return L if lora_cfg.layers is None else max(0, min(int(lora_cfg.layers), L))
+
+
+def lora_parameters(config: dict, lora_cfg) -> int:
+    """Trainable parameters: rank x (in + out) per adapted projection."""
+    d = dims(config)
+    per_layer = 0
+    for t in lora_cfg.targets:
+        if t in TARGET_DIMS:
+            i, o = TARGET_DIMS[t]
+            per_layer += lora_cfg.rank * (d[i] + d[o])
+    return adapted_layers(config, lora_cfg) * per_layer
+
+
+# ---------------------------------------------------------------------------------------------
+# Memory
+
+
+def estimate_peak_bytes(config: dict, lora_cfg, batch_size: int, seq_len: int, quant: QuantInfo,
+                        *, loss_tokens: int | None = None, grad_checkpoint: bool = False,
+                        runtime_bytes: int = RUNTIME_BYTES) -> Breakdown:
+    """Peak memory of a training step on a batch of `batch_size` x `seq_len` tokens, of which
+    `loss_tokens` (default: all) carry loss. See the module docstring for the terms."""
+    d = dims(config)
+    L = adapted_layers(config, lora_cfg)
+    B, T = int(batch_size), int(seq_len)
+    N = B * T
+    K = N if loss_tokens is None else min(int(loss_tokens), N)
+    cpu = quant.device == "cpu"
+    width = 1.0 if cpu else 0.5  # fp32 on CPU; half-precision activations on Metal (unmeasured)
+
+    proj = sum(_numel(d, t) for t in TARGET_DIMS)  # projection weights of one layer
+    deq_layer = 4 * proj if (cpu and quant.linear_quantized) else 0
+    deq_head = 4 * d["V"] * d["H"] if (cpu and quant.head_quantized) else 0
+    per_token_layer = ACT_PER_H * d["H"] + ACT_PER_I * d["I"]
+    pairs = B * d["heads"] * T * T
+    if grad_checkpoint:  # each layer keeps its input; one layer at a time is redone
+        dequantized = deq_head + deq_layer
+        activations = N * (4 * d["H"] * L + per_token_layer)
+        attention = pairs * (ATTN_SAVED + ATTN_TRANSIENT)
+    else:
+        dequantized = deq_head + deq_layer * L
+        activations = N * L * per_token_layer
+        attention = pairs * (ATTN_SAVED * L + ATTN_TRANSIENT)
+    return Breakdown(
+        runtime=int(runtime_bytes),
+        weights=int(quant.weight_bytes),
+        lora=LORA_COPIES * 4 * lora_parameters(config, lora_cfg),
+        dequantized=int(dequantized),
+        activations=int(width * activations),
+        attention=int(width * attention),
+        logits=int(LOGITS_PER_V * K * d["V"]),
+        transient=int(width * TRANSIENT_PER_I * N * d["I"]),
+        batch_size=B, seq_len=T, loss_tokens=K, grad_checkpoint=grad_checkpoint,
+    )
+
+
+def quant_info_from_model(model, device: str | None = None) -> QuantInfo:
+    """From a loaded model after backend.prepare (exact bytes of what is in memory)."""
+    import mlx.core as mx
+    import mlx.nn as nn
+    from mlx.utils import tree_flatten
+
+    device = device or ("cpu" if mx.default_device() == mx.cpu else "gpu")
+    weight_bytes = sum(v.nbytes for _, v in tree_flatten(model.parameters()))
+    quantized = [n for n, m in model.named_modules() if isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding))]
+    head = "lm_head" if "lm_head" in model else "model.embed_tokens"
+    return QuantInfo(
+        weight_bytes=weight_bytes,
+        linear_quantized=any(".layers." in n for n in quantized),
+        head_quantized=head in quantized,
+        device=device,
+        source="the loaded model",
+    )
+
+
+def quant_info_from_gguf(path, quantize_bits: int | None = None, device: str = "cpu") -> QuantInfo:
+    """From a GGUF's tensor table, as edgeft's loader and backend will hold it (no weights read)."""
+    from edgeft import gguf as G
+    from edgeft.loader import EIGHT_BIT_SOURCES, FLOAT_TYPES, QUANT_GROUP_SIZE
+
+    index = G.read_index(path)
+    native = index.type_names() <= G.MLX_NATIVE_TYPES
+    total, linear_q, head_q = 0, False, False
+    group_bytes = (2 * 4 if device == "cpu" else 2 * 2) / QUANT_GROUP_SIZE  # scale + bias per weight
+    for t in index.tensors:
+        n = 1
+        for s in t.shape:
+            n *= s
+        kind = G.ggml_type_name(t.ggml_type)
+        is_matrix = len(t.shape) == 2 and t.shape[0] % QUANT_GROUP_SIZE == 0
+        if kind in FLOAT_TYPES:
+            bits = quantize_bits if (quantize_bits and is_matrix) else None
+        elif native:
+            bits = 8 if kind == "Q8_0" else 4
+        else:
+            bits = 8 if (kind in EIGHT_BIT_SOURCES or t.name.startswith("token_embd")) else 4
+        if bits is None:
+            total += n * (4 if device == "cpu" or kind == "F32" else 2)
+            continue
+        total += n * (bits / 8 + group_bytes)
+        if t.name.startswith("blk."):
+            linear_q = True
+        if t.name in ("output.weight", "token_embd.weight"):
+            head_q = head_q or t.name == "output.weight" or not any(x.name == "output.weight" for x in index.tensors)
+    return QuantInfo(int(total), linear_q, head_q, device, source=str(path))
+
+
+def quant_info_from_folder(path, config: dict, quantize_bits: int | None = None,
+                           device: str = "cpu") -> QuantInfo:
+    """From an HF/MLX folder's safetensors headers (no weights read)."""
+    sizes = {"F32": 4, "F16": 2, "BF16": 2, "F64": 8, "U32": 4, "I32": 4, "U8": 1, "I8": 1}
+    total, quantized = 0, "quantization" in config
+    for f in sorted(Path(path).glob("*.safetensors")):
+        if f.name.startswith("adapter"):
+            continue
+        with open(f, "rb") as fh:
+            (n,) = struct.unpack("<Q", fh.read(8))
+            header = json.loads(fh.read(min(n, 100 * 2**20)))
+        for name, info in header.items():
+            if name == "__metadata__":
+                continue
+            numel = 1
+            for s in info["shape"]:
+                numel *= s
+            size = sizes.get(info["dtype"], 4)
+            if info["dtype"] in ("F16", "BF16") and device == "cpu":
+                size = 4  # backend.prepare makes half floats fp32 on CPU
+            if quantize_bits and not quantized and len(info["shape"]) == 2 and info["dtype"] in ("F16", "BF16", "F32"):
+                total += numel * (quantize_bits / 8 + (8 if device == "cpu" else 4) / 32)
+            else:
+                total += numel * size
+    q = quantized or bool(quantize_bits)
+    return QuantInfo(int(total), q, q, device, source=str(path))
+
+
+# ---------------------------------------------------------------------------------------------
+# Disk
+
+
+def estimate_disk_bytes(config: dict, lora_cfg, keep_checkpoints: int, export_quant: str | None,
+                        steps: int = 0) -> DiskPlan:
+    """Bytes a run writes: checkpoints (keep + 1 while saving), adapters, export, metrics."""
+    p = lora_parameters(config, lora_cfg)
+    ckpt = CHECKPOINT_FILES * 4 * p + 64 * 1024  # + headers and state.json
+    plan = DiskPlan(
+        checkpoints=(max(keep_checkpoints, 1) + 1) * ckpt,
+        adapters=4 * p + 16 * 1024,
+        export=0,
+        metrics=400 * max(steps, 1),
+    )
+    if export_quant:
+        q = export_quant.lower()
+        n = base_parameters(config)
+        plan.export = int(n * EXPORT_BITS.get(q, 16) / 8)
+        if q in ("q4_k_m", "q5_k_m", "q6_k"):
+            plan.export += int(n * EXPORT_BITS[K_QUANT_INTERMEDIATE] / 8)
+            plan.notes.append(f"includes llama.cpp's {K_QUANT_INTERMEDIATE} intermediate for {q}")
+    return plan
+
+
+# ---------------------------------------------------------------------------------------------
+# What the machine has
+
+
+def available_memory() -> tuple[int | None, str]:
+    """(bytes a new allocation can get without swapping, where the figure comes from)."""
+    try:
+        import mlx.core as mx
+
+        if mx.default_device() != mx.cpu and hasattr(mx, "metal") and mx.metal.is_available():
+            info = mx.metal.device_info()
+            limit = info.get("max_recommended_working_set_size")
+            if limit:
+                return int(limit), "Metal's recommended working set"
+    except Exception:  # noqa: BLE001 - a probe; fall back to the OS figures
+        pass
+    if sys.platform.startswith("linux"):
+        try:
+            for line in Path("/proc/meminfo").read_text().splitlines():
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024, "MemAvailable in /proc/meminfo"
+        except OSError:
+            pass
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), "physical memory"
+    except (ValueError, OSError, AttributeError):
+        return None, "unknown"
+
+
+def current_rss() -> int:
+    """Resident memory of this process now (Linux), else its peak so far."""
+    try:
+        pages = int(Path("/proc/self/statm").read_text().split()[1])
+        return pages * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return peak if sys.platform == "darwin" else peak * 1024
+
+
+def free_disk(path) -> int:
+    path = Path(path)
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return shutil.disk_usage(path).free
+
+
+# ---------------------------------------------------------------------------------------------
+# Preflight: refuse with numbers, or make the run fit
+
+
+class PlanError(ValueError):
+    """The run will not fit; the message gives the numbers and what to change."""
+
+
+@dataclass
+class Fit:
+    batch_size: int
+    grad_accum: int
+    grad_checkpoint: bool
+    memory: Breakdown
+    changes: list[str]
+
+
+def fit_memory(estimate, batch_size: int, grad_accum: int, grad_checkpoint: bool,
+               available: int | None, auto_fit: bool, where: str = "") -> Fit:
+    """Check the estimate against `available`. With auto_fit, first turn on gradient
+    checkpointing, then halve the batch (doubling grad_accum, so each optimizer step sees the
+    same samples) until it fits. `estimate(batch_size, grad_checkpoint)` -> Breakdown."""
+    mem = estimate(batch_size, grad_checkpoint)
+    changes: list[str] = []
+    if available is None or mem.total <= available:
+        return Fit(batch_size, grad_accum, grad_checkpoint, mem, changes)
+    need = mem.total
+    if not auto_fit:
+        raise PlanError(
+            f"{where}needs about {gb(need)} of memory (batch {mem.batch_size} x {mem.seq_len} "
+            f"tokens), but {gb(available)} is available; lower --batch-size or --max-seq-len, "
+            "pass --grad-checkpoint, or set train.auto_fit: true to let edgeft do it"
+        )
+    if not grad_checkpoint:
+        grad_checkpoint = True
+        mem = estimate(batch_size, grad_checkpoint)
+        changes.append("gradient checkpointing on")
+    start, samples = batch_size, batch_size * grad_accum
+    for b in sorted((b for b in range(1, start) if start % b == 0), reverse=True):
+        if mem.total <= available:
+            break
+        batch_size, grad_accum = b, samples // b
+        mem = estimate(batch_size, grad_checkpoint)
+    if batch_size != start:
+        changes.append(f"batch size {start} -> {batch_size} with grad_accum {grad_accum} "
+                       "(the same samples per optimizer step)")
+    if mem.total > available:
+        raise PlanError(
+            f"{where}needs about {gb(mem.total)} of memory even with gradient checkpointing and "
+            f"batch size 1 (about {gb(need)} as configured), but {gb(available)} is available; "
+            "use a smaller model or a shorter --max-seq-len"
+        )
+    return Fit(batch_size, grad_accum, grad_checkpoint, mem, changes)
+
+
+def batch_shape(samples, batch_size: int, max_seq_len: int) -> tuple[int, int]:
+    """(seq_len, loss tokens) of the largest batch `samples` can form: the longest sample's
+    padded width (as dataset.collate pads), and the B largest loss-token counts together."""
+    from edgeft.dataset import PAD_MULTIPLE
+
+    if not samples:
+        return max_seq_len, batch_size * max_seq_len
+    longest = max(len(s.tokens) - 1 for s in samples)
+    width = max(PAD_MULTIPLE, -(-longest // PAD_MULTIPLE) * PAD_MULTIPLE)
+    losses = sorted((sum(s.mask[1:]) for s in samples), reverse=True)
+    return width, sum(losses[:batch_size])
+
+
+def preflight(cfg, loaded, samples, run_dir, resume: bool = False, log=print) -> Breakdown:
+    """Before training: refuse a run that will not fit in memory or on disk, with the numbers,
+    or (train.auto_fit, new runs only) change cfg.train so that it fits. Returns the estimate."""
+    t = cfg.train
+    quant = quant_info_from_model(loaded.model)
+
+    def estimate(batch_size: int, grad_checkpoint: bool) -> Breakdown:
+        width, loss_tokens = batch_shape(samples, batch_size, cfg.model.max_seq_len)
+        return estimate_peak_bytes(loaded.config, cfg.lora, batch_size, width, quant,
+                                   loss_tokens=loss_tokens, grad_checkpoint=grad_checkpoint)
+
+    available, source = available_memory()
+    if available is not None and source.startswith("MemAvailable"):
+        available += current_rss()  # what this process holds already is part of the budget
+    fit = fit_memory(estimate, t.batch_size, t.grad_accum, t.grad_checkpoint, available,
+                     bool(t.auto_fit) and not resume, where="this run ")
+    if fit.changes:
+        log(f"to fit in {gb(available)} of memory: {'; '.join(fit.changes)}")
+        t.batch_size, t.grad_accum, t.grad_checkpoint = fit.batch_size, fit.grad_accum, fit.grad_checkpoint
+    disk = estimate_disk_bytes(loaded.config, cfg.lora, t.keep_checkpoints,
+                               cfg.export.quant if cfg.export.enabled else None, t.steps)
+    free = free_disk(run_dir)
+    if disk.total > free:
+        parts = f"checkpoints {gb(disk.checkpoints)}, adapters {gb(disk.adapters)}"
+        if disk.export:
+            parts += f", {cfg.export.quant} export {gb(disk.export)}"
+        raise PlanError(
+            f"this run needs about {gb(disk.total)} of disk in {run_dir} ({parts}), but only "
+            f"{gb(free)} is free; free some space, pass --no-export, or lower train.keep_checkpoints"
+        )
+    return fit.memory
+
+
+def plan_run(cfg) -> tuple[list[str], bool]:
+    """What `edgeft plan` prints for a configuration, without loading the weights, and whether
+    `edgeft tune` would start (after auto_fit's changes, if allowed)."""
+    import mlx.core as mx
+
+    from edgeft import dataset, hub
+    from edgeft.loader import load
+
+    path = hub.resolve(cfg.model.name, quiet=True)
+    loaded = load(path, tokenizer_only=True)
+    device = "cpu" if mx.default_device() == mx.cpu else "gpu"
+    if loaded.fmt == "gguf":
+        quant = quant_info_from_gguf(loaded.path, cfg.model.quantize_bits, device)
+    else:
+        quant = quant_info_from_folder(loaded.path, loaded.config, cfg.model.quantize_bits, device)
+    t, config = cfg.train, loaded.config
+    samples, shape_from = [], f"max_seq_len {cfg.model.max_seq_len}, every token carrying loss"
+    if cfg.data.train:
+        samples, _ = dataset.load_samples(cfg.data.train, loaded.tokenizer, cfg.data, cfg.model.max_seq_len)
+        shape_from = f"the longest samples of {cfg.data.train}"
+
+    def estimate(batch_size: int, grad_checkpoint: bool) -> Breakdown:
+        width, loss_tokens = batch_shape(samples, batch_size, cfg.model.max_seq_len)
+        return estimate_peak_bytes(config, cfg.lora, batch_size, width, quant,
+                                   loss_tokens=loss_tokens, grad_checkpoint=grad_checkpoint)
+
+    n_lora = lora_parameters(config, cfg.lora)
+    d = dims(config)
+    mem = estimate(t.batch_size, t.grad_checkpoint)
+    lines = [
+        f"model {path}: {base_parameters(config) / 1e6:.1f}M parameters, {d['L']} layers, "
+        f"{gb(quant.weight_bytes)} in memory on {device}",
+        f"LoRA rank {cfg.lora.rank} on {adapted_layers(config, cfg.lora)} layers: {n_lora / 1e6:.2f}M trainable",
+        f"largest batch: {mem.batch_size} x {mem.seq_len} tokens, {mem.loss_tokens} carry loss "
+        f"({shape_from}); gradient checkpointing {'on' if t.grad_checkpoint else 'off'}",
+        "peak memory of a training step (estimate):",
+        *mem.lines(),
+    ]
+    available, source = available_memory()
+    ok = True
+    try:
+        fit = fit_memory(estimate, t.batch_size, t.grad_accum, t.grad_checkpoint, available, bool(t.auto_fit))
+        verdict = "fits" if not fit.changes else f"fits after auto_fit: {'; '.join(fit.changes)} ({gb(fit.memory.total)})"
+    except PlanError as e:
+        ok, verdict = False, f"does not fit: {e}"
+    lines.append(f"memory available: {gb(available) if available else 'unknown'} ({source}): {verdict}")
+    disk = estimate_disk_bytes(config, cfg.lora, t.keep_checkpoints,
+                               cfg.export.quant if cfg.export.enabled else None, t.steps)
+    free = free_disk(Path("runs"))
+    parts = f"{max(t.keep_checkpoints, 1) + 1} checkpoints {gb(disk.checkpoints)}, adapters {gb(disk.adapters)}"
+    if disk.export:
+        parts += f", {cfg.export.quant} export {gb(disk.export)}"
+    disk_ok = disk.total <= free
+    ok = ok and disk_ok
+    lines.append(f"disk: about {gb(disk.total)} ({parts}); {gb(free)} free: "
+                 f"{'fits' if disk_ok else 'does not fit'}")
+    lines += [f"  note: {n}" for n in disk.notes]
+    return lines, ok
