@@ -11,7 +11,7 @@ on the assistant turn only, AdamW lr 2e-4 constant, no weight decay, no clipping
 
 - edgeft      `edgeft tune` in a subprocess; its metrics.jsonl gives loss, tokens, step time.
 - mlx-lm      `python -m mlx_lm lora` as installed (the stock reference BLAS: edgeft's fix is
-              not loaded), on a 4-bit group-32 MLX folder converted once from the GGUF. It is
+              not loaded), on an mlx-lm folder made once from the GGUF's own tensors. It is
               slow (~3 tokens/s), so it runs only --mlx-lm-steps steps; step times come from
               the time its per-step report lines arrive.
 - torch-fp32  transformers + PEFT on the CPU (2 threads) in their own venv, fp32 weights
@@ -79,7 +79,8 @@ class Ctx:
     tokens: Path = None  # token ids + loss masks of those chats (transformers' tokenizer)
     batches: Path = None  # the batch order mlx-lm draws; the torch peers follow it
     samples: list = field(default_factory=list)
-    schedule: list = field(default_factory=list)
+    schedule: list = field(default_factory=list)  # sample indices of each step's batch, for everyone
+    order_source: str = ""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -93,6 +94,7 @@ class ChildRun:
     maxrss_gb: float
     lines: list  # [(seconds since start, line)]
     timed_out: bool = False
+    cpu_s: float = 0.0  # user + system CPU time of the child
 
     def tail(self, n: int = 1) -> str:
         text = [ln for _, ln in self.lines if ln.strip()]
@@ -126,7 +128,8 @@ def run_child(cmd: list, log: Path, env: dict | None = None, timeout: float = 36
         timed_out = time.perf_counter() - tic >= timeout
         p.returncode = os.waitstatus_to_exitcode(status)
     wall = time.perf_counter() - tic
-    return ChildRun(p.returncode, wall, usage.ru_maxrss * 1024 / 1e9, lines, timed_out)
+    return ChildRun(p.returncode, wall, usage.ru_maxrss * 1024 / 1e9, lines, timed_out,
+                    usage.ru_utime + usage.ru_stime)
 
 
 def loadavg() -> float:
@@ -183,7 +186,7 @@ def generated_chats(n: int = 170, seed: int = 0) -> list[dict]:
     return chats
 
 
-def prepare_data(ctx: Ctx, need_hf_dir: Path | None) -> None:
+def prepare_data(ctx: Ctx, tokenizer_dir: Path | None) -> None:
     """Write the chats, tokenize them once with transformers (in the torch venv), drop the
     chats whose answer starts past max_seq_len (no loss token left: every contestant must
     see the same usable set), and fix the batch order."""
@@ -198,8 +201,8 @@ def prepare_data(ctx: Ctx, need_hf_dir: Path | None) -> None:
     tok_all = data / "tokens_all.json"
     cmd = [venv_python(ctx), HERE / "bench_torch_peft.py", "prepare", "--gguf", ctx.gguf, "--chat", cand,
            "--max-seq-len", ctx.setup.max_seq_len, "--tokens-out", tok_all]
-    if need_hf_dir:
-        cmd += ["--hf-dir", need_hf_dir]
+    if tokenizer_dir:
+        cmd += ["--tokenizer-dir", tokenizer_dir]
     child = run_child(cmd, ctx.out / "logs" / "prepare.log", env=clean_env())
     if child.rc != 0:
         sys.exit(f"bench: tokenizing the data failed ({child.tail()}); see {ctx.out / 'logs/prepare.log'}")
@@ -211,26 +214,50 @@ def prepare_data(ctx: Ctx, need_hf_dir: Path | None) -> None:
     ctx.tokens = data / "tokens.json"
     tokens.update(samples=ctx.samples, source=source, dropped_no_loss=len(chats) - len(keep))
     ctx.tokens.write_text(json.dumps(tokens) + "\n", encoding="utf-8")
-    n = max(ctx.args.steps, ctx.args.mlx_lm_steps)
-    ctx.schedule = mlx_lm_batch_order(len(ctx.samples), ctx.setup.batch_size, ctx.setup.seed, n)
+    n = max(ctx.args.steps, ctx.args.mlx_lm_steps, len(ctx.samples) // ctx.setup.batch_size)
+    ctx.schedule, ctx.order_source = batch_order(len(ctx.samples), ctx.setup.batch_size, ctx.setup.seed, n)
     ctx.batches = data / "batches.json"
-    ctx.batches.write_text(json.dumps({"policy": "mlx-lm 0.32 order", "batches": ctx.schedule}) + "\n", encoding="utf-8")
+    ctx.batches.write_text(json.dumps({"order": ctx.order_source, "batches": ctx.schedule}) + "\n", encoding="utf-8")
     print(f"data: {len(keep)} chats from {source} ({len(chats) - len(keep)} dropped: answer past "
           f"{ctx.setup.max_seq_len} tokens), {sum(len(s['ids']) for s in ctx.samples)} tokens", flush=True)
 
 
-def mlx_lm_batch_order(n_samples: int, batch_size: int, seed: int, steps: int) -> list[list[int]]:
-    """The batches `mlx_lm lora` draws, replicated: mlx_lm.tuner.trainer.iterate_batches sorts
-    by CacheDataset.itemlen, which for chat data is len() of the JSON object (1 for every
-    line), so the sort keeps file order; consecutive groups of batch_size, then a permutation
-    of the groups per epoch from NumPy's global RNG, seeded with the config's seed. The
-    mlx-lm runner checks this against the loss-token counts mlx-lm prints."""
-    groups = [list(range(i, i + batch_size)) for i in range(0, n_samples - batch_size + 1, batch_size)]
-    rng = np.random.RandomState(seed)
-    order = []
-    while len(order) < steps:
-        order += [groups[i] for i in rng.permutation(len(groups))]
-    return order[:steps]
+def batch_order(n_samples: int, batch_size: int, seed: int, steps: int) -> tuple[list[list[int]], str]:
+    """The batches (sample indices) `edgeft tune` draws from the chat file, asked of
+    edgeft.dataset.iterate_batches itself: it gets stand-in samples whose tokens are their
+    own index. Without edgeft: the same kind of order (a seeded shuffle per epoch)."""
+    try:
+        import edgeft  # noqa: F401  (loads the BLAS before mlx, as everywhere)
+        from edgeft.dataset import Sample, iterate_batches
+
+        tagged = [Sample(tokens=[i, i], mask=[False, True], line=i + 1) for i in range(n_samples)]
+        it = iterate_batches(tagged, batch_size, seed)
+        return [np.asarray(next(it)[0])[:, 0].tolist() for _ in range(steps)], "edgeft.dataset.iterate_batches"
+    except Exception as e:  # noqa: BLE001 - fall back, and say so in the results
+        rng, stream = np.random.RandomState(seed), []
+        while len(stream) < steps * batch_size:
+            stream += rng.permutation(n_samples).tolist()
+        return ([stream[k * batch_size:(k + 1) * batch_size] for k in range(steps)],
+                f"seeded shuffle per epoch (edgeft's order unavailable: {type(e).__name__}: {e})")
+
+
+def mlx_lm_file_order(schedule: list[list[int]], n_samples: int, batch_size: int, seed: int) -> list[int]:
+    """A line order for mlx-lm's train.jsonl under which `mlx_lm lora` draws `schedule`.
+
+    mlx-lm 0.32 (tuner/trainer.py iterate_batches) sorts by CacheDataset.itemlen, which for
+    chat data is len() of the JSON object (1 for every line), so the sort keeps file order;
+    it then takes consecutive groups of batch_size and visits them in the order of
+    np.random.permutation from the global RNG that mlx_lm.lora seeds with the config's seed.
+    Putting schedule[k] into group perm[k] makes its k-th batch ours for the first epoch. The
+    mlx-lm runner checks this against the loss-token counts mlx-lm prints.
+    """
+    groups = n_samples // batch_size
+    perm = np.random.RandomState(seed).permutation(groups)
+    slots = [None] * groups
+    for k in range(groups):
+        slots[perm[k]] = schedule[k]
+    used = {i for g in slots for i in g}
+    return [i for g in slots for i in g] + [i for i in range(n_samples) if i not in used]
 
 
 def batch_tokens(samples: list, idx: list[int]) -> int:
@@ -296,12 +323,12 @@ def ensure_torch_venv(ctx: Ctx) -> None:
 
 
 def mlx_model_dir(ctx: Ctx) -> Path:
-    return ctx.out / "models" / f"{ctx.gguf.stem}-mlx-q4-g32"
+    return ctx.out / "models" / f"{ctx.gguf.stem}-mlx"
 
 
 def gguf_stamp(gguf: Path) -> dict:
     st = gguf.stat()
-    return {"gguf": str(gguf), "size": st.st_size, "mtime": int(st.st_mtime)}
+    return {"gguf": str(gguf), "size": st.st_size, "mtime": int(st.st_mtime), "layout": 2}
 
 
 def mlx_model_ready(ctx: Ctx) -> bool:
@@ -309,16 +336,69 @@ def mlx_model_ready(ctx: Ctx) -> bool:
     return marker.exists() and json.loads(marker.read_text()) == gguf_stamp(ctx.gguf)
 
 
-def convert_mlx_model(ctx: Ctx, hf_dir: Path) -> None:
-    """HF folder (dequantized by transformers) -> mlx_lm.convert 4-bit, group 32."""
+GGUF_TO_HF = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+              "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
+              "ffn_down": "mlp.down_proj", "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm"}
+
+
+def gguf_to_mlx_folder(gguf: str, tokenizer_dir: str, dst: str) -> None:
+    """An mlx-lm model folder holding the GGUF's own tensors, so mlx-lm trains the very
+    weights edgeft trains. `mx.load` returns Q4_1/Q8_0 tensors as MLX affine triplets
+    (weight, scales, biases; group 32), which mlx-lm's QuantizedLinear takes unchanged;
+    llama.cpp's Q/K row order is kept and undone by RoPE with rope_traditional=True.
+    (Re-quantizing a dequantized copy with `mlx_lm.convert` instead raised the base loss by
+    ~0.4 nats: 4-bit groups do not land on the Q4_1 grid, and the 8-bit tied embedding
+    becomes 4-bit.) Llama-family GGUFs only. Runs in a child process (it imports mlx)."""
+    import mlx.core as mx
+
+    weights, md = mx.load(gguf, return_metadata=True)
+    arch = str(md["general.architecture"])
+    if arch != "llama":
+        raise SystemExit(f"bench: {gguf}: architecture {arch}; the mlx-lm folder is made for llama only")
+
+    def meta(key):
+        return md[f"llama.{key}"].item()
+
+    hidden, inter = meta("embedding_length"), meta("feed_forward_length")
+    out, quant = {}, {"group_size": 32, "bits": 4, "mode": "affine"}
+    for key, value in weights.items():
+        parts = key.split(".")
+        if parts[0] == "blk":
+            module = f"model.layers.{parts[1]}.{GGUF_TO_HF[parts[2]]}"
+        else:
+            module = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}[parts[0]]
+        out[f"{module}.{parts[-1]}"] = value
+        if parts[-1] == "scales":  # bits and group size of this module, from the packed shapes
+            in_features = inter if module.endswith("down_proj") else hidden
+            bits = weights[key.replace("scales", "weight")].shape[1] * 32 // in_features
+            quant[module] = {"group_size": in_features // value.shape[1], "bits": bits, "mode": "affine"}
+    heads = meta("attention.head_count")
+    config = {
+        "model_type": "llama", "hidden_size": hidden, "intermediate_size": inter,
+        "num_hidden_layers": meta("block_count"), "num_attention_heads": heads,
+        "num_key_value_heads": meta("attention.head_count_kv"), "head_dim": hidden // heads,
+        "rms_norm_eps": meta("attention.layer_norm_rms_epsilon"), "vocab_size": out["model.embed_tokens.weight"].shape[0],
+        "rope_theta": meta("rope.freq_base"), "rope_traditional": True,
+        "max_position_embeddings": meta("context_length"), "tie_word_embeddings": "lm_head.weight" not in out,
+        "quantization": quant,
+    }
+    dst_path = Path(dst)
+    dst_path.mkdir(parents=True, exist_ok=True)
+    for f in Path(tokenizer_dir).iterdir():
+        shutil.copyfile(f, dst_path / f.name)
+    mx.save_safetensors(str(dst_path / "model.safetensors"), out, metadata={"format": "mlx"})
+    (dst_path / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+
+
+def make_mlx_model(ctx: Ctx, tokenizer_dir: Path) -> None:
     dst = mlx_model_dir(ctx)
     shutil.rmtree(dst, ignore_errors=True)
-    cmd = [sys.executable, "-m", "mlx_lm", "convert", "--hf-path", hf_dir, "--mlx-path", dst,
-           "-q", "--q-bits", "4", "--q-group-size", "32"]
-    child = run_child(cmd, ctx.out / "logs" / "mlx-convert.log", env=clean_env())
+    code = (f"import sys; sys.path.insert(0, {str(HERE)!r}); import bench; "
+            f"bench.gguf_to_mlx_folder({str(ctx.gguf)!r}, {str(tokenizer_dir)!r}, {str(dst)!r})")
+    child = run_child([sys.executable, "-c", code], ctx.out / "logs" / "mlx-model.log", env=clean_env())
     if child.rc != 0:
-        sys.exit(f"bench: mlx_lm convert failed ({child.tail()}); see {ctx.out / 'logs/mlx-convert.log'}")
-    shutil.rmtree(hf_dir, ignore_errors=True)
+        sys.exit(f"bench: making the MLX folder failed ({child.tail()}); see {ctx.out / 'logs/mlx-model.log'}")
+    shutil.rmtree(tokenizer_dir, ignore_errors=True)
     (dst / "bench-source.json").write_text(json.dumps(gguf_stamp(ctx.gguf)))
 
 
@@ -346,7 +426,10 @@ def steady(res: dict) -> dict:
 def finish(res: dict, child: ChildRun, before: float) -> dict:
     if child.timed_out:
         res.update(status="failed", error=f"stopped after {child.wall_s:.0f} s (--timeout)")
-    res.update(peak_rss_gb=child.maxrss_gb, wall_s=child.wall_s, loadavg_before=before, loadavg_after=loadavg())
+    # cores_used: the child's CPU time over its wall time. Near 2 on this idle 2-core machine;
+    # well below when other work took the cores (then its timings are inflated).
+    res.update(peak_rss_gb=child.maxrss_gb, wall_s=child.wall_s, cores_used=child.cpu_s / max(child.wall_s, 1e-9),
+               loadavg_before=before, loadavg_after=loadavg())
     return steady(res)
 
 
@@ -421,8 +504,22 @@ def run_edgeft(ctx: Ctx) -> dict:
         res.update(status="failed", error=child.tail())
     if rows:
         res["edgeft_peak_mem_gb"] = max(r.get("peak_mem_gb", 0) for r in rows)
-        res["notes"].append("edgeft draws its own batches from the same chats")
+        res["notes"].append(schedule_check(ctx, rows))
     return finish(res, child, before)
+
+
+def schedule_check(ctx: Ctx, rows: list[dict]) -> str:
+    """Did edgeft train on the common batches? Its loss-token counts per step against ours
+    (its tokenizer splits a few whitespace runs differently, hence the slack)."""
+    mine = [sum(sum(ctx.samples[i]["mask"]) for i in ctx.schedule[r["step"] - 1]) for r in rows]
+    theirs = [r.get("loss_tokens") for r in rows]
+    if None in theirs:
+        return "batches not checked (no loss_tokens in metrics.jsonl)"
+    worst = max(abs(a - b) / max(b, 1) for a, b in zip(theirs, mine))
+    if worst <= 0.03:
+        return f"batches checked: loss tokens per step within {100 * worst:.1f}% of the common batches'"
+    return (f"WARNING: edgeft's loss tokens per step differ from the common batches' by up to {100 * worst:.0f}%: "
+            "it did not draw the same batches (see batch_order)")
 
 
 REPORT = re.compile(r"^\s*(\d+)\s+([0-9.]+)\s*[▼▲]\s+([0-9,.]+)\s+([0-9.]+)k\s*$")
@@ -448,7 +545,13 @@ def run_mlx_lm(ctx: Ctx) -> dict:
     work = ctx.out / "mlx-lm"
     data_dir = work / "data"
     data_dir.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(ctx.chat, data_dir / "train.jsonl")  # no valid.jsonl: mlx-lm skips validation
+    if steps > len(ctx.samples) // ctx.setup.batch_size:
+        raise SystemExit(f"bench: --mlx-lm-steps {steps}: at most one epoch ({len(ctx.samples) // ctx.setup.batch_size})")
+    # The same chats, reordered so that mlx-lm draws the common batches; no valid.jsonl:
+    # mlx-lm then skips validation.
+    lines = ctx.chat.read_text(encoding="utf-8").splitlines(keepends=True)
+    order = mlx_lm_file_order(ctx.schedule, len(lines), ctx.setup.batch_size, ctx.setup.seed)
+    (data_dir / "train.jsonl").write_text("".join(lines[i] for i in order), encoding="utf-8")
     cfg = work / "lora.yaml"
     cfg.write_text(mlx_lm_config(ctx, steps, data_dir, work / "adapters"), encoding="utf-8")
     before = loadavg()
@@ -476,7 +579,7 @@ def run_mlx_lm(ctx: Ctx) -> dict:
                             "order: its tokens/s may be off (see mlx_lm_batch_order)")
     else:
         res["notes"].append("batches checked against the loss tokens mlx-lm prints")
-    res["notes"].append("model: mlx_lm.convert 4-bit g32 (embedding too) of the dequantized GGUF; stock BLAS")
+    res["notes"].append("model: the GGUF's own 4-bit/8-bit tensors in an mlx-lm folder; stock BLAS")
     return finish(res, child, before)
 
 
@@ -550,12 +653,12 @@ def render_markdown(doc: dict) -> str:
         f"tokens, loss on the answer only, AdamW lr {doc['config']['learning_rate']:g} constant, no weight decay, "
         "no clipping.", "",
         f"| contestant | steps (warm-up) | tokens/s | × {ref or 'torch'} | peak RSS GB | × {ref or 'torch'} | "
-        f"loss @1 | loss @{k} | loss @{n} | mean loss {max(n - 9, 1)}-{n} | wall s |",
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        f"loss @1 | loss @{k} | loss @{n} | mean loss {max(n - 9, 1)}-{n} | wall s | cores used |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in res:
         if r["status"] != "ok":
-            lines.append(f"| {r['name']} | {r['status']}: {r['error']} | | | | | | | | | |")
+            lines.append(f"| {r['name']} | {r['status']}: {r['error']} | | | | | | | | | | |")
             continue
         tps, rss = r["steady_tokens_per_s"], r["peak_rss_gb"]
         x_tps = tps / refr["steady_tokens_per_s"] if refr and tps and refr["steady_tokens_per_s"] else None
@@ -565,14 +668,17 @@ def render_markdown(doc: dict) -> str:
             f"| {r['name']} | {r['steps']} ({r['warmup']}) | {fmt(tps, '.1f')} | {fmt(x_tps, '.3f')} | {fmt(rss)} | "
             f"{fmt(x_rss)} | {fmt(at(r['losses'], 1), '.3f')} | {fmt(at(r['losses'], k), '.3f')} | "
             f"{fmt(at(r['losses'], n), '.3f')} | {fmt(sum(last) / len(last) if last else None, '.3f')} | "
-            f"{fmt(r['wall_s'], '.0f')} |"
+            f"{fmt(r['wall_s'], '.0f')} | {fmt(r.get('cores_used'), '.2f')} |"
         )
     lines += ["", "Notes:",
               "- tokens/s: non-padding input tokens per second of step time, after the warm-up steps; "
-              "peak RSS: the child process's ru_maxrss (model loading included).",
-              "- torch-fp32, torch-bf16 and mlx-lm train on the same batches in the same order (bench.py "
-              "replicates mlx-lm's order); edgeft draws its own batches from the same chats, so its per-step "
-              "losses differ by batch: compare its mean loss.",
+              "peak RSS: the child process's ru_maxrss (model loading included); cores used: the child's "
+              "CPU time over its wall time (about 2 when it had the machine to itself).",
+              f"- All train on the same batches in the same order ({doc['config']['batch_order']}): edgeft "
+              "reads the chat file, the torch peers get those batches as token ids, mlx-lm reads the chats "
+              "reordered so that it draws them. mlx-lm's loss also counts the newline after <|im_end|> and "
+              "one padding position per sequence (mlx_lm default_loss `steps <= lengths`; "
+              "ml-explore/mlx-lm PR #1697), so it reads higher than the others on the same weights and batch.",
               "- Load average (1 min) before → after each contestant, to judge noise from other work on the "
               "machine: " + ", ".join(f"{r['name']} {fmt(r.get('loadavg_before'), '.1f')} → "
                                        f"{fmt(r.get('loadavg_after'), '.1f')}" for r in res if r.get("wall_s")) + "."]
@@ -661,17 +767,17 @@ def main(argv=None) -> None:
     ctx = Ctx(args=args, setup=Setup(), out=out, gguf=gguf)
 
     ensure_torch_venv(ctx)
-    hf_dir = None
+    tok_dir = None
     if "mlx-lm" in args.only and not mlx_model_ready(ctx):
-        hf_dir = out / "models" / "hf-from-gguf"
-    prepare_data(ctx, hf_dir)
-    if hf_dir:
-        convert_mlx_model(ctx, hf_dir)
+        tok_dir = out / "models" / "tokenizer-from-gguf"
+    prepare_data(ctx, tok_dir)
+    if tok_dir:
+        make_mlx_model(ctx, tok_dir)
 
     config = dict(dataclasses.asdict(ctx.setup), model=str(gguf), steps=args.steps, warmup=args.warmup,
                   targets=TARGETS, samples=len(ctx.samples),
                   data_source=json.loads(ctx.tokens.read_text())["source"],
-                  data_sha256=hashlib.sha256(ctx.chat.read_bytes()).hexdigest())
+                  data_sha256=hashlib.sha256(ctx.chat.read_bytes()).hexdigest(), batch_order=ctx.order_source)
     doc = {"date": dt.datetime.now().isoformat(timespec="seconds"),
            "command": "python scripts/bench.py " + " ".join(sys.argv[1:] if argv is None else argv),
            "machine": machine(), "versions": versions(), "config": config}

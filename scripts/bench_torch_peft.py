@@ -4,14 +4,14 @@ Runs inside its own virtual environment (bench.py makes it: torch 2.13.0 CPU, tr
 peft, gguf), never in edgeft's: torch and MLX do not share a process here.
 
     python scripts/bench_torch_peft.py prepare --gguf M.gguf --chat chat.jsonl --max-seq-len 256 \
-        --tokens-out tokens.json [--hf-dir folder]
+        --tokens-out tokens.json [--tokenizer-dir folder]
     python scripts/bench_torch_peft.py train --gguf M.gguf --tokens tokens.json \
         --batches batches.json --dtype bf16 --steps 40 --metrics-out metrics.jsonl
 
 `prepare` renders every chat with the model's own chat template (read from the GGUF by
 transformers) and writes the token ids and loss masks that every contestant is checked
-against; with --hf-dir it also saves the dequantized model as a Hugging Face folder (the
-input of `mlx_lm.convert` for the mlx-lm contestant). `train` is a plain training loop over
+against; with --tokenizer-dir it also saves the tokenizer files (for the MLX folder that
+bench.py makes for the mlx-lm contestant). `train` is a plain training loop over
 the batches bench.py chose; it writes one JSON line per step, like edgeft's metrics.jsonl.
 """
 
@@ -66,32 +66,9 @@ def prepare(args) -> None:
         encoding="utf-8",
     )
     print(f"prepare: {len(samples)} samples -> {args.tokens_out}", flush=True)
-    if args.hf_dir:
-        import torch
-        from transformers import AutoModelForCausalLM
-
-        from safetensors.torch import save_file
-
-        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
-        # save_pretrained refuses a model loaded from GGUF ("not serializable"), but once
-        # dequantized it is a plain fp32 model: write its tensors and config ourselves.
-        out = Path(args.hf_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        tensors = {k: v.contiguous() for k, v in model.state_dict().items()}
-        if model.config.tie_word_embeddings:
-            tensors.pop("lm_head.weight", None)
-        save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
-        del model.config.quantization_config
-        model.config.save_pretrained(out)
-        tok.save_pretrained(out)
-        # transformers 5 writes rope_theta only inside rope_parameters, which mlx-lm's
-        # ModelArgs ignores (it would fall back to 10000): write the top-level key too.
-        cfg = json.loads((out / "config.json").read_text(encoding="utf-8"))
-        theta = (cfg.get("rope_parameters") or {}).get("rope_theta")
-        if theta is not None and "rope_theta" not in cfg:
-            cfg["rope_theta"] = theta
-            (out / "config.json").write_text(json.dumps(cfg, indent=2) + "\n", encoding="utf-8")
-        print(f"prepare: Hugging Face folder -> {args.hf_dir}", flush=True)
+    if args.tokenizer_dir:
+        tok.save_pretrained(args.tokenizer_dir)  # for the MLX folder bench.py makes for mlx-lm
+        print(f"prepare: tokenizer files -> {args.tokenizer_dir}", flush=True)
 
 
 def make_batch(samples: list[dict], idx: list[int], pad_id: int):
@@ -164,12 +141,12 @@ def train(args) -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
-    pp = sub.add_parser("prepare", help="tokenize the chats; optionally save a Hugging Face folder")
+    pp = sub.add_parser("prepare", help="tokenize the chats; optionally save the tokenizer files")
     pp.add_argument("--gguf", required=True)
     pp.add_argument("--chat", required=True, help="chat JSONL ({'messages': [...]} per line)")
     pp.add_argument("--max-seq-len", type=int, required=True)
     pp.add_argument("--tokens-out", required=True)
-    pp.add_argument("--hf-dir", default=None)
+    pp.add_argument("--tokenizer-dir", default=None, help="also save the tokenizer files here")
     pp.set_defaults(fn=prepare)
     pt = sub.add_parser("train", help="LoRA training loop over bench.py's batches")
     pt.add_argument("--gguf", required=True)
