@@ -303,17 +303,23 @@ def data():
 @data.command("check")
 @click.argument("file", type=click.Path(dir_okay=False))
 @click.option("--model", default=None, help="tokenize with this model's tokenizer (default: the recipe's)")
-@click.option("--recipe", default=None, help="recipe whose max_seq_len and data settings apply")
-def data_check(file, model, recipe):
-    """Validate a training file: problems by line, counts, token lengths.
+@click.option("--recipe", default=None, help="recipe whose max_seq_len, data and train settings apply")
+@click.option("--runs-dir", default="runs", show_default=True, type=click.Path(file_okay=False),
+              help="past runs whose measured speed estimates the training time")
+def data_check(file, model, recipe, runs_dir):
+    """Validate a training file: problems by line, role counts, a token-length histogram
+    (against max_seq_len and the model's context), exact and near duplicates, and how long
+    the recipe's training would take (at the speed measured by your recent runs of the model,
+    or a default).
 
     Exits with status 1 when a line has a problem.
 
     \b
     Example:
       edgeft data check chats.jsonl
+      edgeft data check chats.jsonl --model qwen2.5-0.5b-instruct --recipe brand-voice
     """
-    from edgeft import dataset, hub, run
+    from edgeft import dataset, hub, plan, run
 
     try:
         cfg = cfgmod.load_recipe(recipe)
@@ -321,11 +327,22 @@ def data_check(file, model, recipe):
             cfg.model.name = model
         if not Path(file).is_file():
             raise ConfigError(f"{file}: no such file")
-        tok = run.load_model(hub.resolve(cfg.model.name, quiet=True), tokenizer_only=True).tokenizer
-        report = dataset.check_file(file, tok, cfg.data, cfg.model.max_seq_len)
+        loaded = run.load_model(hub.resolve(cfg.model.name, quiet=True), tokenizer_only=True)
+        report = dataset.check_file(file, loaded.tokenizer, cfg.data, cfg.model.max_seq_len)
     except user_errors() as e:
         _fail(e)
     click.echo(report.summary())
+    context = loaded.config.get("max_position_embeddings")
+    for line in dataset.length_histogram(report.lengths, cfg.model.max_seq_len, context):
+        click.echo(line)
+    for line in dataset.duplicate_lines(report):
+        click.echo(line)
+    speed = plan.measured_speed(runs_dir, cfg.model.name)
+    if speed is None:
+        import mlx.core as mx
+
+        speed = plan.default_speed(plan.base_parameters(loaded.config), "cpu" if mx.default_device() == mx.cpu else "gpu")
+    click.echo(plan.training_time_line(report, cfg.train, *speed))
     if report.problems:
         sys.exit(1)
 

@@ -13,10 +13,12 @@ quantized projections are dequantized to fp32 just in time, the model computes i
   transient     one layer's backward-pass temporaries
 
 The per-token and per-score byte counts are measured, not derived: fitted to MLX's peak
-(mx.get_peak_memory) over tiny models of 4 shapes x 2 depths x 6 batch shapes and over the real
-SmolLM2-135M at 10 batch shapes (mlx 0.32.4, Linux x86_64 CPU). The fit is within 7% on every
-SmolLM2 shape. Gradient checkpointing keeps only each layer's input and redoes one layer at a
-time. On Metal (not measured here) weights are not dequantized and activations are half width.
+(mx.get_peak_memory) during edgeft's own trainer.train over tiny models (9 shapes: width 64-256,
+MLP 128-1024, 2 or 4 layers, 4 or 8 heads; 7 batch shapes each) and the real SmolLM2-135M at
+10 batch shapes from 1x128 to 4x256 and 1x1024 (mlx 0.32.4, Linux x86_64 CPU). The estimate is
+within 8% on every SmolLM2 shape and within 10% on every tiny one but the smallest batch (2x32
+tokens: over by up to 19%). Gradient checkpointing is estimated conservatively (see estimate_peak_bytes).
+On Metal (not measured here) weights are not dequantized and activations are half width.
 
 Disk: the checkpoints kept (one more while a new one is written), the final adapters, and the
 exported GGUF at its quantization (plus llama.cpp's f16 intermediate for K-quants).
@@ -33,13 +35,13 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-RUNTIME_BYTES = 115_000_000  # peak RSS of `edgeft tune` on a tiny model minus MLX's own peak
+RUNTIME_BYTES = 120_000_000  # peak RSS of `edgeft tune` on tiny models minus MLX's peak: 115-126 MB
 # Bytes per unit, fitted (see the module docstring):
-ACT_PER_H = 28.0  # saved per token, per adapted layer, per hidden unit (~7 fp32 values)
-ACT_PER_I = 20.0  # ... per MLP intermediate unit (~5 fp32 values)
-TRANSIENT_PER_I = 21.5  # one layer's backward temporaries, per token per intermediate unit
-ATTN_SAVED = 4.0  # per head, per (query, key) pair, per adapted layer
-ATTN_TRANSIENT = 12.0  # per head, per (query, key) pair, one layer at a time
+ACT_PER_H = 36.6  # saved per token, per adapted layer, per hidden unit (~9 fp32 values)
+ACT_PER_I = 18.6  # ... per MLP intermediate unit (~5 fp32 values)
+TRANSIENT_PER_I = 26.1  # one layer's backward temporaries, per token per intermediate unit
+ATTN_SAVED = 4.8  # per head, per (query, key) pair, per adapted layer
+ATTN_TRANSIENT = 3.4  # per head, per (query, key) pair, one layer at a time
 LOGITS_PER_V = 16.0  # per loss position per vocabulary entry: logits, softmax, their gradients
 LORA_COPIES = 5  # fp32: parameters, 2 AdamW moments, gradient, clipped gradient
 CHECKPOINT_FILES = 3  # adapters + optimizer moments: 3 fp32 values per adapter parameter
@@ -183,14 +185,13 @@ def estimate_peak_bytes(config: dict, lora_cfg, batch_size: int, seq_len: int, q
     deq_head = 4 * d["V"] * d["H"] if (cpu and quant.head_quantized) else 0
     per_token_layer = ACT_PER_H * d["H"] + ACT_PER_I * d["I"]
     pairs = B * d["heads"] * T * T
-    if grad_checkpoint:  # each layer keeps its input; one layer at a time is redone
-        dequantized = deq_head + deq_layer
-        activations = N * (4 * d["H"] * L + per_token_layer)
-        attention = pairs * (ATTN_SAVED + ATTN_TRANSIENT)
-    else:
-        dequantized = deq_head + deq_layer * L
-        activations = N * L * per_token_layer
-        attention = pairs * (ATTN_SAVED * L + ATTN_TRANSIENT)
+    # Gradient checkpointing (mlx-lm's, per block) frees the dequantized copies. It does not
+    # reliably free the activations: MLX evaluates the whole backward graph at once, and the
+    # measured peaks kept 20-60% of them on SmolLM2 and all of them on tiny models, so they
+    # are all counted (an over-estimate by up to ~80% on SmolLM2: safe, not tight).
+    dequantized = deq_head + deq_layer * (1 if grad_checkpoint else L)
+    activations = N * L * per_token_layer
+    attention = pairs * (ATTN_SAVED * L + ATTN_TRANSIENT)
     return Breakdown(
         runtime=int(runtime_bytes),
         weights=int(quant.weight_bytes),
@@ -513,3 +514,68 @@ def plan_run(cfg) -> tuple[list[str], bool]:
                  f"{'fits' if disk_ok else 'does not fit'}")
     lines += [f"  note: {n}" for n in disk.notes]
     return lines, ok
+
+
+# ---------------------------------------------------------------------------------------------
+# Time
+
+# When no run of the model has been measured yet: tokens/s of a 135M model (SmolLM2), scaled
+# by 135M / parameters. CPU: edgeft measured 99-145 tokens/s on a 2-core Zen 4 (FACTS.md);
+# Metal: a guess (not measured here), an M1-class GPU at ~10x a 2-core CPU.
+DEFAULT_TOKENS_PER_S = {"cpu": 100.0, "gpu": 1000.0}
+REFERENCE_PARAMETERS = 135e6
+
+
+def measured_speed(runs_dir, model_name: str | None = None, recent: int = 5) -> tuple[float, str] | None:
+    """Median training tokens/s over the newest `recent` runs of `model_name` under runs_dir
+    (their metrics.jsonl; each run's first step, which warms up, left out), or None."""
+    import statistics
+
+    runs = []
+    for metrics in Path(runs_dir).glob("*/metrics.jsonl"):
+        try:
+            cfg = json.loads((metrics.parent / "config.json").read_text(encoding="utf-8"))
+            if model_name is not None and cfg.get("model", {}).get("name") != model_name:
+                continue
+            runs.append((metrics.stat().st_mtime, metrics))
+        except (OSError, ValueError, AttributeError):
+            continue
+    speeds, used = [], 0
+    for _, metrics in sorted(runs, reverse=True)[:recent]:
+        run_speeds = []
+        for line in metrics.read_text(encoding="utf-8", errors="replace").splitlines():
+            try:
+                rec = json.loads(line)
+                if rec.get("kind") == "train" and rec.get("step", 0) > 1 and rec.get("tokens_per_s", 0) > 0:
+                    run_speeds.append(float(rec["tokens_per_s"]))
+            except (ValueError, TypeError, AttributeError):
+                continue  # a line cut short by a crash
+        speeds += run_speeds
+        used += bool(run_speeds)
+    if not speeds:
+        return None
+    return statistics.median(speeds), f"median of {used} recent run{'s' if used != 1 else ''} in {runs_dir}"
+
+
+def default_speed(parameters: int, device: str = "cpu") -> tuple[float, str]:
+    tps = DEFAULT_TOKENS_PER_S[device] * REFERENCE_PARAMETERS / max(parameters, 1)
+    return tps, f"edgeft's default for {device.upper()}, no run of this model measured yet"
+
+
+def training_time_line(report, train_cfg, tokens_per_s: float, source: str) -> str:
+    """One line: how long `steps` optimizer steps over this data should take."""
+    if not report.samples:
+        return "training time: no usable samples"
+    per_sample = report.total_tokens / report.samples
+    samples = train_cfg.steps * train_cfg.batch_size * train_cfg.grad_accum
+    seconds = samples * per_sample / max(tokens_per_s, 1e-9)
+    return (f"training time: about {_duration(seconds)} for {train_cfg.steps} steps "
+            f"({samples / report.samples:.1f} epochs of {report.samples} samples, {per_sample:.0f} tokens "
+            f"each) at {tokens_per_s:.0f} tokens/s ({source})")
+
+
+def _duration(s: float) -> str:
+    s = int(round(s))
+    if s >= 3600:
+        return f"{s // 3600}h{s % 3600 // 60:02d}m"
+    return f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"
