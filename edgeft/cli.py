@@ -226,9 +226,12 @@ def chat(run_dir, prompt, system, max_tokens, temperature, base):
 
     def reply(text: str) -> str:
         history.append({"role": "user", "content": text})
-        answer = generate.chat(
-            loaded.model, loaded.tokenizer, history, max_tokens=max_tokens, temperature=temperature
-        )
+        try:  # the model's chat template runs here: a refusal is one line, not a traceback
+            answer = generate.chat(
+                loaded.model, loaded.tokenizer, history, max_tokens=max_tokens, temperature=temperature
+            )
+        except user_errors() as e:
+            _fail(e)
         history.append({"role": "assistant", "content": answer})
         return answer
 

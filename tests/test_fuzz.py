@@ -438,6 +438,24 @@ def test_hostile_chat_template_in_a_gguf_is_refused_through_the_pipeline(tmp_pat
     assert r.exit_code == 1 and "chat template" in r.output and "Traceback" not in r.output
 
 
+def test_hostile_chat_template_is_refused_by_chat_too(tmp_path, tiny_parts, monkeypatch):
+    """Plain-text training never renders the template; `edgeft chat` does, and refuses it."""
+    monkeypatch.setenv("EDGEFT_HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    cfg, tensors = tiny_parts
+    path = tmp_path / "hostile.gguf"
+    write_gguf(path, cfg, tensors, "q8_0", extra_metadata={G.KEY_CHAT_TEMPLATE: HOSTILE_TEMPLATES[1]})
+    text = tmp_path / "text.jsonl"
+    text.write_text("".join(json.dumps({"text": f"tea number {i} is good"}) + "\n" for i in range(4)))
+    r = CliRunner().invoke(main, ["tune", "--data", str(text), "--model", str(path), "--steps", "1", "--eval-every", "0",
+                                  "--no-export", "--runs-dir", str(tmp_path / "runs"), "--name", "t"])
+    assert r.exit_code == 0, r.output
+    r = CliRunner().invoke(main, ["chat", str(tmp_path / "runs" / "t"), "--prompt", "hi", "--max-tokens", "2"])
+    assert r.exit_code == 1 and isinstance(r.exception, SystemExit), (r.output, r.exception)
+    assert r.output.startswith("Error: chat template") and "unsafe" in r.output and r.output.count("\n") == 1
+    assert not (tmp_path / "PWNED").exists()
+
+
 def test_zz_fuzz_counts():
     """Runs last: the figures the README quotes."""
     print(f"\nfuzz: {COUNTS['jsonl']} JSONL files through the loader ({COUNTS['jsonl_cli']} through "
