@@ -195,6 +195,29 @@ def adapter_tensors(model, config: dict, qk_layout: str) -> tuple[list[TensorSpe
     return specs, alphas.pop()
 
 
+def with_lora_of(model, loaded):
+    """`model` (an mlx-lm model on a GGUF's weights, llama.cpp row order) with the LoRA
+    layers of `loaded.model` transplanted: what llama.cpp computes for base + adapter."""
+    import mlx.core as mx
+    from mlx.utils import tree_unflatten
+    from mlx_lm.tuner.lora import LoRALinear
+
+    from edgeft.lora import lora_layers
+
+    permute = needs_qk_permute(loaded.config, loaded.qk_layout)
+    modules = dict(model.named_modules())
+    swaps = []
+    for name, layer in lora_layers(loaded.model):
+        new = LoRALinear.from_base(modules[name], r=layer.lora_a.shape[1], scale=layer.scale)
+        heads = _qk_heads(f"{name}.weight", loaded.config) if permute else None
+        b = layer.lora_b.astype(mx.float32)
+        new.lora_a = layer.lora_a.astype(mx.float32)
+        new.lora_b = mx.array(G.permute_qk(np.array(b).T, heads).T) if heads else b
+        swaps.append((name, new))
+    model.update_modules(tree_unflatten(swaps))
+    return model
+
+
 def _ggml_type(name: str, shape: tuple[int, ...], quant: str):
     """What a tensor is stored as: norms, biases and other vectors stay F32 (as llama.cpp
     does); rows a block type cannot divide fall back to F16."""
@@ -564,6 +587,8 @@ def _export_adapter(loaded, run_name, quant, out, verify, system, log) -> Export
     targets = [out]
     base_out = None
     if loaded.fmt != "gguf":
+        if quant in LLAMA_CPP_QUANTS:
+            raise ExportError("a folder base is exported beside its adapter as f16, bf16, q8_0, q4_0 or q4_1")
         base_out = out.with_name(f"{run_name}-base-{quant}.gguf")
         targets.append(base_out)
     parity = None
@@ -571,8 +596,6 @@ def _export_adapter(loaded, run_name, quant, out, verify, system, log) -> Export
         log(f"writing LoRA adapter GGUF (alpha {alpha:g}, {len(specs) // 2} tensor pairs)")
         write_gguf(tmps[0], arch, md, specs, "f32")
         if base_out is not None:
-            if quant in LLAMA_CPP_QUANTS:
-                raise ExportError("a folder base is exported beside its adapter as f16, bf16, q8_0, q4_0 or q4_1")
             log(f"the base is a folder: writing it as {base_out.name} for the adapter to apply to")
             base_md = model_metadata(loaded, run_name, quant, None, log)
             base_md[G.KEY_NAME], base_md[KEY_FINETUNE] = G.scalar(base_md[KEY_BASE_MODEL_NAME]), None
@@ -580,8 +603,9 @@ def _export_adapter(loaded, run_name, quant, out, verify, system, log) -> Export
             write_gguf(tmps[1], arch, base_md, model_tensors(loaded.model, loaded.config, loaded.qk_layout), quant)
         base_path = tmps[1] if base_out is not None else Path(loaded.path)
         if verify:
-            parity = V.compare(base_path, loaded.model, loaded.tokenizer, lora=tmps[0], system_prompt=system,
-                               kind=V.precision_class(base_path))
+            reference = with_lora_of(V.file_model(base_path), loaded)
+            parity = V.compare(base_path, reference, loaded.tokenizer, lora=tmps[0], system_prompt=system,
+                               kind=V.precision_class(base_path), tuned=loaded.model)
             parity.file, parity.lora = base_out or Path(loaded.path), out
             _check(parity, log)
     base_final = base_out or Path(loaded.path)

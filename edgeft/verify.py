@@ -9,8 +9,8 @@ Two MLX references, two questions:
 - the file's own weights (gguf-py dequantizes them into an mlx-lm model): does llama.cpp
   run this file as edgeft means it (names, Q/K row order, metadata, tokenizer, adapter
   scale)? This figure gates the export.
-- the tuned model (base + LoRA, fp32): how much did quantizing to this type cost? Shown as
-  "vs tuned" when it differs from the first.
+- the tuned model (base + LoRA, fp32, as trained): how much did quantizing to this type
+  cost? Shown in the "vs tuned" column.
 
 Even on identical weights llama.cpp differs from MLX: it multiplies quantized weights
 against 8-bit-quantized activations (f16 weights against f16 activations), so the bar
@@ -326,5 +326,8 @@ def verify_file(path, run_dir=None, base=None, log: Callable[[str], None] = prin
             if len(found) != 1:
                 raise VerifyError(f"{path}: cannot tell which base GGUF it applies to: pass --base BASE.gguf")
             base = found[0]
-    return compare(base, loaded.model, loaded.tokenizer, lora=path, system_prompt=system,
-                   kind=precision_class(base))
+    from edgeft.export import with_lora_of
+
+    reference = with_lora_of(file_model(base), loaded)
+    return compare(base, reference, loaded.tokenizer, lora=path, system_prompt=system,
+                   kind=precision_class(base), tuned=loaded.model)

@@ -222,6 +222,10 @@ def test_system_prompt_becomes_the_default(tmp_path):
     user = [{"role": "user", "content": "hi"}]
     text = render_template(md[G.KEY_CHAT_TEMPLATE], user, add_generation_prompt=True)
     assert text.startswith('<|im_start|>system\nBe "brief".\nAlways.<|im_end|>\n<|im_start|>user\nhi')
+    from llama_cpp.llama_chat_format import Jinja2ChatFormatter  # what llama-cpp-python runs
+
+    lcp = Jinja2ChatFormatter(md[G.KEY_CHAT_TEMPLATE], eos_token="<|im_end|>", bos_token="<|endoftext|>")
+    assert lcp(messages=user).prompt == text
     own = [{"role": "system", "content": "Mine."}, *user]
     assert render_template(md[G.KEY_CHAT_TEMPLATE], own).startswith("<|im_start|>system\nMine.<|im_end|>")
     mf = r.modelfile.read_text()
