@@ -5,9 +5,22 @@ CPU: ``mx.quantized_matmul`` runs ~50x slower than dequantizing the weight and d
 matmul through BLAS (1024x576 @ 576x1536: 800 ms against 15 ms, ../shared/FACTS.md), and CPU
 half-precision matmul has no BLAS path at all. So on CPU every quantized layer dequantizes
 its weight just in time (the base stays 4-bit in memory) and the model computes in fp32.
+
+Packed batches (CPU): the samples of a batch are laid end to end in one row with no padding, so
+no work is spent on padding. ``packed(Packing(lengths))`` around the forward makes attention
+stay within each sample and RoPE positions restart at 0 for each: the model computes for every
+sample exactly what it computes for that sample alone. mlx-lm's models are used unchanged:
+``prepare`` gives their RoPE modules a twin that rotates each sample separately, and routes the
+``scaled_dot_product_attention`` their module calls through a wrapper that attends within each
+sample, and does nothing different outside ``packed``.
 """
 
 from __future__ import annotations
+
+import sys
+from contextlib import contextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -56,7 +69,8 @@ def prepare(model: nn.Module, cpu: bool | None = None) -> nn.Module:
     """Make `model` compute the fast way for the current device (in place; returns it).
 
     On CPU: quantized layers switch to their dequantize-then-BLAS twins (same parameters,
-    same file layout) and half-precision parameters become fp32.
+    same file layout), half-precision parameters become fp32, and the attention layers learn
+    to take packed batches (see :func:`can_pack`).
     """
     if cpu is None:
         cpu = on_cpu()
@@ -66,6 +80,9 @@ def prepare(model: nn.Module, cpu: bool | None = None) -> nn.Module:
         twin = _CPU_CLASSES.get(type(module))
         if twin is not None:
             module.__class__ = twin
+    for attn in _attention_modules(model):
+        attn.rope.__class__ = _packed_rope_class(type(attn.rope))
+        _hook_sdpa(sys.modules[type(attn).__module__])
 
     def to_fp32(x):
         return x.astype(mx.float32) if x.dtype in (mx.float16, mx.bfloat16) else x
@@ -107,3 +124,105 @@ def prepare_inference(model: nn.Module, cpu: bool | None = None) -> nn.Module:
         model.update_modules(tree_unflatten(dense))
     mx.eval(model.parameters())
     return model
+
+
+# ---------------------------------------------------------------------------------------------
+# Packed batches
+
+
+class PackingError(RuntimeError):
+    pass
+
+
+@dataclass(frozen=True)
+class Packing:
+    """A row of samples of these lengths laid end to end (axis -2 of attention tensors)."""
+
+    lengths: tuple[int, ...]
+
+    @property
+    def total(self) -> int:
+        return sum(self.lengths)
+
+    def split(self, x: mx.array) -> list[mx.array]:
+        if x.ndim < 3 or x.shape[0] != 1 or x.shape[-2] != self.total:
+            raise PackingError(f"packed batch of {self.total} tokens, but a tensor of shape {tuple(x.shape)}")
+        parts, start = [], 0
+        for n in self.lengths:
+            parts.append(x[..., start : start + n, :])
+            start += n
+        return parts
+
+    def join(self, parts: list[mx.array]) -> mx.array:
+        return parts[0] if len(parts) == 1 else mx.concatenate(parts, axis=-2)
+
+
+_PACKING: ContextVar[Packing | None] = ContextVar("edgeft_packing", default=None)
+
+
+@contextmanager
+def packed(packing: Packing | None):
+    """Within: the model's input row is `packing` (None: an ordinary batch)."""
+    token = _PACKING.set(packing)
+    try:
+        yield
+    finally:
+        _PACKING.reset(token)
+
+
+def _attention_modules(model: nn.Module) -> list[nn.Module]:
+    return [m for _, m in model.named_modules() if isinstance(getattr(m, "rope", None), nn.Module)]
+
+
+_ROPE_TWINS: dict[type, type] = {}
+
+
+def _packed_rope_class(cls: type) -> type:
+    if getattr(cls, "_edgeft_packed", False):
+        return cls
+    if cls not in _ROPE_TWINS:
+
+        def __call__(self, x, offset=0):
+            packing = _PACKING.get()
+            if packing is None:
+                return cls.__call__(self, x, offset)
+            if not (isinstance(offset, int) and offset == 0):
+                raise PackingError("a packed batch cannot continue from a cache offset")
+            return packing.join([cls.__call__(self, part, 0) for part in packing.split(x)])
+
+        _ROPE_TWINS[cls] = type(cls.__name__, (cls,), {"__call__": __call__, "_edgeft_packed": True})
+    return _ROPE_TWINS[cls]
+
+
+def _per_sample_sdpa(original):
+    def scaled_dot_product_attention(queries, keys, values, cache=None, scale=1.0, mask=None, **kwargs):
+        packing = _PACKING.get()
+        if packing is None:
+            return original(queries, keys, values, cache=cache, scale=scale, mask=mask, **kwargs)
+        if cache is not None or not (isinstance(mask, str) and mask == "causal") or kwargs.get("sinks") is not None:
+            raise PackingError(f"packed batches need plain causal attention, got mask={mask!r}")
+        parts = zip(packing.split(queries), packing.split(keys), packing.split(values))
+        return packing.join([original(q, k, v, cache=None, scale=scale, mask="causal") for q, k, v in parts])
+
+    scaled_dot_product_attention._edgeft_original = original
+    return scaled_dot_product_attention
+
+
+def _hook_sdpa(module) -> None:
+    fn = getattr(module, "scaled_dot_product_attention", None)
+    if fn is not None and not hasattr(fn, "_edgeft_original"):
+        module.scaled_dot_product_attention = _per_sample_sdpa(fn)
+
+
+def can_pack(model: nn.Module) -> bool:
+    """Whether `model` computes packed batches correctly: prepared for CPU, every attention
+    layer of a kind this module knows (RoPE twin, hooked attention call, no sliding window)."""
+    attns = _attention_modules(model)
+    args = getattr(model, "args", None)
+    if not attns or getattr(args, "sliding_window", None) is not None:
+        return False
+    for attn in attns:
+        fn = getattr(sys.modules[type(attn).__module__], "scaled_dot_product_attention", None)
+        if not getattr(type(attn.rope), "_edgeft_packed", False) or not hasattr(fn, "_edgeft_original"):
+            return False
+    return True

@@ -671,6 +671,24 @@ def collate(batch: list[Sample]) -> tuple[mx.array, mx.array, mx.array]:
     return mx.array(inputs), mx.array(targets), mx.array(loss_mask)
 
 
+def pack(inputs, targets, loss_mask) -> tuple[mx.array, mx.array, mx.array, tuple[int, ...]]:
+    """A padded batch as one row [1, N] with no padding: each sequence cut after its last loss
+    position (what follows cannot change the loss: attention is causal), sequences without
+    loss dropped, the rest laid end to end. Returns the row's inputs, targets, loss mask and
+    the sequence lengths (for edgeft.backend.Packing). N is what collate's batch counts as
+    input tokens; the loss positions keep their order."""
+    m = np.asarray(loss_mask) > 0
+    keep = m.any(axis=1)
+    ends = np.where(keep, m.shape[1] - np.argmax(m[:, ::-1], axis=1), 0)
+    rows = [(b, int(ends[b])) for b in range(m.shape[0]) if keep[b]]
+    x, y, w = np.asarray(inputs), np.asarray(targets), np.asarray(loss_mask)
+
+    def row(a):
+        return mx.array(np.concatenate([a[b, :n] for b, n in rows] or [a[0, :0]])[None])
+
+    return row(x), row(y), row(w), tuple(n for _, n in rows)
+
+
 def iterate_batches(samples: list[Sample], batch_size: int, seed: int, start_step: int = 0):
     """Batches forever, a pure function of (seed, step).
 

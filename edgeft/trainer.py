@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import inspect
 import json
 import math
 import os
@@ -30,6 +31,7 @@ import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
+from edgeft import backend, dataset
 from edgeft.config import TrainConfig
 from edgeft.io import atomic_save_safetensors, atomic_write_text, fsync_dir
 from edgeft.lora import adapter_parameters
@@ -113,13 +115,17 @@ def loss_positions(targets: mx.array, loss_mask: mx.array) -> tuple[mx.array, mx
     return mx.array(idx), mx.array(tgt)
 
 
-def lm_loss(model: nn.Module, inputs: mx.array, idx: mx.array, tgt: mx.array) -> tuple[mx.array, mx.array]:
+def lm_loss(
+    model: nn.Module, inputs: mx.array, idx: mx.array, tgt: mx.array, lengths: tuple[int, ...] | None = None
+) -> tuple[mx.array, mx.array]:
     """Mean cross-entropy over the loss positions only.
 
     The vocabulary projection and softmax, the most expensive part of a small model's step,
-    run only where there is loss (assistant tokens), not over prompt and padding.
+    run only where there is loss (assistant tokens), not over prompt and padding. With
+    `lengths`, inputs is one packed row of sequences of these lengths (dataset.pack).
     """
-    h = model.model(inputs)
+    with backend.packed(backend.Packing(tuple(lengths)) if lengths else None):
+        h = model.model(inputs)
     h = h.reshape(-1, h.shape[-1])[idx]
     logits = output_head(model)(h).astype(mx.float32)
     ntoks = idx.size
@@ -248,14 +254,27 @@ def load_checkpoint(ckpt: Path, model, optimizer) -> TrainState:
 # The loop
 
 
+def loss_inputs(model, loss_fn, inputs, targets, mask) -> tuple[tuple, int]:
+    """The arguments after `model` that loss_fn gets for this batch, and its input tokens.
+
+    A loss function that takes `lengths` gets the batch packed (no padding computed) when
+    the model's backend can compute packed batches exactly."""
+    if "lengths" in inspect.signature(loss_fn).parameters and backend.can_pack(model):
+        inputs, targets, mask, lengths = dataset.pack(inputs, targets, mask)
+        idx, tgt = loss_positions(targets, mask)
+        return (inputs, idx, tgt, lengths), inputs.shape[1]
+    idx, tgt = loss_positions(targets, mask)
+    return (inputs, idx, tgt), _input_tokens(mask)
+
+
 def evaluate(model, batches: Iterable[Batch], loss_fn=lm_loss) -> float:
     """Token-weighted mean loss over the batches."""
     total, count = 0.0, 0
     for batch in batches:
-        idx, tgt = loss_positions(batch[1], batch[2])
-        if idx.size == 0:
+        args, _ = loss_inputs(model, loss_fn, *batch[:3])
+        if args[1].size == 0:
             continue
-        loss, n = loss_fn(model, batch[0], idx, tgt)
+        loss, n = loss_fn(model, *args)
         mx.eval(loss)
         total += loss.item() * n.item()
         count += n.item()
@@ -367,17 +386,16 @@ def train(
         mx.random.seed(step_seed(cfg.seed, state.step))
         grads_sum, loss_sum, ntok_sum, step_tokens = None, 0.0, 0, 0
         for _ in range(cfg.grad_accum):
-            inputs, targets, mask = next(batches)[:3]
-            idx, tgt = loss_positions(targets, mask)
-            if idx.size == 0:
+            args, ntok_in = loss_inputs(model, loss_fn, *next(batches)[:3])
+            n = args[1].size
+            if n == 0:
                 continue
-            (loss, ntoks), grads = loss_and_grad(model, inputs, idx, tgt)
-            n = idx.size
+            (loss, ntoks), grads = loss_and_grad(model, *args)
             grads = tree_map_scale(grads, n)
             grads_sum = grads if grads_sum is None else tree_add(grads_sum, grads)
             loss_sum = loss * n + loss_sum
             ntok_sum += n
-            step_tokens += _input_tokens(mask)
+            step_tokens += ntok_in
             mx.eval(grads_sum, loss_sum)
         if grads_sum is None:
             raise TrainingError(f"step {state.step + 1}: no batch carried any loss token")

@@ -1,0 +1,373 @@
+"""Where the time of one LoRA training step goes, on this machine, on realistic chat batches.
+
+SmolLM2-135M-Instruct (Q4_1 GGUF), LoRA rank 8 on all 7 projections, batch 4 x at most 256
+tokens of chats built from /work/shared/data/seed_tasks.jsonl (user = instruction + input,
+assistant = output), as the benchmark does. The machine is shared, so every comparison
+interleaves its contestants step by step on the same batches and reports medians and ratios;
+wall time and this process's CPU time are both shown (CPU time suffers less from neighbours).
+
+    python scripts/profile_step.py phases            # forward / loss / backward / optimizer
+    python scripts/profile_step.py ablate            # what each op family costs inside a step
+    python scripts/profile_step.py ab A B ...        # step variants, interleaved (see VARIANTS)
+    python scripts/profile_step.py micro             # single ops at the model's shapes
+
+Thread settings are per process: compare them with alternating runs of `ab base`, e.g.
+``for i in 1 2 3; do KMP_BLOCKTIME=0 python ... ab base; python ... ab base; done``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import edgeft  # noqa: F401  (fast BLAS before mlx)
+import mlx.core as mx
+import mlx.nn as nn
+import mlx.optimizers as optim
+import numpy as np
+
+from edgeft import backend, dataset, hub, loader, lora, trainer
+from edgeft.config import DataConfig, LoRAConfig
+
+SEED_TASKS = Path("/work/shared/data/seed_tasks.jsonl")
+
+
+# ---------------------------------------------------------------------------------------------
+# Setup
+
+
+def chat_file(src: Path, out: Path) -> Path:
+    with open(src, encoding="utf-8") as f, open(out, "w", encoding="utf-8") as w:
+        for line in f:
+            task = json.loads(line)
+            inst = task["instances"][0]
+            user = task["instruction"] + (f"\n\n{inst['input']}" if inst["input"] else "")
+            msgs = [{"role": "user", "content": user}, {"role": "assistant", "content": inst["output"]}]
+            w.write(json.dumps({"messages": msgs}) + "\n")
+    return out
+
+
+def setup(args):
+    """(model, samples) with LoRA applied the way `edgeft tune` does it."""
+    loaded = loader.load(hub.resolve(args.model, quiet=True))
+    backend.prepare(loaded.model)
+    mx.random.seed(0)
+    lora.apply_lora(loaded.model, LoRAConfig(rank=args.rank))
+    with tempfile.TemporaryDirectory() as tmp:
+        path = chat_file(Path(args.data), Path(tmp) / "chat.jsonl")
+        samples, _ = dataset.load_samples(path, loaded.tokenizer, DataConfig(), args.max_seq_len)
+    return loaded.model, samples
+
+
+def fixed_batches(samples, args):
+    it = dataset.iterate_batches(samples, args.batch_size, seed=0)
+    return [next(it) for _ in range(args.batches)]
+
+
+def real_tokens(batch) -> int:
+    return trainer._input_tokens(batch[2])
+
+
+class Clock:
+    """Wall and process-CPU seconds of a block, after forcing evaluation."""
+
+    def __init__(self):
+        self.wall, self.cpu = [], []
+
+    @contextmanager
+    def __call__(self):
+        w, c = time.perf_counter(), time.process_time()
+        yield
+        self.wall.append(time.perf_counter() - w)
+        self.cpu.append(time.process_time() - c)
+
+
+def rss_peak_reset():
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+    mx.reset_peak_memory()
+
+
+def rss_peak_gb() -> float:
+    try:
+        for line in open("/proc/self/status"):
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024 / 1e9
+    except OSError:
+        pass
+    return float("nan")
+
+
+# ---------------------------------------------------------------------------------------------
+# Step variants: each is (name, make) where make(model) -> step(batch) -> None
+
+
+def default_step(model, loss_fn=trainer.lm_loss):
+    """One optimizer step as trainer.train takes it (packing decided by trainer.loss_inputs)."""
+    loss_and_grad = nn.value_and_grad(model, loss_fn)
+    opt = optim.AdamW(learning_rate=1e-5)
+
+    def step(batch):
+        args, _ = trainer.loss_inputs(model, loss_fn, *batch[:3])
+        (loss, _), grads = loss_and_grad(model, *args)
+        opt.update(model, grads)
+        mx.eval(model.trainable_parameters(), opt.state, loss)
+
+    return step
+
+
+def padded_loss(model, inputs, idx, tgt):
+    """lm_loss on the padded batch (no `lengths` parameter: trainer.loss_inputs does not pack)."""
+    return trainer.lm_loss(model, inputs, idx, tgt)
+
+
+VARIANTS = {
+    "base": default_step,
+    "padded": lambda m: default_step(m, padded_loss),
+}
+
+
+def run_interleaved(model, batches, makers: dict, repeats: int) -> dict:
+    steps = {name: make(model) for name, make in makers.items()}
+    clocks = {name: Clock() for name in steps}
+    peaks = {name: [] for name in steps}
+    for name, step in steps.items():  # warm-up (compiles, allocator)
+        step(batches[0])
+    for r in range(repeats):
+        for b in batches:
+            for name, step in steps.items():
+                rss_peak_reset()
+                with clocks[name]():
+                    step(b)
+                peaks[name].append((mx.get_peak_memory() / 1e9, rss_peak_gb()))
+    ntok = sum(real_tokens(b) for b in batches)
+    out = {}
+    for name, c in clocks.items():
+        n = len(batches)
+        wall = [sum(c.wall[i : i + n]) for i in range(0, len(c.wall), n)]
+        cpu = [sum(c.cpu[i : i + n]) for i in range(0, len(c.cpu), n)]
+        out[name] = {
+            "tok_s": ntok / statistics.median(wall),
+            "tok_cpu_s": ntok / statistics.median(cpu),
+            "wall_s": statistics.median(wall) / n,
+            "mlx_peak_gb": max(p[0] for p in peaks[name]),
+            "rss_peak_gb": max(p[1] for p in peaks[name]),
+        }
+    return out
+
+
+def show(results: dict, first: str | None = None):
+    first = first or next(iter(results))
+    print(f"{'variant':24s} {'tok/s':>8s} {'tok/cpu-s':>9s} {'s/step':>7s} {'x':>6s} {'mlx GB':>7s} {'rss GB':>7s}")
+    for name, r in results.items():
+        ratio = r["tok_s"] / results[first]["tok_s"]
+        print(
+            f"{name:24s} {r['tok_s']:8.1f} {r['tok_cpu_s']:9.1f} {r['wall_s']:7.2f} {ratio:6.2f} "
+            f"{r['mlx_peak_gb']:7.2f} {r['rss_peak_gb']:7.2f}"
+        )
+    sys.stdout.flush()
+
+
+# ---------------------------------------------------------------------------------------------
+# Commands
+
+
+def cmd_ab(args, model, samples):
+    batches = fixed_batches(samples, args)
+    makers = {}
+    for name in args.variants:
+        if name not in VARIANTS:
+            raise SystemExit(f"unknown variant {name!r}; known: {', '.join(VARIANTS)}")
+        makers[name] = VARIANTS[name]
+    print(f"{len(batches)} batches, {sum(real_tokens(b) for b in batches)} real tokens, "
+          f"{args.repeats} repeats; env: " + " ".join(f"{k}={os.environ[k]}" for k in sorted(os.environ)
+                                                     if k.startswith(("KMP_", "OMP_", "MKL_", "EDGEFT_"))))
+    show(run_interleaved(model, batches, makers, args.repeats))
+
+
+def cmd_phases(args, model, samples):
+    """Forward only, forward + loss, forward + backward, optimizer: interleaved, per step."""
+    batches = fixed_batches(samples, args)
+    loss_and_grad = nn.value_and_grad(model, trainer.lm_loss)
+    opt = optim.AdamW(learning_rate=1e-5)
+
+    def hidden(x, lengths):
+        with backend.packed(backend.Packing(lengths) if lengths else None):
+            return model.model(x)
+
+    parts = {
+        "forward (hidden states)": lambda x, idx, tgt, lengths=None: mx.eval(hidden(x, lengths)),
+        "forward + head + CE": lambda *a: mx.eval(trainer.lm_loss(model, *a)),
+        "forward + backward": lambda *a: mx.eval(loss_and_grad(model, *a)),
+    }
+    prepped = [trainer.loss_inputs(model, trainer.lm_loss, *b[:3])[0] for b in batches]
+    grads = loss_and_grad(model, *prepped[0])[1]
+    mx.eval(grads)
+    clocks = {k: Clock() for k in list(parts) + ["optimizer update"]}
+    for name, f in parts.items():
+        f(*prepped[0])
+    for _ in range(args.repeats):
+        for p in prepped:
+            for name, f in parts.items():
+                with clocks[name]():
+                    f(*p)
+            with clocks["optimizer update"]():
+                opt.update(model, grads)
+                mx.eval(model.trainable_parameters(), opt.state)
+    med = {k: statistics.median(c.wall) for k, c in clocks.items()}
+    medc = {k: statistics.median(c.cpu) for k, c in clocks.items()}
+    step = med["forward + backward"] + med["optimizer update"]
+    ntok = statistics.mean(real_tokens(b) for b in batches)
+    print(f"median per step over {len(batches)} batches x {args.repeats}, {ntok:.0f} real tokens/step")
+    print(f"{'phase':32s} {'wall s':>8s} {'cpu s':>8s} {'share':>6s}")
+    rows = [
+        ("forward (hidden states)", med["forward (hidden states)"], medc["forward (hidden states)"]),
+        ("head + CE (forward)", med["forward + head + CE"] - med["forward (hidden states)"],
+         medc["forward + head + CE"] - medc["forward (hidden states)"]),
+        ("backward", med["forward + backward"] - med["forward + head + CE"],
+         medc["forward + backward"] - medc["forward + head + CE"]),
+        ("optimizer update", med["optimizer update"], medc["optimizer update"]),
+    ]
+    for name, w, c in rows:
+        print(f"{name:32s} {w:8.3f} {c:8.3f} {w / step:6.1%}")
+    print(f"{'step':32s} {step:8.3f} {'':8s} {'':6s}  -> {ntok / step:.1f} tok/s")
+
+
+# Ablations: each replaces one op family by a near-free stand-in inside the real step; the
+# step time saved is what that family costs (forward and backward together).
+
+
+@contextmanager
+def patched(obj, name, value):
+    old = getattr(obj, name)
+    setattr(obj, name, value)
+    try:
+        yield
+    finally:
+        setattr(obj, name, old)
+
+
+def ablations(model):
+    import mlx_lm.models.llama as llama
+
+    def no_silu(gate, x):
+        return gate * x
+
+    def attn_no_softmax(queries, keys, values, cache, scale, mask, sinks=None):
+        rep = queries.shape[1] // keys.shape[1]
+        if rep > 1:
+            keys, values = mx.repeat(keys, rep, axis=1), mx.repeat(values, rep, axis=1)
+        s = (queries * scale) @ keys.swapaxes(-1, -2)
+        return s @ values
+
+    def attn_composed(queries, keys, values, cache, scale, mask, sinks=None):
+        rep = queries.shape[1] // keys.shape[1]
+        if rep > 1:
+            keys, values = mx.repeat(keys, rep, axis=1), mx.repeat(values, rep, axis=1)
+        s = (queries * scale) @ keys.swapaxes(-1, -2)
+        L = s.shape[-1]
+        causal = mx.arange(L)[:, None] >= mx.arange(L)[None]
+        s = mx.where(causal, s, -mx.inf)
+        return mx.softmax(s, axis=-1) @ values
+
+    def no_ce(model, inputs, idx, tgt):
+        h = model.model(inputs)
+        h = h.reshape(-1, h.shape[-1])[idx]
+        logits = trainer.output_head(model)(h)
+        return logits.mean(), mx.array(idx.size)
+
+    def no_head(model, inputs, idx, tgt):
+        h = model.model(inputs)
+        return h.reshape(-1, h.shape[-1])[idx].mean(), mx.array(idx.size)
+
+    def with_patch(obj, name, value):
+        def make(m):
+            step = default_step(m)
+
+            def patched_step(batch):
+                with patched(obj, name, value):
+                    step(batch)
+
+            return patched_step
+
+        return make
+
+    return {
+        "base": default_step,
+        "silu -> identity": with_patch(llama, "swiglu", no_silu),
+        "sdpa -> composed": with_patch(llama, "scaled_dot_product_attention", attn_composed),
+        "sdpa -> no softmax": with_patch(llama, "scaled_dot_product_attention", attn_no_softmax),
+        "CE -> mean logits": lambda m: default_step(m, no_ce),
+        "head+CE -> mean h": lambda m: default_step(m, no_head),
+    }
+
+
+def cmd_ablate(args, model, samples):
+    batches = fixed_batches(samples, args)
+    res = run_interleaved(model, batches, ablations(model), args.repeats)
+    show(res)
+    base = res["base"]["wall_s"]
+    print("\ncost of each family (base step time minus the ablated step time):")
+    for name, r in res.items():
+        if name != "base":
+            print(f"  {name:24s} {base - r['wall_s']:7.3f} s  ({(base - r['wall_s']) / base:6.1%} of the step)")
+
+
+def cmd_micro(args, model, samples):
+    def bench(name, f, *a, n=7):
+        mx.eval(f(*a))
+        ts = []
+        for _ in range(n):
+            t = time.perf_counter()
+            mx.eval(f(*a))
+            ts.append(time.perf_counter() - t)
+        print(f"{name:48s} {statistics.median(ts) * 1e3:8.2f} ms", flush=True)
+
+    T = 512  # real tokens of a typical batch (4 chats of ~128 tokens)
+    x = mx.random.normal((T, 576))
+    g = mx.random.normal((T, 1536))
+    w = mx.random.normal((1536, 576))
+    bench("matmul 512x576 @ 576x1536 (gate/up)", lambda a, w: a @ w.T, x, w)
+    bench("matmul 512x1536 @ 1536x576 (down)", lambda a, w: a @ w, g, w)
+    wq = mx.quantize(w, group_size=32, bits=4)
+    bench("dequantize 1536x576 q4 g32", lambda: mx.dequantize(*wq, group_size=32, bits=4))
+    bench("exp 512x1536", mx.exp, g)
+    bench("silu 512x1536", nn.silu, g)
+    bench("rms_norm 512x576", lambda a: mx.fast.rms_norm(a, mx.ones(576), 1e-5), x)
+    q = mx.random.normal((4, 9, 128, 64))
+    k = mx.random.normal((4, 3, 128, 64))
+    bench("sdpa causal B4 H9/3 T128 D64", lambda q, k: mx.fast.scaled_dot_product_attention(q, k, k, scale=0.125, mask="causal"), q, k)
+    h = mx.random.normal((216, 576))
+    E = mx.random.normal((49152, 576))
+    bench("head 216x576 @ 576x49152", lambda h, E: h @ E.T, h, E)
+    bench("logsumexp 216x49152", lambda l: mx.logsumexp(l, axis=-1), h @ E.T)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("command", choices=["phases", "ablate", "ab", "micro"])
+    p.add_argument("variants", nargs="*", default=["base"])
+    p.add_argument("--model", default="smollm2-135m-instruct")
+    p.add_argument("--data", default=str(SEED_TASKS))
+    p.add_argument("--rank", type=int, default=8)
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--max-seq-len", type=int, default=256)
+    p.add_argument("--batches", type=int, default=3, help="distinct batches per repeat")
+    p.add_argument("--repeats", type=int, default=3)
+    args = p.parse_args()
+    model, samples = setup(args)
+    {"phases": cmd_phases, "ablate": cmd_ablate, "ab": cmd_ab, "micro": cmd_micro}[args.command](args, model, samples)
+
+
+if __name__ == "__main__":
+    main()

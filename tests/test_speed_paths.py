@@ -1,0 +1,117 @@
+"""The CPU speed paths compute the same mathematics as the plain ones, on tiny random models:
+packed batches (no padding, attention within each sample, positions restarting per sample)."""
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+import pytest
+from mlx.utils import tree_flatten, tree_unflatten
+from mlx_lm.models import llama, qwen3
+
+from edgeft import backend, dataset, lora, trainer
+from edgeft.config import LoRAConfig
+
+VOCAB = 96
+
+
+def tiny(arch="llama", seed=0, quantize=True):
+    mx.random.seed(seed)
+    common = dict(
+        hidden_size=64, num_hidden_layers=2, intermediate_size=128, num_attention_heads=4,
+        num_key_value_heads=2, rms_norm_eps=1e-5, vocab_size=VOCAB, tie_word_embeddings=True,
+    )
+    if arch == "llama":
+        model = llama.Model(llama.ModelArgs(model_type="llama", rope_traditional=True, **common))
+    else:
+        model = qwen3.Model(qwen3.ModelArgs(model_type="qwen3", head_dim=16, max_position_embeddings=512, rope_theta=1e4, **common))
+    if quantize:
+        nn.quantize(model, group_size=32, bits=4)
+    mx.eval(model.parameters())
+    return model
+
+
+def ragged_batch(seed=0):
+    """4 sequences of different lengths, right-padded with id 0; loss on the second half of
+    each, and one sequence without any loss token."""
+    rng = np.random.default_rng(seed)
+    lengths = [23, 9, 17, 30]
+    T = 32
+    inputs = np.zeros((4, T), np.int32)
+    targets = np.zeros((4, T), np.int32)
+    mask = np.zeros((4, T), np.float32)
+    for b, n in enumerate(lengths):
+        toks = rng.integers(1, VOCAB, n + 1)
+        inputs[b, :n], targets[b, :n] = toks[:-1], toks[1:]
+        if b != 2:
+            mask[b, n // 2 : n - 1] = 1  # the last input token carries no loss: pack cuts it
+    return mx.array(inputs), mx.array(targets), mx.array(mask)
+
+
+def test_pack_cuts_after_the_last_loss_token_and_drops_rows_without_loss():
+    inputs, targets, mask = ragged_batch()
+    x, y, m, lengths = dataset.pack(inputs, targets, mask)
+    assert lengths == (22, 8, 29)
+    assert x.shape == y.shape == m.shape == (1, sum(lengths))
+    assert x.shape[1] == trainer._input_tokens(mask)
+    np.testing.assert_array_equal(np.asarray(x)[0, :22], np.asarray(inputs)[0, :22])
+    np.testing.assert_array_equal(np.asarray(y)[0, 22:30], np.asarray(targets)[1, :8])
+    assert np.asarray(m).sum() == np.asarray(mask).sum()
+    # the loss positions come in the same order, so their targets are the same list
+    _, tgt_packed = trainer.loss_positions(y, m)
+    _, tgt_padded = trainer.loss_positions(targets, mask)
+    assert tgt_packed.tolist() == tgt_padded.tolist()
+
+
+def test_pack_of_a_batch_without_loss_is_empty():
+    inputs, targets, mask = ragged_batch()
+    x, _, _, lengths = dataset.pack(inputs, targets, mx.zeros_like(mask))
+    assert lengths == () and x.shape == (1, 0)
+
+
+def test_only_prepared_models_pack():
+    model = tiny()
+    assert not backend.can_pack(model)
+    backend.prepare(model, cpu=False)  # Metal: nothing changes
+    assert not backend.can_pack(model)
+    assert backend.can_pack(backend.prepare(model, cpu=True))
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+def test_packed_loss_and_gradients_equal_padded(arch):
+    """One packed row gives the loss and adapter gradients of the padded batch."""
+    model = backend.prepare(tiny(arch, seed=1), cpu=True)
+    mx.random.seed(2)
+    lora.apply_lora(model, LoRAConfig(rank=4))
+    # non-zero lora_b so that every adapter gets a gradient
+    bs = [(k, mx.random.normal(v.shape) * 0.1) for k, v in tree_flatten(model.trainable_parameters()) if k.endswith("lora_b")]
+    model.update(tree_unflatten(bs))
+    batch = ragged_batch(seed=3)
+    loss_and_grad = nn.value_and_grad(model, trainer.lm_loss)
+    padded_args, n_padded = trainer.loss_inputs(model, lambda m, x, i, t: None, *batch)
+    packed_args, n_packed = trainer.loss_inputs(model, trainer.lm_loss, *batch)
+    assert len(packed_args) == 4 and n_packed == n_padded
+    (l1, _), g1 = loss_and_grad(model, *padded_args)
+    (l2, _), g2 = loss_and_grad(model, *packed_args)
+    assert abs(l1.item() - l2.item()) < 1e-5
+    for (k, a), (_, b) in zip(tree_flatten(g1), tree_flatten(g2)):
+        assert mx.allclose(a, b, atol=1e-5, rtol=1e-4), k
+
+
+def test_outside_a_packed_loss_the_model_computes_as_before():
+    """Generation and plain calls see the stock model: the hooks act only inside packed()."""
+    model = tiny(seed=4, quantize=False)
+    x = mx.array([[5, 6, 7, 8, 9, 10]])
+    before = model(x)
+    backend.prepare(model, cpu=True)
+    assert mx.allclose(before, model(x), atol=1e-5)
+    with backend.packed(backend.Packing((2, 4))):
+        parts = model(x)
+    assert mx.allclose(parts[:, :2], model(x[:, :2]), atol=1e-5)
+    assert mx.allclose(parts[:, 2:], model(x[:, 2:]), atol=1e-5)
+
+
+def test_a_wrong_packing_is_an_error_not_silent_cross_attention():
+    model = backend.prepare(tiny(seed=5), cpu=True)
+    with pytest.raises(backend.PackingError, match="packed batch of 5 tokens"):
+        with backend.packed(backend.Packing((2, 3))):
+            model(mx.array([[1, 2, 3, 4]]))
