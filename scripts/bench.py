@@ -640,6 +640,7 @@ def render_markdown(doc: dict) -> str:
     ok = [r for r in res if r["status"] == "ok"]
     k = min((r["steps"] for r in ok), default=0)
     n = doc["config"]["steps"]
+    loss_at = sorted({j for j in (1, k, n) if j > 0})  # first step, the common steps, all steps
     ref = doc.get("reference")
     refr = next((r for r in res if r["name"] == ref), None)
     lines = [
@@ -653,12 +654,12 @@ def render_markdown(doc: dict) -> str:
         f"tokens, loss on the answer only, AdamW lr {doc['config']['learning_rate']:g} constant, no weight decay, "
         "no clipping.", "",
         f"| contestant | steps (warm-up) | tokens/s | × {ref or 'torch'} | peak RSS GB | × {ref or 'torch'} | "
-        f"loss @1 | loss @{k} | loss @{n} | mean loss {max(n - 9, 1)}-{n} | wall s | cores used |",
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        + "".join(f"loss @{j} | " for j in loss_at) + f"mean loss {max(n - 9, 1)}-{n} | wall s | cores used |",
+        "| --- | --- |" + " ---: |" * (8 + len(loss_at)),
     ]
     for r in res:
         if r["status"] != "ok":
-            lines.append(f"| {r['name']} | {r['status']}: {r['error']} | | | | | | | | | | |")
+            lines.append(f"| {r['name']} | {r['status']}: {r['error']} |" + " |" * (8 + len(loss_at)))
             continue
         tps, rss = r["steady_tokens_per_s"], r["peak_rss_gb"]
         x_tps = tps / refr["steady_tokens_per_s"] if refr and tps and refr["steady_tokens_per_s"] else None
@@ -666,14 +667,15 @@ def render_markdown(doc: dict) -> str:
         last = r["losses"][max(n - 10, 0):n] if r["steps"] >= n else []
         lines.append(
             f"| {r['name']} | {r['steps']} ({r['warmup']}) | {fmt(tps, '.1f')} | {fmt(x_tps, '.3f')} | {fmt(rss)} | "
-            f"{fmt(x_rss)} | {fmt(at(r['losses'], 1), '.3f')} | {fmt(at(r['losses'], k), '.3f')} | "
-            f"{fmt(at(r['losses'], n), '.3f')} | {fmt(sum(last) / len(last) if last else None, '.3f')} | "
+            f"{fmt(x_rss)} | " + "".join(f"{fmt(at(r['losses'], j), '.3f')} | " for j in loss_at)
+            + f"{fmt(sum(last) / len(last) if last else None, '.3f')} | "
             f"{fmt(r['wall_s'], '.0f')} | {fmt(r.get('cores_used'), '.2f')} |"
         )
     lines += ["", "Notes:",
               "- tokens/s: non-padding input tokens per second of step time, after the warm-up steps; "
               "peak RSS: the child process's ru_maxrss (model loading included); cores used: the child's "
-              "CPU time over its wall time (about 2 when it had the machine to itself).",
+              "CPU time over its wall time (near 2 when it had this 2-core machine to itself; loading is "
+              "mostly one core): well below, and other work slowed it.",
               f"- All train on the same batches in the same order ({doc['config']['batch_order']}): edgeft "
               "reads the chat file, the torch peers get those batches as token ids, mlx-lm reads the chats "
               "reordered so that it draws them. mlx-lm's loss also counts the newline after <|im_end|> and "
