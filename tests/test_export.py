@@ -153,7 +153,9 @@ def test_other_quants_report_parity(tmp_path, quant):
         assert "Q4_K" in types and "writing f16 intermediate" in logs[0]
         assert not list(r.gguf.parent.glob(".*"))  # the intermediate is gone
     else:
-        assert types == {"F32", quant.upper()}
+        assert types == {"F32", quant.upper(), "Q8_0"}  # embedding and output stay 8-bit
+        infos = {t.name: G.ggml_type_name(t.ggml_type) for t in G.read_index(r.gguf).tensors}
+        assert infos["token_embd.weight"] == infos["output.weight"] == "Q8_0"
     assert r.parity.top1 > 0.5, r.parity.table()
 
 
