@@ -92,12 +92,12 @@ class ChildRun:
     rc: int
     wall_s: float
     maxrss_gb: float
-    lines: list  # [(seconds since start, line)]
+    lines: list  # [(seconds since start, child's CPU seconds so far, line)]
     timed_out: bool = False
     cpu_s: float = 0.0  # user + system CPU time of the child
 
     def tail(self, n: int = 1) -> str:
-        text = [ln for _, ln in self.lines if ln.strip()]
+        text = [ln for _, _, ln in self.lines if ln.strip()]
         return " | ".join(text[-n:]) if text else f"exit code {self.rc}"
 
 
@@ -120,7 +120,7 @@ def run_child(cmd: list, log: Path, env: dict | None = None, timeout: float = 36
             t = time.perf_counter() - tic
             # tqdm-style progress bars redraw with \r: keep the last state of the line
             line = ANSI.sub("", raw.rstrip("\n")).split("\r")[-1]
-            lines.append((t, line))
+            lines.append((t, proc_cpu_s(p.pid), line))
             f.write(f"[{t:8.2f}] {line}\n")
             f.flush()
         _, status, usage = os.wait4(p.pid, 0)
@@ -130,6 +130,27 @@ def run_child(cmd: list, log: Path, env: dict | None = None, timeout: float = 36
     wall = time.perf_counter() - tic
     return ChildRun(p.returncode, wall, usage.ru_maxrss * 1024 / 1e9, lines, timed_out,
                     usage.ru_utime + usage.ru_stime)
+
+
+def proc_cpu_s(pid: int) -> float | None:
+    """User + system CPU seconds a running process has used so far, all threads (Linux)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def step_cpu_s(child: ChildRun, step_line: re.Pattern, steps: int) -> list:
+    """CPU seconds of each step: the child's CPU time between the line that reports a step
+    (group 1: its number) and the line before it. None where a step's line was not seen."""
+    out, prev = [None] * steps, None
+    for _, cpu, line in child.lines:
+        m = step_line.search(line)
+        if m and prev is not None and cpu is not None and 0 < int(m[1]) <= steps:
+            out[int(m[1]) - 1] = cpu - prev
+        prev = cpu
+    return out
 
 
 def loadavg() -> float:
@@ -415,21 +436,26 @@ def result(name: str, **kw) -> dict:
 
 
 def steady(res: dict) -> dict:
-    """Steady-state tokens/s: all tokens after the warm-up steps over their step time."""
-    w, toks, times = res["warmup"], res["tokens"], res["step_times"]
+    """Steady state, over the steps after the warm-up: tokens per second of step time; tokens
+    per CPU-second (less sensitive to other work on the machine, though spinning BLAS threads
+    still inflate it); and the cores the contestant got while stepping (CPU s / wall s)."""
+    w, toks, times, cpus = res["warmup"], res["tokens"], res["step_times"], res.get("step_cpu_s", [])
     if len(times) > w and sum(times[w:]) > 0:
         res["steady_tokens_per_s"] = sum(toks[w:]) / sum(times[w:])
         res["steady_steps"] = len(times) - w
+        if len(cpus) == len(times) and None not in cpus[w:] and sum(cpus[w:]) > 0:
+            res["steady_tokens_per_cpu_s"] = sum(toks[w:]) / sum(cpus[w:])
+            res["steady_cores_used"] = sum(cpus[w:]) / sum(times[w:])
     return res
 
 
-def finish(res: dict, child: ChildRun, before: float) -> dict:
+def finish(res: dict, child: ChildRun, before: float, step_line: re.Pattern) -> dict:
+    """Add what is measured from outside: peak RSS, wall time, CPU time per step (from the
+    child's CPU clock at each of its step report lines), load on the machine."""
     if child.timed_out:
         res.update(status="failed", error=f"stopped after {child.wall_s:.0f} s (--timeout)")
-    # cores_used: the child's CPU time over its wall time. Near 2 on this idle 2-core machine;
-    # well below when other work took the cores (then its timings are inflated).
-    res.update(peak_rss_gb=child.maxrss_gb, wall_s=child.wall_s, cores_used=child.cpu_s / max(child.wall_s, 1e-9),
-               loadavg_before=before, loadavg_after=loadavg())
+    res.update(peak_rss_gb=child.maxrss_gb, wall_s=child.wall_s, cpu_s=child.cpu_s,
+               step_cpu_s=step_cpu_s(child, step_line, res["steps"]), loadavg_before=before, loadavg_after=loadavg())
     return steady(res)
 
 
@@ -446,6 +472,10 @@ def from_metrics(res: dict, rows: list[dict]) -> dict:
     return res
 
 
+TORCH_STEP_LINE = re.compile(r"^step (\d+): loss")  # bench_torch_peft.py, one line per step
+EDGEFT_STEP_LINE = re.compile(r"\bstep (\d+)/\d+\b")  # edgeft's progress line, one per step
+
+
 def run_torch(ctx: Ctx, name: str) -> dict:
     dtype = name.split("-")[1]
     s = ctx.setup
@@ -459,10 +489,10 @@ def run_torch(ctx: Ctx, name: str) -> dict:
     res = from_metrics(result(name, warmup=ctx.args.warmup), read_metrics(metrics))
     if child.rc != 0:
         res.update(status="failed", error=child.tail())
-    version = next((ln for _, ln in child.lines if ln.startswith("torch ")), None)
+    version = next((ln for _, _, ln in child.lines if ln.startswith("torch ")), None)
     if version:
         res["notes"].append(version)
-    return finish(res, child, before)
+    return finish(res, child, before, TORCH_STEP_LINE)
 
 
 # The `edgeft tune` flags for the common setup, in one place: adapt here if the CLI changes.
@@ -505,7 +535,7 @@ def run_edgeft(ctx: Ctx) -> dict:
     if rows:
         res["edgeft_peak_mem_gb"] = max(r.get("peak_mem_gb", 0) for r in rows)
         res["notes"].append(schedule_check(ctx, rows))
-    return finish(res, child, before)
+    return finish(res, child, before, EDGEFT_STEP_LINE)
 
 
 def schedule_check(ctx: Ctx, rows: list[dict]) -> str:
@@ -560,7 +590,7 @@ def run_mlx_lm(ctx: Ctx) -> dict:
     res = result("mlx-lm", warmup=min(ctx.args.mlx_lm_warmup, steps - 1))
     # A step runs between the line before its report and its report (no validation set).
     prev_t, expect_loss_toks, verified = None, 0, True
-    for t, line in child.lines:
+    for t, _, line in child.lines:
         m = REPORT.match(line)
         if m and prev_t is not None:
             it, loss, printed_k = int(m[1]), float(m[2]), float(m[4])
@@ -580,7 +610,7 @@ def run_mlx_lm(ctx: Ctx) -> dict:
     else:
         res["notes"].append("batches checked against the loss tokens mlx-lm prints")
     res["notes"].append("model: the GGUF's own 4-bit/8-bit tensors in an mlx-lm folder; stock BLAS")
-    return finish(res, child, before)
+    return finish(res, child, before, REPORT)
 
 
 def mlx_lm_loss_tokens(ctx: Ctx, idx: list[int]) -> int:
@@ -653,29 +683,35 @@ def render_markdown(doc: dict) -> str:
         f"q,k,v,o,gate,up,down of all layers, batch {doc['config']['batch_size']}, max {doc['config']['max_seq_len']} "
         f"tokens, loss on the answer only, AdamW lr {doc['config']['learning_rate']:g} constant, no weight decay, "
         "no clipping.", "",
-        f"| contestant | steps (warm-up) | tokens/s | × {ref or 'torch'} | peak RSS GB | × {ref or 'torch'} | "
-        + "".join(f"loss @{j} | " for j in loss_at) + f"mean loss {max(n - 9, 1)}-{n} | wall s | cores used |",
-        "| --- | --- |" + " ---: |" * (8 + len(loss_at)),
+        f"| contestant | steps (warm-up) | tokens/s | × {ref or 'torch'} | tokens/CPU-s | × | peak RSS GB | × | "
+        + "".join(f"loss @{j} | " for j in loss_at) + f"mean loss {max(n - 9, 1)}-{n} | cores used | wall s |",
+        "| --- | --- |" + " ---: |" * (9 + len(loss_at)),
     ]
     for r in res:
         if r["status"] != "ok":
-            lines.append(f"| {r['name']} | {r['status']}: {r['error']} |" + " |" * (8 + len(loss_at)))
+            lines.append(f"| {r['name']} | {r['status']}: {r['error']} |" + " |" * (9 + len(loss_at)))
             continue
-        tps, rss = r["steady_tokens_per_s"], r["peak_rss_gb"]
-        x_tps = tps / refr["steady_tokens_per_s"] if refr and tps and refr["steady_tokens_per_s"] else None
-        x_rss = rss / refr["peak_rss_gb"] if refr and rss and refr["peak_rss_gb"] else None
+        def ratio(key):
+            mine, theirs = r.get(key), (refr or {}).get(key)
+            return mine / theirs if mine and theirs else None
+
         last = r["losses"][max(n - 10, 0):n] if r["steps"] >= n else []
         lines.append(
-            f"| {r['name']} | {r['steps']} ({r['warmup']}) | {fmt(tps, '.1f')} | {fmt(x_tps, '.3f')} | {fmt(rss)} | "
-            f"{fmt(x_rss)} | " + "".join(f"{fmt(at(r['losses'], j), '.3f')} | " for j in loss_at)
+            f"| {r['name']} | {r['steps']} ({r['warmup']}) | {fmt(r['steady_tokens_per_s'], '.1f')} | "
+            f"{fmt(ratio('steady_tokens_per_s'), '.3f')} | {fmt(r.get('steady_tokens_per_cpu_s'), '.1f')} | "
+            f"{fmt(ratio('steady_tokens_per_cpu_s'), '.3f')} | {fmt(r['peak_rss_gb'])} | {fmt(ratio('peak_rss_gb'))} | "
+            + "".join(f"{fmt(at(r['losses'], j), '.3f')} | " for j in loss_at)
             + f"{fmt(sum(last) / len(last) if last else None, '.3f')} | "
-            f"{fmt(r['wall_s'], '.0f')} | {fmt(r.get('cores_used'), '.2f')} |"
+            f"{fmt(r.get('steady_cores_used'), '.2f')} | {fmt(r['wall_s'], '.0f')} |"
         )
     lines += ["", "Notes:",
-              "- tokens/s: non-padding input tokens per second of step time, after the warm-up steps; "
-              "peak RSS: the child process's ru_maxrss (model loading included); cores used: the child's "
-              "CPU time over its wall time (near 2 when it had this 2-core machine to itself; loading is "
-              "mostly one core): well below, and other work slowed it.",
+              "- tokens/s: non-padding input tokens per second of step time, after the warm-up steps. "
+              "tokens/CPU-s: the same tokens per CPU-second the contestant used in those steps (read from "
+              "/proc at each step's report line): less sensitive to other work on the machine. cores used: "
+              "CPU-seconds per second in those steps; near 2 when it had this 2-core machine to itself, well "
+              "below when other work took the cores (then tokens/s is low and ratios are suspect). peak RSS: "
+              "the child process's ru_maxrss (model loading included). × columns: against the fastest "
+              "PyTorch run.",
               f"- All train on the same batches in the same order ({doc['config']['batch_order']}): edgeft "
               "reads the chat file, the torch peers get those batches as token ids, mlx-lm reads the chats "
               "reordered so that it draws them. mlx-lm's loss also counts the newline after <|im_end|> and "
