@@ -17,10 +17,12 @@ on the assistant turn only, AdamW lr 2e-4 constant, no weight decay, no clipping
 - torch-fp32  transformers + PEFT on the CPU (2 threads) in their own venv, fp32 weights
 - torch-bf16  same, bf16 weights (PEFT keeps the adapters in fp32)
 
-Tokens/s counts non-padding input tokens after --warmup steps. Peak RSS is the child's
-ru_maxrss (os.wait4). The torch peers train on exactly the batches mlx-lm draws (bench.py
-replicates its order); edgeft draws its own batches from the same file. Outputs go to --out:
-bench_results.md, bench_results.json, one log per contestant, and cached environments.
+All four train the same batches in the same order: edgeft's own (asked of edgeft.dataset),
+given to the torch peers as token ids and to mlx-lm as the chat file reordered so that it
+draws them; both are checked against the loss-token counts each reports. Tokens/s counts
+non-padding input tokens after --warmup steps; peak RSS is the child's ru_maxrss (os.wait4).
+Outputs go to --out: bench_results.md, bench_results.json, a log per contestant, and the
+cached torch venv and MLX model folder.
 """
 
 from __future__ import annotations
@@ -575,8 +577,6 @@ def run_mlx_lm(ctx: Ctx) -> dict:
     work = ctx.out / "mlx-lm"
     data_dir = work / "data"
     data_dir.mkdir(parents=True, exist_ok=True)
-    if steps > len(ctx.samples) // ctx.setup.batch_size:
-        raise SystemExit(f"bench: --mlx-lm-steps {steps}: at most one epoch ({len(ctx.samples) // ctx.setup.batch_size})")
     # The same chats, reordered so that mlx-lm draws the common batches; no valid.jsonl:
     # mlx-lm then skips validation.
     lines = ctx.chat.read_text(encoding="utf-8").splitlines(keepends=True)
@@ -606,7 +606,7 @@ def run_mlx_lm(ctx: Ctx) -> dict:
         res.update(status="failed", error=child.tail())
     elif not verified:
         res["notes"].append("WARNING: mlx-lm's printed loss-token counts do not match the replicated batch "
-                            "order: its tokens/s may be off (see mlx_lm_batch_order)")
+                            "order: its tokens/s may be off (see mlx_lm_file_order)")
     else:
         res["notes"].append("batches checked against the loss tokens mlx-lm prints")
     res["notes"].append("model: the GGUF's own 4-bit/8-bit tensors in an mlx-lm folder; stock BLAS")
@@ -809,6 +809,10 @@ def main(argv=None) -> None:
     if "mlx-lm" in args.only and not mlx_model_ready(ctx):
         tok_dir = out / "models" / "tokenizer-from-gguf"
     prepare_data(ctx, tok_dir)
+    epoch = len(ctx.samples) // ctx.setup.batch_size
+    if "mlx-lm" in args.only and args.mlx_lm_steps > epoch:
+        sys.exit(f"bench: --mlx-lm-steps {args.mlx_lm_steps}: at most one epoch ({epoch}), beyond it mlx-lm's "
+                 "batches are not the common ones")
     if tok_dir:
         make_mlx_model(ctx, tok_dir)
 
