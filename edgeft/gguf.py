@@ -180,6 +180,10 @@ _SCALAR_FORMATS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?
 _STRING, _ARRAY = 8, 9
 
 
+MAX_DIM = 1 << 24  # no model dimension or count comes near this; corrupt headers do
+MAX_ARRAY_NESTING = 16  # real files nest arrays once at most; each level costs a stack frame
+
+
 class _Cursor:
     def __init__(self, buf, name: str):
         self.buf, self.pos, self.name = buf, 0, name
@@ -203,7 +207,7 @@ class _Cursor:
         start = self.take(n)
         return bytes(self.buf[start : start + n]).decode("utf-8", errors="replace")
 
-    def value(self, vtype: int, decode: bool):
+    def value(self, vtype: int, decode: bool, depth: int = 0):
         """Read (decode=True) or skip one metadata value; numeric arrays come back as NumPy."""
         if vtype in _SCALAR_FORMATS:
             dtype = np.dtype("<" + _SCALAR_FORMATS[vtype])
@@ -222,7 +226,12 @@ class _Cursor:
                 return None
             if n > len(self.buf):  # every element takes at least one byte
                 self.take(n)
-            items = [self.value(sub, decode) for _ in range(n)]
+            if depth >= MAX_ARRAY_NESTING:
+                raise ModelLoadError(
+                    f"{self.name}: metadata arrays nested more than {MAX_ARRAY_NESTING} deep near "
+                    f"byte {self.pos}; the file is corrupt or not a model"
+                )
+            items = [self.value(sub, decode, depth + 1) for _ in range(n)]
             return items if decode else None
         raise ModelLoadError(f"{self.name}: unknown GGUF value type {vtype} near byte {self.pos}")
 
@@ -377,6 +386,34 @@ def metadata_to_config(
     if scaling is not None:
         cfg["rope_scaling"] = scaling
     return cfg
+
+
+def check_config(cfg: dict, shapes: dict[str, tuple[int, ...]]) -> None:
+    """Refuse hyper-parameters that do not fit the tensors the file holds, before a model of
+    that size is built (a corrupt header could otherwise ask for terabytes)."""
+    def fail(what: str):
+        raise ModelLoadError(f"GGUF metadata does not match the tensors: {what}; the file is corrupt")
+
+    for key in ("hidden_size", "num_hidden_layers", "intermediate_size", "num_attention_heads",
+                "num_key_value_heads", "head_dim", "vocab_size"):
+        if not 1 <= cfg[key] <= MAX_DIM:
+            fail(f"{key} is {cfg[key]}")
+    if cfg["num_attention_heads"] % cfg["num_key_value_heads"]:
+        fail(f"{cfg['num_attention_heads']} heads do not split into {cfg['num_key_value_heads']} KV groups")
+    if not (cfg["rms_norm_eps"] > 0 and math.isfinite(cfg["rms_norm_eps"])):
+        fail(f"rms_norm_eps is {cfg['rms_norm_eps']}")
+    blocks = {int(n.split(".")[1]) for n in shapes if n.startswith("blk.") and n.split(".")[1].isdigit()}
+    if cfg["num_hidden_layers"] > len(blocks):  # extra blocks: the loader names the tensor
+        fail(f"block_count is {cfg['num_hidden_layers']} but the file has {len(blocks)} blocks")
+    hidden, vocab, inter = cfg["hidden_size"], cfg["vocab_size"], cfg["intermediate_size"]
+    expect = {
+        "token_embd.weight": (hidden, vocab),
+        "blk.0.ffn_up.weight": (hidden, inter),
+        "blk.0.attn_q.weight": (hidden, cfg["num_attention_heads"] * cfg["head_dim"]),
+    }
+    for name, shape in expect.items():
+        if name in shapes and tuple(shapes[name]) != shape:
+            fail(f"{name} is {list(shapes[name])}, the metadata implies {list(shape)}")
 
 
 def _rope_scaling(md: dict, arch: str, cfg: dict, rope_freqs) -> dict | None:

@@ -79,9 +79,15 @@ def _load_gguf(path: Path, quantize_bits, tokenizer_only: bool) -> Loaded:
         config = G.metadata_to_config(
             md, set(infos), None if rope_freqs is None else _read_tensor(path, index, rope_freqs)
         )
+        G.check_config(config, {name: info.shape for name, info in infos.items()})
         tokenizer = Tokenizer.from_gguf_metadata(md)
     except ModelLoadError as e:
         raise ModelLoadError(f"{path}: {e}") from None
+    except (ValueError, TypeError, ZeroDivisionError, OverflowError, AttributeError, KeyError) as e:
+        # Metadata of the wrong type or range (a string where a count belongs, ...).
+        raise ModelLoadError(
+            f"{path}: malformed GGUF metadata ({type(e).__name__}: {e}); the file is corrupt"
+        ) from None
     qk_layout = "gguf" if config["rope_traditional"] else "hf"
     if tokenizer_only:
         return Loaded(None, tokenizer, config, path, "gguf", qk_layout, md)
