@@ -73,8 +73,8 @@ class TrainConfig:
     grad_checkpoint: bool = _f(False, "recompute layer activations in backward: less memory")
     auto_fit: bool = _f(
         False,
-        "when the memory estimate exceeds what is free, turn on grad_checkpoint, then lower "
-        "batch_size (raising grad_accum: same samples per step) instead of refusing to start",
+        "when the memory estimate exceeds what is free, lower batch_size (raising grad_accum: "
+        "the same samples per step) instead of refusing to start",
     )
     seed: int = _f(0, "seeds data order, LoRA init and dropout")
     eval_every: int = _f(50, "validation loss every N steps (and at the end)")

@@ -13,11 +13,14 @@ quantized projections are dequantized to fp32 just in time, the model computes i
   transient     one layer's backward-pass temporaries
 
 The per-token and per-score byte counts are measured, not derived: fitted to MLX's peak
-(mx.get_peak_memory) during edgeft's own trainer.train over tiny models (9 shapes: width 64-256,
-MLP 128-1024, 2 or 4 layers, 4 or 8 heads; 7 batch shapes each) and the real SmolLM2-135M at
-10 batch shapes from 1x128 to 4x256 and 1x1024 (mlx 0.32.4, Linux x86_64 CPU). The estimate is
-within 8% on every SmolLM2 shape and within 10% on every tiny one but the smallest batch (2x32
-tokens: over by up to 19%). Gradient checkpointing is estimated conservatively (see estimate_peak_bytes).
+(mx.get_peak_memory) during edgeft's own trainer.train (packed CPU batches) over tiny models
+(9 shapes: width 64-256, MLP 128-1024, 2 or 4 layers, 4 or 8 heads; 7 batch shapes each) and
+the real SmolLM2-135M at 10 batch shapes from 1x128 to 4x256 and 1x1024 (mlx 0.32.4, Linux
+x86_64 CPU, SmolLM2 weighted as much as all tiny shapes together). The estimate is within 8%
+on every SmolLM2 shape, within 10% on the tiny test model, within 17% on the other tiny shapes.
+With gradient checkpointing each block keeps only its input and one block is redone at a time:
+over SmolLM2's measured peak by 17-21%, but far under on tiny models, whose peak MLX raises 2-4x
+with checkpointing on (so auto_fit never turns it on).
 On Metal (not measured here) weights are not dequantized and activations are half width.
 
 Disk: the checkpoints kept (one more while a new one is written), the final adapters, and the
@@ -37,11 +40,11 @@ from pathlib import Path
 
 RUNTIME_BYTES = 120_000_000  # peak RSS of `edgeft tune` on tiny models minus MLX's peak: 115-126 MB
 # Bytes per unit, fitted (see the module docstring):
-ACT_PER_H = 36.6  # saved per token, per adapted layer, per hidden unit (~9 fp32 values)
-ACT_PER_I = 18.6  # ... per MLP intermediate unit (~5 fp32 values)
-TRANSIENT_PER_I = 26.1  # one layer's backward temporaries, per token per intermediate unit
-ATTN_SAVED = 4.8  # per head, per (query, key) pair, per adapted layer
-ATTN_TRANSIENT = 3.4  # per head, per (query, key) pair, one layer at a time
+ACT_PER_H = 32.2  # saved per token, per adapted layer, per hidden unit (~8 fp32 values)
+ACT_PER_I = 22.4  # ... per MLP intermediate unit (~5.6 fp32 values)
+TRANSIENT_PER_I = 8.9  # one layer's backward temporaries, per token per intermediate unit
+ATTN_SAVED = 3.4  # per head, per (query, key) pair, per adapted layer
+ATTN_TRANSIENT = 5.1  # per head, per (query, key) pair, one layer at a time
 LOGITS_PER_V = 16.0  # per loss position per vocabulary entry: logits, softmax, their gradients
 LORA_COPIES = 5  # fp32: parameters, 2 AdamW moments, gradient, clipped gradient
 CHECKPOINT_FILES = 3  # adapters + optimizer moments: 3 fp32 values per adapter parameter
@@ -169,13 +172,16 @@ def lora_parameters(config: dict, lora_cfg) -> int:
 
 def estimate_peak_bytes(config: dict, lora_cfg, batch_size: int, seq_len: int, quant: QuantInfo,
                         *, loss_tokens: int | None = None, grad_checkpoint: bool = False,
-                        runtime_bytes: int = RUNTIME_BYTES) -> Breakdown:
+                        runtime_bytes: int = RUNTIME_BYTES, lengths: list[int] | None = None) -> Breakdown:
     """Peak memory of a training step on a batch of `batch_size` x `seq_len` tokens, of which
-    `loss_tokens` (default: all) carry loss. See the module docstring for the terms."""
+    `loss_tokens` (default: all) carry loss. `lengths`: the batch's sequence lengths when the
+    step packs them into one unpadded row (dataset.pack, the CPU path): then the tokens are
+    their sum and the attention pairs the sum of their squares. See the module docstring."""
     d = dims(config)
     L = adapted_layers(config, lora_cfg)
     B, T = int(batch_size), int(seq_len)
-    N = B * T
+    N = sum(lengths) if lengths else B * T
+    square = sum(n * n for n in lengths) if lengths else B * T * T
     K = N if loss_tokens is None else min(int(loss_tokens), N)
     cpu = quant.device == "cpu"
     width = 1.0 if cpu else 0.5  # fp32 on CPU; half-precision activations on Metal (unmeasured)
@@ -184,14 +190,15 @@ def estimate_peak_bytes(config: dict, lora_cfg, batch_size: int, seq_len: int, q
     deq_layer = 4 * proj if (cpu and quant.linear_quantized) else 0
     deq_head = 4 * d["V"] * d["H"] if (cpu and quant.head_quantized) else 0
     per_token_layer = ACT_PER_H * d["H"] + ACT_PER_I * d["I"]
-    pairs = B * d["heads"] * T * T
-    # Gradient checkpointing (mlx-lm's, per block) frees the dequantized copies. It does not
-    # reliably free the activations: MLX evaluates the whole backward graph at once, and the
-    # measured peaks kept 20-60% of them on SmolLM2 and all of them on tiny models, so they
-    # are all counted (an over-estimate by up to ~80% on SmolLM2: safe, not tight).
-    dequantized = deq_head + deq_layer * (1 if grad_checkpoint else L)
-    activations = N * L * per_token_layer
-    attention = pairs * (ATTN_SAVED * L + ATTN_TRANSIENT)
+    pairs = d["heads"] * square
+    if grad_checkpoint:  # each block keeps its input; one block at a time is redone
+        dequantized = deq_head + deq_layer
+        activations = N * (4 * d["H"] * L + per_token_layer)
+        attention = pairs * (ATTN_SAVED + ATTN_TRANSIENT)
+    else:
+        dequantized = deq_head + deq_layer * L
+        activations = N * L * per_token_layer
+        attention = pairs * (ATTN_SAVED * L + ATTN_TRANSIENT)
     return Breakdown(
         runtime=int(runtime_bytes),
         weights=int(quant.weight_bytes),
@@ -374,9 +381,11 @@ class Fit:
 
 def fit_memory(estimate, batch_size: int, grad_accum: int, grad_checkpoint: bool,
                available: int | None, auto_fit: bool, where: str = "") -> Fit:
-    """Check the estimate against `available`. With auto_fit, first turn on gradient
-    checkpointing, then halve the batch (doubling grad_accum, so each optimizer step sees the
-    same samples) until it fits. `estimate(batch_size, grad_checkpoint)` -> Breakdown."""
+    """Check the estimate against `available`. With auto_fit, lower the batch to the largest
+    divisor of it that fits, raising grad_accum so each optimizer step sees the same samples.
+    (Gradient checkpointing is not switched on for you: measured on MLX's CPU backend it cut
+    SmolLM2's peak by ~75% but raised a tiny model's 2-4x, so it stays the user's choice.)
+    `estimate(batch_size, grad_checkpoint)` -> Breakdown."""
     mem = estimate(batch_size, grad_checkpoint)
     changes: list[str] = []
     if available is None or mem.total <= available:
@@ -386,12 +395,8 @@ def fit_memory(estimate, batch_size: int, grad_accum: int, grad_checkpoint: bool
         raise PlanError(
             f"{where}needs about {gb(need)} of memory (batch {mem.batch_size} x {mem.seq_len} "
             f"tokens), but {gb(available)} is available; lower --batch-size or --max-seq-len, "
-            "pass --grad-checkpoint, or set train.auto_fit: true to let edgeft do it"
+            "try --grad-checkpoint, or set train.auto_fit: true to let edgeft lower the batch"
         )
-    if not grad_checkpoint:
-        grad_checkpoint = True
-        mem = estimate(batch_size, grad_checkpoint)
-        changes.append("gradient checkpointing on")
     start, samples = batch_size, batch_size * grad_accum
     for b in sorted((b for b in range(1, start) if start % b == 0), reverse=True):
         if mem.total <= available:
@@ -403,24 +408,45 @@ def fit_memory(estimate, batch_size: int, grad_accum: int, grad_checkpoint: bool
                        "(the same samples per optimizer step)")
     if mem.total > available:
         raise PlanError(
-            f"{where}needs about {gb(mem.total)} of memory even with gradient checkpointing and "
-            f"batch size 1 (about {gb(need)} as configured), but {gb(available)} is available; "
-            "use a smaller model or a shorter --max-seq-len"
+            f"{where}needs about {gb(mem.total)} of memory even at batch size 1 (about "
+            f"{gb(need)} as configured), but {gb(available)} is available; use a smaller model or "
+            "a shorter --max-seq-len, or try --grad-checkpoint"
         )
     return Fit(batch_size, grad_accum, grad_checkpoint, mem, changes)
 
 
-def batch_shape(samples, batch_size: int, max_seq_len: int) -> tuple[int, int]:
-    """(seq_len, loss tokens) of the largest batch `samples` can form: the longest sample's
-    padded width (as dataset.collate pads), and the B largest loss-token counts together."""
+def batch_shape(samples, batch_size: int, max_seq_len: int) -> tuple[int, int, list[int]]:
+    """(seq_len, loss tokens, lengths) of the largest batch `samples` can form: the longest
+    sample's padded width (as dataset.collate pads), the B largest loss-token counts together,
+    and the B largest packed lengths (inputs up to the last loss target, as dataset.pack cuts)."""
     from edgeft.dataset import PAD_MULTIPLE
 
     if not samples:
-        return max_seq_len, batch_size * max_seq_len
+        return max_seq_len, batch_size * max_seq_len, [max_seq_len] * batch_size
     longest = max(len(s.tokens) - 1 for s in samples)
     width = max(PAD_MULTIPLE, -(-longest // PAD_MULTIPLE) * PAD_MULTIPLE)
     losses = sorted((sum(s.mask[1:]) for s in samples), reverse=True)
-    return width, sum(losses[:batch_size])
+    cuts = sorted((max((i + 1 for i, m in enumerate(s.mask[1:]) if m), default=0) for s in samples), reverse=True)
+    return width, sum(losses[:batch_size]), cuts[:batch_size]
+
+
+def packs(model=None, config: dict | None = None) -> bool:
+    """Whether training packs each batch into one unpadded row (backend.can_pack): asked of
+    `model`, or of a skeleton built from `config` (lazy arrays: nothing is allocated)."""
+    import mlx.core as mx
+
+    from edgeft import backend
+
+    if mx.default_device() != mx.cpu:
+        return False
+    if model is None:
+        import importlib
+
+        from edgeft import gguf as G
+
+        module = importlib.import_module(f"mlx_lm.models.{G.MODEL_TYPE_TO_ARCH[config['model_type']]}")
+        model = backend.prepare(module.Model(module.ModelArgs.from_dict(config)), cpu=True)
+    return backend.can_pack(model)
 
 
 def preflight(cfg, loaded, samples, run_dir, resume: bool = False, log=print) -> Breakdown:
@@ -428,11 +454,12 @@ def preflight(cfg, loaded, samples, run_dir, resume: bool = False, log=print) ->
     or (train.auto_fit, new runs only) change cfg.train so that it fits. Returns the estimate."""
     t = cfg.train
     quant = quant_info_from_model(loaded.model)
+    packed = packs(loaded.model)
 
     def estimate(batch_size: int, grad_checkpoint: bool) -> Breakdown:
-        width, loss_tokens = batch_shape(samples, batch_size, cfg.model.max_seq_len)
-        return estimate_peak_bytes(loaded.config, cfg.lora, batch_size, width, quant,
-                                   loss_tokens=loss_tokens, grad_checkpoint=grad_checkpoint)
+        width, loss_tokens, lengths = batch_shape(samples, batch_size, cfg.model.max_seq_len)
+        return estimate_peak_bytes(loaded.config, cfg.lora, batch_size, width, quant, loss_tokens=loss_tokens,
+                                   grad_checkpoint=grad_checkpoint, lengths=lengths if packed else None)
 
     available, source = available_memory()
     if available is not None and source.startswith("MemAvailable"):
@@ -477,10 +504,12 @@ def plan_run(cfg) -> tuple[list[str], bool]:
         samples, _ = dataset.load_samples(cfg.data.train, loaded.tokenizer, cfg.data, cfg.model.max_seq_len)
         shape_from = f"the longest samples of {cfg.data.train}"
 
+    packed = packs(config=config)
+
     def estimate(batch_size: int, grad_checkpoint: bool) -> Breakdown:
-        width, loss_tokens = batch_shape(samples, batch_size, cfg.model.max_seq_len)
-        return estimate_peak_bytes(config, cfg.lora, batch_size, width, quant,
-                                   loss_tokens=loss_tokens, grad_checkpoint=grad_checkpoint)
+        width, loss_tokens, lengths = batch_shape(samples, batch_size, cfg.model.max_seq_len)
+        return estimate_peak_bytes(config, cfg.lora, batch_size, width, quant, loss_tokens=loss_tokens,
+                                   grad_checkpoint=grad_checkpoint, lengths=lengths if packed else None)
 
     n_lora = lora_parameters(config, cfg.lora)
     d = dims(config)
@@ -489,8 +518,8 @@ def plan_run(cfg) -> tuple[list[str], bool]:
         f"model {path}: {base_parameters(config) / 1e6:.1f}M parameters, {d['L']} layers, "
         f"{gb(quant.weight_bytes)} in memory on {device}",
         f"LoRA rank {cfg.lora.rank} on {adapted_layers(config, cfg.lora)} layers: {n_lora / 1e6:.2f}M trainable",
-        f"largest batch: {mem.batch_size} x {mem.seq_len} tokens, {mem.loss_tokens} carry loss "
-        f"({shape_from}); gradient checkpointing {'on' if t.grad_checkpoint else 'off'}",
+        f"largest batch: {mem.batch_size} x {mem.seq_len} tokens{' (packed without padding)' if packed else ''}, "
+        f"{mem.loss_tokens} carry loss ({shape_from}); gradient checkpointing {'on' if t.grad_checkpoint else 'off'}",
         "peak memory of a training step (estimate):",
         *mem.lines(),
     ]

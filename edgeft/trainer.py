@@ -153,10 +153,22 @@ def step_seed(seed: int, step: int) -> int:
 
 def peak_memory_gb() -> float:
     """Peak of MLX's allocator and of the process RSS, whichever is larger, in GB."""
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
-    if sys.platform == "darwin":
-        rss //= 1024  # macOS: bytes
-    return max(mx.get_peak_memory(), rss) / 1e9
+    return max(mx.get_peak_memory(), peak_rss_bytes()) / 1e9
+
+
+def peak_rss_bytes() -> int:
+    """This program's resident-memory high-water mark. On Linux VmHWM, not ru_maxrss: that
+    one survives exec, so a process started by a big one (pytest, an IDE) reports its parent's
+    RSS at fork time as its own peak."""
+    try:
+        with open("/proc/self/status", encoding="ascii", errors="replace") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss if sys.platform == "darwin" else rss * 1024  # macOS: bytes; Linux: KiB
 
 
 @dataclass

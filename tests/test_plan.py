@@ -90,9 +90,9 @@ def test_estimate_is_within_15_percent_of_a_real_runs_peak(tiny, batch):
     loaded = load(path, tokenizer_only=True)
     samples, _ = dataset.load_samples(data, loaded.tokenizer, DataConfig(), 512)
     assert len({len(s.tokens) for s in samples}) == 1
-    width, loss_tokens = plan.batch_shape(samples, batch, 512)
+    width, loss_tokens, lengths = plan.batch_shape(samples, batch, 512)
     est = plan.estimate_peak_bytes(loaded.config, LoRAConfig(), batch, width, plan.quant_info_from_gguf(path),
-                                   loss_tokens=loss_tokens)
+                                   loss_tokens=loss_tokens, lengths=lengths if plan.packs(config=loaded.config) else None)
     print(f"\ntiny, batch {batch} x {width}: MLX peak measured {mlx_peak / 1e6:.2f} MB, estimated "
           f"{est.mlx / 1e6:.2f} MB ({est.mlx / mlx_peak - 1:+.1%}); process peak {process_peak / 1e6:.1f} MB, "
           f"estimated {est.total / 1e6:.1f} MB ({est.total / process_peak - 1:+.1%})")
@@ -100,21 +100,21 @@ def test_estimate_is_within_15_percent_of_a_real_runs_peak(tiny, batch):
     assert abs(est.total / process_peak - 1) < TOLERANCE
 
 
-def test_auto_fit_turns_on_checkpointing_then_halves_the_batch_keeping_samples_per_step():
+def test_auto_fit_lowers_the_batch_keeping_samples_per_step():
     def estimate(b, gc):
-        return plan.Breakdown(0, 0, 0, 0 if gc else 50, 100 * b, 0, 0, 0, batch_size=b, seq_len=64)
+        return plan.Breakdown(0, 0, 0, 50, 100 * b, 0, 0, 0, batch_size=b, seq_len=64)
 
     fit = plan.fit_memory(estimate, 8, 1, False, available=10_000, auto_fit=True)
     assert (fit.batch_size, fit.grad_accum, fit.grad_checkpoint, fit.changes) == (8, 1, False, [])
-    fit = plan.fit_memory(estimate, 8, 1, False, available=420, auto_fit=True)
-    assert (fit.batch_size, fit.grad_accum, fit.grad_checkpoint) == (4, 2, True)
-    assert fit.changes == ["gradient checkpointing on", "batch size 8 -> 4 with grad_accum 2 (the same samples per optimizer step)"]
-    fit = plan.fit_memory(estimate, 6, 2, False, available=250, auto_fit=True)
+    fit = plan.fit_memory(estimate, 8, 1, False, available=460, auto_fit=True)
+    assert (fit.batch_size, fit.grad_accum, fit.grad_checkpoint) == (4, 2, False)
+    assert fit.changes == ["batch size 8 -> 4 with grad_accum 2 (the same samples per optimizer step)"]
+    fit = plan.fit_memory(estimate, 6, 2, False, available=300, auto_fit=True)
     assert (fit.batch_size, fit.grad_accum) == (2, 6)
-    with pytest.raises(plan.PlanError, match=r"needs about .* even with gradient checkpointing and batch size 1"):
-        plan.fit_memory(estimate, 8, 1, False, available=50, auto_fit=True)
+    with pytest.raises(plan.PlanError, match=r"needs about .* even at batch size 1 .* try --grad-checkpoint"):
+        plan.fit_memory(estimate, 8, 1, False, available=100, auto_fit=True)
     with pytest.raises(plan.PlanError, match=r"needs about .*but .* is available; lower --batch-size"):
-        plan.fit_memory(estimate, 8, 1, False, available=420, auto_fit=False)
+        plan.fit_memory(estimate, 8, 1, False, available=460, auto_fit=False)
 
 
 def test_disk_estimate_counts_checkpoints_adapters_and_export(tiny):
@@ -164,17 +164,18 @@ def test_auto_fit_lowers_the_batch_and_records_it(tiny, home, monkeypatch):
     q = plan.quant_info_from_gguf(path)
 
     def est(b):
-        w, k = plan.batch_shape(samples, b, 512)
-        return plan.estimate_peak_bytes(loaded.config, LoRAConfig(), b, w, q, loss_tokens=k, grad_checkpoint=True)
+        w, k, lengths = plan.batch_shape(samples, b, 512)
+        return plan.estimate_peak_bytes(loaded.config, LoRAConfig(), b, w, q, loss_tokens=k,
+                                        lengths=lengths if plan.packs(config=loaded.config) else None)
 
     budget = (est(2).total + est(4).total) // 2  # fits 2 per micro-batch, not 4
     monkeypatch.setattr(plan, "available_memory", lambda: (budget, "test"))
     monkeypatch.setattr(plan, "current_rss", lambda: 0)
     r = CliRunner().invoke(main, tune_args(tiny, home, "--auto-fit"))
     assert r.exit_code == 0, r.output
-    assert "gradient checkpointing on; batch size 8 -> 2 with grad_accum 4" in r.output
+    assert "batch size 8 -> 2 with grad_accum 4 (the same samples per optimizer step)" in r.output
     saved = json.loads((home / "runs" / "m" / "config.json").read_text())["train"]
-    assert (saved["batch_size"], saved["grad_accum"], saved["grad_checkpoint"]) == (2, 4, True)
+    assert (saved["batch_size"], saved["grad_accum"], saved["grad_checkpoint"]) == (2, 4, False)
 
 
 def test_a_run_that_does_not_fit_on_disk_is_refused_with_numbers(tiny, home, monkeypatch):
