@@ -176,6 +176,11 @@ def tune(data, recipe, name, runs_dir, resume, export, **flags):
         click.echo(f"\n{e.signame}: stopped after step {e.step}; {saved}.", err=True)
         click.echo(f"resume with: {resume_command(run_dir)}", err=True)
         sys.exit(128 + getattr(signal, e.signame, signal.SIGINT))
+    except OSError as e:  # e.g. the disk filled while writing the config, report or adapters
+        where = f"{e.filename}: " if e.filename else ""
+        again = (f"; then {resume_command(Path(runs_dir) / name)}"
+                 if name and (Path(runs_dir) / name / "config.json").exists() else "")
+        raise click.ClickException(f"{where}{e.strerror or e}; free some disk space{again}") from None
     except KeyboardInterrupt:
         click.echo("\nstopped at once.", err=True)
         if name and (Path(runs_dir) / name / "config.json").exists():

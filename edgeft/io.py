@@ -7,6 +7,7 @@ the folder. A crash leaves at worst a stray ``*.tmp*`` file, which the next writ
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import tempfile
 from pathlib import Path
@@ -61,4 +62,7 @@ def atomic_write_text(target: str | Path, text: str) -> None:
 def atomic_save_safetensors(target: str | Path, arrays: dict, metadata: dict | None = None) -> None:
     # mx.save_safetensors appends ".safetensors" to names without it: keep that suffix last.
     with atomic_path(target, suffix=".safetensors") as tmp:
-        mx.save_safetensors(str(tmp), arrays, metadata=metadata or {})
+        try:
+            mx.save_safetensors(str(tmp), arrays, metadata=metadata or {})
+        except RuntimeError as e:  # MLX reports a failed write (a full disk) as RuntimeError
+            raise OSError(errno.EIO, f"write failed, is the disk full? ({e})", str(target)) from e

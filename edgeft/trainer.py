@@ -194,8 +194,19 @@ def _sha256(path: Path) -> str:
 
 def save_checkpoint(folder: Path, model, optimizer, state: TrainState, keep: int) -> Path:
     """Write checkpoints/step_NNNNNN/ (adapters, optimizer, state.json with checksums) and
-    prune to the `keep` newest. The folder appears only when complete (rename)."""
-    folder = Path(folder)
+    prune to the `keep` newest. The folder appears only when complete (rename). A write that
+    fails (a full disk) leaves no partial folder and raises TrainingError."""
+    try:
+        return _save_checkpoint(Path(folder), model, optimizer, state, keep)
+    except OSError as e:
+        shutil.rmtree(Path(folder) / f".step_{state.step:06d}.tmp", ignore_errors=True)
+        raise TrainingError(
+            f"cannot write checkpoint step {state.step} in {folder} ({e.strerror or e}); free some "
+            "disk space, then resume: the checkpoints already written are whole"
+        ) from e
+
+
+def _save_checkpoint(folder: Path, model, optimizer, state: TrainState, keep: int) -> Path:
     final = folder / f"step_{state.step:06d}"
     tmp = folder / f".step_{state.step:06d}.tmp"
     if tmp.exists():
@@ -372,9 +383,16 @@ def train(
             _truncate_metrics(metrics_path, state.step)
 
     def write_metrics(record: dict):
-        if metrics_path:
+        if not metrics_path:
+            return
+        try:  # appended, not atomic: a line cut short by a crash is dropped on resume
             with open(metrics_path, "a", encoding="utf-8") as f:
                 f.write(json.dumps(record) + "\n")
+        except OSError as e:
+            raise TrainingError(
+                f"cannot write {metrics_path} ({e.strerror or e}); free some disk space, then "
+                "resume from the last checkpoint"
+            ) from e
 
     def run_eval():
         if valid_batches is None:

@@ -189,6 +189,27 @@ def test_second_ctrl_c_stops_at_once_and_the_run_still_resumes(world):
     assert max_difference(adapters_of(runs / name), world["ref"]) == 0.0
 
 
+def test_a_full_disk_mid_checkpoint_leaves_no_partial_checkpoint_and_the_run_resumes(world):
+    """RLIMIT_FSIZE makes any file over 100 kB fail to write (EFBIG), as a full disk would:
+    the optimizer state of the first checkpoint cannot be written."""
+    import resource
+
+    def small_disk():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, 100_000))
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # fail the write instead of killing
+
+    name = "full"
+    run_dir = world["root"] / "runs" / name
+    r = edgeft([*world["base"], "--name", name], world["root"], env_for(world["root"]), preexec_fn=small_disk)
+    assert r.returncode == 1, r.stderr
+    error = r.stderr.strip().splitlines()[-1]
+    assert error.startswith(f"Error: cannot write checkpoint step 2 in {run_dir / 'checkpoints'} (write failed, is the disk full?")
+    assert "free some disk space, then resume" in error
+    assert not list((run_dir / "checkpoints").iterdir())  # nothing partial, no temporaries
+    resume(world, name)
+    assert max_difference(adapters_of(run_dir), world["ref"]) == 0.0
+
+
 # --- broken checkpoints, NaN, one-line errors (in-process CLI) ---------------------------------
 @pytest.fixture()
 def home(tmp_path, monkeypatch):
