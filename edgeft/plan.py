@@ -85,6 +85,7 @@ class Breakdown:
     transient: int
     batch_size: int = 0
     seq_len: int = 0
+    tokens: int = 0  # input tokens of the batch (batch_size x seq_len, or the packed row)
     loss_tokens: int = 0
     grad_checkpoint: bool = False
     parts: tuple = ("runtime", "weights", "lora", "dequantized", "activations", "attention",
@@ -208,7 +209,7 @@ def estimate_peak_bytes(config: dict, lora_cfg, batch_size: int, seq_len: int, q
         attention=int(width * attention),
         logits=int(LOGITS_PER_V * K * d["V"]),
         transient=int(width * TRANSIENT_PER_I * N * d["I"]),
-        batch_size=B, seq_len=T, loss_tokens=K, grad_checkpoint=grad_checkpoint,
+        batch_size=B, seq_len=T, tokens=N, loss_tokens=K, grad_checkpoint=grad_checkpoint,
     )
 
 
@@ -518,8 +519,10 @@ def plan_run(cfg) -> tuple[list[str], bool]:
         f"model {path}: {base_parameters(config) / 1e6:.1f}M parameters, {d['L']} layers, "
         f"{gb(quant.weight_bytes)} in memory on {device}",
         f"LoRA rank {cfg.lora.rank} on {adapted_layers(config, cfg.lora)} layers: {n_lora / 1e6:.2f}M trainable",
-        f"largest batch: {mem.batch_size} x {mem.seq_len} tokens{' (packed without padding)' if packed else ''}, "
-        f"{mem.loss_tokens} carry loss ({shape_from}); gradient checkpointing {'on' if t.grad_checkpoint else 'off'}",
+        (f"largest batch: {mem.batch_size} samples packed into {mem.tokens} tokens" if packed else
+         f"largest batch: {mem.batch_size} x {mem.seq_len} tokens")
+        + f", {mem.loss_tokens} carry loss ({shape_from}); gradient checkpointing "
+        f"{'on' if t.grad_checkpoint else 'off'}",
         "peak memory of a training step (estimate):",
         *mem.lines(),
     ]
