@@ -241,7 +241,11 @@ def quant_info_from_gguf(path, quantize_bits: int | None = None, device: str = "
     native = index.type_names() <= G.MLX_NATIVE_TYPES
     total, linear_q, head_q = 0, False, False
     group_bytes = (2 * 4 if device == "cpu" else 2 * 2) / QUANT_GROUP_SIZE  # scale + bias per weight
+    names = {t.name for t in index.tensors}
+    head = "output.weight" if "output.weight" in names else "token_embd.weight"
     for t in index.tensors:
+        if t.name == G.ROPE_FREQS_TENSOR:  # the loader folds it into the config
+            continue
         n = 1
         for s in t.shape:
             n *= s
@@ -257,10 +261,8 @@ def quant_info_from_gguf(path, quantize_bits: int | None = None, device: str = "
             total += n * (4 if device == "cpu" or kind == "F32" else 2)
             continue
         total += n * (bits / 8 + group_bytes)
-        if t.name.startswith("blk."):
-            linear_q = True
-        if t.name in ("output.weight", "token_embd.weight"):
-            head_q = head_q or t.name == "output.weight" or not any(x.name == "output.weight" for x in index.tensors)
+        linear_q = linear_q or t.name.startswith("blk.")
+        head_q = head_q or t.name == head
     return QuantInfo(int(total), linear_q, head_q, device, source=str(path))
 
 
