@@ -126,16 +126,31 @@ class _SPBackend:
 
 
 # --- chat templates ----------------------------------------------------------------------
+_MAX_REPEAT = 1 << 20  # longest string or list a template may build with '*'
+
 def _sandbox():
     from jinja2.exceptions import SecurityError
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
     class StrictSandbox(ImmutableSandboxedEnvironment):
+        # '*' and '**' can build gigabytes from a few characters ({{ 'x' * 10**10 }}).
+        intercepted_binops = frozenset(["*", "**"])
+
         # The stock sandbox renders a forbidden attribute as an empty Undefined; refuse it.
         def unsafe_undefined(self, obj, attribute):
             raise SecurityError(
                 f"access to attribute {attribute!r} of {type(obj).__name__!r} object is unsafe"
             )
+
+        def call_binop(self, context, operator, left, right):
+            if operator == "**":
+                if isinstance(right, (int, float)) and abs(right) > 64:
+                    raise SecurityError(f"exponent {right} is too large for a chat template")
+                return left**right
+            for seq, n in ((left, right), (right, left)):
+                if isinstance(seq, (str, list, tuple)) and isinstance(n, int) and len(seq) * n > _MAX_REPEAT:
+                    raise SecurityError("a chat template may not build sequences this long")
+            return left * right
 
     def raise_exception(message):
         raise TemplateError(f"chat template raised: {message}")
@@ -165,7 +180,8 @@ def render_template(template: str, messages: list[dict], **context) -> str:
         return _compiled(template).render(messages=messages, **context)
     except TemplateError:
         raise
-    except (jinja2.TemplateError, TypeError, ValueError, KeyError, AttributeError, IndexError) as e:
+    except (jinja2.TemplateError, TypeError, ValueError, KeyError, AttributeError, IndexError,
+            OverflowError, RecursionError, MemoryError) as e:
         raise TemplateError(f"chat template failed: {type(e).__name__}: {e}") from e
 
 

@@ -171,3 +171,21 @@ def test_smollm2_tokenizer(real_gguf):
     llm = llama_cpp.Llama(str(real_gguf), vocab_only=True, verbose=False)
     for text in TEXTS + [prompt]:
         assert tok.encode(text) == llm.tokenize(text.encode(), add_bos=False, special=True)
+
+
+@pytest.mark.parametrize(
+    "template",
+    [
+        "{{ 'x' * 10**10 }}",
+        "{{ 'x' * 100000000 }}",
+        "{% for i in range(10**30) %}{% endfor %}",
+        "{% macro f(n) %}{{ f(n + 1) }}{% endmacro %}{{ f(0) }}",
+    ],
+)
+def test_templates_that_would_exhaust_memory_or_stack_are_refused(template):
+    """Found by the reliability fuzzing: these allocated gigabytes or raised plain Python
+    errors (a traceback in `edgeft chat`) instead of TemplateError."""
+    from edgeft.tokenizer import TemplateError, render_template
+
+    with pytest.raises(TemplateError):
+        render_template(template, [{"role": "user", "content": "hi"}])
