@@ -6,13 +6,13 @@ matmul through BLAS (1024x576 @ 576x1536: 800 ms against 15 ms, ../shared/FACTS.
 half-precision matmul has no BLAS path at all. So on CPU every quantized layer dequantizes
 its weight just in time (the base stays 4-bit in memory) and the model computes in fp32.
 
-Packed batches (CPU): the samples of a batch are laid end to end in one row with no padding, so
-no work is spent on padding. ``packed(Packing(lengths))`` around the forward makes attention
-stay within each sample and RoPE positions restart at 0 for each: the model computes for every
-sample exactly what it computes for that sample alone. mlx-lm's models are used unchanged:
-``prepare`` gives their RoPE modules a twin that rotates each sample separately, and routes the
-``scaled_dot_product_attention`` their module calls through a wrapper that attends within each
-sample, and does nothing different outside ``packed``.
+The training forward (CPU): inside ``fast_forward()`` a prepared model computes the exp-heavy
+ops (SiLU, the attention softmax) as fused kernels, 2-4x faster than MLX's (edgeft/kernels.py),
+and takes packed batches: the samples of a batch laid end to end in one row with no padding,
+attention within each sample and RoPE positions restarting at 0 for each, so every sample gets
+exactly what it would get alone. mlx-lm's models are used unchanged: ``prepare`` gives their
+RoPE modules a per-sample twin and routes the ``scaled_dot_product_attention`` and ``swiglu``
+their module calls through dispatchers that act only inside ``fast_forward``.
 """
 
 from __future__ import annotations
@@ -26,6 +26,8 @@ from dataclasses import dataclass
 import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_map, tree_unflatten
+
+from edgeft import kernels
 
 
 # MKL's OpenMP workers spin for 200 ms after each BLAS call by default, holding a core that
@@ -89,7 +91,9 @@ def prepare(model: nn.Module, cpu: bool | None = None) -> nn.Module:
             module.__class__ = twin
     for attn in _attention_modules(model):
         attn.rope.__class__ = _packed_rope_class(type(attn.rope))
-        _hook_sdpa(sys.modules[type(attn).__module__])
+        arch = sys.modules[type(attn).__module__]
+        _hook(arch, "scaled_dot_product_attention", _fast_sdpa)
+        _hook(arch, "swiglu", _fast_swiglu)
 
     def to_fp32(x):
         return x.astype(mx.float32) if x.dtype in (mx.float16, mx.bfloat16) else x
@@ -134,7 +138,7 @@ def prepare_inference(model: nn.Module, cpu: bool | None = None) -> nn.Module:
 
 
 # ---------------------------------------------------------------------------------------------
-# Packed batches
+# The training forward on CPU: packed batches, fused kernels for exp-heavy ops
 
 
 class PackingError(RuntimeError):
@@ -164,17 +168,35 @@ class Packing:
         return parts[0] if len(parts) == 1 else mx.concatenate(parts, axis=-2)
 
 
-_PACKING: ContextVar[Packing | None] = ContextVar("edgeft_packing", default=None)
+# Fused kernels (edgeft/kernels.py) for SiLU and the attention softmax inside fast_forward;
+# False: MLX's own ops (for A/B measurements, scripts/profile_step.py).
+FUSED_KERNELS = True
+
+
+@dataclass(frozen=True)
+class _Forward:
+    packing: Packing | None
+    kernels: bool
+
+
+_FORWARD: ContextVar[_Forward | None] = ContextVar("edgeft_forward", default=None)
 
 
 @contextmanager
-def packed(packing: Packing | None):
-    """Within: the model's input row is `packing` (None: an ordinary batch)."""
-    token = _PACKING.set(packing)
+def fast_forward(packing: Packing | None = None):
+    """Within: a model prepared for CPU computes its forward (and the backward built from it)
+    the fast way: exp-heavy ops as fused kernels, and with `packing` its input row holds samples
+    end to end. Outside (generation, plain calls) the model computes as mlx-lm wrote it."""
+    token = _FORWARD.set(_Forward(packing, FUSED_KERNELS and on_cpu()))
     try:
         yield
     finally:
-        _PACKING.reset(token)
+        _FORWARD.reset(token)
+
+
+def _kernels_for(*arrays: mx.array) -> bool:
+    fwd = _FORWARD.get()
+    return fwd is not None and fwd.kernels and kernels.usable(*arrays)
 
 
 def _attention_modules(model: nn.Module) -> list[nn.Module]:
@@ -190,35 +212,54 @@ def _packed_rope_class(cls: type) -> type:
     if cls not in _ROPE_TWINS:
 
         def __call__(self, x, offset=0):
-            packing = _PACKING.get()
-            if packing is None:
+            fwd = _FORWARD.get()
+            if fwd is None or fwd.packing is None:
                 return cls.__call__(self, x, offset)
             if not (isinstance(offset, int) and offset == 0):
                 raise PackingError("a packed batch cannot continue from a cache offset")
-            return packing.join([cls.__call__(self, part, 0) for part in packing.split(x)])
+            return fwd.packing.join([cls.__call__(self, part, 0) for part in fwd.packing.split(x)])
 
         _ROPE_TWINS[cls] = type(cls.__name__, (cls,), {"__call__": __call__, "_edgeft_packed": True})
     return _ROPE_TWINS[cls]
 
 
-def _per_sample_sdpa(original):
+def _fast_sdpa(original):
     def scaled_dot_product_attention(queries, keys, values, cache=None, scale=1.0, mask=None, **kwargs):
-        packing = _PACKING.get()
-        if packing is None:
+        fwd = _FORWARD.get()
+        plain = fwd is None or cache is not None or kwargs.get("sinks") is not None
+        causal = isinstance(mask, str) and mask == "causal"
+        if fwd is not None and fwd.packing is not None:
+            if plain or not (causal or (mask is None and fwd.packing.total == 1)):
+                raise PackingError(f"packed batches need plain causal attention, got mask={mask!r}")
+        elif plain or not (causal or mask is None) or not _kernels_for(queries, keys, values):
             return original(queries, keys, values, cache=cache, scale=scale, mask=mask, **kwargs)
-        if cache is not None or not (isinstance(mask, str) and mask == "causal") or kwargs.get("sinks") is not None:
-            raise PackingError(f"packed batches need plain causal attention, got mask={mask!r}")
-        parts = zip(packing.split(queries), packing.split(keys), packing.split(values))
-        return packing.join([original(q, k, v, cache=None, scale=scale, mask="causal") for q, k, v in parts])
+
+        def attend(q, k, v, causal):
+            if _kernels_for(q, k, v):
+                return kernels.attention(q, k, v, scale, causal)
+            return original(q, k, v, cache=None, scale=scale, mask="causal" if causal else None)
+
+        if fwd.packing is None:
+            return attend(queries, keys, values, causal)
+        parts = zip(*(fwd.packing.split(a) for a in (queries, keys, values)))
+        return fwd.packing.join([attend(q, k, v, True) for q, k, v in parts])
 
     scaled_dot_product_attention._edgeft_original = original
     return scaled_dot_product_attention
 
 
-def _hook_sdpa(module) -> None:
-    fn = getattr(module, "scaled_dot_product_attention", None)
+def _fast_swiglu(original):
+    def swiglu(gate, x):
+        return kernels.swiglu(gate, x) if _kernels_for(gate, x) else original(gate, x)
+
+    swiglu._edgeft_original = original
+    return swiglu
+
+
+def _hook(module, name: str, make) -> None:
+    fn = getattr(module, name, None)
     if fn is not None and not hasattr(fn, "_edgeft_original"):
-        module.scaled_dot_product_attention = _per_sample_sdpa(fn)
+        setattr(module, name, make(fn))
 
 
 def can_pack(model: nn.Module) -> bool:

@@ -124,7 +124,7 @@ def lm_loss(
     run only where there is loss (assistant tokens), not over prompt and padding. With
     `lengths`, inputs is one packed row of sequences of these lengths (dataset.pack).
     """
-    with backend.packed(backend.Packing(tuple(lengths)) if lengths else None):
+    with backend.fast_forward(backend.Packing(tuple(lengths)) if lengths else None):
         h = model.model(inputs)
     h = h.reshape(-1, h.shape[-1])[idx]
     logits = output_head(model)(h).astype(mx.float32)

@@ -108,6 +108,16 @@ def rss_peak_gb() -> float:
     return float("nan")
 
 
+@contextmanager
+def patched(obj, name, value):
+    old = getattr(obj, name)
+    setattr(obj, name, value)
+    try:
+        yield
+    finally:
+        setattr(obj, name, old)
+
+
 # ---------------------------------------------------------------------------------------------
 # Step variants: each is (name, make) where make(model) -> step(batch) -> None
 
@@ -131,9 +141,25 @@ def padded_loss(model, inputs, idx, tgt):
     return trainer.lm_loss(model, inputs, idx, tgt)
 
 
+def with_setting(make, obj, name, value):
+    """A variant that runs `make`'s step with obj.name = value."""
+
+    def made(model):
+        step = make(model)
+
+        def patched_step(batch):
+            with patched(obj, name, value):
+                step(batch)
+
+        return patched_step
+
+    return made
+
+
 VARIANTS = {
     "base": default_step,
     "padded": lambda m: default_step(m, padded_loss),
+    "mlx-ops": with_setting(default_step, backend, "FUSED_KERNELS", False),
 }
 
 
@@ -202,7 +228,7 @@ def cmd_phases(args, model, samples):
     opt = optim.AdamW(learning_rate=1e-5)
 
     def hidden(x, lengths):
-        with backend.packed(backend.Packing(lengths) if lengths else None):
+        with backend.fast_forward(backend.Packing(lengths) if lengths else None):
             return model.model(x)
 
     parts = {
@@ -245,16 +271,6 @@ def cmd_phases(args, model, samples):
 
 # Ablations: each replaces one op family by a near-free stand-in inside the real step; the
 # step time saved is what that family costs (forward and backward together).
-
-
-@contextmanager
-def patched(obj, name, value):
-    old = getattr(obj, name)
-    setattr(obj, name, value)
-    try:
-        yield
-    finally:
-        setattr(obj, name, old)
 
 
 def ablations(model):

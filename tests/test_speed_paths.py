@@ -1,5 +1,6 @@
 """The CPU speed paths compute the same mathematics as the plain ones, on tiny random models:
-packed batches (no padding, attention within each sample, positions restarting per sample)."""
+packed batches (no padding, attention within each sample, positions restarting per sample) and
+the fused kernels (SwiGLU, attention softmax)."""
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -8,7 +9,7 @@ import pytest
 from mlx.utils import tree_flatten, tree_unflatten
 from mlx_lm.models import llama, qwen3
 
-from edgeft import backend, dataset, lora, trainer
+from edgeft import backend, dataset, kernels, lora, trainer
 from edgeft.config import LoRAConfig
 
 VOCAB = 96
@@ -98,13 +99,13 @@ def test_packed_loss_and_gradients_equal_padded(arch):
 
 
 def test_outside_a_packed_loss_the_model_computes_as_before():
-    """Generation and plain calls see the stock model: the hooks act only inside packed()."""
+    """Generation and plain calls see the stock model: the hooks act only inside fast_forward()."""
     model = tiny(seed=4, quantize=False)
     x = mx.array([[5, 6, 7, 8, 9, 10]])
     before = model(x)
     backend.prepare(model, cpu=True)
     assert mx.allclose(before, model(x), atol=1e-5)
-    with backend.packed(backend.Packing((2, 4))):
+    with backend.fast_forward(backend.Packing((2, 4))):
         parts = model(x)
     assert mx.allclose(parts[:, :2], model(x[:, :2]), atol=1e-5)
     assert mx.allclose(parts[:, 2:], model(x[:, 2:]), atol=1e-5)
@@ -113,5 +114,64 @@ def test_outside_a_packed_loss_the_model_computes_as_before():
 def test_a_wrong_packing_is_an_error_not_silent_cross_attention():
     model = backend.prepare(tiny(seed=5), cpu=True)
     with pytest.raises(backend.PackingError, match="packed batch of 5 tokens"):
-        with backend.packed(backend.Packing((2, 3))):
+        with backend.fast_forward(backend.Packing((2, 3))):
             model(mx.array([[1, 2, 3, 4]]))
+
+
+# Fused kernels ------------------------------------------------------------------------------------
+
+
+def test_fused_kernels_pass_their_self_test():
+    assert kernels.usable(mx.zeros(2))
+    assert not kernels.usable(mx.zeros(2, dtype=mx.bfloat16))
+
+
+def test_fused_exp_is_accurate_and_zero_far_below():
+    x = np.linspace(-86.9, 87.9, 200001).astype(np.float32)
+    got = np.asarray(kernels._exp_fused(mx.array(x))).astype(np.float64)
+    want = np.exp(x.astype(np.float64))
+    assert np.max(np.abs(got - want) / want) < 5e-7
+    assert np.asarray(kernels._exp_fused(mx.array([-88.0, -1e4, -np.inf], dtype=mx.float32))).tolist() == [0.0, 0.0, 0.0]
+
+
+def _vjp_close(f, g, primals, cot, atol):
+    (a,), ga = mx.vjp(f, primals, [cot])
+    (b,), gb = mx.vjp(g, primals, [cot])
+    assert mx.allclose(a, b, atol=atol, rtol=1e-5)
+    for x, y in zip(ga, gb):
+        assert mx.allclose(x, y, atol=atol, rtol=1e-4)
+
+
+@pytest.mark.parametrize("shape", [(3, 5), (33, 300), (2, 3, 7)])
+def test_fused_swiglu_and_softmax_match_mlx(shape):
+    mx.random.seed(sum(shape))
+    g, u, c = mx.random.normal(shape) * 4, mx.random.normal(shape), mx.random.normal(shape)
+    _vjp_close(kernels.swiglu, lambda g, u: nn.silu(g) * u, [g, u], c, 1e-5)
+    _vjp_close(kernels.softmax, lambda x: mx.softmax(x, axis=-1), [g], c, 1e-6)
+
+
+@pytest.mark.parametrize("B,H,Hkv,T", [(1, 9, 3, 37), (2, 4, 2, 16), (1, 4, 4, 1)])
+@pytest.mark.parametrize("causal", [True, False])
+def test_fused_attention_matches_mlx_sdpa(B, H, Hkv, T, causal):
+    mx.random.seed(T)
+    q, k, v = mx.random.normal((B, H, T, 16)), mx.random.normal((B, Hkv, T, 16)), mx.random.normal((B, Hkv, T, 16))
+    mask = "causal" if causal else None
+    _vjp_close(
+        lambda q, k, v: kernels.attention(q, k, v, 0.25, causal),
+        lambda q, k, v: mx.fast.scaled_dot_product_attention(q, k, v, scale=0.25, mask=mask),
+        [q, k, v], mx.random.normal(q.shape), 1e-5,
+    )
+
+
+def test_step_with_and_without_fused_kernels_agrees(monkeypatch):
+    model = backend.prepare(tiny(seed=6), cpu=True)
+    mx.random.seed(7)
+    lora.apply_lora(model, LoRAConfig(rank=4))
+    args, _ = trainer.loss_inputs(model, trainer.lm_loss, *ragged_batch(seed=8))
+    loss_and_grad = nn.value_and_grad(model, trainer.lm_loss)
+    (l1, _), g1 = loss_and_grad(model, *args)
+    monkeypatch.setattr(backend, "FUSED_KERNELS", False)
+    (l2, _), g2 = loss_and_grad(model, *args)
+    assert abs(l1.item() - l2.item()) < 1e-5
+    for (k, a), (_, b) in zip(tree_flatten(g1), tree_flatten(g2)):
+        assert mx.allclose(a, b, atol=1e-6, rtol=1e-4), k
