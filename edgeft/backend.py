@@ -22,6 +22,7 @@ import sys
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
+from functools import lru_cache
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -43,15 +44,28 @@ def on_cpu() -> bool:
 def dequantized_weight(layer: nn.Module) -> mx.array:
     """The full-precision weight of a (possibly quantized) Linear or Embedding."""
     if isinstance(layer, (nn.QuantizedLinear, nn.QuantizedEmbedding)):
-        return mx.dequantize(
-            layer["weight"],
-            scales=layer["scales"],
-            biases=layer.get("biases"),
-            group_size=layer.group_size,
-            bits=layer.bits,
-            mode=layer.mode,
-        )
+        w, scales, biases = layer["weight"], layer["scales"], layer.get("biases")
+        if layer.mode == "affine" and biases is not None and layer.bits in (2, 4, 8) and on_cpu():
+            return _affine_dequantizer(layer.bits, layer.group_size)(w, scales, biases)
+        return mx.dequantize(w, scales=scales, biases=biases, group_size=layer.group_size, bits=layer.bits, mode=layer.mode)
     return layer["weight"]
+
+
+@lru_cache(maxsize=None)
+def _affine_dequantizer(bits: int, group_size: int):
+    """mx.dequantize for affine 2/4/8-bit weights as one fused loop: the same values, ~2x faster
+    on CPU (4-bit 1536x576: 2.4 -> 1.3 ms; SmolLM2's 8-bit embedding: 217 -> 86 ms). Element j
+    of a uint32 word sits in its bits [j * bits, (j + 1) * bits), as MLX packs them."""
+    per_word = 32 // bits
+    shifts = mx.arange(0, 32, bits, dtype=mx.uint32)
+
+    def dequantize(w, scales, biases):
+        rows, groups = w.shape[:-1], scales.shape[-1]
+        q = (w.reshape(*rows, groups, group_size // per_word, 1) >> shifts) & ((1 << bits) - 1)
+        out = q.astype(scales.dtype) * scales[..., None, None] + biases[..., None, None]
+        return out.reshape(*rows, groups * group_size)
+
+    return mx.compile(dequantize)
 
 
 class DequantizedLinear(nn.QuantizedLinear):

@@ -175,3 +175,12 @@ def test_step_with_and_without_fused_kernels_agrees(monkeypatch):
     assert abs(l1.item() - l2.item()) < 1e-5
     for (k, a), (_, b) in zip(tree_flatten(g1), tree_flatten(g2)):
         assert mx.allclose(a, b, atol=1e-6, rtol=1e-4), k
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("group_size", [32, 64, 128])
+def test_fused_dequantize_is_bit_exact(bits, group_size):
+    mx.random.seed(bits + group_size)
+    layer = nn.QuantizedLinear.from_linear(nn.Linear(256, 48), group_size=group_size, bits=bits)
+    want = mx.dequantize(layer.weight, layer.scales, layer.biases, group_size=group_size, bits=bits)
+    assert mx.array_equal(backend.dequantized_weight(layer), want)
