@@ -17,7 +17,6 @@ from edgeft import gguf as G
 from edgeft.loader import ModelLoadError, load
 
 TOKENS = mx.array([[0, 5, 77, 123, 260, 3, 9, 200, 250, 299, 1, 2]])
-REAL_GGUF = Path.home() / ".cache/edgeft/models/smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 def logits(model) -> np.ndarray:
@@ -263,21 +262,11 @@ def test_folder_with_one_gguf(tmp_path):
 
 
 # --- the real SmolLM2 ----------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def real_gguf(request):
-    try:
-        return Path(request.getfixturevalue("smollm2_path"))
-    except Exception:
-        if not REAL_GGUF.is_file():
-            pytest.skip("the SmolLM2 GGUF is not available")
-        return REAL_GGUF
-
-
 @pytest.mark.real
-def test_smollm2_answers_paris(real_gguf):
+def test_smollm2_answers_paris(smollm2_path):
     from mlx_lm.models.cache import make_prompt_cache
 
-    loaded = load(real_gguf)
+    loaded = load(smollm2_path)
     assert loaded.config["model_type"] == "llama" and loaded.config["rope_traditional"] is True
     assert loaded.model.model.layers[0].self_attn.q_proj.bits == 4
     tok = loaded.tokenizer

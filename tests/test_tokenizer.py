@@ -18,7 +18,6 @@ TEXTS = [
 ]
 CHAT = [{"role": "user", "content": "What is the capital of France?"}]
 CHATML_PROMPT = "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n"
-REAL_GGUF = Path.home() / ".cache/edgeft/models/smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 @pytest.fixture(scope="module")
@@ -145,19 +144,9 @@ def test_template_features_hf_templates_use():
 
 
 # --- the real SmolLM2 vocabulary -----------------------------------------------------------
-@pytest.fixture(scope="module")
-def real_gguf(request):
-    try:
-        return Path(request.getfixturevalue("smollm2_path"))
-    except Exception:
-        if not REAL_GGUF.is_file():
-            pytest.skip("the SmolLM2 GGUF is not available")
-        return REAL_GGUF
-
-
 @pytest.mark.real
-def test_smollm2_tokenizer(real_gguf):
-    md = G.read_index(real_gguf, with_metadata=True).metadata
+def test_smollm2_tokenizer(smollm2_path):
+    md = G.read_index(smollm2_path, with_metadata=True).metadata
     tok = Tokenizer.from_gguf_metadata(md)
     prompt = tok.render(CHAT, add_generation_prompt=True)
     assert prompt == (
@@ -168,7 +157,7 @@ def test_smollm2_tokenizer(real_gguf):
     assert len(ids) == 37 and ids[0] == 1 and ids[-4:] == [1, 520, 9531, 198]
     assert tok.stop_ids == {2} and tok.add_bos is False
     llama_cpp = pytest.importorskip("llama_cpp")
-    llm = llama_cpp.Llama(str(real_gguf), vocab_only=True, verbose=False)
+    llm = llama_cpp.Llama(str(smollm2_path), vocab_only=True, verbose=False)
     for text in TEXTS + [prompt]:
         assert tok.encode(text) == llm.tokenize(text.encode(), add_bos=False, special=True)
 
