@@ -389,13 +389,6 @@ def doctor():
             click.echo(f"{mod:8} not installed" + ("  (pip install 'edgeft[llama]' for export checks)" if mod == "llama_cpp" else ""))
 
 
-def _export_errors():
-    from edgeft.export import ExportError
-    from edgeft.verify import VerifyError
-
-    return (ExportError, VerifyError, *user_errors())
-
-
 @main.command("export")
 @click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
 @click.option("--quant", default="q8_0", show_default=True,
@@ -422,7 +415,7 @@ def export_cmd(run_dir, quant, out, adapter, no_verify):
     try:
         result = export_run(Path(run_dir), quant=quant, out=out, adapter=adapter,
                             verify=not no_verify, log=click.echo)
-    except _export_errors() as e:
+    except user_errors() as e:
         _fail(e)
     click.echo("")
     click.echo(result.summary())
@@ -452,7 +445,7 @@ def verify_cmd(gguf, run_dir, base):
 
     try:
         parity = verify_file(Path(gguf), run_dir=run_dir, base=base, log=click.echo)
-    except _export_errors() as e:
+    except user_errors() as e:
         _fail(e)
     click.echo(parity.table())
     if parity.fatal and not parity.passed:
