@@ -83,6 +83,7 @@ class Ctx:
     samples: list = field(default_factory=list)
     schedule: list = field(default_factory=list)  # sample indices of each step's batch, for everyone
     order_source: str = ""
+    tok_check: dict = None  # edgeft's tokenizer against transformers' (check_edgeft_tokens)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -536,22 +537,31 @@ def run_edgeft(ctx: Ctx) -> dict:
         res.update(status="failed", error=child.tail())
     if rows:
         res["edgeft_peak_mem_gb"] = max(r.get("peak_mem_gb", 0) for r in rows)
-        res["notes"].append(schedule_check(ctx, rows))
+        res["notes"].append(schedule_check(ctx, rows, ctx.tok_check))
     return finish(res, child, before, EDGEFT_STEP_LINE)
 
 
-def schedule_check(ctx: Ctx, rows: list[dict]) -> str:
-    """Did edgeft train on the common batches? Its loss-token counts per step against ours
-    (its tokenizer splits a few whitespace runs differently, hence the slack)."""
-    mine = [sum(sum(ctx.samples[i]["mask"]) for i in ctx.schedule[r["step"] - 1]) for r in rows]
-    theirs = [r.get("loss_tokens") for r in rows]
-    if None in theirs:
-        return "batches not checked (no loss_tokens in metrics.jsonl)"
-    worst = max(abs(a - b) / max(b, 1) for a, b in zip(theirs, mine))
-    if worst <= 0.03:
-        return f"batches checked: loss tokens per step within {100 * worst:.1f}% of the common batches'"
-    return (f"WARNING: edgeft's loss tokens per step differ from the common batches' by up to {100 * worst:.0f}%: "
-            "it did not draw the same batches (see batch_order)")
+def schedule_check(ctx: Ctx, rows: list[dict], tok_check: dict | None) -> str:
+    """Did edgeft train on the common batches? Its loss-token count per step must equal ours,
+    except in batches holding a chat its tokenizer renders differently (a few tokens off)."""
+    differ = {d["sample"] for d in (tok_check or {}).get("differ", [])}
+    exact, near, bad = 0, 0, []
+    for r in rows:
+        idx = ctx.schedule[r["step"] - 1]
+        mine, theirs = sum(sum(ctx.samples[i]["mask"]) for i in idx), r.get("loss_tokens")
+        if theirs is None:
+            return "batches not checked (no loss_tokens in metrics.jsonl)"
+        if theirs == mine:
+            exact += 1
+        elif differ & set(idx) and abs(theirs - mine) <= 8 * len(differ & set(idx)):
+            near += 1
+        else:
+            bad.append(r["step"])
+    if bad:
+        return (f"WARNING: at steps {bad[:5]} edgeft's loss-token counts differ from the common batches': "
+                "it did not draw the same batches (see batch_order)")
+    return (f"batches checked: loss tokens equal at {exact} steps, within a few tokens at {near} "
+            "(a chat its tokenizer renders differently)")
 
 
 REPORT = re.compile(r"^\s*(\d+)\s+([0-9.]+)\s*[▼▲]\s+([0-9,.]+)\s+([0-9.]+)k\s*$")
@@ -824,7 +834,7 @@ def main(argv=None) -> None:
            "command": "python scripts/bench.py " + " ".join(sys.argv[1:] if argv is None else argv),
            "machine": machine(), "versions": versions(), "config": config}
     if "edgeft" in args.only:
-        doc["edgeft_tokenizer"] = check_edgeft_tokens(ctx)
+        doc["edgeft_tokenizer"] = ctx.tok_check = check_edgeft_tokens(ctx)
 
     # Keep earlier results of the contestants not run now, if they ran the same setup.
     results = {}
