@@ -81,8 +81,9 @@ def _on_worker(fn, *args):
     return value
 
 
-def _fused(fn):
-    """fn compiled, called from the helper thread on the caller's stream (see module doc)."""
+def fused(fn):
+    """fn compiled, called from the helper thread on the caller's stream (see module doc): its
+    elementwise chains fuse even when mx.grad traces the arguments."""
     compiled = mx.compile(fn)  # not shapeless: the exponent-bit view needs known shapes
 
     def run(stream, args):
@@ -98,12 +99,12 @@ def _fused(fn):
 # SwiGLU ------------------------------------------------------------------------------------------
 
 
-@_fused
+@fused
 def _swiglu_fwd(gate, up):
     return gate * up / (1.0 + _exp(-gate))
 
 
-@_fused
+@fused
 def _swiglu_bwd(gate, up, cot):
     s = 1.0 / (1.0 + _exp(-gate))
     gs = gate * s  # silu(gate); d silu / d gate = s + gs (1 - s)
@@ -125,8 +126,8 @@ def _swiglu_vjp(primals, cotangent, output):
 # Fused loops take same-shape inputs only: MLX's fused loop over a broadcast input (the row max)
 # runs element by element with index arithmetic, slower than a separate subtraction.
 
-_exp_fused = _fused(_exp)
-_softmax_bwd = _fused(lambda p, cot, dot: p * (cot - dot))
+_exp_fused = fused(_exp)
+_softmax_bwd = fused(lambda p, cot, dot: p * (cot - dot))
 
 
 def _softmax(x: mx.array) -> mx.array:

@@ -160,8 +160,8 @@ VARIANTS = {
     "base": default_step,
     "padded": lambda m: default_step(m, padded_loss),
     "mlx-ops": with_setting(default_step, backend, "FUSED_KERNELS", False),
-    "mlx-dequantize": with_setting(default_step, backend, "dequantized_weight", lambda layer: mx.dequantize(
-        layer["weight"], layer["scales"], layer.get("biases"), group_size=layer.group_size, bits=layer.bits)),
+    "mlx-dequantize": with_setting(default_step, backend, "dequantize", lambda w, s, b, bits, group_size, mode: mx.dequantize(
+        w, s, b, group_size=group_size, bits=bits, mode=mode)),
 }
 
 
