@@ -104,13 +104,9 @@ def test_loss_falls_when_overfitting_four_examples():
     assert last < 0.5 * first, (first, last)
 
 
-@pytest.mark.parametrize("streams,dropout", [(1, 0.1), (2, 0.0)])
-def test_fast_path_equals_plain_path(monkeypatch, streams, dropout):
-    """Dequantized BLAS layers + loss only at masked positions + packed batches + fused kernels
-    (+ samples split over CPU streams) give the same losses and adapters as MLX's quantized
-    matmul + a full-vocabulary masked cross-entropy. With dropout only on one stream: which
-    positions drop depends on how the forward is split (its distribution does not)."""
-    monkeypatch.setattr(backend, "CPU_STREAMS", streams)
+def test_fast_path_equals_plain_path():
+    """Dequantized BLAS layers + loss only at masked positions give the same losses and
+    adapters as MLX's quantized matmul + a full-vocabulary masked cross-entropy."""
 
     def plain_loss(model, inputs, idx, tgt):
         logits = model(inputs).astype(mx.float32)
@@ -126,7 +122,7 @@ def test_fast_path_equals_plain_path(monkeypatch, streams, dropout):
         model = tiny_llama(seed=3)
         backend.prepare(model, cpu=fast)
         mx.random.seed(7)
-        lora.apply_lora(model, LoRAConfig(rank=4, dropout=dropout))
+        lora.apply_lora(model, LoRAConfig(rank=4, dropout=0.1))
         state_losses = []
         trainer.train(
             model,
