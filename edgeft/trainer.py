@@ -122,15 +122,28 @@ def lm_loss(
 
     The vocabulary projection and softmax, the most expensive part of a small model's step,
     run only where there is loss (assistant tokens), not over prompt and padding. With
-    `lengths`, inputs is one packed row of sequences of these lengths (dataset.pack).
+    `lengths`, inputs is one packed row of sequences of these lengths (dataset.pack), computed
+    as groups of whole sequences, one per CPU stream (backend.stream_groups).
     """
-    with backend.fast_forward(backend.Packing(tuple(lengths)) if lengths else None):
-        h = model.model(inputs)
+    if not lengths:
+        with backend.fast_forward():
+            h = model.model(inputs)
+            return _ce_sum(model, h, idx, tgt) / max(idx.size, 1), mx.array(idx.size)
+    positions, weights, total = np.asarray(idx), {}, 0.0
+    for stream, start, stop, group in backend.stream_groups(tuple(lengths)):
+        mine = np.nonzero((positions >= start) & (positions < stop))[0]
+        with mx.stream(stream), backend.fast_forward(backend.Packing(group), weights):
+            h = model.model(inputs[:, start:stop])
+            total = total + _ce_sum(model, h, mx.array(positions[mine] - start), tgt[mx.array(mine)])
+    return total / max(idx.size, 1), mx.array(idx.size)
+
+
+def _ce_sum(model: nn.Module, h: mx.array, idx: mx.array, tgt: mx.array) -> mx.array:
+    """Summed cross-entropy at positions idx of h: logsumexp minus the target logit, as
+    nn.losses.cross_entropy."""
     h = h.reshape(-1, h.shape[-1])[idx]
     logits = output_head(model)(h).astype(mx.float32)
-    ntoks = idx.size
-    loss = nn.losses.cross_entropy(logits, tgt, reduction="sum") / max(ntoks, 1)
-    return loss, mx.array(ntoks)
+    return (backend.logsumexp(logits) - mx.take_along_axis(logits, tgt[:, None], axis=-1)[:, 0]).sum()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -162,6 +162,8 @@ VARIANTS = {
     "mlx-ops": with_setting(default_step, backend, "FUSED_KERNELS", False),
     "mlx-dequantize": with_setting(default_step, backend, "dequantize", lambda w, s, b, bits, group_size, mode: mx.dequantize(
         w, s, b, group_size=group_size, bits=bits, mode=mode)),
+    "one-stream": with_setting(default_step, backend, "CPU_STREAMS", 1),
+    "mlx-logsumexp": with_setting(default_step, backend, "logsumexp", lambda x: mx.logsumexp(x, axis=-1)),
 }
 
 

@@ -77,9 +77,11 @@ def test_only_prepared_models_pack():
     assert backend.can_pack(backend.prepare(model, cpu=True))
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen3"])
-def test_packed_loss_and_gradients_equal_padded(arch):
-    """One packed row gives the loss and adapter gradients of the padded batch."""
+@pytest.mark.parametrize("arch,streams", [("llama", 1), ("llama", 2), ("llama", 3), ("qwen3", 2)])
+def test_packed_loss_and_gradients_equal_padded(monkeypatch, arch, streams):
+    """One packed row, its samples split over `streams` CPU streams, gives the loss and adapter
+    gradients of the padded batch."""
+    monkeypatch.setattr(backend, "CPU_STREAMS", streams)
     model = backend.prepare(tiny(arch, seed=1), cpu=True)
     mx.random.seed(2)
     lora.apply_lora(model, LoRAConfig(rank=4))
@@ -96,6 +98,20 @@ def test_packed_loss_and_gradients_equal_padded(arch):
     assert abs(l1.item() - l2.item()) < 1e-5
     for (k, a), (_, b) in zip(tree_flatten(g1), tree_flatten(g2)):
         assert mx.allclose(a, b, atol=1e-5, rtol=1e-4), k
+
+
+def test_stream_groups_are_contiguous_and_balanced(monkeypatch):
+    monkeypatch.setattr(backend, "CPU_STREAMS", 2)
+    groups = backend.stream_groups((250, 60, 80, 100))
+    assert [(a, b, g) for _, a, b, g in groups] == [(0, 250, (250,)), (250, 490, (60, 80, 100))]
+    monkeypatch.setattr(backend, "CPU_STREAMS", 3)
+    groups = backend.stream_groups((10, 10, 10, 10, 10, 10))
+    assert [g for *_, g in groups] == [(10, 10), (10, 10), (10, 10)]
+    assert len({s for s, *_ in groups}) == 3
+    monkeypatch.setattr(backend, "CPU_STREAMS", 4)
+    assert [g for *_, g in backend.stream_groups((5, 7))] == [(5,), (7,)]
+    monkeypatch.setattr(backend, "CPU_STREAMS", 1)
+    assert [g for *_, g in backend.stream_groups((5, 7))] == [(5, 7)]
 
 
 def test_outside_a_packed_loss_the_model_computes_as_before():
@@ -184,3 +200,11 @@ def test_fused_dequantize_is_bit_exact(bits, group_size):
     layer = nn.QuantizedLinear.from_linear(nn.Linear(256, 48), group_size=group_size, bits=bits)
     want = mx.dequantize(layer.weight, layer.scales, layer.biases, group_size=group_size, bits=bits)
     assert mx.array_equal(backend.dequantized_weight(layer), want)
+
+
+def test_logsumexp_matches_mlx():
+    mx.random.seed(11)
+    x = mx.random.normal((9, 1000)) * 8
+    (a,), (ga,) = mx.vjp(kernels.logsumexp, [x], [mx.arange(9.0)])
+    (b,), (gb,) = mx.vjp(lambda x: mx.logsumexp(x, axis=-1), [x], [mx.arange(9.0)])
+    assert mx.allclose(a, b, rtol=1e-6, atol=1e-5) and mx.allclose(ga, gb, rtol=1e-4, atol=1e-7)
