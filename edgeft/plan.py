@@ -3,7 +3,8 @@
 Peak memory of one LoRA step, as MLX's CPU backend runs edgeft's step (edgeft/backend.py:
 quantized projections are dequantized to fp32 just in time, the model computes in fp32):
 
-  runtime       the process before any model: Python, MLX, BLAS, tokenizer (measured constant)
+  runtime       what the process holds outside MLX's arrays: Python, the libraries, BLAS's thread
+                buffers, tokenizer and data (measured in the running process: runtime_bytes)
   weights       the base as held in memory (fp32 scales/biases on CPU, half floats made fp32)
   lora          adapters + AdamW's two moments, and the step's gradients and clipped copy
   dequantized   fp32 copies of quantized weights, kept from the forward pass for the backward
@@ -35,10 +36,13 @@ import resource
 import shutil
 import struct
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
-RUNTIME_BYTES = 120_000_000  # peak RSS of `edgeft tune` on tiny models minus MLX's peak: 115-126 MB
+# What a training run adds outside MLX's arrays after the preflight measured the process: the
+# fused kernels MLX compiles and loads, its stream threads, allocator slack. Measured 19-32 MB
+# on tiny-model runs at batch 4 and 8, the same in two installs whose baselines differ by 11 MB.
+RUNTIME_GROWTH = 25_000_000
 # Bytes per unit, fitted (see the module docstring):
 ACT_PER_H = 32.2  # saved per token, per adapted layer, per hidden unit (~8 fp32 values)
 ACT_PER_I = 22.4  # ... per MLP intermediate unit (~5.6 fp32 values)
@@ -99,6 +103,10 @@ class Breakdown:
     @property
     def total(self) -> int:
         return sum(getattr(self, p) for p in self.parts)
+
+    def to_dict(self) -> dict:
+        d = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "parts"}
+        return {**d, "mlx": self.mlx, "total": self.total}
 
     def lines(self) -> list[str]:
         out = [f"  {p:12} {gb(getattr(self, p)):>9}" for p in self.parts]
@@ -173,11 +181,14 @@ def lora_parameters(config: dict, lora_cfg) -> int:
 
 def estimate_peak_bytes(config: dict, lora_cfg, batch_size: int, seq_len: int, quant: QuantInfo,
                         *, loss_tokens: int | None = None, grad_checkpoint: bool = False,
-                        runtime_bytes: int = RUNTIME_BYTES, lengths: list[int] | None = None) -> Breakdown:
+                        runtime_bytes: int | None = None, lengths: list[int] | None = None) -> Breakdown:
     """Peak memory of a training step on a batch of `batch_size` x `seq_len` tokens, of which
     `loss_tokens` (default: all) carry loss. `lengths`: the batch's sequence lengths when the
     step packs them into one unpadded row (dataset.pack, the CPU path): then the tokens are
-    their sum and the attention pairs the sum of their squares. See the module docstring."""
+    their sum and the attention pairs the sum of their squares. `runtime_bytes`: what the
+    process holds besides (default: measured now, runtime_bytes()). See the module docstring."""
+    if runtime_bytes is None:
+        runtime_bytes = measure_runtime_bytes()
     d = dims(config)
     L = adapted_layers(config, lora_cfg)
     B, T = int(batch_size), int(seq_len)
@@ -346,6 +357,19 @@ def available_memory() -> tuple[int | None, str]:
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), "physical memory"
     except (ValueError, OSError, AttributeError):
         return None, "unknown"
+
+
+def measure_runtime_bytes() -> int:
+    """What this process holds outside MLX's buffers now, once BLAS has started its threads,
+    plus what training will add (RUNTIME_GROWTH). Measured rather than assumed: the same
+    packages' builds differ by 30 MB and more here (MKL's OpenMP runtime alone 16-31 MB)."""
+    import mlx.core as mx
+
+    a = mx.ones((256, 256))
+    mx.eval(a @ a)  # BLAS and its thread pool start on first use
+    del a
+    held = current_rss() - mx.get_active_memory() - mx.get_cache_memory()
+    return max(held, 0) + RUNTIME_GROWTH
 
 
 def current_rss() -> int:

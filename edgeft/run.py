@@ -116,6 +116,7 @@ def tune(
     log(report.summary().splitlines()[0])
     mem = plan.preflight(cfg, loaded, train_set, run_dir, resume=resume, log=log)
     log(f"memory: about {plan.gb(mem.total)} at peak (estimate; `edgeft plan` shows the breakdown)")
+    atomic_write_text(run_dir / "memory_plan.json", json.dumps(mem.to_dict(), indent=2) + "\n")
 
     if not resume:
         atomic_write_text(run_dir / "config.json", json.dumps(cfg.to_dict(), indent=2) + "\n")

@@ -76,7 +76,9 @@ def measured_peaks(run_dir):
 @pytest.mark.parametrize("batch", [4, 8])
 def test_estimate_is_within_15_percent_of_a_real_runs_peak(tiny, batch):
     """A fresh `edgeft tune` process (a clean peak) on equal-length chats: every batch has the
-    shape the estimate assumes. Compares MLX's own peak and the whole process's."""
+    shape the estimate assumes. The estimate tune made for itself before training (which
+    measures what the process holds besides MLX) against the process's measured peak, and
+    MLX's part, recomputed here, against MLX's own peak."""
     d, path = tiny
     data = uniform_chats(d / "uniform.jsonl")
     runs = d / f"runs{batch}"
@@ -86,18 +88,23 @@ def test_estimate_is_within_15_percent_of_a_real_runs_peak(tiny, batch):
                         "--name", "p", "--runs-dir", str(runs)], env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     mlx_peak, process_peak = measured_peaks(runs / "p")
+    tune_estimate = json.loads((runs / "p" / "memory_plan.json").read_text())
 
     loaded = load(path, tokenizer_only=True)
     samples, _ = dataset.load_samples(data, loaded.tokenizer, DataConfig(), 512)
     assert len({len(s.tokens) for s in samples}) == 1
     width, loss_tokens, lengths = plan.batch_shape(samples, batch, 512)
     est = plan.estimate_peak_bytes(loaded.config, LoRAConfig(), batch, width, plan.quant_info_from_gguf(path),
-                                   loss_tokens=loss_tokens, lengths=lengths if plan.packs(config=loaded.config) else None)
+                                   loss_tokens=loss_tokens, lengths=lengths if plan.packs(config=loaded.config) else None,
+                                   runtime_bytes=0)
+    total = tune_estimate["total"]
     print(f"\ntiny, batch {batch} x {width}: MLX peak measured {mlx_peak / 1e6:.2f} MB, estimated "
           f"{est.mlx / 1e6:.2f} MB ({est.mlx / mlx_peak - 1:+.1%}); process peak {process_peak / 1e6:.1f} MB, "
-          f"estimated {est.total / 1e6:.1f} MB ({est.total / process_peak - 1:+.1%})")
+          f"tune's estimate {total / 1e6:.1f} MB ({total / process_peak - 1:+.1%}; runtime part "
+          f"{tune_estimate['runtime'] / 1e6:.1f} MB, unexplained {(process_peak - total) / 1e6:+.1f} MB)")
+    assert tune_estimate["mlx"] == est.mlx  # tune planned the very batch shape computed here
     assert abs(est.mlx / mlx_peak - 1) < TOLERANCE
-    assert abs(est.total / process_peak - 1) < TOLERANCE
+    assert abs(total / process_peak - 1) < TOLERANCE
 
 
 def test_auto_fit_lowers_the_batch_keeping_samples_per_step():
@@ -136,6 +143,9 @@ def home(tmp_path, monkeypatch):
     monkeypatch.setenv("EDGEFT_HOME", str(tmp_path / "home"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.chdir(tmp_path)
+    # In-process runs: the pytest process holds far more than a fresh `edgeft tune` would, so
+    # the runtime part is what such a process measures (see the subprocess test above).
+    monkeypatch.setattr(plan, "measure_runtime_bytes", lambda: 145_000_000)
     return tmp_path
 
 
