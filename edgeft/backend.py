@@ -17,6 +17,7 @@ their module calls through dispatchers that act only inside ``fast_forward``.
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 from contextlib import contextmanager
@@ -26,6 +27,7 @@ from functools import lru_cache
 
 import mlx.core as mx
 import mlx.nn as nn
+import numpy as np
 from mlx.utils import tree_map, tree_unflatten
 
 from edgeft import kernels
@@ -44,8 +46,7 @@ def on_cpu() -> bool:
 def dequantized_weight(layer: nn.Module) -> mx.array:
     """The full-precision weight of a (possibly quantized) Linear or Embedding."""
     if isinstance(layer, (nn.QuantizedLinear, nn.QuantizedEmbedding)):
-        fwd = _FORWARD.get()
-        memo = fwd.weights if fwd is not None else None
+        memo = _SHARED_WEIGHTS.get() if _FORWARD.get() is not None else None
         if memo is not None and id(layer) in memo:
             return memo[id(layer)]
         w = dequantize(layer["weight"], layer["scales"], layer.get("biases"), layer.bits, layer.group_size, layer.mode)
@@ -180,9 +181,12 @@ class Packing:
     def total(self) -> int:
         return sum(self.lengths)
 
-    def split(self, x: mx.array) -> list[mx.array]:
+    def check(self, x: mx.array) -> None:
         if x.ndim < 3 or x.shape[0] != 1 or x.shape[-2] != self.total:
             raise PackingError(f"packed batch of {self.total} tokens, but a tensor of shape {tuple(x.shape)}")
+
+    def split(self, x: mx.array) -> list[mx.array]:
+        self.check(x)
         parts, start = [], 0
         for n in self.lengths:
             parts.append(x[..., start : start + n, :])
@@ -202,29 +206,40 @@ FUSED_KERNELS = True
 class _Forward:
     packing: Packing | None
     kernels: bool
-    weights: dict | None  # id(layer) -> its dequantized weight, shared by the forwards of a step
 
 
 _FORWARD: ContextVar[_Forward | None] = ContextVar("edgeft_forward", default=None)
+_SHARED_WEIGHTS: ContextVar[dict | None] = ContextVar("edgeft_shared_weights", default=None)
 
 
 @contextmanager
-def fast_forward(packing: Packing | None = None, weights: dict | None = None):
+def fast_forward(packing: Packing | None = None):
     """Within: a model prepared for CPU computes its forward (and the backward built from it)
     the fast way: exp-heavy ops as fused kernels, and with `packing` its input row holds samples
-    end to end. Forwards given the same `weights` dict dequantize each weight once between them.
-    Outside (generation, plain calls) the model computes as mlx-lm wrote it."""
-    token = _FORWARD.set(_Forward(packing, FUSED_KERNELS and on_cpu(), weights))
+    end to end. Outside (generation, plain calls) the model computes as mlx-lm wrote it."""
+    token = _FORWARD.set(_Forward(packing, FUSED_KERNELS and on_cpu()))
     try:
         yield
     finally:
         _FORWARD.reset(token)
 
 
+@contextmanager
+def shared_weights():
+    """Within: the fast forwards of one batch (its groups on several streams) dequantize each
+    weight once between them."""
+    token = _SHARED_WEIGHTS.set({})
+    try:
+        yield
+    finally:
+        _SHARED_WEIGHTS.reset(token)
+
+
 # Streams: MLX runs each stream's ops on its own thread, and its CPU elementwise ops use one
 # core. Independent samples on one stream per core (BLAS with the cores left over each) keep
-# every core busy: measured with 2 streams on 2 cores, the work splits evenly between the two
-# stream threads and tokens per CPU-second rise 8% (MKL is more efficient on one thread).
+# every core busy. Each group gets its own forward and backward graph (trainer.stream_split):
+# SmolLM2, batch 4, 2 streams on 2 cores: ~205 tokens/s against ~165 on one stream
+# (scripts/profile_step.py ab base one-stream).
 # None: one stream per core, at most one per sample; 1: everything on the default stream.
 CPU_STREAMS: int | None = None
 _streams: list = []
@@ -297,10 +312,56 @@ def _packed_rope_class(cls: type) -> type:
                 return cls.__call__(self, x, offset)
             if not (isinstance(offset, int) and offset == 0):
                 raise PackingError("a packed batch cannot continue from a cache offset")
+            inv = _rope_inverse_frequencies(self)
+            if inv is not None:
+                return _rope_table(x, self.dims, self.traditional, inv, fwd.packing)
             return fwd.packing.join([cls.__call__(self, part, 0) for part in fwd.packing.split(x)])
 
         _ROPE_TWINS[cls] = type(cls.__name__, (cls,), {"__call__": __call__, "_edgeft_packed": True})
     return _ROPE_TWINS[cls]
+
+
+# RoPE of a packed row from a table of angles: every sample's positions restart at 0, so the
+# whole row rotates in one pass instead of one mx.fast.rope call per sample. Also, MLX's CPU
+# rope made two streams wait on each other (measured: a chain of 30 attention blocks on two
+# streams ran no faster than on one, while every other op of the block ran ~2x).
+
+
+def _rope_inverse_frequencies(rope: nn.Module) -> tuple | None:
+    """(inverse frequencies, position scale) of the RoPE kinds whose angles are known here:
+    nn.RoPE (as mx.fast.rope computes them from base) and mlx-lm's Llama3RoPE (its _freqs);
+    None for the others (they keep mx.fast.rope, one call per sample)."""
+    base = type(rope).__mro__[1] if getattr(type(rope), "_edgeft_packed", False) else type(rope)
+    half = rope.dims // 2
+    if base is nn.RoPE and rope.base is not None:
+        return ("base", float(rope.base), half), float(rope.scale)
+    if base.__name__ == "Llama3RoPE" and isinstance(getattr(rope, "_freqs", None), mx.array):
+        return ("freqs", rope._freqs), 1.0
+    return None
+
+
+def _rope_table(x: mx.array, dims: int, traditional: bool, inv, packing: Packing) -> mx.array:
+    """mx.fast.rope(x, dims, traditional, ...) for each sample of the packed row x [B, H, T, D]."""
+    packing.check(x)
+    (kind, *how), scale = inv
+    half = dims // 2
+    if kind == "base":
+        base, _ = how
+        inv_freq = mx.exp(mx.arange(half, dtype=mx.float32) * (-math.log(base) / half))
+    else:
+        inv_freq = 1.0 / how[0].astype(mx.float32)
+    pos = mx.array(np.concatenate([np.arange(n, dtype=np.float32) for n in packing.lengths]))
+    theta = (pos * scale)[:, None] * inv_freq[None, :]  # [T, half]
+    cos, sin = mx.cos(theta).astype(x.dtype), mx.sin(theta).astype(x.dtype)
+    rot, rest = (x, None) if dims == x.shape[-1] else (x[..., :dims], x[..., dims:])
+    if traditional:  # pairs (2i, 2i+1)
+        pairs = rot.reshape(*rot.shape[:-1], half, 2)
+        a, b = pairs[..., 0], pairs[..., 1]
+        out = mx.stack([a * cos - b * sin, a * sin + b * cos], axis=-1).reshape(rot.shape)
+    else:  # pairs (i, i + dims/2)
+        a, b = rot[..., :half], rot[..., half:]
+        out = mx.concatenate([a * cos - b * sin, a * sin + b * cos], axis=-1)
+    return out if rest is None else mx.concatenate([out, rest], axis=-1)
 
 
 def _fast_sdpa(original):

@@ -95,6 +95,31 @@ def fused(fn):
     return call
 
 
+def custom(fwd, vjp):
+    """mx.custom_function(fwd) with this vjp, whose backward ops go to the stream the forward
+    ran on. MLX calls a custom vjp while it builds the backward graph, after the caller's `with
+    mx.stream(...)` has ended: left alone, the backward of samples split over CPU streams
+    (backend.stream_groups) would all land on the default stream, one after another."""
+    made: dict = {}
+
+    def call(*args):
+        stream = mx.default_stream(mx.default_device())
+        f = made.get(stream)
+        if f is None:
+            f = mx.custom_function(fwd)
+
+            def rule(primals, cotangent, output):
+                with mx.stream(stream):
+                    return vjp(primals, cotangent, output)
+
+            f.vjp(rule)
+            made[stream] = f
+        return f(*args)
+
+    call.__doc__ = fwd.__doc__
+    return call
+
+
 # SwiGLU ------------------------------------------------------------------------------------------
 
 
@@ -110,15 +135,16 @@ def _swiglu_bwd(gate, up, cot):
     return cot * up * (s + gs * (1.0 - s)), cot * gs
 
 
-@mx.custom_function
-def swiglu(gate: mx.array, up: mx.array) -> mx.array:
+def _swiglu(gate: mx.array, up: mx.array) -> mx.array:
     """nn.silu(gate) * up (mlx-lm's swiglu); the backward recomputes the sigmoid."""
     return _swiglu_fwd(gate, up)
 
 
-@swiglu.vjp
 def _swiglu_vjp(primals, cotangent, output):
     return _swiglu_bwd(primals[0], primals[1], cotangent)
+
+
+swiglu = custom(_swiglu, _swiglu_vjp)
 
 
 # Softmax over the last axis, optionally causal ---------------------------------------------------
@@ -138,15 +164,11 @@ def _softmax_vjp_rule(p: mx.array, cot: mx.array) -> mx.array:
     return _softmax_bwd(p, cot, mx.broadcast_to((cot * p).sum(axis=-1, keepdims=True), p.shape))
 
 
-@mx.custom_function
-def softmax(x: mx.array) -> mx.array:
-    """mx.softmax(x, axis=-1)."""
-    return _softmax(x)
-
-
-@softmax.vjp
 def _softmax_vjp(primals, cotangent, output):
     return _softmax_vjp_rule(output, cotangent)
+
+
+softmax = custom(_softmax, _softmax_vjp)  # mx.softmax(x, axis=-1)
 
 
 @lru_cache(maxsize=256)
@@ -159,14 +181,11 @@ def _causal_bias(rows: int, cols: int, period: int) -> mx.array:
     return bias
 
 
-@mx.custom_function
-def _causal_softmax(x: mx.array, bias: mx.array) -> mx.array:
-    return _softmax(x + bias)
-
-
-@_causal_softmax.vjp
 def _causal_softmax_vjp(primals, cotangent, output):
     return _softmax_vjp_rule(output, cotangent), mx.zeros_like(primals[1])
+
+
+_causal_softmax = custom(lambda x, bias: _softmax(x + bias), _causal_softmax_vjp)
 
 
 def causal_softmax(x: mx.array, period: int) -> mx.array:
@@ -185,17 +204,18 @@ def _exp2(x: mx.array) -> mx.array:
     return mx.power(2.0, x * _LOG2E)
 
 
-@mx.custom_function
-def logsumexp(x: mx.array) -> mx.array:
+def _logsumexp(x: mx.array) -> mx.array:
     """mx.logsumexp(x, axis=-1)."""
     m = x.max(axis=-1, keepdims=True)
     return (m + mx.log(_exp2(x - m).sum(axis=-1, keepdims=True)))[..., 0]
 
 
-@logsumexp.vjp
 def _logsumexp_vjp(primals, cotangent, output):
     # d lse / dx = softmax(x) = exp(x - lse), recomputed rather than kept from the forward
     return _exp2(primals - output[..., None]) * cotangent[..., None]
+
+
+logsumexp = custom(_logsumexp, _logsumexp_vjp)
 
 
 # Attention ---------------------------------------------------------------------------------------

@@ -122,20 +122,29 @@ def lm_loss(
 
     The vocabulary projection and softmax, the most expensive part of a small model's step,
     run only where there is loss (assistant tokens), not over prompt and padding. With
-    `lengths`, inputs is one packed row of sequences of these lengths (dataset.pack), computed
-    as groups of whole sequences, one per CPU stream (backend.stream_groups).
+    `lengths`, inputs is one packed row of sequences of these lengths (dataset.pack).
     """
-    if not lengths:
-        with backend.fast_forward():
-            h = model.model(inputs)
-            return _ce_sum(model, h, idx, tgt) / max(idx.size, 1), mx.array(idx.size)
-    positions, weights, total = np.asarray(idx), {}, 0.0
+    with backend.fast_forward(backend.Packing(tuple(lengths)) if lengths else None):
+        h = model.model(inputs)
+        return _ce_sum(model, h, idx, tgt) / max(idx.size, 1), mx.array(idx.size)
+
+
+def stream_split(args: tuple) -> list[tuple[object, tuple]]:
+    """The loss arguments of one batch (loss_inputs) as [(stream, arguments)]: a packed batch
+    is split into groups of whole samples, one per CPU stream (backend.stream_groups), whose
+    losses and gradients are built and computed side by side; anything else is one group on
+    the default stream. Each group's own value_and_grad keeps the streams apart until their
+    gradients are added: one backward graph over both would add them layer by layer, making
+    each stream wait for the other at every layer."""
+    if len(args) < 4 or not args[3]:
+        return [(mx.default_stream(mx.default_device()), args)]
+    inputs, idx, tgt, lengths = args
+    positions = np.asarray(idx)
+    groups = []
     for stream, start, stop, group in backend.stream_groups(tuple(lengths)):
         mine = np.nonzero((positions >= start) & (positions < stop))[0]
-        with mx.stream(stream), backend.fast_forward(backend.Packing(group), weights):
-            h = model.model(inputs[:, start:stop])
-            total = total + _ce_sum(model, h, mx.array(positions[mine] - start), tgt[mx.array(mine)])
-    return total / max(idx.size, 1), mx.array(idx.size)
+        groups.append((stream, (inputs[:, start:stop], mx.array(positions[mine] - start), tgt[mx.array(mine)], group)))
+    return groups
 
 
 def _ce_sum(model: nn.Module, h: mx.array, idx: mx.array, tgt: mx.array) -> mx.array:
@@ -303,17 +312,40 @@ def loss_inputs(model, loss_fn, inputs, targets, mask) -> tuple[tuple, int]:
     return (inputs, idx, tgt), _input_tokens(mask)
 
 
+def summed_loss_and_grad(loss_and_grad, model, args: tuple) -> tuple[mx.array | None, dict | None, int]:
+    """Loss and gradients of one batch, each summed over its loss tokens (not averaged), and
+    the number of those tokens: its stream groups (stream_split) computed side by side, each
+    weight dequantized once between them. (None, None, 0) for a batch without loss tokens."""
+    loss_sum, grads_sum, total = None, None, 0
+    with backend.shared_weights():
+        for stream, group in stream_split(args):
+            n = group[1].size
+            if n == 0:
+                continue
+            with mx.stream(stream):
+                (loss, _), grads = loss_and_grad(model, *group)
+                grads, loss = tree_map_scale(grads, n), loss * n
+            grads_sum = grads if grads_sum is None else tree_add(grads_sum, grads)
+            loss_sum = loss if loss_sum is None else loss_sum + loss
+            total += n
+    return loss_sum, grads_sum, total
+
+
 def evaluate(model, batches: Iterable[Batch], loss_fn=lm_loss) -> float:
     """Token-weighted mean loss over the batches."""
     total, count = 0.0, 0
     for batch in batches:
         args, _ = loss_inputs(model, loss_fn, *batch[:3])
-        if args[1].size == 0:
-            continue
-        loss, n = loss_fn(model, *args)
-        mx.eval(loss)
-        total += loss.item() * n.item()
-        count += n.item()
+        losses = []
+        with backend.shared_weights():
+            for stream, group in stream_split(args):
+                if group[1].size:
+                    with mx.stream(stream):
+                        loss, n = loss_fn(model, *group)
+                        losses.append(loss * n)
+                    count += group[1].size
+        if losses:
+            total += sum(losses).item()
     return total / max(count, 1)
 
 
@@ -430,15 +462,13 @@ def train(
         grads_sum, loss_sum, ntok_sum, step_tokens = None, 0.0, 0, 0
         for _ in range(cfg.grad_accum):
             args, ntok_in = loss_inputs(model, loss_fn, *next(batches)[:3])
-            n = args[1].size
+            loss, grads, n = summed_loss_and_grad(loss_and_grad, model, args)
             if n == 0:
                 continue
-            (loss, ntoks), grads = loss_and_grad(model, *args)
-            grads = tree_map_scale(grads, n)
-            grads_sum = grads if grads_sum is None else tree_add(grads_sum, grads)
-            loss_sum = loss * n + loss_sum
-            ntok_sum += n
             step_tokens += ntok_in
+            grads_sum = grads if grads_sum is None else tree_add(grads_sum, grads)
+            loss_sum = loss + loss_sum
+            ntok_sum += n
             mx.eval(grads_sum, loss_sum)
         if grads_sum is None:
             raise TrainingError(f"step {state.step + 1}: no batch carried any loss token")

@@ -129,9 +129,10 @@ def default_step(model, loss_fn=trainer.lm_loss):
 
     def step(batch):
         args, _ = trainer.loss_inputs(model, loss_fn, *batch[:3])
-        (loss, _), grads = loss_and_grad(model, *args)
+        loss_sum, grads, n = trainer.summed_loss_and_grad(loss_and_grad, model, args)
+        grads = trainer.tree_map_scale(grads, 1.0 / n)
         opt.update(model, grads)
-        mx.eval(model.trainable_parameters(), opt.state, loss)
+        mx.eval(model.trainable_parameters(), opt.state, loss_sum)
 
     return step
 

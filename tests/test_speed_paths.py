@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from mlx.utils import tree_flatten, tree_unflatten
 from mlx_lm.models import llama, qwen3
+from mlx_lm.models.rope_utils import Llama3RoPE
 
 from edgeft import backend, dataset, kernels, lora, trainer
 from edgeft.config import LoRAConfig
@@ -94,7 +95,10 @@ def test_packed_loss_and_gradients_equal_padded(monkeypatch, arch, streams):
     packed_args, n_packed = trainer.loss_inputs(model, trainer.lm_loss, *batch)
     assert len(packed_args) == 4 and n_packed == n_padded
     (l1, _), g1 = loss_and_grad(model, *padded_args)
-    (l2, _), g2 = loss_and_grad(model, *packed_args)
+    assert len(trainer.stream_split(packed_args)) == streams
+    l2, g2, n = trainer.summed_loss_and_grad(loss_and_grad, model, packed_args)
+    l2, g2 = l2 / n, trainer.tree_map_scale(g2, 1.0 / n)
+    assert n == packed_args[1].size
     assert abs(l1.item() - l2.item()) < 1e-5
     for (k, a), (_, b) in zip(tree_flatten(g1), tree_flatten(g2)):
         assert mx.allclose(a, b, atol=1e-5, rtol=1e-4), k
@@ -125,6 +129,23 @@ def test_outside_a_packed_loss_the_model_computes_as_before():
         parts = model(x)
     assert mx.allclose(parts[:, :2], model(x[:, :2]), atol=1e-5)
     assert mx.allclose(parts[:, 2:], model(x[:, 2:]), atol=1e-5)
+
+
+@pytest.mark.parametrize("rope", [
+    nn.RoPE(64, traditional=True, base=10000.0),  # llama from GGUF (llama.cpp's Q/K row order)
+    nn.RoPE(64, traditional=False, base=1e6),  # qwen2/qwen3
+    nn.RoPE(32, traditional=True, base=500.0, scale=0.5),  # partial rotation, scaled positions
+    nn.RoPE(48, traditional=False),
+    Llama3RoPE(64, base=500000.0, scaling_config={"factor": 8.0, "original_max_position_embeddings": 8192}),
+], ids=["traditional", "neox", "partial-scaled", "partial-neox", "llama3"])
+def test_packed_rope_table_equals_mx_fast_rope_per_sample(rope):
+    """The whole packed row rotated from one table of angles equals mx.fast.rope on each sample
+    with its positions from 0."""
+    packing = backend.Packing((37, 120, 5, 300))
+    x = mx.random.normal((1, 4, packing.total, 64), key=mx.random.key(0))
+    want = packing.join([rope(part) for part in packing.split(x)])
+    got = backend._rope_table(x, rope.dims, rope.traditional, backend._rope_inverse_frequencies(rope), packing)
+    assert mx.allclose(got, want, atol=1e-6, rtol=1e-6).item()
 
 
 def test_a_wrong_packing_is_an_error_not_silent_cross_attention():
