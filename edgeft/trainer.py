@@ -451,80 +451,82 @@ def train(
         write_metrics({"kind": "valid", "step": state.step, "val_loss": val})
         progress.message(f"step {state.step}: validation loss {val:.4f}")
 
-    loss_and_grad = nn.value_and_grad(model, loss_fn)
-    batches = train_batches(state.step * cfg.grad_accum)
-    if state.step == 0 and valid_batches is not None and cfg.eval_every > 0:
-        run_eval()
-
-    while state.step < cfg.steps:
-        tic = time.perf_counter()
-        mx.random.seed(step_seed(cfg.seed, state.step))
-        grads_sum, loss_sum, ntok_sum, step_tokens = None, 0.0, 0, 0
-        for _ in range(cfg.grad_accum):
-            args, ntok_in = loss_inputs(model, loss_fn, *next(batches)[:3])
-            loss, grads, n = summed_loss_and_grad(loss_and_grad, model, args)
-            if n == 0:
-                continue
-            step_tokens += ntok_in
-            grads_sum = grads if grads_sum is None else tree_add(grads_sum, grads)
-            loss_sum = loss + loss_sum
-            ntok_sum += n
-            mx.eval(grads_sum, loss_sum)
-        if grads_sum is None:
-            raise TrainingError(f"step {state.step + 1}: no batch carried any loss token")
-        grads = tree_map_scale(grads_sum, 1.0 / ntok_sum)
-        loss = loss_sum / ntok_sum
-        pause_for_test("step", state.step + 1)
-        if cfg.max_grad_norm:
-            grads, gnorm = optim.clip_grad_norm(grads, cfg.max_grad_norm)
-        else:
-            gnorm = mx.sqrt(sum((g * g).sum() for _, g in tree_flatten(grads)))
-        optimizer.update(model, grads)
-        mx.eval(model.trainable_parameters(), optimizer.state, loss, gnorm)
-        loss_v, gnorm_v = loss.item(), gnorm.item()
-        if not (math.isfinite(loss_v) and math.isfinite(gnorm_v)):
-            # Nothing of this step is saved: no metrics line, no checkpoint, no adapters.
-            kept = f"the last good checkpoint, {last_ckpt}, is kept" if last_ckpt else "no checkpoint was written"
-            raise TrainingError(
-                f"step {state.step + 1}: loss {loss_v} / gradient norm {gnorm_v} is not finite; "
-                f"training stopped and {kept}. Try a lower learning rate (now {cfg.learning_rate:g}) "
-                "or a smaller max_grad_norm in a new run."
-            )
-        dt = time.perf_counter() - tic
-        state.step += 1
-        state.tokens += step_tokens
-        state.elapsed_s += dt
-        tps = step_tokens / dt
-        peak = peak_memory_gb()
-        eta = state.elapsed_s / max(state.step, 1) * (cfg.steps - state.step)
-        write_metrics(
-            {
-                "kind": "train",
-                "step": state.step,
-                "loss": loss_v,
-                "grad_norm": gnorm_v,
-                "lr": float(optimizer.learning_rate.item()),
-                "tokens": step_tokens,
-                "loss_tokens": ntok_sum,
-                "step_time_s": dt,
-                "tokens_per_s": tps,
-                "peak_mem_gb": peak,
-                "mlx_peak_gb": mx.get_peak_memory() / 1e9,
-            }
-        )
-        progress.step(state.step, loss_v, tps, eta, peak)
-        last = state.step == cfg.steps
-        if valid_batches is not None and (last or (cfg.eval_every > 0 and state.step % cfg.eval_every == 0)):
+    # The base weights stay fixed: each is dequantized once for the whole run (backend).
+    with backend.keep_dequantized(not cfg.grad_checkpoint):
+        loss_and_grad = nn.value_and_grad(model, loss_fn)
+        batches = train_batches(state.step * cfg.grad_accum)
+        if state.step == 0 and valid_batches is not None and cfg.eval_every > 0:
             run_eval()
-        if ckpt_dir and ((cfg.save_every > 0 and state.step % cfg.save_every == 0) or last):
-            path = last_ckpt = save_checkpoint(ckpt_dir, model, optimizer, state, cfg.keep_checkpoints)
-            if on_checkpoint:
-                on_checkpoint(path)
-        if stop and stop["signal"] and not last:
-            if ckpt_dir and last_ckpt != ckpt_dir / f"step_{state.step:06d}":
-                last_ckpt = save_checkpoint(ckpt_dir, model, optimizer, state, cfg.keep_checkpoints)
-            raise Interrupted(stop["signal"], state.step, last_ckpt if ckpt_dir else None)
-    return state
+
+        while state.step < cfg.steps:
+            tic = time.perf_counter()
+            mx.random.seed(step_seed(cfg.seed, state.step))
+            grads_sum, loss_sum, ntok_sum, step_tokens = None, 0.0, 0, 0
+            for _ in range(cfg.grad_accum):
+                args, ntok_in = loss_inputs(model, loss_fn, *next(batches)[:3])
+                loss, grads, n = summed_loss_and_grad(loss_and_grad, model, args)
+                if n == 0:
+                    continue
+                step_tokens += ntok_in
+                grads_sum = grads if grads_sum is None else tree_add(grads_sum, grads)
+                loss_sum = loss + loss_sum
+                ntok_sum += n
+                mx.eval(grads_sum, loss_sum)
+            if grads_sum is None:
+                raise TrainingError(f"step {state.step + 1}: no batch carried any loss token")
+            grads = tree_map_scale(grads_sum, 1.0 / ntok_sum)
+            loss = loss_sum / ntok_sum
+            pause_for_test("step", state.step + 1)
+            if cfg.max_grad_norm:
+                grads, gnorm = optim.clip_grad_norm(grads, cfg.max_grad_norm)
+            else:
+                gnorm = mx.sqrt(sum((g * g).sum() for _, g in tree_flatten(grads)))
+            optimizer.update(model, grads)
+            mx.eval(model.trainable_parameters(), optimizer.state, loss, gnorm)
+            loss_v, gnorm_v = loss.item(), gnorm.item()
+            if not (math.isfinite(loss_v) and math.isfinite(gnorm_v)):
+                # Nothing of this step is saved: no metrics line, no checkpoint, no adapters.
+                kept = f"the last good checkpoint, {last_ckpt}, is kept" if last_ckpt else "no checkpoint was written"
+                raise TrainingError(
+                    f"step {state.step + 1}: loss {loss_v} / gradient norm {gnorm_v} is not finite; "
+                    f"training stopped and {kept}. Try a lower learning rate (now {cfg.learning_rate:g}) "
+                    "or a smaller max_grad_norm in a new run."
+                )
+            dt = time.perf_counter() - tic
+            state.step += 1
+            state.tokens += step_tokens
+            state.elapsed_s += dt
+            tps = step_tokens / dt
+            peak = peak_memory_gb()
+            eta = state.elapsed_s / max(state.step, 1) * (cfg.steps - state.step)
+            write_metrics(
+                {
+                    "kind": "train",
+                    "step": state.step,
+                    "loss": loss_v,
+                    "grad_norm": gnorm_v,
+                    "lr": float(optimizer.learning_rate.item()),
+                    "tokens": step_tokens,
+                    "loss_tokens": ntok_sum,
+                    "step_time_s": dt,
+                    "tokens_per_s": tps,
+                    "peak_mem_gb": peak,
+                    "mlx_peak_gb": mx.get_peak_memory() / 1e9,
+                }
+            )
+            progress.step(state.step, loss_v, tps, eta, peak)
+            last = state.step == cfg.steps
+            if valid_batches is not None and (last or (cfg.eval_every > 0 and state.step % cfg.eval_every == 0)):
+                run_eval()
+            if ckpt_dir and ((cfg.save_every > 0 and state.step % cfg.save_every == 0) or last):
+                path = last_ckpt = save_checkpoint(ckpt_dir, model, optimizer, state, cfg.keep_checkpoints)
+                if on_checkpoint:
+                    on_checkpoint(path)
+            if stop and stop["signal"] and not last:
+                if ckpt_dir and last_ckpt != ckpt_dir / f"step_{state.step:06d}":
+                    last_ckpt = save_checkpoint(ckpt_dir, model, optimizer, state, cfg.keep_checkpoints)
+                raise Interrupted(stop["signal"], state.step, last_ckpt if ckpt_dir else None)
+        return state
 
 
 def _input_tokens(mask: mx.array) -> int:

@@ -127,9 +127,15 @@ def default_step(model, loss_fn=trainer.lm_loss):
     loss_and_grad = nn.value_and_grad(model, loss_fn)
     opt = optim.AdamW(learning_rate=1e-5)
 
+    kept = {}  # as trainer.train: each weight dequantized once for the run
+
     def step(batch):
         args, _ = trainer.loss_inputs(model, loss_fn, *batch[:3])
-        loss_sum, grads, n = trainer.summed_loss_and_grad(loss_and_grad, model, args)
+        token = backend._KEPT_WEIGHTS.set(kept if KEEP_DEQUANTIZED else None)
+        try:
+            loss_sum, grads, n = trainer.summed_loss_and_grad(loss_and_grad, model, args)
+        finally:
+            backend._KEPT_WEIGHTS.reset(token)
         grads = trainer.tree_map_scale(grads, 1.0 / n)
         opt.update(model, grads)
         mx.eval(model.trainable_parameters(), opt.state, loss_sum)
@@ -157,6 +163,9 @@ def with_setting(make, obj, name, value):
     return made
 
 
+KEEP_DEQUANTIZED = True  # False: dequantize every weight again in every step (as before)
+
+
 VARIANTS = {
     "base": default_step,
     "padded": lambda m: default_step(m, padded_loss),
@@ -164,6 +173,7 @@ VARIANTS = {
     "mlx-dequantize": with_setting(default_step, backend, "dequantize", lambda w, s, b, bits, group_size, mode: mx.dequantize(
         w, s, b, group_size=group_size, bits=bits, mode=mode)),
     "one-stream": with_setting(default_step, backend, "CPU_STREAMS", 1),
+    "dequantize-each-step": with_setting(default_step, sys.modules[__name__], "KEEP_DEQUANTIZED", False),
     "mlx-logsumexp": with_setting(default_step, backend, "logsumexp", lambda x: mx.logsumexp(x, axis=-1)),
 }
 
