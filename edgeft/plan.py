@@ -17,11 +17,13 @@ The per-token and per-score byte counts are measured, not derived: fitted to MLX
 (mx.get_peak_memory) during edgeft's own trainer.train (packed CPU batches) over tiny models
 (9 shapes: width 64-256, MLP 128-1024, 2 or 4 layers, 4 or 8 heads; 7 batch shapes each) and
 the real SmolLM2-135M at 10 batch shapes from 1x128 to 4x256 and 1x1024 (mlx 0.32.4, Linux
-x86_64 CPU, SmolLM2 weighted as much as all tiny shapes together). The estimate is within 8%
-on every SmolLM2 shape, within 10% on the tiny test model, within 17% on the other tiny shapes.
+x86_64 CPU, SmolLM2 weighted as much as all tiny shapes together; refitted after the base
+weights became dequantized once per run, which lowered SmolLM2's peaks by 12-28%). The estimate
+is within -2% to +3% on every SmolLM2 shape, -10% to +12% on the tiny test model; on the other
+tiny shapes -20% to +24%, and up to +42% over where all 512 tokens carry loss.
 With gradient checkpointing each block keeps only its input and one block is redone at a time:
-over SmolLM2's measured peak by 17-21%, but far under on tiny models, whose peak MLX raises 2-4x
-with checkpointing on (so auto_fit never turns it on).
+over SmolLM2's measured peak by 17-21% (measured before the refit, not since), but far under on
+tiny models, whose peak MLX raises 2-4x with checkpointing on (so auto_fit never turns it on).
 On Metal (not measured here) weights are not dequantized and activations are half width.
 
 Disk: the checkpoints kept (one more while a new one is written), the final adapters, and the
@@ -40,15 +42,16 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 # What a training run adds outside MLX's arrays after the preflight measured the process: the
-# fused kernels MLX compiles and loads, its stream threads, allocator slack. Measured 19-32 MB
-# on tiny-model runs at batch 4 and 8, the same in two installs whose baselines differ by 11 MB.
-RUNTIME_GROWTH = 25_000_000
+# fused kernels MLX compiles and loads, its stream threads, allocator slack. Measured 14-20 MB
+# on tiny-model runs at batch 4 and 8 (19-32 MB while weights were dequantized every step), the
+# same in two installs whose baselines differ by 11 MB.
+RUNTIME_GROWTH = 17_000_000
 # Bytes per unit, fitted (see the module docstring):
-ACT_PER_H = 32.2  # saved per token, per adapted layer, per hidden unit (~8 fp32 values)
-ACT_PER_I = 22.4  # ... per MLP intermediate unit (~5.6 fp32 values)
-TRANSIENT_PER_I = 8.9  # one layer's backward temporaries, per token per intermediate unit
-ATTN_SAVED = 3.4  # per head, per (query, key) pair, per adapted layer
-ATTN_TRANSIENT = 5.1  # per head, per (query, key) pair, one layer at a time
+ACT_PER_H = 7.5  # saved per token, per adapted layer, per hidden unit (~2 fp32 values)
+ACT_PER_I = 14.8  # ... per MLP intermediate unit (~3.7 fp32 values)
+TRANSIENT_PER_I = 31.4  # one layer's backward temporaries, per token per intermediate unit
+ATTN_SAVED = 4.4  # per head, per (query, key) pair, per adapted layer
+ATTN_TRANSIENT = 6.5  # per head, per (query, key) pair, one layer at a time
 LOGITS_PER_V = 16.0  # per loss position per vocabulary entry: logits, softmax, their gradients
 LORA_COPIES = 5  # fp32: parameters, 2 AdamW moments, gradient, clipped gradient
 CHECKPOINT_FILES = 3  # adapters + optimizer moments: 3 fp32 values per adapter parameter
