@@ -471,7 +471,8 @@ def train(
                 grads_sum = grads if grads_sum is None else tree_add(grads_sum, grads)
                 loss_sum = loss + loss_sum
                 ntok_sum += n
-                mx.eval(grads_sum, loss_sum)
+                if cfg.grad_accum > 1:  # else evaluated in one graph with the update, below
+                    mx.eval(grads_sum, loss_sum)
             if grads_sum is None:
                 raise TrainingError(f"step {state.step + 1}: no batch carried any loss token")
             grads = tree_map_scale(grads_sum, 1.0 / ntok_sum)
