@@ -1,6 +1,6 @@
 """LoRA training speed on the CPU: edgeft against mlx-lm and PyTorch + PEFT, side by side.
 
-    python scripts/bench.py                                # all four, ~20 min on 2 cores
+    python scripts/bench.py                                # all four, ~9 min on 2 cores
     python scripts/bench.py --only torch-bf16 --steps 4    # a quick look at one contestant
     python scripts/bench.py --only edgeft                  # add edgeft to an earlier full run
 
