@@ -42,6 +42,7 @@ import numpy as np
 
 from edgeft import gguf as G
 from edgeft import modelfile as MF
+from edgeft.io import publish
 from edgeft import verify as V
 
 GGUF_PY_QUANTS = ("f16", "bf16", "q8_0", "q4_0", "q4_1")  # written by gguf-py itself
@@ -513,9 +514,7 @@ def _staged(targets: list[Path]) -> Iterator[list[Path]]:
             tmps.append(Path(tmp))
         yield tmps
         for tmp, t in zip(tmps, targets):
-            with open(tmp, "rb+") as f:
-                os.fsync(f.fileno())
-            os.replace(tmp, t)
+            publish(tmp, t)
     finally:
         for tmp in tmps:
             tmp.unlink(missing_ok=True)

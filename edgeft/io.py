@@ -2,6 +2,9 @@
 
 Write to a temporary file in the same folder, fsync it, rename it over the target, fsync
 the folder. A crash leaves at worst a stray ``*.tmp*`` file, which the next write replaces.
+The finished file gets the permissions a plain ``open(path, "w")`` would give it (the
+temporary file is private while it is written): a GGUF is read by other users' programs,
+such as the Ollama server that runs as its own user.
 """
 
 from __future__ import annotations
@@ -12,8 +15,6 @@ import os
 import tempfile
 from pathlib import Path
 from typing import Iterator
-
-import mlx.core as mx
 
 
 def fsync_dir(folder: Path) -> None:
@@ -30,6 +31,23 @@ def fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+def default_file_mode() -> int:
+    """0o666 less the process umask: the mode open() gives a new file."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+def publish(tmp: Path, target: Path) -> None:
+    """Give the finished temporary file its final permissions, make it durable and rename it
+    onto `target`."""
+    os.chmod(tmp, default_file_mode())
+    with open(tmp, "rb+") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, target)
+    fsync_dir(target.parent)
+
+
 @contextlib.contextmanager
 def atomic_path(target: str | Path, suffix: str = "") -> Iterator[Path]:
     """Yield a temporary path beside `target`; on success it replaces `target` atomically,
@@ -41,10 +59,7 @@ def atomic_path(target: str | Path, suffix: str = "") -> Iterator[Path]:
     tmp = Path(tmp)
     try:
         yield tmp
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, target)
-        fsync_dir(target.parent)
+        publish(tmp, target)
     finally:
         if tmp.exists():
             tmp.unlink()
@@ -60,6 +75,8 @@ def atomic_write_text(target: str | Path, text: str) -> None:
 
 
 def atomic_save_safetensors(target: str | Path, arrays: dict, metadata: dict | None = None) -> None:
+    import mlx.core as mx
+
     # mx.save_safetensors appends ".safetensors" to names without it: keep that suffix last.
     with atomic_path(target, suffix=".safetensors") as tmp:
         try:

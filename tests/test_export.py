@@ -7,7 +7,9 @@ predicts its input token, and the LoRA would hardly move the top-1 tokens the te
 """
 
 import json
+import os
 import shutil
+import stat
 import sys
 import subprocess
 
@@ -177,6 +179,18 @@ def test_without_llama_cpp_export_still_works(runs, monkeypatch):
     assert any("pip install 'edgeft[llama]'" in line for line in logs)
     with pytest.raises(V.LlamaCppMissing, match=r"pip install 'edgeft\[llama\]'"):
         E.export_run(runs["qwen2"], "q4_k_m", log=quiet)
+
+
+def test_exported_files_get_the_mode_a_plain_write_would(runs):
+    """The temporary file is private while written; the shipped GGUF and Modelfile are not
+    (Ollama's server reads them as its own user)."""
+    old = os.umask(0o022)
+    try:
+        r = E.export_run(runs["qwen2"], "f16", out=runs["qwen2"] / "modes" / "m.gguf", verify=False, log=quiet)
+    finally:
+        os.umask(old)
+    for f in (r.gguf, E.modelfile_path(r.gguf)):
+        assert stat.S_IMODE(f.stat().st_mode) == 0o644, f
 
 
 # --- metadata ---------------------------------------------------------------------------------
