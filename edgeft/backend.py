@@ -277,27 +277,25 @@ _streams: list = []
 _blas_threads: int | None = None
 
 
-def stream_groups(lengths: tuple[int, ...]) -> list[tuple[object, int, int, tuple[int, ...]]]:
-    """Split the samples of a packed row into contiguous groups of about equal tokens, one per
-    CPU stream: [(stream, start, stop, group lengths)]."""
+def stream_groups(lengths: tuple[int, ...]) -> list[tuple[object, tuple[int, ...]]]:
+    """Split the samples of a packed row into groups of about equal tokens, one per CPU stream:
+    [(stream, indices of the group's samples, ascending)]. Any samples may share a group:
+    longest first into the lightest group (contiguous groups of 4 samples left the busier
+    stream with 15% more than half the work on the benchmark's batches; this, 6%)."""
     cores = os.cpu_count() or 1
     k = min(CPU_STREAMS or cores, len(lengths)) if on_cpu() else 1
     if on_cpu():
         _set_blas_threads(max(1, cores // max(k, 1)))
     if k <= 1:
-        return [(mx.default_stream(mx.default_device()), 0, sum(lengths), tuple(lengths))]
+        return [(mx.default_stream(mx.default_device()), tuple(range(len(lengths))))]
     while len(_streams) < k:
         _streams.append(mx.new_stream(mx.cpu))
-    starts = [sum(lengths[:i]) for i in range(len(lengths) + 1)]  # tokens before sample i
-    bounds = [0]
-    for j in range(1, k):  # the sample boundary nearest j/k of the tokens, leaving one per group
-        bounds.append(min(range(bounds[-1] + 1, len(lengths) - k + j + 1), key=lambda i: abs(starts[i] - starts[-1] * j / k)))
-    bounds.append(len(lengths))
-    starts = [starts[b] for b in bounds]
-    return [
-        (_streams[g], starts[g], starts[g + 1], tuple(lengths[bounds[g] : bounds[g + 1]]))
-        for g in range(len(bounds) - 1)
-    ]
+    load, members = [0] * k, [[] for _ in range(k)]
+    for i in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
+        g = min(range(k), key=lambda j: (load[j], j))
+        load[g] += lengths[i]
+        members[g].append(i)
+    return [(_streams[g], tuple(sorted(members[g]))) for g in range(k)]
 
 
 def _set_blas_threads(n: int) -> None:

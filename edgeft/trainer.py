@@ -140,10 +140,20 @@ def stream_split(args: tuple) -> list[tuple[object, tuple]]:
         return [(mx.default_stream(mx.default_device()), args)]
     inputs, idx, tgt, lengths = args
     positions = np.asarray(idx)
+    starts = np.concatenate([[0], np.cumsum(lengths)])
     groups = []
-    for stream, start, stop, group in backend.stream_groups(tuple(lengths)):
-        mine = np.nonzero((positions >= start) & (positions < stop))[0]
-        groups.append((stream, (inputs[:, start:stop], mx.array(positions[mine] - start), tgt[mx.array(mine)], group)))
+    for stream, members in backend.stream_groups(tuple(lengths)):
+        pieces, mine, offset = [], [], 0
+        for i in members:
+            start, stop = int(starts[i]), int(starts[i + 1])
+            pieces.append(inputs[:, start:stop])
+            at = np.nonzero((positions >= start) & (positions < stop))[0]
+            mine.append((at, positions[at] - start + offset))
+            offset += stop - start
+        sel = np.concatenate([a for a, _ in mine]).astype(np.int32)
+        group_idx = np.concatenate([p for _, p in mine]).astype(np.int32)
+        group_inputs = pieces[0] if len(pieces) == 1 else mx.concatenate(pieces, axis=1)
+        groups.append((stream, (group_inputs, mx.array(group_idx), tgt[mx.array(sel)], tuple(lengths[i] for i in members))))
     return groups
 
 

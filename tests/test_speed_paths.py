@@ -104,18 +104,38 @@ def test_packed_loss_and_gradients_equal_padded(monkeypatch, arch, streams):
         assert mx.allclose(a, b, atol=1e-5, rtol=1e-4), k
 
 
-def test_stream_groups_are_contiguous_and_balanced(monkeypatch):
+def test_stream_groups_are_balanced_by_tokens(monkeypatch):
     monkeypatch.setattr(backend, "CPU_STREAMS", 2)
     groups = backend.stream_groups((250, 60, 80, 100))
-    assert [(a, b, g) for _, a, b, g in groups] == [(0, 250, (250,)), (250, 490, (60, 80, 100))]
+    assert [g for _, g in groups] == [(0,), (1, 2, 3)]
+    groups = backend.stream_groups((200, 60, 90, 170))  # not contiguous: 260 / 260
+    assert [g for _, g in groups] == [(0, 1), (2, 3)]
+    assert len({s for s, _ in groups}) == 2
     monkeypatch.setattr(backend, "CPU_STREAMS", 3)
     groups = backend.stream_groups((10, 10, 10, 10, 10, 10))
-    assert [g for *_, g in groups] == [(10, 10), (10, 10), (10, 10)]
-    assert len({s for s, *_ in groups}) == 3
+    assert sorted(len(g) for _, g in groups) == [2, 2, 2]
+    assert sorted(i for _, g in groups for i in g) == list(range(6))
+    assert len({s for s, _ in groups}) == 3
     monkeypatch.setattr(backend, "CPU_STREAMS", 4)
-    assert [g for *_, g in backend.stream_groups((5, 7))] == [(5,), (7,)]
+    assert [g for _, g in backend.stream_groups((5, 7))] == [(1,), (0,)]
     monkeypatch.setattr(backend, "CPU_STREAMS", 1)
-    assert [g for *_, g in backend.stream_groups((5, 7))] == [(5, 7)]
+    assert [g for _, g in backend.stream_groups((5, 7))] == [(0, 1)]
+
+
+def test_stream_split_regroups_samples_with_their_loss_positions(monkeypatch):
+    """Samples 0 and 2 on one stream, 1 and 3 on the other (7 and 6 tokens): each group's
+    row, loss positions and targets are those samples' own."""
+    monkeypatch.setattr(backend, "CPU_STREAMS", 2)
+    lengths = (5, 2, 2, 4)
+    inputs = mx.arange(13)[None]
+    idx = mx.array([1, 4, 5, 8, 10, 12])
+    tgt = idx + 100
+    groups = trainer.stream_split((inputs, idx, tgt, lengths))
+    got = [(x.tolist()[0], i.tolist(), t.tolist(), g) for _, (x, i, t, g) in groups]
+    assert got == [
+        ([0, 1, 2, 3, 4, 7, 8], [1, 4, 6], [101, 104, 108], (5, 2)),
+        ([5, 6, 9, 10, 11, 12], [0, 3, 5], [105, 110, 112], (2, 4)),
+    ]
 
 
 def test_outside_a_packed_loss_the_model_computes_as_before():
