@@ -246,7 +246,7 @@ def keep_dequantized(enabled: bool = True):
     costs no peak memory, since a step's backward holds every layer's dequantized weight at
     once anyway (plan.py's "dequantized" part), and it saves the per-step dequantization and
     the wait of one stream group for another's (SmolLM2, batch 4, 2 streams: 175 -> 218
-    tokens/s, scripts/profile_step.py ab base cached-weights). With checkpointing (enabled
+    tokens/s, scripts/profile_step.py ab base dequantize-each-step). With checkpointing (enabled
     False) weights are made again for each layer's recomputation, as the estimate assumes."""
     token = _KEPT_WEIGHTS.set({} if enabled else None)
     try:
