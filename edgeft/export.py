@@ -42,8 +42,8 @@ import numpy as np
 
 from edgeft import gguf as G
 from edgeft import modelfile as MF
-from edgeft.io import publish
 from edgeft import verify as V
+from edgeft.io import publish
 
 GGUF_PY_QUANTS = ("f16", "bf16", "q8_0", "q4_0", "q4_1")  # written by gguf-py itself
 LLAMA_CPP_QUANTS = ("q4_k_m", "q5_k_m", "q6_k")  # through llama.cpp's quantizer
