@@ -4,7 +4,7 @@ Peak memory of one LoRA step, as MLX's CPU backend runs edgeft's step (edgeft/ba
 quantized projections are dequantized to fp32 just in time, the model computes in fp32):
 
   runtime       what the process holds outside MLX's arrays: Python, the libraries, BLAS's thread
-                buffers, tokenizer and data (measured in the running process: runtime_bytes)
+                buffers, tokenizer and data (measured in the running process: measure_runtime_bytes)
   weights       the base as held in memory (fp32 scales/biases on CPU, half floats made fp32)
   lora          adapters + AdamW's two moments, and the step's gradients and clipped copy
   dequantized   fp32 copies of quantized weights, kept from the forward pass for the backward
@@ -189,7 +189,7 @@ def estimate_peak_bytes(config: dict, lora_cfg, batch_size: int, seq_len: int, q
     `loss_tokens` (default: all) carry loss. `lengths`: the batch's sequence lengths when the
     step packs them into one unpadded row (dataset.pack, the CPU path): then the tokens are
     their sum and the attention pairs the sum of their squares. `runtime_bytes`: what the
-    process holds besides (default: measured now, runtime_bytes()). See the module docstring."""
+    process holds besides (default: measured now, measure_runtime_bytes()). See the module docstring."""
     if runtime_bytes is None:
         runtime_bytes = measure_runtime_bytes()
     d = dims(config)
@@ -485,11 +485,13 @@ def preflight(cfg, loaded, samples, run_dir, resume: bool = False, log=print) ->
     t = cfg.train
     quant = quant_info_from_model(loaded.model)
     packed = packs(loaded.model)
+    runtime = measure_runtime_bytes()  # once: every batch size tried is weighed against the same
 
     def estimate(batch_size: int, grad_checkpoint: bool) -> Breakdown:
         width, loss_tokens, lengths = batch_shape(samples, batch_size, cfg.model.max_seq_len)
         return estimate_peak_bytes(loaded.config, cfg.lora, batch_size, width, quant, loss_tokens=loss_tokens,
-                                   grad_checkpoint=grad_checkpoint, lengths=lengths if packed else None)
+                                   grad_checkpoint=grad_checkpoint, lengths=lengths if packed else None,
+                                   runtime_bytes=runtime)
 
     available, source = available_memory()
     if available is not None and source.startswith("MemAvailable"):
@@ -535,11 +537,13 @@ def plan_run(cfg) -> tuple[list[str], bool]:
         shape_from = f"the longest samples of {cfg.data.train}"
 
     packed = packs(config=config)
+    runtime = measure_runtime_bytes()
 
     def estimate(batch_size: int, grad_checkpoint: bool) -> Breakdown:
         width, loss_tokens, lengths = batch_shape(samples, batch_size, cfg.model.max_seq_len)
         return estimate_peak_bytes(config, cfg.lora, batch_size, width, quant, loss_tokens=loss_tokens,
-                                   grad_checkpoint=grad_checkpoint, lengths=lengths if packed else None)
+                                   grad_checkpoint=grad_checkpoint, lengths=lengths if packed else None,
+                                   runtime_bytes=runtime)
 
     n_lora = lora_parameters(config, cfg.lora)
     d = dims(config)
