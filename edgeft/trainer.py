@@ -326,19 +326,30 @@ def summed_loss_and_grad(loss_and_grad, model, args: tuple) -> tuple[mx.array | 
     """Loss and gradients of one batch, each summed over its loss tokens (not averaged), and
     the number of those tokens: its stream groups (stream_split) computed side by side, each
     weight dequantized once between them. (None, None, 0) for a batch without loss tokens."""
+    def summed(group, n):
+        (loss, _), grads = loss_and_grad(model, *group)
+        return loss * n, tree_map_scale(grads, n)
+
     loss_sum, grads_sum, total = None, None, 0
+    for (loss, grads), n in on_streams(args, summed):
+        grads_sum = grads if grads_sum is None else tree_add(grads_sum, grads)
+        loss_sum = loss if loss_sum is None else loss_sum + loss
+        total += n
+    return loss_sum, grads_sum, total
+
+
+def on_streams(args: tuple, fn: Callable[[tuple, int], object]) -> list[tuple[object, int]]:
+    """[(fn(group arguments, n), n)] for the stream groups of one batch (stream_split) that
+    carry n > 0 loss tokens, each built on its own stream, every weight dequantized once
+    between them."""
+    out = []
     with backend.shared_weights():
         for stream, group in stream_split(args):
             n = group[1].size
-            if n == 0:
-                continue
-            with mx.stream(stream):
-                (loss, _), grads = loss_and_grad(model, *group)
-                grads, loss = tree_map_scale(grads, n), loss * n
-            grads_sum = grads if grads_sum is None else tree_add(grads_sum, grads)
-            loss_sum = loss if loss_sum is None else loss_sum + loss
-            total += n
-    return loss_sum, grads_sum, total
+            if n:
+                with mx.stream(stream):
+                    out.append((fn(group, n), n))
+    return out
 
 
 def evaluate(model, batches: Iterable[Batch], loss_fn=lm_loss) -> float:
@@ -346,16 +357,10 @@ def evaluate(model, batches: Iterable[Batch], loss_fn=lm_loss) -> float:
     total, count = 0.0, 0
     for batch in batches:
         args, _ = loss_inputs(model, loss_fn, *batch[:3])
-        losses = []
-        with backend.shared_weights():
-            for stream, group in stream_split(args):
-                if group[1].size:
-                    with mx.stream(stream):
-                        loss, n = loss_fn(model, *group)
-                        losses.append(loss * n)
-                    count += group[1].size
+        losses = on_streams(args, lambda group, n: loss_fn(model, *group)[0] * n)
         if losses:
-            total += sum(losses).item()
+            total += sum(loss for loss, _ in losses).item()
+            count += sum(n for _, n in losses)
     return total / max(count, 1)
 
 
