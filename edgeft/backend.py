@@ -341,9 +341,9 @@ def _packed_rope_class(cls: type) -> type:
                 return cls.__call__(self, x, offset)
             if not (isinstance(offset, int) and offset == 0):
                 raise PackingError("a packed batch cannot continue from a cache offset")
-            inv = _rope_inverse_frequencies(self)
-            if inv is not None:
-                return _rope_table(x, self.dims, self.traditional, inv, fwd.packing)
+            freqs = _rope_inverse_frequencies(self)
+            if freqs is not None:
+                return _rope_table(x, self.dims, self.traditional, *freqs, fwd.packing)
             return fwd.packing.join([cls.__call__(self, part, 0) for part in fwd.packing.split(x)])
 
         _ROPE_TWINS[cls] = type(cls.__name__, (cls,), {"__call__": __call__, "_edgeft_packed": True})
@@ -356,29 +356,24 @@ def _packed_rope_class(cls: type) -> type:
 # streams ran no faster than on one, while every other op of the block ran ~2x).
 
 
-def _rope_inverse_frequencies(rope: nn.Module) -> tuple | None:
+def _rope_inverse_frequencies(rope: nn.Module) -> tuple[mx.array, float] | None:
     """(inverse frequencies, position scale) of the RoPE kinds whose angles are known here:
     nn.RoPE (as mx.fast.rope computes them from base) and mlx-lm's Llama3RoPE (its _freqs);
     None for the others (they keep mx.fast.rope, one call per sample)."""
     base = type(rope).__mro__[1] if getattr(type(rope), "_edgeft_packed", False) else type(rope)
     half = rope.dims // 2
     if base is nn.RoPE and rope.base is not None:
-        return ("base", float(rope.base), half), float(rope.scale)
+        return mx.exp(mx.arange(half, dtype=mx.float32) * (-math.log(float(rope.base)) / half)), float(rope.scale)
     if base.__name__ == "Llama3RoPE" and isinstance(getattr(rope, "_freqs", None), mx.array):
-        return ("freqs", rope._freqs), 1.0
+        return 1.0 / rope._freqs.astype(mx.float32), 1.0
     return None
 
 
-def _rope_table(x: mx.array, dims: int, traditional: bool, inv, packing: Packing) -> mx.array:
+def _rope_table(x: mx.array, dims: int, traditional: bool, inv_freq: mx.array, scale: float,
+                packing: Packing) -> mx.array:
     """mx.fast.rope(x, dims, traditional, ...) for each sample of the packed row x [B, H, T, D]."""
     packing.check(x)
-    (kind, *how), scale = inv
     half = dims // 2
-    if kind == "base":
-        base, _ = how
-        inv_freq = mx.exp(mx.arange(half, dtype=mx.float32) * (-math.log(base) / half))
-    else:
-        inv_freq = 1.0 / how[0].astype(mx.float32)
     pos = mx.array(np.concatenate([np.arange(n, dtype=np.float32) for n in packing.lengths]))
     theta = (pos * scale)[:, None] * inv_freq[None, :]  # [T, half]
     cos, sin = mx.cos(theta).astype(x.dtype), mx.sin(theta).astype(x.dtype)

@@ -164,7 +164,7 @@ def test_packed_rope_table_equals_mx_fast_rope_per_sample(rope):
     packing = backend.Packing((37, 120, 5, 300))
     x = mx.random.normal((1, 4, packing.total, 64), key=mx.random.key(0))
     want = packing.join([rope(part) for part in packing.split(x)])
-    got = backend._rope_table(x, rope.dims, rope.traditional, backend._rope_inverse_frequencies(rope), packing)
+    got = backend._rope_table(x, rope.dims, rope.traditional, *backend._rope_inverse_frequencies(rope), packing)
     assert mx.allclose(got, want, atol=1e-6, rtol=1e-6).item()
 
 
