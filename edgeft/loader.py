@@ -21,8 +21,8 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten
 
-from edgeft import gguf as G
-from edgeft.gguf import ModelLoadError
+from edgeft import gguf_reader as G
+from edgeft.gguf_reader import ModelLoadError
 from edgeft.tokenizer import Tokenizer
 
 __all__ = ["Loaded", "ModelLoadError", "load", "QUANT_GROUP_SIZE"]
@@ -120,7 +120,7 @@ def _load_gguf(path: Path, quantize_bits, tokenizer_only: bool) -> Loaded:
 
 def _read_tensor(path: Path, index: G.GGUFIndex, info: G.TensorInfo) -> np.ndarray:
     """One tensor as NumPy in row-major order: floats as stored, quantized ones dequantized."""
-    import gguf as gguf_py
+    import gguf
 
     kind = G.ggml_type_name(info.ggml_type)
     start = index.data_offset + info.offset
@@ -132,7 +132,7 @@ def _read_tensor(path: Path, index: G.GGUFIndex, info: G.TensorInfo) -> np.ndarr
         return (raw.view(np.uint16).astype(np.uint32) << 16).view(np.float32).reshape(shape)
     try:
         rows = raw.reshape(*shape[:-1], -1)
-        return gguf_py.quants.dequantize(rows, gguf_py.GGMLQuantizationType(info.ggml_type))
+        return gguf.quants.dequantize(rows, gguf.GGMLQuantizationType(info.ggml_type))
     except NotImplementedError:
         raise ModelLoadError(
             f"{path}: tensor {info.name} is {kind}, which gguf-py cannot dequantize; "

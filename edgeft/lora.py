@@ -18,13 +18,15 @@ from mlx_lm.tuner.lora import LoRALinear
 from mlx_lm.tuner.utils import linear_to_lora_layers
 
 from edgeft.config import LoRAConfig
-from edgeft.io import atomic_save_safetensors, atomic_write_text
+from edgeft.dequant import dequantized_weight
+from edgeft.errors import UserError
+from edgeft.files import atomic_save_safetensors, atomic_write_text
 
 ADAPTER_WEIGHTS = "adapters.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
 
 
-class LoRAError(ValueError):
+class LoRAError(UserError, ValueError):
     pass
 
 
@@ -149,8 +151,6 @@ def lora_layers(model: nn.Module) -> list[tuple[str, LoRALinear]]:
 
 def merge(model: nn.Module) -> nn.Module:
     """Replace every LoRA layer by an fp32 nn.Linear holding base + delta (in place)."""
-    from edgeft.backend import dequantized_weight
-
     fused = []
     for name, layer in lora_layers(model):
         base = layer.linear

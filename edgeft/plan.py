@@ -41,6 +41,8 @@ import sys
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
+from edgeft.errors import UserError
+
 # What a training run adds outside MLX's arrays after the preflight measured the process: the
 # fused kernels MLX compiles and loads, its stream threads, allocator slack. Measured 14-20 MB
 # on tiny-model runs at batch 4 and 8 (19-32 MB while weights were dequantized every step), the
@@ -248,7 +250,7 @@ def quant_info_from_model(model, device: str | None = None) -> QuantInfo:
 
 def quant_info_from_gguf(path, quantize_bits: int | None = None, device: str = "cpu") -> QuantInfo:
     """From a GGUF's tensor table, as edgeft's loader and backend will hold it (no weights read)."""
-    from edgeft import gguf as G
+    from edgeft import gguf_reader as G
     from edgeft.loader import EIGHT_BIT_SOURCES, FLOAT_TYPES, QUANT_GROUP_SIZE
 
     index = G.read_index(path)
@@ -396,7 +398,7 @@ def free_disk(path) -> int:
 # Preflight: refuse with numbers, or make the run fit
 
 
-class PlanError(ValueError):
+class PlanError(UserError, ValueError):
     """The run will not fit; the message gives the numbers and what to change."""
 
 
@@ -472,7 +474,7 @@ def packs(model=None, config: dict | None = None) -> bool:
     if model is None:
         import importlib
 
-        from edgeft import gguf as G
+        from edgeft import gguf_reader as G
 
         module = importlib.import_module(f"mlx_lm.models.{G.MODEL_TYPE_TO_ARCH[config['model_type']]}")
         model = backend.prepare(module.Model(module.ModelArgs.from_dict(config)), cpu=True)

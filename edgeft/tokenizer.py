@@ -15,11 +15,12 @@ from datetime import datetime
 from pathlib import Path
 from typing import Iterable
 
-from edgeft import gguf as G
-from edgeft.gguf import ModelLoadError
+from edgeft import gguf_reader as G
+from edgeft.errors import UserError
+from edgeft.gguf_reader import ModelLoadError
 
 
-class TemplateError(ValueError):
+class TemplateError(UserError, ValueError):
     """A chat template that fails to compile or render, or tries to leave the sandbox."""
 
 

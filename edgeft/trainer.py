@@ -31,22 +31,28 @@ import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
-from edgeft import backend, dataset
+from edgeft import backend, dataset, dequant
 from edgeft.config import TrainConfig
-from edgeft.io import atomic_save_safetensors, atomic_write_text, fsync_dir
+from edgeft.errors import UserError
+from edgeft.files import (
+    atomic_save_safetensors,
+    atomic_write_text,
+    fsync_dir,
+    sha256_file,
+)
 from edgeft.lora import adapter_parameters
 
 # A batch as the dataset yields it: inputs, targets, loss mask (all [B, T]).
 Batch = tuple
 
 
-class TrainingError(RuntimeError):
+class TrainingError(UserError, RuntimeError):
     pass
 
 
 class Interrupted(Exception):
     """SIGINT/SIGTERM stopped the run after a step; `checkpoint` holds that step (None
-    without a run folder). `run_dir` is filled in by whoever knows the run (edgeft.run)."""
+    without a run folder). `run_dir` is filled in by whoever knows the run (edgeft.tune)."""
 
     def __init__(self, signame: str, step: int, checkpoint: Path | None):
         super().__init__(f"{signame} at step {step}")
@@ -216,14 +222,6 @@ class TrainState:
 # Checkpoints
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def save_checkpoint(folder: Path, model, optimizer, state: TrainState, keep: int) -> Path:
     """Write checkpoints/step_NNNNNN/ (adapters, optimizer, state.json with checksums) and
     prune to the `keep` newest. The folder appears only when complete (rename). A write that
@@ -254,7 +252,7 @@ def _save_checkpoint(folder: Path, model, optimizer, state: TrainState, keep: in
         "elapsed_s": state.elapsed_s,
         "best_val": state.best_val,
         "history": state.history,
-        "sha256": {n: _sha256(tmp / n) for n in ("adapters.safetensors", "optimizer.safetensors")},
+        "sha256": {n: sha256_file(tmp / n) for n in ("adapters.safetensors", "optimizer.safetensors")},
     }
     atomic_write_text(tmp / "state.json", json.dumps(meta, indent=2) + "\n")
     if final.exists():
@@ -273,7 +271,7 @@ def checkpoint_problem(ckpt: Path) -> str | None:
     try:
         meta = json.loads((ckpt / "state.json").read_text())
         for name, digest in meta["sha256"].items():
-            if _sha256(ckpt / name) != digest:
+            if sha256_file(ckpt / name) != digest:
                 return f"{name} fails its checksum"
     except (OSError, ValueError, KeyError, TypeError) as e:
         return f"unreadable ({e.__class__.__name__}: {e})"
@@ -343,7 +341,7 @@ def on_streams(args: tuple, fn: Callable[[tuple, int], object]) -> list[tuple[ob
     carry n > 0 loss tokens, each built on its own stream, every weight dequantized once
     between them."""
     out = []
-    with backend.shared_weights():
+    with dequant.shared_weights():
         for stream, group in stream_split(args):
             n = group[1].size
             if n:
@@ -467,7 +465,7 @@ def train(
         progress.message(f"step {state.step}: validation loss {val:.4f}")
 
     # The base weights stay fixed: each is dequantized once for the whole run (backend).
-    with backend.keep_dequantized(not cfg.grad_checkpoint):
+    with dequant.keep_dequantized(not cfg.grad_checkpoint):
         loss_and_grad = nn.value_and_grad(model, loss_fn)
         batches = train_batches(state.step * cfg.grad_accum)
         if state.step == 0 and valid_batches is not None and cfg.eval_every > 0:

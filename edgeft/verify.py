@@ -33,6 +33,8 @@ from typing import Callable
 
 import numpy as np
 
+from edgeft.errors import UserError
+
 INSTALL_HINT = "pip install 'edgeft[llama]'"
 
 FLOAT, Q8, LOW_BIT = "f16", "q8_0", "4-6 bit"
@@ -58,7 +60,7 @@ CHATS = [
 ]
 
 
-class VerifyError(RuntimeError):
+class VerifyError(UserError, RuntimeError):
     """Verification could not run (missing run, base or llama.cpp)."""
 
 
@@ -172,7 +174,7 @@ class Parity:
 
 def precision_class(path: str | os.PathLike) -> str:
     """FLOAT, Q8 or LOW_BIT from the types of a GGUF's matrices (norms are always F32)."""
-    from edgeft import gguf as G
+    from edgeft import gguf_reader as G
 
     index = G.read_index(path)
     types = {G.ggml_type_name(t.ggml_type) for t in index.tensors if len(t.shape) >= 2}
@@ -210,15 +212,15 @@ def file_model(path):
     type, K-quants included), configured from the file's own metadata."""
     import importlib
 
-    import gguf as gguf_py
+    import gguf
     import mlx.core as mx
 
-    from edgeft import gguf as G
+    from edgeft import gguf_reader as G
 
     index = G.read_index(path, with_metadata=True)
     weights, rope_freqs = {}, None
-    for t in gguf_py.GGUFReader(path).tensors:
-        a = gguf_py.quants.dequantize(t.data, t.tensor_type).astype(np.float32)
+    for t in gguf.GGUFReader(path).tensors:
+        a = gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32)
         a = a.reshape(tuple(reversed([int(d) for d in t.shape])))
         if t.name == G.ROPE_FREQS_TENSOR:
             rope_freqs = a
@@ -229,6 +231,30 @@ def file_model(path):
     model = module.Model(module.ModelArgs.from_dict(config))
     model.load_weights(list(weights.items()), strict=True)
     mx.eval(model.parameters())
+    return model
+
+
+def with_lora_of(model, loaded):
+    """`model` (an mlx-lm model on a GGUF's weights, llama.cpp row order) with the LoRA
+    layers of `loaded.model` transplanted: what llama.cpp computes for base + adapter."""
+    import mlx.core as mx
+    from mlx.utils import tree_unflatten
+    from mlx_lm.tuner.lora import LoRALinear
+
+    from edgeft import gguf_reader as G
+    from edgeft.lora import lora_layers
+
+    permute = G.needs_qk_permute(loaded.config, loaded.qk_layout)
+    modules = dict(model.named_modules())
+    swaps = []
+    for name, layer in lora_layers(loaded.model):
+        new = LoRALinear.from_base(modules[name], r=layer.lora_a.shape[1], scale=layer.scale)
+        heads = G.qk_heads(f"{name}.weight", loaded.config) if permute else None
+        b = layer.lora_b.astype(mx.float32)
+        new.lora_a = layer.lora_a.astype(mx.float32)
+        new.lora_b = mx.array(G.permute_qk(np.array(b).T, heads).T) if heads else b
+        swaps.append((name, new))
+    model.update_modules(tree_unflatten(swaps))
     return model
 
 
@@ -283,14 +309,6 @@ def compare(path, model, tokenizer, *, lora=None, system_prompt: str | None = No
 
 
 # --- `edgeft verify FILE` ------------------------------------------------------------------
-def find_run(path: Path) -> Path | None:
-    """The run folder of a file exported to its default place, runs/<name>/export/FILE."""
-    folder = Path(path).resolve().parent.parent
-    if (folder / "config.json").is_file() and (folder / "adapters").is_dir():
-        return folder
-    return None
-
-
 def verify_file(path, run_dir=None, base=None, log: Callable[[str], None] = print) -> Parity:
     """Verify a GGUF made by `edgeft export` (merged model or LoRA adapter) in llama.cpp.
 
@@ -299,21 +317,21 @@ def verify_file(path, run_dir=None, base=None, log: Callable[[str], None] = prin
     with its run's base + adapters, on its base GGUF: `base`, the run's base if that is a
     GGUF, or the *-base-*.gguf exported beside it for folder bases.
     """
-    from edgeft import gguf as G
-    from edgeft import lora, run
+    from edgeft import gguf_reader as G
+    from edgeft import lora, runs
     from edgeft.loader import load
 
     path = Path(path)
     md = G.read_index(path, with_metadata=True).metadata
     is_adapter = G.scalar(md.get("general.type")) == "adapter"
-    run_dir = Path(run_dir) if run_dir else find_run(path)
+    run_dir = Path(run_dir) if run_dir else runs.find_run(path)
     require_llama_cpp()
     if run_dir is None:
         if is_adapter:
             raise VerifyError(f"{path}: an adapter is checked against its run: pass --run RUN_DIR")
         log(f"no run found for {path.name}: comparing llama.cpp with MLX on the file's weights only")
         return compare(path, file_model(path), load(path, tokenizer_only=True).tokenizer)
-    loaded, cfg = run.load_tuned(run_dir)
+    loaded, cfg = runs.load_tuned(run_dir)
     system = cfg.data.system_prompt
     if not is_adapter:
         lora.merge(loaded.model)
@@ -326,8 +344,6 @@ def verify_file(path, run_dir=None, base=None, log: Callable[[str], None] = prin
             if len(found) != 1:
                 raise VerifyError(f"{path}: cannot tell which base GGUF it applies to: pass --base BASE.gguf")
             base = found[0]
-    from edgeft.export import with_lora_of
-
     reference = with_lora_of(file_model(base), loaded)
     return compare(base, reference, loaded.tokenizer, lora=path, system_prompt=system,
                    kind=precision_class(base), tuned=loaded.model)

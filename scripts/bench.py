@@ -294,7 +294,7 @@ def check_edgeft_tokens(ctx: Ctx) -> dict:
     tokenizer API may change while edgeft is young)."""
     try:
         import edgeft  # noqa: F401  (loads the BLAS before mlx, as everywhere)
-        from edgeft import gguf as egguf
+        from edgeft import gguf_reader as egguf
         from edgeft.tokenizer import Tokenizer
 
         tok = Tokenizer.from_gguf_metadata(egguf.read_index(ctx.gguf, with_metadata=True).metadata)

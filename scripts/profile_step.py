@@ -27,13 +27,12 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-import edgeft  # noqa: F401  (fast BLAS before mlx)
 import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
-import numpy as np
 
-from edgeft import backend, dataset, hub, loader, lora, trainer
+import edgeft  # noqa: F401  (fast BLAS before mlx)
+from edgeft import backend, dataset, dequant, hub, loader, lora, trainer
 from edgeft.config import DataConfig, LoRAConfig
 
 SEED_TASKS = Path("/work/shared/data/seed_tasks.jsonl")
@@ -131,11 +130,8 @@ def default_step(model, loss_fn=trainer.lm_loss):
 
     def step(batch):
         args, _ = trainer.loss_inputs(model, loss_fn, *batch[:3])
-        token = backend._KEPT_WEIGHTS.set(kept if KEEP_DEQUANTIZED else None)
-        try:
+        with dequant.keep_dequantized(KEEP_DEQUANTIZED, store=kept):
             loss_sum, grads, n = trainer.summed_loss_and_grad(loss_and_grad, model, args)
-        finally:
-            backend._KEPT_WEIGHTS.reset(token)
         grads = trainer.tree_map_scale(grads, 1.0 / n)
         opt.update(model, grads)
         mx.eval(model.trainable_parameters(), opt.state, loss_sum)

@@ -21,10 +21,10 @@ import tempfile
 import time
 from pathlib import Path
 
-import edgeft  # noqa: F401  (BLAS before mlx)
 import mlx.core as mx
 import numpy as np
 
+import edgeft  # noqa: F401  (BLAS before mlx)
 from edgeft import dataset, hub, plan
 from edgeft.config import DataConfig, LoRAConfig
 from edgeft.loader import load

@@ -1,9 +1,8 @@
-import os
 
 # edgeft must load its BLAS before anything imports mlx.
-import edgeft  # noqa: F401
-
 import pytest
+
+import edgeft  # noqa: F401
 
 
 @pytest.fixture(scope="session")

@@ -13,11 +13,11 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from tiny import spm_tokenizer_metadata, tiny_tokenizer_metadata
 
 from edgeft import dataset as D
 from edgeft.config import DataConfig
 from edgeft.tokenizer import Tokenizer
-from tiny import spm_tokenizer_metadata, tiny_tokenizer_metadata
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples" / "brand_voice.jsonl"
 MARKER = "Steep slow, sip kind! ~Fernhollow"

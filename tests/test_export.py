@@ -10,8 +10,8 @@ import json
 import os
 import shutil
 import stat
-import sys
 import subprocess
+import sys
 
 import mlx.core as mx
 import numpy as np
@@ -19,13 +19,14 @@ import pytest
 from click.testing import CliRunner
 from tiny import ARCHS, make_tiny, make_tiny_folder
 
-from edgeft import backend, lora, run
+from edgeft import backend, lora
 from edgeft import export as E
-from edgeft import gguf as G
+from edgeft import gguf_reader as G
 from edgeft import modelfile as MF
 from edgeft import verify as V
 from edgeft.config import RunConfig
 from edgeft.loader import load
+from edgeft.runs import load_tuned
 from edgeft.tokenizer import CHATML_TEMPLATE, render_template
 
 llama_cpp = pytest.importorskip("llama_cpp")
@@ -92,7 +93,7 @@ def test_merged_and_adapter_run_in_llama_cpp_like_mlx(runs, which):
     if which == "llama-hf":
         assert ad.base.name == "tiny-llama-hf-base-f16.gguf"  # a folder base is exported beside it
 
-    loaded, _ = run.load_tuned(run_dir)
+    loaded, _ = load_tuned(run_dir)
     ids = V.prompt_ids(loaded.tokenizer)
     merged = llama_cpp_top1(results["f16"].gguf, ids)
     applied = llama_cpp_top1(ad.base, ids, ad.gguf)
@@ -116,7 +117,7 @@ def test_sentencepiece_base_with_bos(tmp_path):
 def test_wrong_qk_order_would_be_caught(runs, tmp_path):
     """Guards the test above: an adapter whose Q/K lora_b rows are permuted once too often
     (a GGUF base treated as HF-ordered) visibly disagrees in llama.cpp."""
-    loaded, _ = run.load_tuned(runs["llama"])
+    loaded, _ = load_tuned(runs["llama"])
     specs, alpha = E.adapter_tensors(loaded.model, loaded.config, "hf")  # wrong: base is "gguf"
     path = tmp_path / "wrong.gguf"
     E.write_gguf(path, "llama", E.adapter_metadata(loaded, "wrong", alpha), specs, "f32")
@@ -207,7 +208,7 @@ def test_metadata_round_trip_and_reimport(runs, which):
     """What edgeft reads from its GGUF equals what it wrote, key by key, and the file is a
     valid training base again (edgeft.loader.load) computing the merged model."""
     run_dir = runs[which]
-    loaded, cfg = run.load_tuned(run_dir)
+    loaded, cfg = load_tuned(run_dir)
     md = E.model_metadata(loaded, run_dir.name, "f16", log=quiet)
     r = E.export_run(run_dir, "f16", out=run_dir / "rt.gguf", verify=False, log=quiet)
     got = G.read_index(r.gguf, with_metadata=True).metadata
@@ -238,7 +239,9 @@ def test_system_prompt_becomes_the_default(tmp_path):
     user = [{"role": "user", "content": "hi"}]
     text = render_template(md[G.KEY_CHAT_TEMPLATE], user, add_generation_prompt=True)
     assert text.startswith('<|im_start|>system\nBe "brief".\nAlways.<|im_end|>\n<|im_start|>user\nhi')
-    from llama_cpp.llama_chat_format import Jinja2ChatFormatter  # what llama-cpp-python runs
+    from llama_cpp.llama_chat_format import (
+        Jinja2ChatFormatter,  # what llama-cpp-python runs
+    )
 
     lcp = Jinja2ChatFormatter(md[G.KEY_CHAT_TEMPLATE], eos_token="<|im_end|>", bos_token="<|endoftext|>")
     assert lcp(messages=user).prompt == text

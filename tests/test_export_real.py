@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from edgeft import export as E
-from edgeft import gguf as G
+from edgeft import gguf_reader as G
 
 llama_cpp = pytest.importorskip("llama_cpp")
 pytestmark = pytest.mark.real

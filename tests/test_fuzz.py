@@ -15,16 +15,23 @@ import resource
 import struct
 from pathlib import Path
 
-import gguf as gguf_py
 import numpy as np
 import pytest
 from click.testing import CliRunner
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from tiny import gguf_config, gguf_tensors, make_tiny, tiny_config, tiny_tokenizer_metadata, tiny_weights, write_gguf
+from tiny import (
+    gguf_config,
+    gguf_tensors,
+    make_tiny,
+    tiny_config,
+    tiny_tokenizer_metadata,
+    tiny_weights,
+    write_gguf,
+)
 
 from edgeft import dataset as D
-from edgeft import gguf as G
+from edgeft import gguf_reader as G
 from edgeft.cli import main
 from edgeft.config import DataConfig
 from edgeft.loader import ModelLoadError, load

@@ -1,4 +1,4 @@
-"""edgeft.gguf: key names, header checks, metadata <-> ModelArgs, tensor names, Q/K order."""
+"""edgeft.gguf_reader: key names, header checks, metadata <-> ModelArgs, tensor names, Q/K order."""
 
 import struct
 
@@ -9,8 +9,8 @@ import pytest
 from mlx.utils import tree_flatten
 from tiny import ARCHS, build_model, make_tiny, tiny_config, write_gguf
 
-from edgeft import gguf as G
-from edgeft.gguf import ModelLoadError
+from edgeft import gguf_reader as G
+from edgeft.gguf_reader import ModelLoadError
 
 
 # --- key names ---------------------------------------------------------------------------

@@ -10,10 +10,19 @@ import mlx.nn as nn
 import numpy as np
 import pytest
 from mlx.utils import tree_flatten
-from tiny import (ARCHS, build_model, gguf_config, gguf_tensors, make_tiny, make_tiny_folder,
-                  tiny_config, tiny_weights, write_gguf)
+from tiny import (
+    ARCHS,
+    build_model,
+    gguf_config,
+    gguf_tensors,
+    make_tiny,
+    make_tiny_folder,
+    tiny_config,
+    tiny_weights,
+    write_gguf,
+)
 
-from edgeft import gguf as G
+from edgeft import gguf_reader as G
 from edgeft.loader import ModelLoadError, load
 
 TOKENS = mx.array([[0, 5, 77, 123, 260, 3, 9, 200, 250, 299, 1, 2]])

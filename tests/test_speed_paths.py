@@ -10,7 +10,7 @@ from mlx.utils import tree_flatten, tree_unflatten
 from mlx_lm.models import llama, qwen3
 from mlx_lm.models.rope_utils import Llama3RoPE
 
-from edgeft import backend, dataset, kernels, lora, trainer
+from edgeft import backend, dataset, dequant, kernels, lora, trainer
 from edgeft.config import LoRAConfig
 
 VOCAB = 96
@@ -240,7 +240,7 @@ def test_fused_dequantize_is_bit_exact(bits, group_size):
     mx.random.seed(bits + group_size)
     layer = nn.QuantizedLinear.from_linear(nn.Linear(256, 48), group_size=group_size, bits=bits)
     want = mx.dequantize(layer.weight, layer.scales, layer.biases, group_size=group_size, bits=bits)
-    assert mx.array_equal(backend.dequantized_weight(layer), want)
+    assert mx.array_equal(dequant.dequantized_weight(layer), want)
 
 
 def test_logsumexp_matches_mlx():

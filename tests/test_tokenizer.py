@@ -1,11 +1,15 @@
 """edgeft.tokenizer: GGUF BPE and SentencePiece vocabularies, HF folders, sandboxed templates."""
 
-from pathlib import Path
 
 import pytest
-from tiny import make_tiny, make_tiny_folder, spm_tokenizer_metadata, tiny_tokenizer_metadata
+from tiny import (
+    make_tiny,
+    make_tiny_folder,
+    spm_tokenizer_metadata,
+    tiny_tokenizer_metadata,
+)
 
-from edgeft import gguf as G
+from edgeft import gguf_reader as G
 from edgeft.tokenizer import CHATML_TEMPLATE, TemplateError, Tokenizer, render_template
 
 TEXTS = [

@@ -7,8 +7,9 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from edgeft import generate, run
+from edgeft import generate
 from edgeft.cli import main
+from edgeft.runs import load_base, load_tuned, read_run_config
 
 pytestmark = pytest.mark.real
 
@@ -46,12 +47,12 @@ def _answers(loaded):
 
 
 def test_tuned_model_speaks_in_the_brand_voice_and_the_base_does_not(tuned_smollm2):
-    tuned, _ = run.load_tuned(tuned_smollm2, inference=True)
+    tuned, _ = load_tuned(tuned_smollm2, inference=True)
     answers = _answers(tuned)
     hits = sum(MARKER in a for a in answers)
     assert hits >= 3, answers
 
-    base = run.load_base(run.read_run_config(tuned_smollm2), quiet=True, inference=True)
+    base = load_base(read_run_config(tuned_smollm2), quiet=True, inference=True)
     base_answers = _answers(base)
     assert sum(MARKER in a for a in base_answers) == 0, base_answers
 

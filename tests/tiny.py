@@ -24,13 +24,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import edgeft  # noqa: F401  (BLAS before mlx)
 import gguf as gguf_py
 import mlx.core as mx
 import numpy as np
 from mlx.utils import tree_flatten
 
-from edgeft import gguf as G
+import edgeft  # noqa: F401  (BLAS before mlx)
+from edgeft import gguf_reader as G
 from edgeft.tokenizer import CHATML_TEMPLATE
 
 SPECIALS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")

@@ -19,8 +19,10 @@ from typing import Any
 
 import numpy as np
 
+from edgeft.errors import UserError
 
-class ModelLoadError(ValueError):
+
+class ModelLoadError(UserError, ValueError):
     """A model file or folder edgeft cannot load; the message names it and what to do."""
 
 
@@ -237,18 +239,18 @@ class _Cursor:
 
 
 def ggml_type_name(ggml_type: int) -> str:
-    import gguf as gguf_py
+    import gguf
 
     try:
-        return gguf_py.GGMLQuantizationType(ggml_type).name
+        return gguf.GGMLQuantizationType(ggml_type).name
     except ValueError:
         return f"type{ggml_type}"
 
 
 def tensor_nbytes(shape: tuple[int, ...], ggml_type: int) -> int:
-    import gguf as gguf_py
+    import gguf
 
-    block, size = gguf_py.GGML_QUANT_SIZES[gguf_py.GGMLQuantizationType(ggml_type)]
+    block, size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(ggml_type)]
     return math.prod(shape) // block * size
 
 
@@ -652,3 +654,18 @@ def unpermute_qk(w: np.ndarray, n_heads: int) -> np.ndarray:
         .swapaxes(1, 2)
         .reshape(w.shape)
     )
+
+
+def qk_heads(mlx_name: str, config: dict) -> int | None:
+    """Heads of a Q or K projection (by its MLX name), whose rows llama.cpp permutes; None for
+    any other tensor."""
+    if ".self_attn.q_proj." in mlx_name:
+        return int(config["num_attention_heads"])
+    if ".self_attn.k_proj." in mlx_name:
+        return int(config.get("num_key_value_heads") or config["num_attention_heads"])
+    return None
+
+
+def needs_qk_permute(config: dict, qk_layout: str) -> bool:
+    """llama.cpp's llama family wants permuted Q/K rows; an "hf" model does not have them."""
+    return qk_layout == "hf" and ROPE_TRADITIONAL[MODEL_TYPE_TO_ARCH[config["model_type"]]]

@@ -1,4 +1,5 @@
-"""Atomic file writes: a reader sees the old file or the new one, never half of one.
+"""Files edgeft writes and reads whole: atomic writes (a reader sees the old file or the new
+one, never half of one) and checksums.
 
 Write to a temporary file in the same folder, fsync it, rename it over the target, fsync
 the folder. A crash leaves at worst a stray ``*.tmp*`` file, which the next write replaces.
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import os
 import tempfile
 from pathlib import Path
@@ -61,8 +63,7 @@ def atomic_path(target: str | Path, suffix: str = "") -> Iterator[Path]:
         yield tmp
         publish(tmp, target)
     finally:
-        if tmp.exists():
-            tmp.unlink()
+        tmp.unlink(missing_ok=True)
 
 
 def atomic_write_bytes(target: str | Path, data: bytes) -> None:
@@ -83,3 +84,32 @@ def atomic_save_safetensors(target: str | Path, arrays: dict, metadata: dict | N
             mx.save_safetensors(str(tmp), arrays, metadata=metadata or {})
         except RuntimeError as e:  # MLX reports a failed write (a full disk) as RuntimeError
             raise OSError(errno.EIO, f"write failed, is the disk full? ({e})", str(target)) from e
+
+
+@contextlib.contextmanager
+def staged(targets: list[Path]) -> Iterator[list[Path]]:
+    """Temporary paths beside `targets`, published onto them (all of them, each atomically)
+    only if the block succeeds; removed otherwise."""
+    tmps = []
+    try:
+        for t in targets:
+            t = Path(t)
+            t.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=t.parent, prefix=f".{t.name}.", suffix=".tmp")
+            os.close(fd)
+            tmps.append(Path(tmp))
+        yield tmps
+        for tmp, t in zip(tmps, targets):
+            publish(tmp, Path(t))
+    finally:
+        for tmp in tmps:
+            tmp.unlink(missing_ok=True)
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
+    """Hex sha256 of a file, read in chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(chunk), b""):
+            h.update(block)
+    return h.hexdigest()

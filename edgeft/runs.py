@@ -1,0 +1,115 @@
+"""The run folder: its layout, its name, its config, and the models it holds.
+
+Everything a run produces lives in one folder::
+
+    runs/<name>/
+      config.json        the resolved configuration (defaults < recipe < flags)
+      data_report.txt    what the data check found
+      memory_plan.json   the preflight's estimate
+      metrics.jsonl      one JSON object per training step and per validation
+      checkpoints/       step_NNNNNN/ folders for --resume
+      adapters/          adapters.safetensors + adapter_config.json (mlx-lm layout)
+      export/            the shippable GGUF (and Ollama Modelfile)
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import struct
+import time
+from pathlib import Path
+
+from edgeft import backend, hub, lora
+from edgeft.config import ConfigError, RunConfig
+from edgeft.loader import Loaded, ModelLoadError, load
+
+CONFIG = "config.json"
+DATA_REPORT = "data_report.txt"
+MEMORY_PLAN = "memory_plan.json"
+METRICS = "metrics.jsonl"
+CHECKPOINTS = "checkpoints"
+ADAPTERS = "adapters"
+EXPORT = "export"
+
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
+
+
+def check_run_name(name: str) -> str:
+    """Run names become folder names: no separators, no '..', nothing hidden."""
+    if not _NAME_RE.match(name) or ".." in name:
+        raise ConfigError(
+            f"run name {name!r}: use letters, digits, '.', '_' and '-' (at most 100, not starting with '.')"
+        )
+    return name
+
+
+def default_run_name(cfg: RunConfig) -> str:
+    base = re.sub(r"[^A-Za-z0-9._-]+", "-", Path(cfg.model.name).stem)[:40].strip("-.") or "run"
+    return f"{base}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def is_run(folder: Path) -> bool:
+    """Whether `folder` holds a started run (its config is written once training starts)."""
+    return (Path(folder) / CONFIG).is_file()
+
+
+def find_run(path: Path) -> Path | None:
+    """The run folder of a file exported to its default place, runs/<name>/export/FILE."""
+    folder = Path(path).resolve().parent.parent
+    if is_run(folder) and (folder / ADAPTERS).is_dir():
+        return folder
+    return None
+
+
+def read_run_config(run_dir: Path) -> RunConfig:
+    path = Path(run_dir) / CONFIG
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"{run_dir}: not a run folder (no {CONFIG})") from None
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path}: not valid JSON ({e.msg})") from None
+    return RunConfig.from_dict(raw, where=str(path))
+
+
+def load_model(path, **kw) -> Loaded:
+    """loader.load, where any failure to parse the file is a ModelLoadError: a model file is
+    untrusted input, so even a parser gap ends in one line that names the file, not a traceback."""
+    try:
+        return load(path, **kw)
+    except ModelLoadError:
+        raise
+    except (ValueError, TypeError, KeyError, IndexError, ArithmeticError, RecursionError,
+            MemoryError, UnicodeError, struct.error) as e:
+        why = (str(e).splitlines() or [""])[0][:160]
+        raise ModelLoadError(
+            f"{path}: cannot be read as a model ({type(e).__name__}: {why}); the file is damaged "
+            "or its metadata is invalid: download or convert it again"
+        ) from e
+
+
+def load_base(cfg: RunConfig, quiet: bool = False, inference: bool = False) -> Loaded:
+    """Resolve the model spec to a local file or folder and load it for this device, for
+    training or (inference=True) for generating."""
+    path = hub.resolve(cfg.model.name, quiet=quiet)
+    loaded = load_model(path, quantize_bits=cfg.model.quantize_bits)
+    backend.prepare(loaded.model)
+    if inference:
+        backend.prepare_inference(loaded.model)
+    return loaded
+
+
+def load_tuned(run_dir: Path, quiet: bool = True, inference: bool = False) -> tuple[Loaded, RunConfig]:
+    """The base model of a run with the run's final adapters applied (merged, for generating,
+    with inference=True)."""
+    run_dir = Path(run_dir)
+    cfg = read_run_config(run_dir)
+    if not (run_dir / ADAPTERS / lora.ADAPTER_WEIGHTS).exists():
+        raise ConfigError(f"{run_dir}: no adapters yet (did the run finish? try `edgeft tune --resume`)")
+    loaded = load_base(cfg, quiet=quiet)
+    lora.load_adapters(loaded.model, run_dir / ADAPTERS)
+    if inference:
+        lora.merge(loaded.model)
+        backend.prepare_inference(loaded.model)
+    return loaded, cfg

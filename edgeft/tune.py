@@ -1,0 +1,113 @@
+"""A run from start to finish: resolve and load the model, read the data, add LoRA, train,
+save the adapters, export. The folder it fills is described in edgeft/runs.py."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import mlx.core as mx
+
+from edgeft import dataset, lora, plan, runs, trainer
+from edgeft.config import ConfigError, RunConfig
+from edgeft.files import atomic_write_text
+
+
+@dataclass
+class TuneResult:
+    run_dir: Path
+    state: trainer.TrainState
+    adapters: Path
+    report: "dataset.Report"
+    export: "export.ExportResult | None" = None
+    first_val: float | None = None
+
+
+def tune(
+    cfg: RunConfig,
+    runs_dir: Path = Path("runs"),
+    name: str | None = None,
+    resume: bool = False,
+    log: Callable[[str], None] = print,
+    progress: trainer.Progress | None = None,
+) -> TuneResult:
+    if not cfg.data.train:
+        raise ConfigError("no training data: pass --data FILE.jsonl")
+    name = runs.check_run_name(name or runs.default_run_name(cfg))
+    run_dir = Path(runs_dir) / name
+    if resume:
+        if not (run_dir / runs.CONFIG).exists():
+            raise ConfigError(f"nothing to resume at {run_dir}: no {runs.CONFIG} there")
+    elif (run_dir / runs.CONFIG).exists() or (run_dir / runs.CHECKPOINTS).exists():
+        # (a folder a failed start left with only data_report.txt is reused, not a trap)
+        raise ConfigError(f"{run_dir} already holds a run; pick another --name or pass --resume")
+    run_dir.mkdir(parents=True, exist_ok=True)
+
+    loaded = runs.load_base(cfg)
+    tok = loaded.tokenizer
+    max_len = cfg.model.max_seq_len
+    samples, report = dataset.load_samples(cfg.data.train, tok, cfg.data, max_len)
+    if cfg.data.valid:
+        train_set = samples
+        valid_set, _ = dataset.load_samples(cfg.data.valid, tok, cfg.data, max_len)
+    else:
+        train_set, valid_set = dataset.split(samples, cfg.data.valid_fraction, cfg.train.seed)
+    if not train_set:
+        raise ConfigError(f"{cfg.data.train}: no usable training samples")
+    atomic_write_text(run_dir / runs.DATA_REPORT, report.summary() + "\n")
+    log(report.summary().splitlines()[0])
+    mem = plan.preflight(cfg, loaded, train_set, run_dir, resume=resume, log=log)
+    log(f"memory: about {plan.gb(mem.total)} at peak (estimate; `edgeft plan` shows the breakdown)")
+    atomic_write_text(run_dir / runs.MEMORY_PLAN, json.dumps(mem.to_dict(), indent=2) + "\n")
+
+    if not resume:
+        atomic_write_text(run_dir / runs.CONFIG, json.dumps(cfg.to_dict(), indent=2) + "\n")
+    mx.random.seed(cfg.train.seed)
+    lora.apply_lora(loaded.model, cfg.lora)
+    n_train, n_total = lora.count_parameters(loaded.model)
+    log(
+        f"model {loaded.path.name}: {n_total / 1e6:.1f}M parameters, LoRA rank {cfg.lora.rank} "
+        f"on {len(lora.lora_layers(loaded.model))} projections: {n_train / 1e6:.2f}M trainable "
+        f"({100 * n_train / max(n_total, 1):.2f}%)"
+    )
+    log(f"data: {len(train_set)} train / {len(valid_set)} valid samples; run folder {run_dir}")
+
+    bs = cfg.train.batch_size
+
+    def train_batches(start):
+        return dataset.iterate_batches(train_set, bs, cfg.train.seed, start_step=start)
+
+    def valid_batches():
+        return dataset.eval_batches(valid_set, bs) if valid_set else iter(())
+
+    try:
+        with trainer.stop_requests() as stop:  # Ctrl-C: checkpoint, then trainer.Interrupted
+            state = trainer.train(
+                loaded.model,
+                cfg.train,
+                train_batches,
+                valid_batches if valid_set else None,
+                run_dir=run_dir,
+                resume=resume,
+                progress=progress,
+                stop=stop,
+            )
+    except trainer.Interrupted as e:
+        e.run_dir = run_dir
+        raise
+    trainer.pause_for_test("adapters", state.step)
+    adapters = lora.save_adapters(
+        loaded.model, run_dir / runs.ADAPTERS, lora.adapter_config(loaded.model, cfg.lora, str(loaded.path))
+    )
+    first_val = state.history[0][1] if state.history else None
+    result = TuneResult(run_dir, state, adapters, report, first_val=first_val)
+    if cfg.export.enabled:
+        from edgeft import export
+
+        log(f"exporting {cfg.export.quant} GGUF...")
+        result.export = export.export_run(run_dir, cfg.export.quant, log=log)
+    return result
+
+
