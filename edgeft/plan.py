@@ -231,11 +231,12 @@ def estimate_peak_bytes(config: dict, lora_cfg, batch_size: int, seq_len: int, q
 
 def quant_info_from_model(model, device: str | None = None) -> QuantInfo:
     """From a loaded model after backend.prepare (exact bytes of what is in memory)."""
-    import mlx.core as mx
     import mlx.nn as nn
     from mlx.utils import tree_flatten
 
-    device = device or ("cpu" if mx.default_device() == mx.cpu else "gpu")
+    from edgeft.device import on_cpu
+
+    device = device or ("cpu" if on_cpu() else "gpu")
     weight_bytes = sum(v.nbytes for _, v in tree_flatten(model.parameters()))
     quantized = [n for n, m in model.named_modules() if isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding))]
     head = "lm_head" if "lm_head" in model else "model.embed_tokens"
@@ -465,11 +466,10 @@ def batch_shape(samples, batch_size: int, max_seq_len: int) -> tuple[int, int, l
 def packs(model=None, config: dict | None = None) -> bool:
     """Whether training packs each batch into one unpadded row (backend.can_pack): asked of
     `model`, or of a skeleton built from `config` (lazy arrays: nothing is allocated)."""
-    import mlx.core as mx
-
     from edgeft import backend
+    from edgeft.device import on_cpu
 
-    if mx.default_device() != mx.cpu:
+    if not on_cpu():
         return False
     if model is None:
         import importlib
@@ -520,14 +520,13 @@ def preflight(cfg, loaded, samples, run_dir, resume: bool = False, log=print) ->
 def plan_run(cfg) -> tuple[list[str], bool]:
     """What `edgeft plan` prints for a configuration, without loading the weights, and whether
     `edgeft tune` would start (after auto_fit's changes, if allowed)."""
-    import mlx.core as mx
-
     from edgeft import dataset, hub
+    from edgeft.device import on_cpu
     from edgeft.loader import load
 
     path = hub.resolve(cfg.model.name, quiet=True)
     loaded = load(path, tokenizer_only=True)
-    device = "cpu" if mx.default_device() == mx.cpu else "gpu"
+    device = "cpu" if on_cpu() else "gpu"
     if loaded.fmt == "gguf":
         quant = quant_info_from_gguf(loaded.path, cfg.model.quantize_bits, device)
     else:
