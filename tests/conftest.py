@@ -1,6 +1,12 @@
+import os
+
+import pytest
+
+# The tests pick the compute path themselves (tests/test_gpu_path.py): a setting left in the
+# shell must not turn the CPU path's tests into the GPU path's.
+os.environ.pop("EDGEFT_COMPUTE_PATH", None)
 
 # edgeft must load its BLAS before anything imports mlx.
-import pytest
 
 import edgeft  # noqa: F401
 
