@@ -7,7 +7,6 @@ import pytest
 os.environ.pop("EDGEFT_COMPUTE_PATH", None)
 
 # edgeft must load its BLAS before anything imports mlx.
-
 import edgeft  # noqa: F401
 
 
