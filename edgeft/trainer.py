@@ -60,19 +60,6 @@ class Interrupted(Exception):
         self.run_dir: Path | None = None
 
 
-def pause_for_test(point: str, step: int) -> None:
-    """Test-only: with EDGEFT_TEST_PAUSE_AT=point:step (point: step, checkpoint, eval or
-    adapters) and EDGEFT_TEST_PAUSE_FILE=PATH, write PATH and wait here until it is deleted,
-    so tests/test_reliability.py can signal or SIGKILL the process at that exact moment."""
-    if os.environ.get("EDGEFT_TEST_PAUSE_AT") != f"{point}:{step}":
-        return
-    marker = Path(os.environ["EDGEFT_TEST_PAUSE_FILE"])
-    marker.write_text(f"{point}:{step} {os.getpid()}\n")
-    deadline = time.monotonic() + 600
-    while marker.exists() and time.monotonic() < deadline:
-        time.sleep(0.02)
-
-
 @contextlib.contextmanager
 def stop_requests(enabled: bool = True):
     """While active, SIGINT (Ctrl-C) and SIGTERM only set flag["signal"]: the loop saves a
@@ -243,7 +230,6 @@ def _save_checkpoint(folder: Path, model, optimizer, state: TrainState, keep: in
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
     atomic_save_safetensors(tmp / "adapters.safetensors", adapter_parameters(model))
-    pause_for_test("checkpoint", state.step)
     opt_state = dict(tree_flatten(optimizer.state))
     atomic_save_safetensors(tmp / "optimizer.safetensors", opt_state)
     meta = {
@@ -456,7 +442,6 @@ def train(
         if valid_batches is None:
             return
         val = evaluate(model, valid_batches(), loss_fn)
-        pause_for_test("eval", state.step)
         if not math.isfinite(val):
             raise TrainingError(f"validation loss is {val} at step {state.step}")
         state.history.append([state.step, val])
@@ -490,7 +475,6 @@ def train(
                 raise TrainingError(f"step {state.step + 1}: no batch carried any loss token")
             grads = tree_map_scale(grads_sum, 1.0 / ntok_sum)
             loss = loss_sum / ntok_sum
-            pause_for_test("step", state.step + 1)
             if cfg.max_grad_norm:
                 grads, gnorm = optim.clip_grad_norm(grads, cfg.max_grad_norm)
             else:
