@@ -28,19 +28,22 @@ On Metal (not measured here) weights are not dequantized and activations are hal
 
 Disk: the checkpoints kept (one more while a new one is written), the final adapters, and the
 exported GGUF at its quantization (plus llama.cpp's f16 intermediate for K-quants).
+
+One job, past ~400 lines: the estimate, its inputs (the model's shape, and its quantization as
+each file format stores it, read without loading weights) and its two checks (tune's preflight,
+`edgeft plan`) change together whenever the training step changes. The machine's figures come
+from edgeft.system, the training-time estimate is edgeft.timing.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import resource
-import shutil
 import struct
-import sys
 from dataclasses import dataclass, field, fields
 from pathlib import Path
+from typing import Callable
 
+from edgeft import system
 from edgeft.errors import UserError
 
 # What a training run adds outside MLX's arrays after the preflight measured the process: the
@@ -229,6 +232,13 @@ def estimate_peak_bytes(config: dict, lora_cfg, batch_size: int, seq_len: int, q
     )
 
 
+def measure_runtime_bytes() -> int:
+    """What this process holds outside MLX's buffers now (system.bytes_outside_mlx), plus what
+    training will add (RUNTIME_GROWTH). Measured rather than assumed: the same packages'
+    builds differ by 30 MB and more here (MKL's OpenMP runtime alone 16-31 MB)."""
+    return system.bytes_outside_mlx() + RUNTIME_GROWTH
+
+
 def quant_info_from_model(model, device: str | None = None) -> QuantInfo:
     """From a loaded model after backend.prepare (exact bytes of what is in memory)."""
     import mlx.core as mx
@@ -336,65 +346,6 @@ def estimate_disk_bytes(config: dict, lora_cfg, keep_checkpoints: int, export_qu
 
 
 # ---------------------------------------------------------------------------------------------
-# What the machine has
-
-
-def available_memory() -> tuple[int | None, str]:
-    """(bytes a new allocation can get without swapping, where the figure comes from)."""
-    try:
-        import mlx.core as mx
-
-        if mx.default_device() != mx.cpu and hasattr(mx, "metal") and mx.metal.is_available():
-            info = mx.metal.device_info()
-            limit = info.get("max_recommended_working_set_size")
-            if limit:
-                return int(limit), "Metal's recommended working set"
-    except Exception:  # noqa: BLE001 - a probe; fall back to the OS figures
-        pass
-    if sys.platform.startswith("linux"):
-        try:
-            for line in Path("/proc/meminfo").read_text().splitlines():
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024, "MemAvailable in /proc/meminfo"
-        except OSError:
-            pass
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), "physical memory"
-    except (ValueError, OSError, AttributeError):
-        return None, "unknown"
-
-
-def measure_runtime_bytes() -> int:
-    """What this process holds outside MLX's buffers now, once BLAS has started its threads,
-    plus what training will add (RUNTIME_GROWTH). Measured rather than assumed: the same
-    packages' builds differ by 30 MB and more here (MKL's OpenMP runtime alone 16-31 MB)."""
-    import mlx.core as mx
-
-    a = mx.ones((256, 256))
-    mx.eval(a @ a)  # BLAS and its thread pool start on first use
-    del a
-    held = current_rss() - mx.get_active_memory() - mx.get_cache_memory()
-    return max(held, 0) + RUNTIME_GROWTH
-
-
-def current_rss() -> int:
-    """Resident memory of this process now (Linux), else its peak so far."""
-    try:
-        pages = int(Path("/proc/self/statm").read_text().split()[1])
-        return pages * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, IndexError):
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        return peak if sys.platform == "darwin" else peak * 1024
-
-
-def free_disk(path) -> int:
-    path = Path(path)
-    while not path.exists() and path != path.parent:
-        path = path.parent
-    return shutil.disk_usage(path).free
-
-
-# ---------------------------------------------------------------------------------------------
 # Preflight: refuse with numbers, or make the run fit
 
 
@@ -487,17 +438,10 @@ def preflight(cfg, loaded, samples, run_dir, resume: bool = False, log=print) ->
     t = cfg.train
     quant = quant_info_from_model(loaded.model)
     packed = packs(loaded.model)
-    runtime = measure_runtime_bytes()  # once: every batch size tried is weighed against the same
-
-    def estimate(batch_size: int, grad_checkpoint: bool) -> Breakdown:
-        width, loss_tokens, lengths = batch_shape(samples, batch_size, cfg.model.max_seq_len)
-        return estimate_peak_bytes(loaded.config, cfg.lora, batch_size, width, quant, loss_tokens=loss_tokens,
-                                   grad_checkpoint=grad_checkpoint, lengths=lengths if packed else None,
-                                   runtime_bytes=runtime)
-
-    available, source = available_memory()
+    estimate = step_estimator(loaded.config, cfg.lora, samples, cfg.model.max_seq_len, quant, packed)
+    available, source = system.available_memory()
     if available is not None and source.startswith("MemAvailable"):
-        available += current_rss()  # what this process holds already is part of the budget
+        available += system.current_rss()  # what this process holds already is part of the budget
     fit = fit_memory(estimate, t.batch_size, t.grad_accum, t.grad_checkpoint, available,
                      bool(t.auto_fit) and not resume, where="this run ")
     if fit.changes:
@@ -505,7 +449,7 @@ def preflight(cfg, loaded, samples, run_dir, resume: bool = False, log=print) ->
         t.batch_size, t.grad_accum, t.grad_checkpoint = fit.batch_size, fit.grad_accum, fit.grad_checkpoint
     disk = estimate_disk_bytes(loaded.config, cfg.lora, t.keep_checkpoints,
                                cfg.export.quant if cfg.export.enabled else None, t.steps)
-    free = free_disk(run_dir)
+    free = system.free_disk(run_dir)
     if disk.total > free:
         parts = f"checkpoints {gb(disk.checkpoints)}, adapters {gb(disk.adapters)}"
         if disk.export:
@@ -515,6 +459,22 @@ def preflight(cfg, loaded, samples, run_dir, resume: bool = False, log=print) ->
             f"{gb(free)} is free; free some space, pass --no-export, or lower train.keep_checkpoints"
         )
     return fit.memory
+
+
+def step_estimator(config: dict, lora_cfg, samples, max_seq_len: int, quant: QuantInfo,
+                   packed: bool) -> Callable[[int, bool], Breakdown]:
+    """estimate(batch_size, grad_checkpoint) for fit_memory: the peak of a step on the largest
+    batch `samples` can form (batch_shape). The runtime part is measured once, now: every batch
+    size tried is weighed against the same."""
+    runtime = measure_runtime_bytes()
+
+    def estimate(batch_size: int, grad_checkpoint: bool) -> Breakdown:
+        width, loss_tokens, lengths = batch_shape(samples, batch_size, max_seq_len)
+        return estimate_peak_bytes(config, lora_cfg, batch_size, width, quant, loss_tokens=loss_tokens,
+                                   grad_checkpoint=grad_checkpoint, lengths=lengths if packed else None,
+                                   runtime_bytes=runtime)
+
+    return estimate
 
 
 def plan_run(cfg) -> tuple[list[str], bool]:
@@ -539,14 +499,7 @@ def plan_run(cfg) -> tuple[list[str], bool]:
         shape_from = f"the longest samples of {cfg.data.train}"
 
     packed = packs(config=config)
-    runtime = measure_runtime_bytes()
-
-    def estimate(batch_size: int, grad_checkpoint: bool) -> Breakdown:
-        width, loss_tokens, lengths = batch_shape(samples, batch_size, cfg.model.max_seq_len)
-        return estimate_peak_bytes(config, cfg.lora, batch_size, width, quant, loss_tokens=loss_tokens,
-                                   grad_checkpoint=grad_checkpoint, lengths=lengths if packed else None,
-                                   runtime_bytes=runtime)
-
+    estimate = step_estimator(config, cfg.lora, samples, cfg.model.max_seq_len, quant, packed)
     n_lora = lora_parameters(config, cfg.lora)
     d = dims(config)
     mem = estimate(t.batch_size, t.grad_checkpoint)
@@ -561,7 +514,7 @@ def plan_run(cfg) -> tuple[list[str], bool]:
         "peak memory of a training step (estimate):",
         *mem.lines(),
     ]
-    available, source = available_memory()
+    available, source = system.available_memory()
     ok = True
     try:
         fit = fit_memory(estimate, t.batch_size, t.grad_accum, t.grad_checkpoint, available, bool(t.auto_fit))
@@ -571,7 +524,7 @@ def plan_run(cfg) -> tuple[list[str], bool]:
     lines.append(f"memory available: {gb(available) if available else 'unknown'} ({source}): {verdict}")
     disk = estimate_disk_bytes(config, cfg.lora, t.keep_checkpoints,
                                cfg.export.quant if cfg.export.enabled else None, t.steps)
-    free = free_disk(Path("runs"))
+    free = system.free_disk(Path("runs"))
     parts = f"{max(t.keep_checkpoints, 1) + 1} checkpoints {gb(disk.checkpoints)}, adapters {gb(disk.adapters)}"
     if disk.export:
         parts += f", {cfg.export.quant} export {gb(disk.export)}"
@@ -581,68 +534,3 @@ def plan_run(cfg) -> tuple[list[str], bool]:
                  f"{'fits' if disk_ok else 'does not fit'}")
     lines += [f"  note: {n}" for n in disk.notes]
     return lines, ok
-
-
-# ---------------------------------------------------------------------------------------------
-# Time
-
-# When no run of the model has been measured yet: tokens/s of a 135M model (SmolLM2), scaled
-# by 135M / parameters. CPU: edgeft measured 99-145 tokens/s on a 2-core Zen 4 (FACTS.md);
-# Metal: a guess (not measured here), an M1-class GPU at ~10x a 2-core CPU.
-DEFAULT_TOKENS_PER_S = {"cpu": 100.0, "gpu": 1000.0}
-REFERENCE_PARAMETERS = 135e6
-
-
-def measured_speed(runs_dir, model_name: str | None = None, recent: int = 5) -> tuple[float, str] | None:
-    """Median training tokens/s over the newest `recent` runs of `model_name` under runs_dir
-    (their metrics.jsonl; each run's first step, which warms up, left out), or None."""
-    import statistics
-
-    runs = []
-    for metrics in Path(runs_dir).glob("*/metrics.jsonl"):
-        try:
-            cfg = json.loads((metrics.parent / "config.json").read_text(encoding="utf-8"))
-            if model_name is not None and cfg.get("model", {}).get("name") != model_name:
-                continue
-            runs.append((metrics.stat().st_mtime, metrics))
-        except (OSError, ValueError, AttributeError):
-            continue
-    speeds, used = [], 0
-    for _, metrics in sorted(runs, reverse=True)[:recent]:
-        run_speeds = []
-        for line in metrics.read_text(encoding="utf-8", errors="replace").splitlines():
-            try:
-                rec = json.loads(line)
-                if rec.get("kind") == "train" and rec.get("step", 0) > 1 and rec.get("tokens_per_s", 0) > 0:
-                    run_speeds.append(float(rec["tokens_per_s"]))
-            except (ValueError, TypeError, AttributeError):
-                continue  # a line cut short by a crash
-        speeds += run_speeds
-        used += bool(run_speeds)
-    if not speeds:
-        return None
-    return statistics.median(speeds), f"median of {used} recent run{'s' if used != 1 else ''} in {runs_dir}"
-
-
-def default_speed(parameters: int, device: str = "cpu") -> tuple[float, str]:
-    tps = DEFAULT_TOKENS_PER_S[device] * REFERENCE_PARAMETERS / max(parameters, 1)
-    return tps, f"edgeft's default for {device.upper()}, no run of this model measured yet"
-
-
-def training_time_line(report, train_cfg, tokens_per_s: float, source: str) -> str:
-    """One line: how long `steps` optimizer steps over this data should take."""
-    if not report.samples:
-        return "training time: no usable samples"
-    per_sample = report.total_tokens / report.samples
-    samples = train_cfg.steps * train_cfg.batch_size * train_cfg.grad_accum
-    seconds = samples * per_sample / max(tokens_per_s, 1e-9)
-    return (f"training time: about {_duration(seconds)} for {train_cfg.steps} steps "
-            f"({samples / report.samples:.1f} epochs of {report.samples} samples, {per_sample:.0f} tokens "
-            f"each) at {tokens_per_s:.0f} tokens/s ({source})")
-
-
-def _duration(s: float) -> str:
-    s = int(round(s))
-    if s >= 3600:
-        return f"{s // 3600}h{s % 3600 // 60:02d}m"
-    return f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"

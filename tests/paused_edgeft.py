@@ -18,7 +18,7 @@ import sys
 import time
 from pathlib import Path
 
-from edgeft import cli, lora, trainer
+from edgeft import checkpoints, cli, lora, trainer
 
 done = {"steps": 0}  # optimizer steps completed in this run so far
 
@@ -59,14 +59,14 @@ def main(at: str, marker: Path, args: list[str]) -> None:
 
     def before_save(target, arrays, metadata=None):
         target = Path(target)  # checkpoints/.step_NNNNNN.tmp/optimizer.safetensors, the second file
-        if target.name == "optimizer.safetensors":
+        if target.name == checkpoints.OPTIMIZER:
             pause(at, marker, "checkpoint", int(target.parent.name.split("_")[1].split(".")[0]))
 
     def after_train(state):
         done["steps"] = state.step
 
     wrap(Optimizer, "update", before=before_update)
-    wrap(trainer, "atomic_save_safetensors", before=before_save)
+    wrap(checkpoints, "atomic_save_safetensors", before=before_save)
     wrap(trainer, "evaluate", after=lambda loss: pause(at, marker, "eval", done["steps"]))
     wrap(trainer, "train", after=after_train)
     wrap(lora, "save_adapters", before=lambda *a, **k: pause(at, marker, "adapters", done["steps"]))

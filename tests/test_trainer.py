@@ -11,6 +11,7 @@ from mlx_lm.models import llama
 
 from edgeft import backend, dequant, lora, trainer
 from edgeft.config import LoRAConfig, TrainConfig
+from edgeft.loss import evaluate, lm_loss
 
 VOCAB = 96
 
@@ -98,9 +99,9 @@ def test_loss_falls_when_overfitting_four_examples():
     lora.apply_lora(model, LoRAConfig(rank=8, alpha=16))
     cfg = TrainConfig(steps=40, batch_size=4, learning_rate=1e-2, warmup_steps=2, eval_every=0, save_every=0)
     seqs = four_examples()
-    first = trainer.evaluate(model, [next(batches_from(seqs, 4))])
+    first = evaluate(model, [next(batches_from(seqs, 4))])
     trainer.train(model, cfg, lambda s: batches_from(seqs, 4, s), progress=trainer.Progress(40, every=1000))
-    last = trainer.evaluate(model, [next(batches_from(seqs, 4))])
+    last = evaluate(model, [next(batches_from(seqs, 4))])
     assert last < 0.5 * first, (first, last)
 
 
@@ -132,7 +133,7 @@ def test_fast_path_equals_plain_path(monkeypatch, streams, dropout):
             model,
             cfg,
             lambda s: batches_from(seqs, 2, s),
-            loss_fn=trainer.lm_loss if fast else plain_loss,
+            loss_fn=lm_loss if fast else plain_loss,
             progress=trainer.Progress(5, every=1000),
         )
         results.append(dict(tree_flatten(model.trainable_parameters())))
@@ -205,7 +206,7 @@ def test_non_finite_loss_stops_with_a_clear_error():
     cfg = TrainConfig(steps=3, batch_size=2, learning_rate=1e-2, eval_every=0, save_every=0)
 
     def nan_loss(model, inputs, idx, tgt):
-        loss, n = trainer.lm_loss(model, inputs, idx, tgt)
+        loss, n = lm_loss(model, inputs, idx, tgt)
         return loss * mx.array(float("nan")), n
 
     with pytest.raises(trainer.TrainingError, match="step 1: loss nan"):
