@@ -1,6 +1,6 @@
 """The training loss and how one batch is computed: cross-entropy at the positions that carry
 loss only, the batch packed into one unpadded row when the backend can, split into groups of
-whole samples that run side by side on the CPU streams, and the validation loss.
+whole samples that run side by side on the CPU streams, and the validation loss (in eval mode).
 """
 
 from __future__ import annotations
@@ -135,15 +135,21 @@ def summed_loss_and_grad(loss_and_grad, model, args: tuple) -> tuple[mx.array | 
 
 
 def evaluate(model, batches: Iterable[Batch], loss_fn=lm_loss) -> float:
-    """Token-weighted mean loss over the batches."""
-    total, count = 0.0, 0
-    for batch in batches:
-        args, _ = loss_inputs(model, loss_fn, *batch[:3])
-        losses = on_streams(args, lambda group, n: loss_fn(model, *group)[0] * n)
-        if losses:
-            total += sum(loss for loss, _ in losses).item()
-            count += sum(n for _, n in losses)
-    return total / max(count, 1)
+    """Token-weighted mean loss over the batches, with the model in eval mode (no LoRA
+    dropout: the loss of the model as it will be used); its mode is restored after."""
+    was_training = model.training
+    model.eval()
+    try:
+        total, count = 0.0, 0
+        for batch in batches:
+            args, _ = loss_inputs(model, loss_fn, *batch[:3])
+            losses = on_streams(args, lambda group, n: loss_fn(model, *group)[0] * n)
+            if losses:
+                total += sum(loss for loss, _ in losses).item()
+                count += sum(n for _, n in losses)
+        return total / max(count, 1)
+    finally:
+        model.train(was_training)
 
 
 def tree_map_scale(tree, s):

@@ -159,8 +159,10 @@ def train(
     train_batches(start_step) yields batches from that step on; valid_batches() yields the
     validation set. With run_dir: metrics.jsonl and checkpoints/ go there, and resume=True
     continues from its newest whole checkpoint. `stop` is the flag of stop_requests(): once
-    set, the loop checkpoints after the current step and raises Interrupted.
+    set, the loop checkpoints after the current step and raises Interrupted. The model trains
+    in training mode (LoRA dropout on) and is evaluated in eval mode (loss.evaluate).
     """
+    model.train()
     progress = progress or Progress(cfg.steps, every=cfg.log_every)
     optimizer = optim.AdamW(learning_rate=lr_schedule(cfg), weight_decay=cfg.weight_decay)
     state = TrainState()

@@ -11,7 +11,8 @@ from mlx_lm.models import llama
 
 from edgeft import backend, dequant, lora, trainer
 from edgeft.config import LoRAConfig, TrainConfig
-from edgeft.loss import evaluate, lm_loss
+from edgeft.generate import generate_ids
+from edgeft.loss import evaluate, lm_loss, loss_positions
 
 VOCAB = 96
 
@@ -128,7 +129,6 @@ def test_fast_path_equals_plain_path(monkeypatch, streams, dropout):
         backend.prepare(model, cpu=fast)
         mx.random.seed(7)
         lora.apply_lora(model, LoRAConfig(rank=4, dropout=dropout))
-        state_losses = []
         trainer.train(
             model,
             cfg,
@@ -234,3 +234,50 @@ def test_inference_preparation_keeps_the_function():
     assert not lora.lora_layers(model)
     assert not any(isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding)) for _, m in model.named_modules())
     assert mx.allclose(ref, model(x), atol=1e-4, rtol=1e-4)
+
+
+def adapted_llama(dropout: float):
+    """A tiny model with LoRA adapters that change its output (lora_b non-zero)."""
+    model = backend.prepare(tiny_llama(seed=6), cpu=True)
+    mx.random.seed(0)
+    lora.apply_lora(model, LoRAConfig(rank=4, dropout=dropout))
+    mx.random.seed(1)
+    for _, layer in lora.lora_layers(model):
+        layer.lora_b = mx.random.normal(layer.lora_b.shape) * 0.05
+    mx.eval(model.parameters())
+    return model
+
+
+def plain_forward_loss(model, inputs, targets, mask) -> float:
+    """Mean cross-entropy of the full logits at the masked positions."""
+    logits = model(inputs).astype(mx.float32)
+    ce = nn.losses.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
+    m = mask.reshape(-1)
+    return ((ce * m).sum() / m.sum()).item()
+
+
+def test_validation_loss_has_no_dropout():
+    """With LoRA dropout 0.3 the validation loss, alone and inside the loop, is the same every
+    time and equals a plain forward's loss with the dropout off; training mode comes back."""
+    batch = next(batches_from(four_examples(), 4))
+    plain = plain_forward_loss(adapted_llama(0.0), *batch)
+    model = adapted_llama(0.3)
+    assert lm_loss(model, batch[0], *loss_positions(*batch[1:]))[0].item() != pytest.approx(plain, rel=1e-3)
+    first, second = evaluate(model, [batch]), evaluate(model, [batch])
+    assert first == second
+    assert first == pytest.approx(plain, rel=1e-4)
+    assert all(m.training for _, m in model.named_modules())
+
+    cfg = TrainConfig(steps=1, batch_size=4, learning_rate=1e-3, warmup_steps=0, eval_every=1, save_every=0)
+    state = trainer.train(model, cfg, lambda s: batches_from(four_examples(), 4, s), lambda: [batch],
+                          progress=trainer.Progress(1, every=1000))
+    assert state.history[0][0] == 0 and state.history[0][1] == pytest.approx(plain, rel=1e-4)
+    assert all(m.training for _, m in model.named_modules())
+
+
+def test_generation_has_no_dropout():
+    model = adapted_llama(0.3)
+    reference = list(generate_ids(adapted_llama(0.0), [3, 1, 4, 1, 5], max_tokens=8))
+    for seed in (1, 2):
+        mx.random.seed(seed)
+        assert list(generate_ids(model, [3, 1, 4, 1, 5], max_tokens=8)) == reference
