@@ -51,13 +51,23 @@ from edgeft.errors import UserError
 # on tiny-model runs at batch 4 and 8 (19-32 MB while weights were dequantized every step), the
 # same in two installs whose baselines differ by 11 MB.
 RUNTIME_GROWTH = 17_000_000
-# Bytes per unit, fitted (see the module docstring):
-ACT_PER_H = 7.5  # saved per token, per adapted layer, per hidden unit (~2 fp32 values)
-ACT_PER_I = 14.8  # ... per MLP intermediate unit (~3.7 fp32 values)
-TRANSIENT_PER_I = 31.4  # one layer's backward temporaries, per token per intermediate unit
-ATTN_SAVED = 4.4  # per head, per (query, key) pair, per adapted layer
-ATTN_TRANSIENT = 6.5  # per head, per (query, key) pair, one layer at a time
-LOGITS_PER_V = 16.0  # per loss position per vocabulary entry: logits, softmax, their gradients
+
+
+@dataclass(frozen=True)
+class Coefficients:
+    """Bytes per unit of the estimate, fitted (see the module docstring); scripts/calibrate_plan.py
+    refits all but logits_per_v and passes its trial values to estimate_peak_bytes."""
+
+    act_per_h: float  # saved per token, per adapted layer, per hidden unit (~2 fp32 values)
+    act_per_i: float  # ... per MLP intermediate unit (~3.7 fp32 values)
+    transient_per_i: float  # one layer's backward temporaries, per token per intermediate unit
+    attn_saved: float  # per head, per (query, key) pair, per adapted layer
+    attn_transient: float  # per head, per (query, key) pair, one layer at a time
+    logits_per_v: float  # per loss position per vocabulary entry: logits, softmax, their gradients
+
+
+FITTED = Coefficients(act_per_h=7.5, act_per_i=14.8, transient_per_i=31.4, attn_saved=4.4,
+                      attn_transient=6.5, logits_per_v=16.0)
 LORA_COPIES = 5  # fp32: parameters, 2 AdamW moments, gradient, clipped gradient
 CHECKPOINT_FILES = 3  # adapters + optimizer moments: 3 fp32 values per adapter parameter
 
@@ -189,14 +199,17 @@ def lora_parameters(config: dict, lora_cfg) -> int:
 
 def estimate_peak_bytes(config: dict, lora_cfg, batch_size: int, seq_len: int, quant: QuantInfo,
                         *, loss_tokens: int | None = None, grad_checkpoint: bool = False,
-                        runtime_bytes: int | None = None, lengths: list[int] | None = None) -> Breakdown:
+                        runtime_bytes: int | None = None, lengths: list[int] | None = None,
+                        coefficients: Coefficients = FITTED) -> Breakdown:
     """Peak memory of a training step on a batch of `batch_size` x `seq_len` tokens, of which
     `loss_tokens` (default: all) carry loss. `lengths`: the batch's sequence lengths when the
     step packs them into one unpadded row (dataset.pack, the CPU path): then the tokens are
     their sum and the attention pairs the sum of their squares. `runtime_bytes`: what the
-    process holds besides (default: measured now, measure_runtime_bytes()). See the module docstring."""
+    process holds besides (default: measured now, measure_runtime_bytes()). `coefficients`:
+    the fitted bytes per unit (FITTED). See the module docstring."""
     if runtime_bytes is None:
         runtime_bytes = measure_runtime_bytes()
+    c = coefficients
     d = dims(config)
     L = adapted_layers(config, lora_cfg)
     B, T = int(batch_size), int(seq_len)
@@ -209,16 +222,16 @@ def estimate_peak_bytes(config: dict, lora_cfg, batch_size: int, seq_len: int, q
     proj = sum(_numel(d, t) for t in TARGET_DIMS)  # projection weights of one layer
     deq_layer = 4 * proj if (cpu and quant.linear_quantized) else 0
     deq_head = 4 * d["V"] * d["H"] if (cpu and quant.head_quantized) else 0
-    per_token_layer = ACT_PER_H * d["H"] + ACT_PER_I * d["I"]
+    per_token_layer = c.act_per_h * d["H"] + c.act_per_i * d["I"]
     pairs = d["heads"] * square
     if grad_checkpoint:  # each block keeps its input; one block at a time is redone
         dequantized = deq_head + deq_layer
         activations = N * (4 * d["H"] * L + per_token_layer)
-        attention = pairs * (ATTN_SAVED + ATTN_TRANSIENT)
+        attention = pairs * (c.attn_saved + c.attn_transient)
     else:
         dequantized = deq_head + deq_layer * L
         activations = N * L * per_token_layer
-        attention = pairs * (ATTN_SAVED * L + ATTN_TRANSIENT)
+        attention = pairs * (c.attn_saved * L + c.attn_transient)
     return Breakdown(
         runtime=int(runtime_bytes),
         weights=int(quant.weight_bytes),
@@ -226,8 +239,8 @@ def estimate_peak_bytes(config: dict, lora_cfg, batch_size: int, seq_len: int, q
         dequantized=int(dequantized),
         activations=int(width * activations),
         attention=int(width * attention),
-        logits=int(LOGITS_PER_V * K * d["V"]),
-        transient=int(width * TRANSIENT_PER_I * N * d["I"]),
+        logits=int(c.logits_per_v * K * d["V"]),
+        transient=int(width * c.transient_per_i * N * d["I"]),
         batch_size=B, seq_len=T, tokens=N, loss_tokens=K, grad_checkpoint=grad_checkpoint,
     )
 
