@@ -490,9 +490,9 @@ def step_estimator(config: dict, lora_cfg, samples, max_seq_len: int, quant: Qua
     return estimate
 
 
-def plan_run(cfg) -> tuple[list[str], bool]:
+def plan_run(cfg, runs_dir: Path = Path("runs")) -> tuple[list[str], bool]:
     """What `edgeft plan` prints for a configuration, without loading the weights, and whether
-    `edgeft tune` would start (after auto_fit's changes, if allowed)."""
+    `edgeft tune` would start (after auto_fit's changes, if allowed) with its runs in runs_dir."""
     import mlx.core as mx
 
     from edgeft import dataset, hub
@@ -537,13 +537,13 @@ def plan_run(cfg) -> tuple[list[str], bool]:
     lines.append(f"memory available: {gb(available) if available else 'unknown'} ({source}): {verdict}")
     disk = estimate_disk_bytes(config, cfg.lora, t.keep_checkpoints,
                                cfg.export.quant if cfg.export.enabled else None, t.steps)
-    free = system.free_disk(Path("runs"))
+    free = system.free_disk(runs_dir)
     parts = f"{max(t.keep_checkpoints, 1) + 1} checkpoints {gb(disk.checkpoints)}, adapters {gb(disk.adapters)}"
     if disk.export:
         parts += f", {cfg.export.quant} export {gb(disk.export)}"
     disk_ok = disk.total <= free
     ok = ok and disk_ok
-    lines.append(f"disk: about {gb(disk.total)} ({parts}); {gb(free)} free: "
+    lines.append(f"disk: about {gb(disk.total)} ({parts}); {gb(free)} free in {runs_dir}: "
                  f"{'fits' if disk_ok else 'does not fit'}")
     lines += [f"  note: {n}" for n in disk.notes]
     return lines, ok

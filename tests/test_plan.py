@@ -18,7 +18,7 @@ from tiny import make_tiny
 
 from edgeft import backend, dataset, lora, plan, system, timing
 from edgeft.cli import main
-from edgeft.config import DataConfig, LoRAConfig
+from edgeft.config import DataConfig, LoRAConfig, RunConfig
 from edgeft.loader import load
 
 TOLERANCE = 0.15
@@ -208,6 +208,17 @@ def test_plan_command_prints_the_breakdown(tiny, home, monkeypatch):
     monkeypatch.setattr(system, "available_memory", lambda: (1000, "test"))
     r = CliRunner().invoke(main, ["plan", "--data", str(data), "--model", str(path)])
     assert r.exit_code == 1 and "does not fit" in r.output
+
+
+def test_plan_checks_free_disk_where_the_runs_go(tiny, home, monkeypatch):
+    d, path = tiny
+    cfg = RunConfig()
+    cfg.model.name, cfg.data.train = str(path), str(uniform_chats(home / "chats.jsonl"))
+    asked = []
+    monkeypatch.setattr(system, "free_disk", lambda where: asked.append(where) or 10**12)
+    lines, ok = plan.plan_run(cfg, runs_dir=home / "elsewhere")
+    assert ok and asked == [home / "elsewhere"]
+    assert f"1000.00 GB free in {home / 'elsewhere'}: fits" in "\n".join(lines)
 
 
 # --- edgeft data check: lengths, duplicates, time ------------------------------------------------
