@@ -45,7 +45,7 @@ os.environ.setdefault("KMP_BLOCKTIME", "0")
 
 # How MLX orders a graph's ops for its streams: breadth first until this many are pending at one
 # depth, then depth first. At its default (20) a training step's 420 adapter gradients overflow
-# it, and the ops of the stream groups (trainer.stream_split) went out one group after the other,
+# it, and the ops of the stream groups (loss.stream_split) went out one group after the other,
 # so the cores took turns. At 100: SmolLM2, batch 4, one eval per step: 154 -> 243 tokens/s
 # (300: 238). Read once by MLX at its first evaluation; the user's setting wins. Linux CPU only:
 # not measured on Metal.
@@ -180,7 +180,7 @@ def fast_forward(packing: Packing | None = None):
 
 # Streams: MLX runs each stream's ops on its own thread, and its CPU elementwise ops use one
 # core. Independent samples on one stream per core (BLAS with the cores left over each) keep
-# every core busy. Each group gets its own forward and backward graph (trainer.stream_split):
+# every core busy. Each group gets its own forward and backward graph (loss.stream_split):
 # SmolLM2, batch 4, 2 streams on 2 cores: ~205 tokens/s against ~165 on one stream
 # (scripts/profile_step.py ab base one-stream).
 # None: one stream per core, at most one per sample; 1: everything on the default stream.

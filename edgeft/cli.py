@@ -305,7 +305,7 @@ def data_check(file, model, recipe, runs_dir):
       edgeft data check chats.jsonl
       edgeft data check chats.jsonl --model qwen2.5-0.5b-instruct --recipe brand-voice
     """
-    from edgeft import dataset, hub, plan, runs
+    from edgeft import dataset, hub, plan, runs, timing
 
     try:
         cfg = cfgmod.load_recipe(recipe)
@@ -323,12 +323,12 @@ def data_check(file, model, recipe, runs_dir):
         click.echo(line)
     for line in dataset.duplicate_lines(report):
         click.echo(line)
-    speed = plan.measured_speed(runs_dir, cfg.model.name)
+    speed = timing.measured_speed(runs_dir, cfg.model.name)
     if speed is None:
         import mlx.core as mx
 
-        speed = plan.default_speed(plan.base_parameters(loaded.config), "cpu" if mx.default_device() == mx.cpu else "gpu")
-    click.echo(plan.training_time_line(report, cfg.train, *speed))
+        speed = timing.default_speed(plan.base_parameters(loaded.config), "cpu" if mx.default_device() == mx.cpu else "gpu")
+    click.echo(timing.training_time_line(report, cfg.train, *speed))
     if report.problems:
         sys.exit(1)
 

@@ -18,9 +18,11 @@ def generate_ids(
     seed: int = 0,
 ) -> Iterator[int]:
     """Yield new token ids: greedy at temperature 0, sampled otherwise; stops at a stop id
-    (not yielded) or after max_tokens."""
+    (not yielded) or after max_tokens. Puts `model` in eval mode (no LoRA dropout), as
+    mlx-lm's load does."""
     if not prompt:
         raise ValueError("generation needs a non-empty prompt")
+    model.eval()
     key = mx.random.key(seed)
     cache = make_prompt_cache(model)
     logits = model(mx.array(prompt)[None], cache=cache)[:, -1, :]

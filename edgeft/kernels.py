@@ -171,7 +171,13 @@ def _softmax_vjp(primals, cotangent, output):
 softmax = custom(_softmax, _softmax_vjp)  # mx.softmax(x, axis=-1)
 
 
-@lru_cache(maxsize=256)
+# Bounded rather than counted in edgeft/plan.py: a mask is rows x cols fp32 (1.8 MB per sequence
+# of 384 tokens on SmolLM2, 3 query heads per KV head), one per distinct sequence length. The
+# masks of the batch in flight are inside the peaks plan.py's coefficients were fitted to; 8
+# kept (a batch of the default 4 and the one before) add at most ~14 MB at that length, where
+# 256 could hold ~0.45 GB the plan never saw. Rebuilding a mask costs one pass over it, less
+# than the softmax it feeds.
+@lru_cache(maxsize=8)
 def _causal_bias(rows: int, cols: int, period: int) -> mx.array:
     """0 where row r (query position r % period among the last `period` of `cols`) may see the
     column, -inf where it may not."""

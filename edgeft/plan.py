@@ -28,19 +28,22 @@ On Metal (not measured here) weights are not dequantized and activations are hal
 
 Disk: the checkpoints kept (one more while a new one is written), the final adapters, and the
 exported GGUF at its quantization (plus llama.cpp's f16 intermediate for K-quants).
+
+One job, past ~400 lines: the estimate, its inputs (the model's shape, and its quantization as
+each file format stores it, read without loading weights) and its two checks (tune's preflight,
+`edgeft plan`) change together whenever the training step changes. The machine's figures come
+from edgeft.system, the training-time estimate is edgeft.timing.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import resource
-import shutil
 import struct
-import sys
 from dataclasses import dataclass, field, fields
 from pathlib import Path
+from typing import Callable
 
+from edgeft import system
 from edgeft.errors import UserError
 
 # What a training run adds outside MLX's arrays after the preflight measured the process: the
@@ -48,13 +51,23 @@ from edgeft.errors import UserError
 # on tiny-model runs at batch 4 and 8 (19-32 MB while weights were dequantized every step), the
 # same in two installs whose baselines differ by 11 MB.
 RUNTIME_GROWTH = 17_000_000
-# Bytes per unit, fitted (see the module docstring):
-ACT_PER_H = 7.5  # saved per token, per adapted layer, per hidden unit (~2 fp32 values)
-ACT_PER_I = 14.8  # ... per MLP intermediate unit (~3.7 fp32 values)
-TRANSIENT_PER_I = 31.4  # one layer's backward temporaries, per token per intermediate unit
-ATTN_SAVED = 4.4  # per head, per (query, key) pair, per adapted layer
-ATTN_TRANSIENT = 6.5  # per head, per (query, key) pair, one layer at a time
-LOGITS_PER_V = 16.0  # per loss position per vocabulary entry: logits, softmax, their gradients
+
+
+@dataclass(frozen=True)
+class Coefficients:
+    """Bytes per unit of the estimate, fitted (see the module docstring); scripts/calibrate_plan.py
+    refits all but logits_per_v and passes its trial values to estimate_peak_bytes."""
+
+    act_per_h: float  # saved per token, per adapted layer, per hidden unit (~2 fp32 values)
+    act_per_i: float  # ... per MLP intermediate unit (~3.7 fp32 values)
+    transient_per_i: float  # one layer's backward temporaries, per token per intermediate unit
+    attn_saved: float  # per head, per (query, key) pair, per adapted layer
+    attn_transient: float  # per head, per (query, key) pair, one layer at a time
+    logits_per_v: float  # per loss position per vocabulary entry: logits, softmax, their gradients
+
+
+FITTED = Coefficients(act_per_h=7.5, act_per_i=14.8, transient_per_i=31.4, attn_saved=4.4,
+                      attn_transient=6.5, logits_per_v=16.0)
 LORA_COPIES = 5  # fp32: parameters, 2 AdamW moments, gradient, clipped gradient
 CHECKPOINT_FILES = 3  # adapters + optimizer moments: 3 fp32 values per adapter parameter
 
@@ -186,14 +199,17 @@ def lora_parameters(config: dict, lora_cfg) -> int:
 
 def estimate_peak_bytes(config: dict, lora_cfg, batch_size: int, seq_len: int, quant: QuantInfo,
                         *, loss_tokens: int | None = None, grad_checkpoint: bool = False,
-                        runtime_bytes: int | None = None, lengths: list[int] | None = None) -> Breakdown:
+                        runtime_bytes: int | None = None, lengths: list[int] | None = None,
+                        coefficients: Coefficients = FITTED) -> Breakdown:
     """Peak memory of a training step on a batch of `batch_size` x `seq_len` tokens, of which
     `loss_tokens` (default: all) carry loss. `lengths`: the batch's sequence lengths when the
     step packs them into one unpadded row (dataset.pack, the CPU path): then the tokens are
     their sum and the attention pairs the sum of their squares. `runtime_bytes`: what the
-    process holds besides (default: measured now, measure_runtime_bytes()). See the module docstring."""
+    process holds besides (default: measured now, measure_runtime_bytes()). `coefficients`:
+    the fitted bytes per unit (FITTED). See the module docstring."""
     if runtime_bytes is None:
         runtime_bytes = measure_runtime_bytes()
+    c = coefficients
     d = dims(config)
     L = adapted_layers(config, lora_cfg)
     B, T = int(batch_size), int(seq_len)
@@ -206,16 +222,16 @@ def estimate_peak_bytes(config: dict, lora_cfg, batch_size: int, seq_len: int, q
     proj = sum(_numel(d, t) for t in TARGET_DIMS)  # projection weights of one layer
     deq_layer = 4 * proj if (cpu and quant.linear_quantized) else 0
     deq_head = 4 * d["V"] * d["H"] if (cpu and quant.head_quantized) else 0
-    per_token_layer = ACT_PER_H * d["H"] + ACT_PER_I * d["I"]
+    per_token_layer = c.act_per_h * d["H"] + c.act_per_i * d["I"]
     pairs = d["heads"] * square
     if grad_checkpoint:  # each block keeps its input; one block at a time is redone
         dequantized = deq_head + deq_layer
         activations = N * (4 * d["H"] * L + per_token_layer)
-        attention = pairs * (ATTN_SAVED + ATTN_TRANSIENT)
+        attention = pairs * (c.attn_saved + c.attn_transient)
     else:
         dequantized = deq_head + deq_layer * L
         activations = N * L * per_token_layer
-        attention = pairs * (ATTN_SAVED * L + ATTN_TRANSIENT)
+        attention = pairs * (c.attn_saved * L + c.attn_transient)
     return Breakdown(
         runtime=int(runtime_bytes),
         weights=int(quant.weight_bytes),
@@ -223,10 +239,17 @@ def estimate_peak_bytes(config: dict, lora_cfg, batch_size: int, seq_len: int, q
         dequantized=int(dequantized),
         activations=int(width * activations),
         attention=int(width * attention),
-        logits=int(LOGITS_PER_V * K * d["V"]),
-        transient=int(width * TRANSIENT_PER_I * N * d["I"]),
+        logits=int(c.logits_per_v * K * d["V"]),
+        transient=int(width * c.transient_per_i * N * d["I"]),
         batch_size=B, seq_len=T, tokens=N, loss_tokens=K, grad_checkpoint=grad_checkpoint,
     )
+
+
+def measure_runtime_bytes() -> int:
+    """What this process holds outside MLX's buffers now (system.bytes_outside_mlx), plus what
+    training will add (RUNTIME_GROWTH). Measured rather than assumed: the same packages'
+    builds differ by 30 MB and more here (MKL's OpenMP runtime alone 16-31 MB)."""
+    return system.bytes_outside_mlx() + RUNTIME_GROWTH
 
 
 def quant_info_from_model(model, device: str | None = None) -> QuantInfo:
@@ -337,65 +360,6 @@ def estimate_disk_bytes(config: dict, lora_cfg, keep_checkpoints: int, export_qu
 
 
 # ---------------------------------------------------------------------------------------------
-# What the machine has
-
-
-def available_memory() -> tuple[int | None, str]:
-    """(bytes a new allocation can get without swapping, where the figure comes from)."""
-    try:
-        import mlx.core as mx
-
-        if mx.default_device() != mx.cpu and hasattr(mx, "metal") and mx.metal.is_available():
-            info = mx.metal.device_info()
-            limit = info.get("max_recommended_working_set_size")
-            if limit:
-                return int(limit), "Metal's recommended working set"
-    except Exception:  # noqa: BLE001 - a probe; fall back to the OS figures
-        pass
-    if sys.platform.startswith("linux"):
-        try:
-            for line in Path("/proc/meminfo").read_text().splitlines():
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024, "MemAvailable in /proc/meminfo"
-        except OSError:
-            pass
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), "physical memory"
-    except (ValueError, OSError, AttributeError):
-        return None, "unknown"
-
-
-def measure_runtime_bytes() -> int:
-    """What this process holds outside MLX's buffers now, once BLAS has started its threads,
-    plus what training will add (RUNTIME_GROWTH). Measured rather than assumed: the same
-    packages' builds differ by 30 MB and more here (MKL's OpenMP runtime alone 16-31 MB)."""
-    import mlx.core as mx
-
-    a = mx.ones((256, 256))
-    mx.eval(a @ a)  # BLAS and its thread pool start on first use
-    del a
-    held = current_rss() - mx.get_active_memory() - mx.get_cache_memory()
-    return max(held, 0) + RUNTIME_GROWTH
-
-
-def current_rss() -> int:
-    """Resident memory of this process now (Linux), else its peak so far."""
-    try:
-        pages = int(Path("/proc/self/statm").read_text().split()[1])
-        return pages * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, IndexError):
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        return peak if sys.platform == "darwin" else peak * 1024
-
-
-def free_disk(path) -> int:
-    path = Path(path)
-    while not path.exists() and path != path.parent:
-        path = path.parent
-    return shutil.disk_usage(path).free
-
-
-# ---------------------------------------------------------------------------------------------
 # Preflight: refuse with numbers, or make the run fit
 
 
@@ -487,17 +451,10 @@ def preflight(cfg, loaded, samples, run_dir, resume: bool = False, log=print) ->
     t = cfg.train
     quant = quant_info_from_model(loaded.model)
     packed = packs(loaded.model)
-    runtime = measure_runtime_bytes()  # once: every batch size tried is weighed against the same
-
-    def estimate(batch_size: int, grad_checkpoint: bool) -> Breakdown:
-        width, loss_tokens, lengths = batch_shape(samples, batch_size, cfg.model.max_seq_len)
-        return estimate_peak_bytes(loaded.config, cfg.lora, batch_size, width, quant, loss_tokens=loss_tokens,
-                                   grad_checkpoint=grad_checkpoint, lengths=lengths if packed else None,
-                                   runtime_bytes=runtime)
-
-    available, source = available_memory()
+    estimate = step_estimator(loaded.config, cfg.lora, samples, cfg.model.max_seq_len, quant, packed)
+    available, source = system.available_memory()
     if available is not None and source.startswith("MemAvailable"):
-        available += current_rss()  # what this process holds already is part of the budget
+        available += system.current_rss()  # what this process holds already is part of the budget
     fit = fit_memory(estimate, t.batch_size, t.grad_accum, t.grad_checkpoint, available,
                      bool(t.auto_fit) and not resume, where="this run ")
     if fit.changes:
@@ -505,7 +462,7 @@ def preflight(cfg, loaded, samples, run_dir, resume: bool = False, log=print) ->
         t.batch_size, t.grad_accum, t.grad_checkpoint = fit.batch_size, fit.grad_accum, fit.grad_checkpoint
     disk = estimate_disk_bytes(loaded.config, cfg.lora, t.keep_checkpoints,
                                cfg.export.quant if cfg.export.enabled else None, t.steps)
-    free = free_disk(run_dir)
+    free = system.free_disk(run_dir)
     if disk.total > free:
         parts = f"checkpoints {gb(disk.checkpoints)}, adapters {gb(disk.adapters)}"
         if disk.export:
@@ -517,9 +474,25 @@ def preflight(cfg, loaded, samples, run_dir, resume: bool = False, log=print) ->
     return fit.memory
 
 
-def plan_run(cfg) -> tuple[list[str], bool]:
+def step_estimator(config: dict, lora_cfg, samples, max_seq_len: int, quant: QuantInfo,
+                   packed: bool) -> Callable[[int, bool], Breakdown]:
+    """estimate(batch_size, grad_checkpoint) for fit_memory: the peak of a step on the largest
+    batch `samples` can form (batch_shape). The runtime part is measured once, now: every batch
+    size tried is weighed against the same."""
+    runtime = measure_runtime_bytes()
+
+    def estimate(batch_size: int, grad_checkpoint: bool) -> Breakdown:
+        width, loss_tokens, lengths = batch_shape(samples, batch_size, max_seq_len)
+        return estimate_peak_bytes(config, lora_cfg, batch_size, width, quant, loss_tokens=loss_tokens,
+                                   grad_checkpoint=grad_checkpoint, lengths=lengths if packed else None,
+                                   runtime_bytes=runtime)
+
+    return estimate
+
+
+def plan_run(cfg, runs_dir: Path = Path("runs")) -> tuple[list[str], bool]:
     """What `edgeft plan` prints for a configuration, without loading the weights, and whether
-    `edgeft tune` would start (after auto_fit's changes, if allowed)."""
+    `edgeft tune` would start (after auto_fit's changes, if allowed) with its runs in runs_dir."""
     from edgeft import dataset, hub
     from edgeft.device import on_cpu
     from edgeft.loader import load
@@ -538,14 +511,7 @@ def plan_run(cfg) -> tuple[list[str], bool]:
         shape_from = f"the longest samples of {cfg.data.train}"
 
     packed = packs(config=config)
-    runtime = measure_runtime_bytes()
-
-    def estimate(batch_size: int, grad_checkpoint: bool) -> Breakdown:
-        width, loss_tokens, lengths = batch_shape(samples, batch_size, cfg.model.max_seq_len)
-        return estimate_peak_bytes(config, cfg.lora, batch_size, width, quant, loss_tokens=loss_tokens,
-                                   grad_checkpoint=grad_checkpoint, lengths=lengths if packed else None,
-                                   runtime_bytes=runtime)
-
+    estimate = step_estimator(config, cfg.lora, samples, cfg.model.max_seq_len, quant, packed)
     n_lora = lora_parameters(config, cfg.lora)
     d = dims(config)
     mem = estimate(t.batch_size, t.grad_checkpoint)
@@ -560,7 +526,7 @@ def plan_run(cfg) -> tuple[list[str], bool]:
         "peak memory of a training step (estimate):",
         *mem.lines(),
     ]
-    available, source = available_memory()
+    available, source = system.available_memory()
     ok = True
     try:
         fit = fit_memory(estimate, t.batch_size, t.grad_accum, t.grad_checkpoint, available, bool(t.auto_fit))
@@ -570,78 +536,13 @@ def plan_run(cfg) -> tuple[list[str], bool]:
     lines.append(f"memory available: {gb(available) if available else 'unknown'} ({source}): {verdict}")
     disk = estimate_disk_bytes(config, cfg.lora, t.keep_checkpoints,
                                cfg.export.quant if cfg.export.enabled else None, t.steps)
-    free = free_disk(Path("runs"))
+    free = system.free_disk(runs_dir)
     parts = f"{max(t.keep_checkpoints, 1) + 1} checkpoints {gb(disk.checkpoints)}, adapters {gb(disk.adapters)}"
     if disk.export:
         parts += f", {cfg.export.quant} export {gb(disk.export)}"
     disk_ok = disk.total <= free
     ok = ok and disk_ok
-    lines.append(f"disk: about {gb(disk.total)} ({parts}); {gb(free)} free: "
+    lines.append(f"disk: about {gb(disk.total)} ({parts}); {gb(free)} free in {runs_dir}: "
                  f"{'fits' if disk_ok else 'does not fit'}")
     lines += [f"  note: {n}" for n in disk.notes]
     return lines, ok
-
-
-# ---------------------------------------------------------------------------------------------
-# Time
-
-# When no run of the model has been measured yet: tokens/s of a 135M model (SmolLM2), scaled
-# by 135M / parameters. CPU: edgeft measured 99-145 tokens/s on a 2-core Zen 4 (FACTS.md);
-# Metal: a guess (not measured here), an M1-class GPU at ~10x a 2-core CPU.
-DEFAULT_TOKENS_PER_S = {"cpu": 100.0, "gpu": 1000.0}
-REFERENCE_PARAMETERS = 135e6
-
-
-def measured_speed(runs_dir, model_name: str | None = None, recent: int = 5) -> tuple[float, str] | None:
-    """Median training tokens/s over the newest `recent` runs of `model_name` under runs_dir
-    (their metrics.jsonl; each run's first step, which warms up, left out), or None."""
-    import statistics
-
-    runs = []
-    for metrics in Path(runs_dir).glob("*/metrics.jsonl"):
-        try:
-            cfg = json.loads((metrics.parent / "config.json").read_text(encoding="utf-8"))
-            if model_name is not None and cfg.get("model", {}).get("name") != model_name:
-                continue
-            runs.append((metrics.stat().st_mtime, metrics))
-        except (OSError, ValueError, AttributeError):
-            continue
-    speeds, used = [], 0
-    for _, metrics in sorted(runs, reverse=True)[:recent]:
-        run_speeds = []
-        for line in metrics.read_text(encoding="utf-8", errors="replace").splitlines():
-            try:
-                rec = json.loads(line)
-                if rec.get("kind") == "train" and rec.get("step", 0) > 1 and rec.get("tokens_per_s", 0) > 0:
-                    run_speeds.append(float(rec["tokens_per_s"]))
-            except (ValueError, TypeError, AttributeError):
-                continue  # a line cut short by a crash
-        speeds += run_speeds
-        used += bool(run_speeds)
-    if not speeds:
-        return None
-    return statistics.median(speeds), f"median of {used} recent run{'s' if used != 1 else ''} in {runs_dir}"
-
-
-def default_speed(parameters: int, device: str = "cpu") -> tuple[float, str]:
-    tps = DEFAULT_TOKENS_PER_S[device] * REFERENCE_PARAMETERS / max(parameters, 1)
-    return tps, f"edgeft's default for {device.upper()}, no run of this model measured yet"
-
-
-def training_time_line(report, train_cfg, tokens_per_s: float, source: str) -> str:
-    """One line: how long `steps` optimizer steps over this data should take."""
-    if not report.samples:
-        return "training time: no usable samples"
-    per_sample = report.total_tokens / report.samples
-    samples = train_cfg.steps * train_cfg.batch_size * train_cfg.grad_accum
-    seconds = samples * per_sample / max(tokens_per_s, 1e-9)
-    return (f"training time: about {_duration(seconds)} for {train_cfg.steps} steps "
-            f"({samples / report.samples:.1f} epochs of {report.samples} samples, {per_sample:.0f} tokens "
-            f"each) at {tokens_per_s:.0f} tokens/s ({source})")
-
-
-def _duration(s: float) -> str:
-    s = int(round(s))
-    if s >= 3600:
-        return f"{s // 3600}h{s % 3600 // 60:02d}m"
-    return f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"

@@ -97,7 +97,6 @@ def tune(
     except trainer.Interrupted as e:
         e.run_dir = run_dir
         raise
-    trainer.pause_for_test("adapters", state.step)
     adapters = lora.save_adapters(
         loaded.model, run_dir / runs.ADAPTERS, lora.adapter_config(loaded.model, cfg.lora, str(loaded.path))
     )

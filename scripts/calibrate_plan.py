@@ -5,15 +5,16 @@
 
 Runs edgeft's own trainer.train for 2 steps at fixed batch shapes (random tokens, a set number
 of loss positions), each shape after mx.reset_peak_memory(), and fits the per-unit bytes of
-plan.estimate_peak_bytes (ACT_PER_H, ACT_PER_I, TRANSIENT_PER_I, ATTN_SAVED, ATTN_TRANSIENT;
-LOGITS_PER_V held at 16 = four fp32 copies) by least squares on relative error, SmolLM2 weighted
-as much as all tiny shapes together. Prints the constants, then each shape's error with the
-constants plan.py has now and with the fitted ones. Change plan.py by hand if they moved.
+plan.estimate_peak_bytes (plan.Coefficients: act_per_h, act_per_i, transient_per_i, attn_saved,
+attn_transient; logits_per_v held at 16 = four fp32 copies) by least squares on relative error,
+SmolLM2 weighted as much as all tiny shapes together. Prints the coefficients, then each shape's
+error with plan.FITTED and with the fitted ones. Change plan.FITTED by hand if they moved.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import tempfile
 from pathlib import Path
@@ -36,7 +37,7 @@ TINY_SHAPES = [{}, {"num_hidden_layers": 4}, {"hidden_size": 128, "intermediate_
 TINY_BATCHES = [(8, 64, 64), (16, 64, 64), (8, 128, 64), (4, 256, 64), (8, 64, 512), (4, 144, 360)]
 SMOL_BATCHES = [(1, 128, 64), (2, 128, 128), (4, 128, 256), (4, 128, 512), (8, 64, 256), (2, 256, 256),
                 (4, 256, 512), (1, 512, 256), (2, 512, 512), (1, 1024, 512)]
-FREE = ["ACT_PER_H", "ACT_PER_I", "TRANSIENT_PER_I", "ATTN_SAVED", "ATTN_TRANSIENT"]
+FREE = ["act_per_h", "act_per_i", "transient_per_i", "attn_saved", "attn_transient"]
 
 
 def measure(path, batches) -> tuple[dict, plan.QuantInfo, list[tuple]]:
@@ -68,22 +69,17 @@ def measure(path, batches) -> tuple[dict, plan.QuantInfo, list[tuple]]:
 def terms(config, quant, B, T, K) -> tuple[float, np.ndarray]:
     """(the estimate's fixed part, the coefficients of FREE) for one shape; measured is over
     the model's weights and LoRA parameters (both already allocated)."""
-    saved = {n: getattr(plan, n) for n in FREE}
-    try:
-        for n in FREE:
-            setattr(plan, n, 0.0)
-        est = plan.estimate_peak_bytes(config, LoRAConfig(), B, T, quant, loss_tokens=K, runtime_bytes=0)
-        fixed = est.mlx - est.weights - 4 * plan.lora_parameters(config, LoRAConfig())
-        cols = []
-        for n in FREE:
-            setattr(plan, n, 1.0)
-            cols.append(plan.estimate_peak_bytes(config, LoRAConfig(), B, T, quant, loss_tokens=K, runtime_bytes=0).mlx
-                        - est.mlx)
-            setattr(plan, n, 0.0)
-        return fixed, np.array(cols)
-    finally:
-        for n, v in saved.items():
-            setattr(plan, n, v)
+    zero = dataclasses.replace(plan.FITTED, **{n: 0.0 for n in FREE})
+
+    def mlx_bytes(coefficients):
+        return plan.estimate_peak_bytes(config, LoRAConfig(), B, T, quant, loss_tokens=K, runtime_bytes=0,
+                                        coefficients=coefficients).mlx
+
+    est = plan.estimate_peak_bytes(config, LoRAConfig(), B, T, quant, loss_tokens=K, runtime_bytes=0,
+                                   coefficients=zero)
+    fixed = est.mlx - est.weights - 4 * plan.lora_parameters(config, LoRAConfig())
+    cols = [mlx_bytes(dataclasses.replace(zero, **{n: 1.0})) - est.mlx for n in FREE]
+    return fixed, np.array(cols)
 
 
 def main():
@@ -105,8 +101,8 @@ def main():
     A = np.array([r[3] for r in rows]) * w[:, None]
     b = np.array([r[4] - r[2] for r in rows]) * w
     fit, *_ = np.linalg.lstsq(A, b, rcond=None)
-    now = np.array([getattr(plan, n) for n in FREE])
-    print("constant          plan.py   fitted")
+    now = np.array([getattr(plan.FITTED, n) for n in FREE])
+    print("coefficient       plan.py   fitted")
     for n, c, f in zip(FREE, now, fit):
         print(f"{n:16} {c:8.1f} {f:8.1f}")
     print("\nshape                                          measured    plan.py     fitted")

@@ -32,7 +32,7 @@ import mlx.nn as nn
 import mlx.optimizers as optim
 
 import edgeft  # noqa: F401  (fast BLAS before mlx)
-from edgeft import backend, dataset, dequant, hub, loader, lora, trainer
+from edgeft import backend, dataset, dequant, hub, loader, lora, loss
 from edgeft.config import DataConfig, LoRAConfig
 
 SEED_TASKS = Path("/work/shared/data/seed_tasks.jsonl")
@@ -71,7 +71,7 @@ def fixed_batches(samples, args):
 
 
 def real_tokens(batch) -> int:
-    return trainer._input_tokens(batch[2])
+    return loss.input_tokens(batch[2])
 
 
 class Clock:
@@ -121,18 +121,18 @@ def patched(obj, name, value):
 # Step variants: each is (name, make) where make(model) -> step(batch) -> None
 
 
-def default_step(model, loss_fn=trainer.lm_loss):
-    """One optimizer step as trainer.train takes it (packing decided by trainer.loss_inputs)."""
+def default_step(model, loss_fn=loss.lm_loss):
+    """One optimizer step as trainer.train takes it (packing decided by loss.loss_inputs)."""
     loss_and_grad = nn.value_and_grad(model, loss_fn)
     opt = optim.AdamW(learning_rate=1e-5)
 
     kept = {}  # as trainer.train: each weight dequantized once for the run
 
     def step(batch):
-        args, _ = trainer.loss_inputs(model, loss_fn, *batch[:3])
+        args, _ = loss.loss_inputs(model, loss_fn, *batch[:3])
         with dequant.keep_dequantized(KEEP_DEQUANTIZED, store=kept):
-            loss_sum, grads, n = trainer.summed_loss_and_grad(loss_and_grad, model, args)
-        grads = trainer.tree_map_scale(grads, 1.0 / n)
+            loss_sum, grads, n = loss.summed_loss_and_grad(loss_and_grad, model, args)
+        grads = loss.tree_map_scale(grads, 1.0 / n)
         opt.update(model, grads)
         mx.eval(model.trainable_parameters(), opt.state, loss_sum)
 
@@ -140,8 +140,8 @@ def default_step(model, loss_fn=trainer.lm_loss):
 
 
 def padded_loss(model, inputs, idx, tgt):
-    """lm_loss on the padded batch (no `lengths` parameter: trainer.loss_inputs does not pack)."""
-    return trainer.lm_loss(model, inputs, idx, tgt)
+    """lm_loss on the padded batch (no `lengths` parameter: loss.loss_inputs does not pack)."""
+    return loss.lm_loss(model, inputs, idx, tgt)
 
 
 def with_setting(make, obj, name, value):
@@ -235,7 +235,7 @@ def cmd_ab(args, model, samples):
 def cmd_phases(args, model, samples):
     """Forward only, forward + loss, forward + backward, optimizer: interleaved, per step."""
     batches = fixed_batches(samples, args)
-    loss_and_grad = nn.value_and_grad(model, trainer.lm_loss)
+    loss_and_grad = nn.value_and_grad(model, loss.lm_loss)
     opt = optim.AdamW(learning_rate=1e-5)
 
     def hidden(x, lengths):
@@ -244,10 +244,10 @@ def cmd_phases(args, model, samples):
 
     parts = {
         "forward (hidden states)": lambda x, idx, tgt, lengths=None: mx.eval(hidden(x, lengths)),
-        "forward + head + CE": lambda *a: mx.eval(trainer.lm_loss(model, *a)),
+        "forward + head + CE": lambda *a: mx.eval(loss.lm_loss(model, *a)),
         "forward + backward": lambda *a: mx.eval(loss_and_grad(model, *a)),
     }
-    prepped = [trainer.loss_inputs(model, trainer.lm_loss, *b[:3])[0] for b in batches]
+    prepped = [loss.loss_inputs(model, loss.lm_loss, *b[:3])[0] for b in batches]
     grads = loss_and_grad(model, *prepped[0])[1]
     mx.eval(grads)
     clocks = {k: Clock() for k in list(parts) + ["optimizer update"]}
@@ -310,7 +310,7 @@ def ablations(model):
     def no_ce(model, inputs, idx, tgt):
         h = model.model(inputs)
         h = h.reshape(-1, h.shape[-1])[idx]
-        logits = trainer.output_head(model)(h)
+        logits = loss.output_head(model)(h)
         return logits.mean(), mx.array(idx.size)
 
     def no_head(model, inputs, idx, tgt):

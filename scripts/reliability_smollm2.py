@@ -4,7 +4,7 @@
     python scripts/reliability_smollm2.py plan    # estimate vs measured peak, 4 batch shapes (~5 min)
 
 kill: one uninterrupted `edgeft tune` (6 steps, LoRA dropout on) and one killed mid-step 3,
-mid-checkpoint 4 and mid-evaluation 6 (the test-only pause hook, see tests/test_reliability.py),
+mid-checkpoint 4 and mid-evaluation 6 (at the moments tests/paused_edgeft.py stops at),
 then resumed; prints the largest difference between the two runs' adapters.
 plan: `edgeft tune` processes on equal-length chats (every batch the same shape) and
 edgeft.plan's estimate for that shape; prints MLX's peak and the process peak against it.
@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import tempfile
@@ -31,13 +30,13 @@ from edgeft.loader import load
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples" / "brand_voice.jsonl"
+PAUSED = ROOT / "tests" / "paused_edgeft.py"
 
 
-def edgeft_tune(args, env=None, pause_at=None, marker=None):
-    env = {k: v for k, v in (env or os.environ).items() if not k.startswith("EDGEFT_TEST_")}
-    if pause_at:
-        env.update(EDGEFT_TEST_PAUSE_AT=pause_at, EDGEFT_TEST_PAUSE_FILE=str(marker))
-    proc = subprocess.Popen([sys.executable, "-m", "edgeft.cli", "tune", *args], env=env,
+def edgeft_tune(args, pause_at=None, marker=None):
+    """`edgeft tune ARGS`; with pause_at, SIGKILLed there (tests/paused_edgeft.py)."""
+    command = [str(PAUSED), pause_at, str(marker)] if pause_at else ["-m", "edgeft.cli"]
+    proc = subprocess.Popen([sys.executable, *command, "tune", *args],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     if pause_at:
         while not marker.exists():

@@ -16,9 +16,9 @@ from click.testing import CliRunner
 from mlx.utils import tree_flatten
 from tiny import make_tiny
 
-from edgeft import backend, dataset, lora, plan
+from edgeft import backend, dataset, lora, plan, system, timing
 from edgeft.cli import main
-from edgeft.config import DataConfig, LoRAConfig
+from edgeft.config import DataConfig, LoRAConfig, RunConfig
 from edgeft.loader import load
 
 TOLERANCE = 0.15
@@ -157,8 +157,8 @@ def tune_args(tiny, home, *extra):
 
 
 def test_a_run_that_does_not_fit_in_memory_is_refused_with_numbers(tiny, home, monkeypatch):
-    monkeypatch.setattr(plan, "available_memory", lambda: (130_000_000, "test"))
-    monkeypatch.setattr(plan, "current_rss", lambda: 0)
+    monkeypatch.setattr(system, "available_memory", lambda: (130_000_000, "test"))
+    monkeypatch.setattr(system, "current_rss", lambda: 0)
     r = CliRunner().invoke(main, tune_args(tiny, home))
     assert r.exit_code == 1
     error = r.output.strip().splitlines()[-1]
@@ -179,8 +179,8 @@ def test_auto_fit_lowers_the_batch_and_records_it(tiny, home, monkeypatch):
                                         lengths=lengths if plan.packs(config=loaded.config) else None)
 
     budget = (est(2).total + est(4).total) // 2  # fits 2 per micro-batch, not 4
-    monkeypatch.setattr(plan, "available_memory", lambda: (budget, "test"))
-    monkeypatch.setattr(plan, "current_rss", lambda: 0)
+    monkeypatch.setattr(system, "available_memory", lambda: (budget, "test"))
+    monkeypatch.setattr(system, "current_rss", lambda: 0)
     r = CliRunner().invoke(main, tune_args(tiny, home, "--auto-fit"))
     assert r.exit_code == 0, r.output
     assert "batch size 8 -> 2 with grad_accum 4 (the same samples per optimizer step)" in r.output
@@ -189,7 +189,7 @@ def test_auto_fit_lowers_the_batch_and_records_it(tiny, home, monkeypatch):
 
 
 def test_a_run_that_does_not_fit_on_disk_is_refused_with_numbers(tiny, home, monkeypatch):
-    monkeypatch.setattr(plan, "free_disk", lambda path: 1000)
+    monkeypatch.setattr(system, "free_disk", lambda path: 1000)
     r = CliRunner().invoke(main, tune_args(tiny, home))
     assert r.exit_code == 1
     error = r.output.strip().splitlines()[-1]
@@ -205,9 +205,20 @@ def test_plan_command_prints_the_breakdown(tiny, home, monkeypatch):
     for word in ("runtime", "weights", "lora", "dequantized", "activations", "attention", "logits", "total",
                  "memory available", "disk: about"):
         assert word in r.output
-    monkeypatch.setattr(plan, "available_memory", lambda: (1000, "test"))
+    monkeypatch.setattr(system, "available_memory", lambda: (1000, "test"))
     r = CliRunner().invoke(main, ["plan", "--data", str(data), "--model", str(path)])
     assert r.exit_code == 1 and "does not fit" in r.output
+
+
+def test_plan_checks_free_disk_where_the_runs_go(tiny, home, monkeypatch):
+    d, path = tiny
+    cfg = RunConfig()
+    cfg.model.name, cfg.data.train = str(path), str(uniform_chats(home / "chats.jsonl"))
+    asked = []
+    monkeypatch.setattr(system, "free_disk", lambda where: asked.append(where) or 10**12)
+    lines, ok = plan.plan_run(cfg, runs_dir=home / "elsewhere")
+    assert ok and asked == [home / "elsewhere"]
+    assert f"1000.00 GB free in {home / 'elsewhere'}: fits" in "\n".join(lines)
 
 
 # --- edgeft data check: lengths, duplicates, time ------------------------------------------------
@@ -242,10 +253,10 @@ def test_training_time_uses_the_median_speed_of_recent_runs_of_the_model(tmp_pat
     write_run(runs, "a", "m1", [5.0, 100.0, 120.0])  # the first step (warm-up) is left out
     write_run(runs, "b", "m1", [5.0, 110.0])
     write_run(runs, "c", "other", [9999.0, 9999.0])
-    tps, source = plan.measured_speed(runs, "m1")
+    tps, source = timing.measured_speed(runs, "m1")
     assert tps == 110.0 and source == f"median of 2 recent runs in {runs}"
-    assert plan.measured_speed(runs, "nope") is None
-    tps, source = plan.default_speed(270_000_000, "cpu")
+    assert timing.measured_speed(runs, "nope") is None
+    tps, source = timing.default_speed(270_000_000, "cpu")
     assert tps == pytest.approx(50.0) and "default" in source
 
 

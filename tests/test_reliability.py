@@ -2,9 +2,9 @@
 moments resumes to the same adapters as a run never stopped; broken checkpoints, NaN losses,
 hostile names and hostile model files end in one clear line.
 
-The exact moments come from a test-only hook (edgeft.trainer.pause_for_test): with
-EDGEFT_TEST_PAUSE_AT=point:step the process writes EDGEFT_TEST_PAUSE_FILE and waits there until
-the file is deleted, so the test can SIGKILL (or SIGINT) it at that point and nowhere else:
+The exact moments come from tests/paused_edgeft.py, which runs the CLI with the functions
+called at those moments wrapped: at point:step the process writes a marker file and waits there
+until the file is deleted, so the test can SIGKILL (or SIGINT) it at that point and nowhere else:
   step:N        step N's gradients are computed, the optimizer has not stepped
   checkpoint:N  checkpoint N is half written (adapters in its temporary folder, nothing else)
   eval:N        the validation loss of step N is computed, not yet recorded
@@ -44,9 +44,11 @@ def write_chats(path, n=12):
     return path
 
 
-def env_for(home: Path, **extra) -> dict:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("EDGEFT_TEST_")}
-    return {**env, "EDGEFT_HOME": str(home / "home"), "HF_HUB_OFFLINE": "1", **extra}
+PAUSED = Path(__file__).resolve().parent / "paused_edgeft.py"
+
+
+def env_for(home: Path) -> dict:
+    return {**os.environ, "EDGEFT_HOME": str(home / "home"), "HF_HUB_OFFLINE": "1"}
 
 
 def edgeft(args, cwd, env, **kw) -> subprocess.CompletedProcess:
@@ -58,8 +60,7 @@ def start_paused(args, cwd, home, at: str) -> tuple[subprocess.Popen, Path]:
     """Start `edgeft ...` that will stop at `at`; return once it is waiting there."""
     marker = home / f"paused-{at.replace(':', '-')}"
     marker.unlink(missing_ok=True)
-    env = env_for(home, EDGEFT_TEST_PAUSE_AT=at, EDGEFT_TEST_PAUSE_FILE=str(marker))
-    proc = subprocess.Popen([sys.executable, "-m", "edgeft.cli", *args], cwd=cwd, env=env,
+    proc = subprocess.Popen([sys.executable, str(PAUSED), at, str(marker), *args], cwd=cwd, env=env_for(home),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 240
     while not marker.exists():

@@ -10,7 +10,7 @@ from mlx.utils import tree_flatten, tree_unflatten
 from mlx_lm.models import llama, qwen3
 from mlx_lm.models.rope_utils import Llama3RoPE
 
-from edgeft import backend, dataset, dequant, kernels, lora, trainer
+from edgeft import backend, dataset, dequant, kernels, lora, loss
 from edgeft.config import LoRAConfig
 
 VOCAB = 96
@@ -54,13 +54,13 @@ def test_pack_cuts_after_the_last_loss_token_and_drops_rows_without_loss():
     x, y, m, lengths = dataset.pack(inputs, targets, mask)
     assert lengths == (22, 8, 29)
     assert x.shape == y.shape == m.shape == (1, sum(lengths))
-    assert x.shape[1] == trainer._input_tokens(mask)
+    assert x.shape[1] == loss.input_tokens(mask)
     np.testing.assert_array_equal(np.asarray(x)[0, :22], np.asarray(inputs)[0, :22])
     np.testing.assert_array_equal(np.asarray(y)[0, 22:30], np.asarray(targets)[1, :8])
     assert np.asarray(m).sum() == np.asarray(mask).sum()
     # the loss positions come in the same order, so their targets are the same list
-    _, tgt_packed = trainer.loss_positions(y, m)
-    _, tgt_padded = trainer.loss_positions(targets, mask)
+    _, tgt_packed = loss.loss_positions(y, m)
+    _, tgt_padded = loss.loss_positions(targets, mask)
     assert tgt_packed.tolist() == tgt_padded.tolist()
 
 
@@ -90,14 +90,14 @@ def test_packed_loss_and_gradients_equal_padded(monkeypatch, arch, streams):
     bs = [(k, mx.random.normal(v.shape) * 0.1) for k, v in tree_flatten(model.trainable_parameters()) if k.endswith("lora_b")]
     model.update(tree_unflatten(bs))
     batch = ragged_batch(seed=3)
-    loss_and_grad = nn.value_and_grad(model, trainer.lm_loss)
-    padded_args, n_padded = trainer.loss_inputs(model, lambda m, x, i, t: None, *batch)
-    packed_args, n_packed = trainer.loss_inputs(model, trainer.lm_loss, *batch)
+    loss_and_grad = nn.value_and_grad(model, loss.lm_loss)
+    padded_args, n_padded = loss.loss_inputs(model, lambda m, x, i, t: None, *batch)
+    packed_args, n_packed = loss.loss_inputs(model, loss.lm_loss, *batch)
     assert len(packed_args) == 4 and n_packed == n_padded
     (l1, _), g1 = loss_and_grad(model, *padded_args)
-    assert len(trainer.stream_split(packed_args)) == streams
-    l2, g2, n = trainer.summed_loss_and_grad(loss_and_grad, model, packed_args)
-    l2, g2 = l2 / n, trainer.tree_map_scale(g2, 1.0 / n)
+    assert len(loss.stream_split(packed_args)) == streams
+    l2, g2, n = loss.summed_loss_and_grad(loss_and_grad, model, packed_args)
+    l2, g2 = l2 / n, loss.tree_map_scale(g2, 1.0 / n)
     assert n == packed_args[1].size
     assert abs(l1.item() - l2.item()) < 1e-5
     for (k, a), (_, b) in zip(tree_flatten(g1), tree_flatten(g2)):
@@ -130,7 +130,7 @@ def test_stream_split_regroups_samples_with_their_loss_positions(monkeypatch):
     inputs = mx.arange(13)[None]
     idx = mx.array([1, 4, 5, 8, 10, 12])
     tgt = idx + 100
-    groups = trainer.stream_split((inputs, idx, tgt, lengths))
+    groups = loss.stream_split((inputs, idx, tgt, lengths))
     got = [(x.tolist()[0], i.tolist(), t.tolist(), g) for _, (x, i, t, g) in groups]
     assert got == [
         ([0, 1, 2, 3, 4, 7, 8], [1, 4, 6], [101, 104, 108], (5, 2)),
@@ -224,8 +224,8 @@ def test_step_with_and_without_fused_kernels_agrees(monkeypatch):
     model = backend.prepare(tiny(seed=6), cpu=True)
     mx.random.seed(7)
     lora.apply_lora(model, LoRAConfig(rank=4))
-    args, _ = trainer.loss_inputs(model, trainer.lm_loss, *ragged_batch(seed=8))
-    loss_and_grad = nn.value_and_grad(model, trainer.lm_loss)
+    args, _ = loss.loss_inputs(model, loss.lm_loss, *ragged_batch(seed=8))
+    loss_and_grad = nn.value_and_grad(model, loss.lm_loss)
     (l1, _), g1 = loss_and_grad(model, *args)
     monkeypatch.setattr(backend, "FUSED_KERNELS", False)
     (l2, _), g2 = loss_and_grad(model, *args)

@@ -11,6 +11,8 @@ from mlx_lm.models import llama
 
 from edgeft import backend, dequant, lora, trainer
 from edgeft.config import LoRAConfig, TrainConfig
+from edgeft.generate import generate_ids
+from edgeft.loss import evaluate, lm_loss, loss_positions
 
 VOCAB = 96
 
@@ -98,9 +100,9 @@ def test_loss_falls_when_overfitting_four_examples():
     lora.apply_lora(model, LoRAConfig(rank=8, alpha=16))
     cfg = TrainConfig(steps=40, batch_size=4, learning_rate=1e-2, warmup_steps=2, eval_every=0, save_every=0)
     seqs = four_examples()
-    first = trainer.evaluate(model, [next(batches_from(seqs, 4))])
+    first = evaluate(model, [next(batches_from(seqs, 4))])
     trainer.train(model, cfg, lambda s: batches_from(seqs, 4, s), progress=trainer.Progress(40, every=1000))
-    last = trainer.evaluate(model, [next(batches_from(seqs, 4))])
+    last = evaluate(model, [next(batches_from(seqs, 4))])
     assert last < 0.5 * first, (first, last)
 
 
@@ -127,12 +129,11 @@ def test_fast_path_equals_plain_path(monkeypatch, streams, dropout):
         backend.prepare(model, cpu=fast)
         mx.random.seed(7)
         lora.apply_lora(model, LoRAConfig(rank=4, dropout=dropout))
-        state_losses = []
         trainer.train(
             model,
             cfg,
             lambda s: batches_from(seqs, 2, s),
-            loss_fn=trainer.lm_loss if fast else plain_loss,
+            loss_fn=lm_loss if fast else plain_loss,
             progress=trainer.Progress(5, every=1000),
         )
         results.append(dict(tree_flatten(model.trainable_parameters())))
@@ -205,7 +206,7 @@ def test_non_finite_loss_stops_with_a_clear_error():
     cfg = TrainConfig(steps=3, batch_size=2, learning_rate=1e-2, eval_every=0, save_every=0)
 
     def nan_loss(model, inputs, idx, tgt):
-        loss, n = trainer.lm_loss(model, inputs, idx, tgt)
+        loss, n = lm_loss(model, inputs, idx, tgt)
         return loss * mx.array(float("nan")), n
 
     with pytest.raises(trainer.TrainingError, match="step 1: loss nan"):
@@ -233,3 +234,50 @@ def test_inference_preparation_keeps_the_function():
     assert not lora.lora_layers(model)
     assert not any(isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding)) for _, m in model.named_modules())
     assert mx.allclose(ref, model(x), atol=1e-4, rtol=1e-4)
+
+
+def adapted_llama(dropout: float):
+    """A tiny model with LoRA adapters that change its output (lora_b non-zero)."""
+    model = backend.prepare(tiny_llama(seed=6), cpu=True)
+    mx.random.seed(0)
+    lora.apply_lora(model, LoRAConfig(rank=4, dropout=dropout))
+    mx.random.seed(1)
+    for _, layer in lora.lora_layers(model):
+        layer.lora_b = mx.random.normal(layer.lora_b.shape) * 0.05
+    mx.eval(model.parameters())
+    return model
+
+
+def plain_forward_loss(model, inputs, targets, mask) -> float:
+    """Mean cross-entropy of the full logits at the masked positions."""
+    logits = model(inputs).astype(mx.float32)
+    ce = nn.losses.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
+    m = mask.reshape(-1)
+    return ((ce * m).sum() / m.sum()).item()
+
+
+def test_validation_loss_has_no_dropout():
+    """With LoRA dropout 0.3 the validation loss, alone and inside the loop, is the same every
+    time and equals a plain forward's loss with the dropout off; training mode comes back."""
+    batch = next(batches_from(four_examples(), 4))
+    plain = plain_forward_loss(adapted_llama(0.0), *batch)
+    model = adapted_llama(0.3)
+    assert lm_loss(model, batch[0], *loss_positions(*batch[1:]))[0].item() != pytest.approx(plain, rel=1e-3)
+    first, second = evaluate(model, [batch]), evaluate(model, [batch])
+    assert first == second
+    assert first == pytest.approx(plain, rel=1e-4)
+    assert all(m.training for _, m in model.named_modules())
+
+    cfg = TrainConfig(steps=1, batch_size=4, learning_rate=1e-3, warmup_steps=0, eval_every=1, save_every=0)
+    state = trainer.train(model, cfg, lambda s: batches_from(four_examples(), 4, s), lambda: [batch],
+                          progress=trainer.Progress(1, every=1000))
+    assert state.history[0][0] == 0 and state.history[0][1] == pytest.approx(plain, rel=1e-4)
+    assert all(m.training for _, m in model.named_modules())
+
+
+def test_generation_has_no_dropout():
+    model = adapted_llama(0.3)
+    reference = list(generate_ids(adapted_llama(0.0), [3, 1, 4, 1, 5], max_tokens=8))
+    for seed in (1, 2):
+        mx.random.seed(seed)
+        assert list(generate_ids(model, [3, 1, 4, 1, 5], max_tokens=8)) == reference
