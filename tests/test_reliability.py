@@ -47,8 +47,8 @@ def write_chats(path, n=12):
 PAUSED = Path(__file__).resolve().parent / "paused_edgeft.py"
 
 
-def env_for(home: Path) -> dict:
-    return {**os.environ, "EDGEFT_HOME": str(home / "home"), "HF_HUB_OFFLINE": "1"}
+def env_for(home: Path, **extra) -> dict:
+    return {**os.environ, "EDGEFT_HOME": str(home / "home"), "HF_HUB_OFFLINE": "1", **extra}
 
 
 def edgeft(args, cwd, env, **kw) -> subprocess.CompletedProcess:
