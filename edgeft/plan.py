@@ -525,7 +525,7 @@ def plan_run(cfg) -> tuple[list[str], bool]:
     from edgeft import dataset, hub
     from edgeft.loader import load
 
-    path = hub.resolve(cfg.model.name, quiet=True)
+    path = hub.resolve(cfg.model.name)
     loaded = load(path, tokenizer_only=True)
     device = "cpu" if mx.default_device() == mx.cpu else "gpu"
     if loaded.fmt == "gguf":
