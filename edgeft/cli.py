@@ -199,7 +199,7 @@ def chat(run_dir, prompt, system, max_tokens, temperature, base):
     try:
         if base:
             cfg = runs.read_run_config(Path(run_dir))
-            loaded = runs.load_base(cfg, quiet=True, inference=True)
+            loaded = runs.load_base(cfg, inference=True)
         else:
             loaded, cfg = runs.load_tuned(Path(run_dir), inference=True)
     except USER_ERRORS as e:
@@ -313,7 +313,8 @@ def data_check(file, model, recipe, runs_dir):
             cfg.model.name = model
         if not Path(file).is_file():
             raise ConfigError(f"{file}: no such file")
-        loaded = runs.load_model(hub.resolve(cfg.model.name, quiet=True), tokenizer_only=True)
+        loaded = runs.load_model(hub.resolve(cfg.model.name, log=lambda m: click.echo(m, err=True)),
+                                   tokenizer_only=True)
         report = dataset.check_file(file, loaded.tokenizer, cfg.data, cfg.model.max_seq_len)
     except USER_ERRORS as e:
         _fail(e)

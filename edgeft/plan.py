@@ -497,7 +497,7 @@ def plan_run(cfg, runs_dir: Path = Path("runs")) -> tuple[list[str], bool]:
     from edgeft.device import on_cpu
     from edgeft.loader import load
 
-    path = hub.resolve(cfg.model.name, quiet=True)
+    path = hub.resolve(cfg.model.name)
     loaded = load(path, tokenizer_only=True)
     device = "cpu" if on_cpu() else "gpu"
     if loaded.fmt == "gguf":

@@ -19,6 +19,7 @@ import re
 import struct
 import time
 from pathlib import Path
+from typing import Callable
 
 from edgeft import backend, hub, lora
 from edgeft.config import ConfigError, RunConfig
@@ -89,10 +90,11 @@ def load_model(path, **kw) -> Loaded:
         ) from e
 
 
-def load_base(cfg: RunConfig, quiet: bool = False, inference: bool = False) -> Loaded:
+def load_base(cfg: RunConfig, log: Callable[[str], None] | None = None,
+              inference: bool = False) -> Loaded:
     """Resolve the model spec to a local file or folder and load it for this device, for
-    training or (inference=True) for generating."""
-    path = hub.resolve(cfg.model.name, quiet=quiet)
+    training or (inference=True) for generating. `log` hears about a download."""
+    path = hub.resolve(cfg.model.name, log=log)
     loaded = load_model(path, quantize_bits=cfg.model.quantize_bits)
     backend.prepare(loaded.model)
     if inference:
@@ -100,14 +102,14 @@ def load_base(cfg: RunConfig, quiet: bool = False, inference: bool = False) -> L
     return loaded
 
 
-def load_tuned(run_dir: Path, quiet: bool = True, inference: bool = False) -> tuple[Loaded, RunConfig]:
+def load_tuned(run_dir: Path, inference: bool = False) -> tuple[Loaded, RunConfig]:
     """The base model of a run with the run's final adapters applied (merged, for generating,
     with inference=True)."""
     run_dir = Path(run_dir)
     cfg = read_run_config(run_dir)
     if not (run_dir / ADAPTERS / lora.ADAPTER_WEIGHTS).exists():
         raise ConfigError(f"{run_dir}: no adapters yet (did the run finish? try `edgeft tune --resume`)")
-    loaded = load_base(cfg, quiet=quiet)
+    loaded = load_base(cfg)
     lora.load_adapters(loaded.model, run_dir / ADAPTERS)
     if inference:
         lora.merge(loaded.model)

@@ -45,7 +45,7 @@ def tune(
         raise ConfigError(f"{run_dir} already holds a run; pick another --name or pass --resume")
     run_dir.mkdir(parents=True, exist_ok=True)
 
-    loaded = runs.load_base(cfg)
+    loaded = runs.load_base(cfg, log=log)
     tok = loaded.tokenizer
     max_len = cfg.model.max_seq_len
     samples, report = dataset.load_samples(cfg.data.train, tok, cfg.data, max_len)

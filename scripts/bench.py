@@ -778,7 +778,7 @@ def default_gguf() -> Path:
     try:
         from edgeft import hub
 
-        return Path(hub.resolve("smollm2-135m-instruct", quiet=True))
+        return Path(hub.resolve("smollm2-135m-instruct"))
     except Exception:  # noqa: BLE001 - hub.py not written yet, or offline: the usual cache path
         return DEFAULT_GGUF
 

@@ -94,7 +94,7 @@ def main():
             rows += [(f"tiny {shape or 'default'} {B}x{T} K{K}", 1.0, *terms(config, quant, B, T, K), m)
                      for B, T, K, m in res]
     if args.smollm2:
-        config, quant, res = measure(hub.resolve("smollm2-135m-instruct"), SMOL_BATCHES)
+        config, quant, res = measure(hub.resolve("smollm2-135m-instruct", log=print), SMOL_BATCHES)
         weight = len(rows) / len(res)
         rows += [(f"SmolLM2 {B}x{T} K{K}", weight, *terms(config, quant, B, T, K), m) for B, T, K, m in res]
     w = np.array([r[1] / r[4] for r in rows])

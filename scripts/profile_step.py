@@ -55,7 +55,7 @@ def chat_file(src: Path, out: Path) -> Path:
 
 def setup(args):
     """(model, samples) with LoRA applied the way `edgeft tune` does it."""
-    loaded = loader.load(hub.resolve(args.model, quiet=True))
+    loaded = loader.load(hub.resolve(args.model))
     backend.prepare(loaded.model)
     mx.random.seed(0)
     lora.apply_lora(loaded.model, LoRAConfig(rank=args.rank))

@@ -106,7 +106,7 @@ def main():
     parser.add_argument("what", choices=["kill", "plan"])
     parser.add_argument("--model", default="smollm2-135m-instruct")
     args = parser.parse_args()
-    model = hub.resolve(args.model)
+    model = hub.resolve(args.model, log=print)
     with tempfile.TemporaryDirectory(prefix="edgeft-reliability-") as d:
         (kill if args.what == "kill" else measure)(model, Path(d))
 

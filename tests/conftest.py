@@ -15,7 +15,7 @@ def smollm2_path():
     """The real SmolLM2-135M-Instruct Q4_1 GGUF, fetched once into edgeft's cache."""
     from edgeft import hub
 
-    return hub.resolve("smollm2-135m-instruct")
+    return hub.resolve("smollm2-135m-instruct", log=print)
 
 
 BRAND_STEPS = 40

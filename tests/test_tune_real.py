@@ -52,7 +52,7 @@ def test_tuned_model_speaks_in_the_brand_voice_and_the_base_does_not(tuned_smoll
     hits = sum(MARKER in a for a in answers)
     assert hits >= 3, answers
 
-    base = load_base(read_run_config(tuned_smollm2), quiet=True, inference=True)
+    base = load_base(read_run_config(tuned_smollm2), inference=True)
     base_answers = _answers(base)
     assert sum(MARKER in a for a in base_answers) == 0, base_answers
 
