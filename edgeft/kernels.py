@@ -231,7 +231,7 @@ def attention(q: mx.array, k: mx.array, v: mx.array, scale: float, causal: bool)
     """mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask="causal" if causal
     else None) with grouped KV heads: q [B, H, T, D], k and v [B, Hkv, S, D]."""
     B, H, T, D = q.shape
-    Hkv, S = k.shape[1], k.shape[2]
+    Hkv = k.shape[1]
     rep = H // Hkv
     # The query heads that share a KV head become extra rows of one matmul: no copies of k, v.
     qg = (q * scale).reshape(B, Hkv, rep * T, D)
