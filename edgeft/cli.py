@@ -305,7 +305,7 @@ def data_check(file, model, recipe, runs_dir):
       edgeft data check chats.jsonl
       edgeft data check chats.jsonl --model qwen2.5-0.5b-instruct --recipe brand-voice
     """
-    from edgeft import dataset, hub, plan, runs
+    from edgeft import data_files, data_stats, hub, plan, runs
 
     try:
         cfg = cfgmod.load_recipe(recipe)
@@ -314,14 +314,14 @@ def data_check(file, model, recipe, runs_dir):
         if not Path(file).is_file():
             raise ConfigError(f"{file}: no such file")
         loaded = runs.load_model(hub.resolve(cfg.model.name, quiet=True), tokenizer_only=True)
-        report = dataset.check_file(file, loaded.tokenizer, cfg.data, cfg.model.max_seq_len)
+        report = data_files.check_file(file, loaded.tokenizer, cfg.data, cfg.model.max_seq_len)
     except USER_ERRORS as e:
         _fail(e)
     click.echo(report.summary())
     context = loaded.config.get("max_position_embeddings")
-    for line in dataset.length_histogram(report.lengths, cfg.model.max_seq_len, context):
+    for line in data_stats.length_histogram(report.lengths, cfg.model.max_seq_len, context):
         click.echo(line)
-    for line in dataset.duplicate_lines(report):
+    for line in data_stats.duplicate_lines(report):
         click.echo(line)
     speed = plan.measured_speed(runs_dir, cfg.model.name)
     if speed is None:

@@ -448,18 +448,11 @@ def fit_memory(estimate, batch_size: int, grad_accum: int, grad_checkpoint: bool
 
 
 def batch_shape(samples, batch_size: int, max_seq_len: int) -> tuple[int, int, list[int]]:
-    """(seq_len, loss tokens, lengths) of the largest batch `samples` can form: the longest
-    sample's padded width (as dataset.collate pads), the B largest loss-token counts together,
-    and the B largest packed lengths (inputs up to the last loss target, as dataset.pack cuts)."""
-    from edgeft.dataset import PAD_MULTIPLE
+    """(seq_len, loss tokens, lengths) of the largest batch `samples` can form, as
+    edgeft.batches pads and packs it (batches.batch_shape)."""
+    from edgeft import batches
 
-    if not samples:
-        return max_seq_len, batch_size * max_seq_len, [max_seq_len] * batch_size
-    longest = max(len(s.tokens) - 1 for s in samples)
-    width = max(PAD_MULTIPLE, -(-longest // PAD_MULTIPLE) * PAD_MULTIPLE)
-    losses = sorted((sum(s.mask[1:]) for s in samples), reverse=True)
-    cuts = sorted((max((i + 1 for i, m in enumerate(s.mask[1:]) if m), default=0) for s in samples), reverse=True)
-    return width, sum(losses[:batch_size]), cuts[:batch_size]
+    return batches.batch_shape(samples, batch_size, max_seq_len)
 
 
 def packs(model=None, config: dict | None = None) -> bool:
@@ -522,7 +515,7 @@ def plan_run(cfg) -> tuple[list[str], bool]:
     `edgeft tune` would start (after auto_fit's changes, if allowed)."""
     import mlx.core as mx
 
-    from edgeft import dataset, hub
+    from edgeft import data_files, hub
     from edgeft.loader import load
 
     path = hub.resolve(cfg.model.name, quiet=True)
@@ -535,7 +528,7 @@ def plan_run(cfg) -> tuple[list[str], bool]:
     t, config = cfg.train, loaded.config
     samples, shape_from = [], f"max_seq_len {cfg.model.max_seq_len}, every token carrying loss"
     if cfg.data.train:
-        samples, _ = dataset.load_samples(cfg.data.train, loaded.tokenizer, cfg.data, cfg.model.max_seq_len)
+        samples, _ = data_files.load_samples(cfg.data.train, loaded.tokenizer, cfg.data, cfg.model.max_seq_len)
         shape_from = f"the longest samples of {cfg.data.train}"
 
     packed = packs(config=config)

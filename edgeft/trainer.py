@@ -3,7 +3,7 @@ validation, checkpoints that resume exactly, metrics.jsonl, a progress line.
 
 The loop takes its loss and its batches as arguments (as mlx-lm's trainer does), so it is
 tested on tiny models. Randomness is a pure function of (seed, step): the batch order comes
-from edgeft.dataset.iterate_batches(seed, start_step) and mx.random is reseeded from
+from edgeft.batches.iterate_batches(seed, start_step) and mx.random is reseeded from
 (seed, step) before every step, so a resumed run replays exactly what the first would have.
 """
 
@@ -31,7 +31,7 @@ import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
-from edgeft import backend, dataset, dequant
+from edgeft import backend, batches, dequant
 from edgeft.config import TrainConfig
 from edgeft.errors import UserError
 from edgeft.files import (
@@ -42,7 +42,7 @@ from edgeft.files import (
 )
 from edgeft.lora import adapter_parameters
 
-# A batch as the dataset yields it: inputs, targets, loss mask (all [B, T]).
+# A batch as edgeft.batches yields it: inputs, targets, loss mask (all [B, T]).
 Batch = tuple
 
 
@@ -128,7 +128,7 @@ def lm_loss(
 
     The vocabulary projection and softmax, the most expensive part of a small model's step,
     run only where there is loss (assistant tokens), not over prompt and padding. With
-    `lengths`, inputs is one packed row of sequences of these lengths (dataset.pack).
+    `lengths`, inputs is one packed row of sequences of these lengths (batches.pack).
     """
     with backend.fast_forward(backend.Packing(tuple(lengths)) if lengths else None):
         h = model.model(inputs)
@@ -313,7 +313,7 @@ def loss_inputs(model, loss_fn, inputs, targets, mask) -> tuple[tuple, int]:
     A loss function that takes `lengths` gets the batch packed (no padding computed) when
     the model's backend can compute packed batches exactly."""
     if "lengths" in inspect.signature(loss_fn).parameters and backend.can_pack(model):
-        inputs, targets, mask, lengths = dataset.pack(inputs, targets, mask)
+        inputs, targets, mask, lengths = batches.pack(inputs, targets, mask)
         idx, tgt = loss_positions(targets, mask)
         return (inputs, idx, tgt, lengths), inputs.shape[1]
     idx, tgt = loss_positions(targets, mask)

@@ -10,9 +10,10 @@ from typing import Callable
 
 import mlx.core as mx
 
-from edgeft import dataset, lora, plan, runs, trainer
+from edgeft import batches, data_files, lora, plan, runs, trainer
 from edgeft.config import ConfigError, RunConfig
 from edgeft.files import atomic_write_text
+from edgeft.records import Report
 
 
 @dataclass
@@ -20,7 +21,7 @@ class TuneResult:
     run_dir: Path
     state: trainer.TrainState
     adapters: Path
-    report: "dataset.Report"
+    report: Report
     export: "export.ExportResult | None" = None
     first_val: float | None = None
 
@@ -48,12 +49,12 @@ def tune(
     loaded = runs.load_base(cfg)
     tok = loaded.tokenizer
     max_len = cfg.model.max_seq_len
-    samples, report = dataset.load_samples(cfg.data.train, tok, cfg.data, max_len)
+    samples, report = data_files.load_samples(cfg.data.train, tok, cfg.data, max_len)
     if cfg.data.valid:
         train_set = samples
-        valid_set, _ = dataset.load_samples(cfg.data.valid, tok, cfg.data, max_len)
+        valid_set, _ = data_files.load_samples(cfg.data.valid, tok, cfg.data, max_len)
     else:
-        train_set, valid_set = dataset.split(samples, cfg.data.valid_fraction, cfg.train.seed)
+        train_set, valid_set = batches.split(samples, cfg.data.valid_fraction, cfg.train.seed)
     if not train_set:
         raise ConfigError(f"{cfg.data.train}: no usable training samples")
     atomic_write_text(run_dir / runs.DATA_REPORT, report.summary() + "\n")
@@ -77,10 +78,10 @@ def tune(
     bs = cfg.train.batch_size
 
     def train_batches(start):
-        return dataset.iterate_batches(train_set, bs, cfg.train.seed, start_step=start)
+        return batches.iterate_batches(train_set, bs, cfg.train.seed, start_step=start)
 
     def valid_batches():
-        return dataset.eval_batches(valid_set, bs) if valid_set else iter(())
+        return batches.eval_batches(valid_set, bs) if valid_set else iter(())
 
     try:
         with trainer.stop_requests() as stop:  # Ctrl-C: checkpoint, then trainer.Interrupted

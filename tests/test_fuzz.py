@@ -5,7 +5,7 @@ never a traceback, a hang or a large allocation.
     EDGEFT_FUZZ_EXAMPLES=5000 python -m pytest -q -s tests/test_fuzz.py   # a longer campaign
 
 Every input tried is counted (COUNTS, printed by the last test): JSONL files through
-dataset.check_file / load_samples (and some through `edgeft data check`), GGUF files through
+data_files.check_file / load_samples (and some through `edgeft data check`), GGUF files through
 loader.load (and the named malformed cases through `edgeft tune --model`).
 """
 
@@ -30,10 +30,11 @@ from tiny import (
     write_gguf,
 )
 
-from edgeft import dataset as D
 from edgeft import gguf_reader as G
+from edgeft import records
 from edgeft.cli import main
 from edgeft.config import DataConfig
+from edgeft.data_files import check_file, load_samples
 from edgeft.loader import ModelLoadError, load
 from edgeft.tokenizer import Tokenizer
 
@@ -61,18 +62,18 @@ def tiny_gguf(workdir):
 
 
 # --- JSONL ------------------------------------------------------------------------------------
-def check_never_crashes(path: Path, tok, max_seq_len=64) -> D.Report:
+def check_never_crashes(path: Path, tok, max_seq_len=64) -> records.Report:
     """The contract: a Report for anything, DataError or samples from load_samples."""
     COUNTS["jsonl"] += 1
-    report = D.check_file(path, tok, DataConfig(), max_seq_len)
+    report = check_file(path, tok, DataConfig(), max_seq_len)
     text = report.summary()
     assert text.splitlines()[0].startswith(str(path))
     n_lines = path.read_bytes().count(b"\n") + 1
     assert all(0 <= p.line <= n_lines for p in report.problems)
     for skip in (False, True):
         try:
-            samples, _ = D.load_samples(path, tok, DataConfig(skip_bad_lines=skip), max_seq_len)
-        except D.DataError as e:
+            samples, _ = load_samples(path, tok, DataConfig(skip_bad_lines=skip), max_seq_len)
+        except records.DataError as e:
             assert str(e).splitlines()[0].startswith(str(path))
         else:
             assert samples and all(len(s.tokens) <= max_seq_len and any(s.mask[1:]) for s in samples)
@@ -168,7 +169,7 @@ GOOD_CHAT = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant
 ])
 def test_hostile_jsonl_lines_are_named_problems(tmp_path, tok, monkeypatch, name, raw, problem):
     if raw is None:  # a line over the limit (lowered so the test stays small) then a good one
-        monkeypatch.setattr(D, "MAX_LINE_BYTES", 4096)
+        monkeypatch.setattr(records, "MAX_LINE_BYTES", 4096)
         raw = b'{"text": "' + b"a" * 10_000 + b'"}'
     path = tmp_path / "hostile.jsonl"
     path.write_bytes(raw + b"\n" + (json.dumps(GOOD_CHAT).encode() + b"\n") * 2)
