@@ -298,7 +298,7 @@ def data_check(file, model, recipe, runs_dir):
     the recipe's training would take (at the speed measured by your recent runs of the model,
     or a default).
 
-    Exits with status 1 when a line has a problem.
+    Exits with status 1 when a line has a problem or the file gives no usable sample.
 
     \b
     Example:
@@ -329,7 +329,7 @@ def data_check(file, model, recipe, runs_dir):
 
         speed = plan.default_speed(plan.base_parameters(loaded.config), "cpu" if mx.default_device() == mx.cpu else "gpu")
     click.echo(plan.training_time_line(report, cfg.train, *speed))
-    if report.problems:
+    if report.problems or not report.samples:
         sys.exit(1)
 
 

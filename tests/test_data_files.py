@@ -186,3 +186,21 @@ def test_brand_voice_example_is_clean_and_signs_off_every_answer(tok):
         answers = [m["content"] for m in json.loads(line)["messages"] if m["role"] == "assistant"]
         assert answers and all(a.endswith(MARKER) and a.isascii() for a in answers)
 
+
+# --- `edgeft data check` ------------------------------------------------------------------
+def test_data_check_fails_on_a_file_with_no_usable_sample(tmp_path, monkeypatch):
+    from click.testing import CliRunner
+    from tiny import make_tiny
+
+    from edgeft.cli import main
+
+    monkeypatch.setenv("EDGEFT_HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    model = make_tiny("llama", tmp_path, "q8_0")[0]
+    # the user turn alone is longer than max_seq_len: truncation leaves nothing to learn
+    long_prompt = write(tmp_path, [chat("tell me about tea " * 3000, "ok")], "long.jsonl")
+    blank = write(tmp_path, [b"", b"  "], "blank.jsonl")
+    for path, says in ((long_prompt, "no usable samples"), (blank, "no non-empty lines")):
+        r = CliRunner().invoke(main, ["data", "check", str(path), "--model", str(model)])
+        assert says in r.output and "Traceback" not in r.output, r.output
+        assert r.exit_code == 1, r.output
