@@ -1,13 +1,17 @@
 """Conversations rendered with the model's chat template, as token ids with a loss mask.
 
-The loss falls on every assistant turn: its content and the end-of-turn token the template
-writes after it (ChatML's "<|im_end|>"), nothing else. Where a turn starts and ends is found by
-rendering prefixes of the conversation: messages[:i] with the generation prompt ends where
-assistant turn i begins, messages[:i+1] ends just after it. A template for which these are not
-prefixes of the whole rendering (some drop past reasoning, or add a default system message only
-to non-empty chats) falls back to finding each message's text in order in the rendering. The
-rendering is tokenized in one piece when each cut is a token boundary of it (the tokens the
-model sees at inference); otherwise the pieces are tokenized separately so the mask stays exact.
+The loss falls on every assistant turn of weight 1: its content, its tool calls as the template
+writes them, and the end-of-turn token after it (ChatML's "<|im_end|>"); nothing else, never a
+tool's result. Tool definitions go to the template as `tools`, calls as each assistant
+message's `tool_calls`; tools_problem says when a template cannot render them.
+
+Where a turn starts and ends is found by rendering prefixes of the conversation: messages[:i]
+with the generation prompt ends where assistant turn i begins, messages[:i+1] ends just after
+it. A template for which these are not prefixes of the whole rendering (some drop past
+reasoning, or add a default system message only to non-empty chats) falls back to finding each
+message's text (a call by its function's name) in order in the rendering. The rendering is
+tokenized in one piece when each cut is a token boundary of it (the tokens the model sees at
+inference); otherwise the pieces are tokenized separately so the mask stays exact.
 
 The BOS rule (with_bos) lives here too: every sequence edgeft trains on or measures starts
 with BOS when the tokenizer adds one, never with two.
@@ -55,19 +59,31 @@ def _end_of_turn(text: str, pos: int, limit: int, stops: list[str], adjacent: bo
     return best[1]
 
 
+_TEMPLATE_KEYS = ("role", "content", "tool_calls", "tool_call_id")
+
+
 def _clean(messages: list[dict]) -> list[dict]:
-    return [{"role": m["role"], "content": m["content"]} for m in messages]
+    """The messages as the template gets them (no weights)."""
+    return [{k: m[k] for k in _TEMPLATE_KEYS if k in m} for m in messages]
 
 
-def _prefix_spans(tokenizer, messages, full, stops) -> list[tuple[int, int]]:
+def _prefix_spans(render, messages, full, stops) -> list[tuple[int, int]]:
     spans = []
     for i, m in enumerate(messages):
         if not m["weight"]:
             continue
-        start = tokenizer.render(_clean(messages[:i]), add_generation_prompt=True)
-        end = tokenizer.render(_clean(messages[: i + 1]))
+        start = render(messages[:i], True)
+        end = render(messages[: i + 1])
         if not (end.startswith(start) and full.startswith(end)):
             raise _NotPrefix
+        if m.get("tool_calls"):
+            # the turn is the template's rendering of content and calls: all of it, up to and
+            # including its end-of-turn token (neither content nor calls may hold one)
+            if not all(c["function"]["name"] in full[len(start):len(end)] for c in m["tool_calls"]):
+                raise _NotPrefix
+            stop = _end_of_turn(full, len(start), len(end), stops, adjacent=False)
+            spans.append((len(start), stop if stop > len(start) else len(end)))
+            continue
         body = m["content"].strip()
         at = full.find(body, len(start), len(end))
         if at < 0:
@@ -78,10 +94,15 @@ def _prefix_spans(tokenizer, messages, full, stops) -> list[tuple[int, int]]:
     return spans
 
 
-def _search_spans(messages, full, stops) -> list[tuple[int, int]]:
+def _search_spans(render, messages, full, stops) -> list[tuple[int, int]]:
     """Fallback: each message's text, found in order in the rendering."""
     spans, pos = [], 0
     for k, m in enumerate(messages, 1):
+        if m.get("tool_calls"):
+            at, pos = _search_calls(render, m, k, full, pos, stops)
+            if m["weight"]:
+                spans.append((at, pos))
+            continue
         body = m["content"].strip()
         at = full.find(body, pos)
         if at < 0:
@@ -99,6 +120,41 @@ def _search_spans(messages, full, stops) -> list[tuple[int, int]]:
             pos = _end_of_turn(full, pos, len(full), stops, adjacent=True)
             spans.append((at, pos))
     return spans
+
+
+def _search_calls(render, m, k, full, pos, stops) -> tuple[int, int]:
+    """Where an assistant turn with tool calls lies in the rendering, found from `pos`: from
+    the end of the generation prompt before it (else from its first text) to the end-of-turn
+    token after its last call's name."""
+    anchors = [c["function"]["name"] for c in m["tool_calls"]]
+    if m["content"].strip():
+        anchors.insert(0, m["content"].strip())
+    first, end = None, pos
+    for text in anchors:
+        j = full.find(text, end)
+        if j < 0:
+            raise LineProblem(f"the chat template does not render the tool calls of message {k}, so "
+                              "their loss cannot be placed; check the model's chat template")
+        first = j if first is None else first
+        end = j + len(text)
+    stop = _end_of_turn(full, end, len(full), stops, adjacent=False)
+    if stop == end:
+        raise LineProblem(f"the chat template writes no end-of-turn token after the tool calls of "
+                          f"message {k}, so their loss cannot be placed")
+    header = _generation_prompt(render)
+    h = full.rfind(header, pos, first) if header else -1
+    return (h + len(header) if h >= 0 else first), stop
+
+
+def _generation_prompt(render) -> str:
+    """What the template writes to open an assistant turn ("<|im_start|>assistant\n"); "" when
+    that cannot be told."""
+    probe = [{"role": "user", "content": "Hello."}]
+    try:
+        bare, opened = render(probe), render(probe, True)
+    except TemplateError:
+        return ""
+    return opened[len(bare):] if opened.startswith(bare) else ""
 
 
 def _tokenize_spans(tokenizer, full: str, spans) -> tuple[list[int], list[bool]]:
@@ -123,16 +179,23 @@ def _tokenize_spans(tokenizer, full: str, spans) -> tuple[list[int], list[bool]]
     return ids, mask
 
 
-def encode_chat(tokenizer, messages: list[dict], stops: list[str] | None = None) -> tuple[list[int], list[bool]]:
-    """Tokens and loss mask of a conversation [{"role", "content"[, "weight"]}] (assumed valid)."""
+def encode_chat(tokenizer, messages: list[dict], stops: list[str] | None = None,
+                tools: list[dict] | None = None) -> tuple[list[int], list[bool]]:
+    """Tokens and loss mask of a conversation [{"role", "content"[, "weight"][, "tool_calls"]
+    [, "tool_call_id"]}] (assumed valid, as chat_formats gives it), rendered with `tools`."""
     messages = [{**m, "weight": m.get("weight", 1) if m["role"] == "assistant" else 0} for m in messages]
     if stops is None:
         stops = token_strings(tokenizer, tokenizer.stop_ids)
-    full = tokenizer.render(_clean(messages))
+    context = {"tools": tools} if tools else {}
+
+    def render(msgs, add_generation_prompt=False):
+        return tokenizer.render(_clean(msgs), add_generation_prompt=add_generation_prompt, **context)
+
+    full = render(messages)
     try:
-        spans = _prefix_spans(tokenizer, messages, full, stops)
+        spans = _prefix_spans(render, messages, full, stops)
     except (_NotPrefix, TemplateError):  # TemplateError: e.g. a template that needs a user turn
-        spans = _search_spans(messages, full, stops)
+        spans = _search_spans(render, messages, full, stops)
     ids, mask = _tokenize_spans(tokenizer, full, spans)
     return with_bos(tokenizer, ids, mask)
 
@@ -155,3 +218,29 @@ def with_bos(tokenizer, ids: list[int], mask: list[bool] | None = None):
     if mask is None:
         return ids
     return ids, ([False] + mask if add else mask)
+
+
+_PROBE_TOOLS = [{"type": "function", "function": {
+    "name": "edgeft_probe_lookup", "description": "Look a thing up.",
+    "parameters": {"type": "object", "properties": {"query": {"type": "string"}}, "required": ["query"]}}}]
+_PROBE_CHAT = [
+    {"role": "user", "content": "Look up the probe."},
+    {"role": "assistant", "content": "", "tool_calls": [{"type": "function", "id": "probe0001", "function": {
+        "name": "edgeft_probe_lookup", "arguments": {"query": "probe-argument-7"}}}]},
+    {"role": "tool", "tool_call_id": "probe0001", "content": "probe-result-7"},
+    {"role": "assistant", "content": "Found it."},
+]
+
+
+def tools_problem(tokenizer) -> str | None:
+    """Why the model's chat template cannot train tool calls (None: it can): rendering a probe
+    conversation with `tools`, its call (name and arguments) and its result must appear."""
+    try:
+        text = tokenizer.render(_PROBE_CHAT, tools=_PROBE_TOOLS)
+    except TemplateError as e:
+        return f"the model's chat template fails on a conversation with tool calls ({str(e).splitlines()[0][:120]})"
+    missing = [what for what, marks in (("tool calls", ("edgeft_probe_lookup", "probe-argument-7")),
+                                        ("tool results", ("probe-result-7",))) if not all(m in text for m in marks)]
+    if missing:
+        return f"the model's chat template does not render {' or '.join(missing)} (it has no tool support)"
+    return None

@@ -3,6 +3,7 @@ and the lines that repeat (exactly, or nearly: MinHash over word 3-grams)."""
 
 from __future__ import annotations
 
+import json
 import re
 import zlib
 
@@ -12,9 +13,12 @@ from edgeft.records import Report, plural
 
 
 def sample_text(obj: dict, messages: list[dict]) -> str:
-    """How a sample reads for finding duplicates: its messages, or its text."""
+    """How a sample reads for finding duplicates: its messages (tool calls included), or its
+    text."""
     if messages:
-        return "\n".join(f"{m['role']}: {m['content'].strip()}" for m in messages)
+        return "\n".join(f"{m['role']}: {m['content'].strip()}" + "".join(
+            f" {c['function']['name']}{json.dumps(c['function']['arguments'], sort_keys=True)}"
+            for c in m.get("tool_calls") or ()) for m in messages)
     return str(obj.get("text", ""))
 
 

@@ -52,7 +52,8 @@ class Report:
     path: str
     max_seq_len: int
     skip_bad_lines: bool = False
-    format: str | None = None  # chat, prompt/completion or text (the file's majority)
+    format: str | None = None  # chat, ShareGPT, prompt/completion or text (the file's majority)
+    format_name: str | None = None  # the format said in full, e.g. "OpenAI chat messages"
     lines: int = 0  # non-empty lines
     samples: int = 0  # samples kept
     skipped: int = 0  # lines left out for a problem (skip_bad_lines)
@@ -61,6 +62,9 @@ class Report:
     dropped_no_loss: int = 0  # truncation left no token carrying loss
     system_added: int = 0  # chats that got data.system_prompt
     roles: dict[str, int] = field(default_factory=lambda: dict.fromkeys(ROLES, 0))
+    tool_calls: int = 0  # calls made by the assistant turns of the kept samples
+    tool_results: int = 0  # tool messages (a call's result) of the kept samples
+    weighted_out: int = 0  # assistant turns of weight 0 (no loss) of the kept samples
     total_tokens: int = 0  # tokens of the kept samples
     loss_tokens: int = 0  # of them, targets that carry loss
     longest: int = 0  # tokens of the longest kept sample
@@ -73,16 +77,19 @@ class Report:
         return sum(1 for p in self.problems if p.line > 0)
 
     def summary(self) -> str:
-        """The report as text: a one-line summary, one line per problem, then the counts."""
+        """The report as text: a one-line summary, one line per problem, then the counts. A
+        problem of the whole file is all the summary says: nothing else counts until it is fixed."""
+        if file_problems := [f"{self.path}: {p.message}" for p in self.problems if p.line == 0]:
+            return "\n".join(file_problems)
         out = [self._headline()]
         for p in self.problems[:SHOW_PROBLEMS]:
-            out.append(f"{self.path}:{p.line}: {p.message}" if p.line else f"{self.path}: {p.message}")
+            out.append(f"{self.path}:{p.line}: {p.message}")
         if len(self.problems) > SHOW_PROBLEMS:
             out.append(f"... and {len(self.problems) - SHOW_PROBLEMS} more problems")
         if self.samples:
-            roles = ", ".join(f"{r} {n}" for r, n in self.roles.items())
-            added = f" ({self.system_added} from data.system_prompt)" if self.system_added else ""
-            out.append(f"  format {self.format}; messages: {roles}{added}")
+            out.append(f"  format {self.format}" + (f" ({self.format_name})" if self.format_name else ""))
+            if any(self.roles.values()):  # (text samples have no messages)
+                out.append(self._messages_text())
             totals = (f"{self.total_tokens:,} in {plural(self.samples, 'sample')} "
                       f"({self.loss_tokens:,} carry loss); " if self.bad_lines and not self.skip_bad_lines else "")
             out.append(
@@ -92,6 +99,12 @@ class Report:
         if self.truncated or self.dropped:
             out.append(f"  over max_seq_len: {self._overlong_text()}")
         return "\n".join(out)
+
+    def _messages_text(self) -> str:
+        roles = ", ".join(f"{r} {n}" for r, n in self.roles.items())
+        added = f" ({self.system_added} from data.system_prompt)" if self.system_added else ""
+        return (f"  messages: {roles}{added}; tool calls {self.tool_calls}, tool results "
+                f"{self.tool_results}; assistant turns weighted out (weight 0) {self.weighted_out}")
 
     def _overlong_text(self) -> str:
         parts = []
@@ -105,9 +118,6 @@ class Report:
 
     def _headline(self) -> str:
         name, bad = self.path, self.bad_lines
-        file_problems = [p for p in self.problems if p.line == 0]
-        if file_problems:
-            return f"{name}: {file_problems[0].message}"
         if bad and not self.skip_bad_lines:
             return f"{name}: {bad} of {self.lines} lines have problems; fix them or pass --skip-bad-lines"
         head = f"{name}: skipped {bad} of {self.lines} lines with problems; " if bad else f"{name}: "
@@ -143,9 +153,12 @@ def kind(v) -> str:
 
 
 def show(v) -> str:
-    """A value for an error message: a short string quoted, anything else by its JSON type."""
+    """A value for an error message: a short string quoted, a short number as it is, anything
+    else by its JSON type."""
     if isinstance(v, str):
         return repr(v if len(v) <= 40 else v[:37] + "...")
+    if isinstance(v, float) or (isinstance(v, int) and not isinstance(v, bool) and abs(v) < 10**15):
+        return repr(v)
     return kind(v)
 
 

@@ -36,6 +36,7 @@ def tune(
 ) -> TuneResult:
     if not cfg.data.train:
         raise ConfigError("no training data: pass --data FILE.jsonl")
+    train_file, valid_file = data_files.training_files(cfg.data.train, cfg.data.valid)
     name = runs.check_run_name(name or runs.default_run_name(cfg))
     run_dir = Path(runs_dir) / name
     if resume:
@@ -49,10 +50,10 @@ def tune(
     loaded = runs.load_base(cfg)
     tok = loaded.tokenizer
     max_len = cfg.model.max_seq_len
-    samples, report = data_files.load_samples(cfg.data.train, tok, cfg.data, max_len)
-    if cfg.data.valid:
+    samples, report = data_files.load_samples(train_file, tok, cfg.data, max_len)
+    if valid_file:
         train_set = samples
-        valid_set, _ = data_files.load_samples(cfg.data.valid, tok, cfg.data, max_len)
+        valid_set, _ = data_files.load_samples(valid_file, tok, cfg.data, max_len)
     else:
         train_set, valid_set = batches.split(samples, cfg.data.valid_fraction, cfg.train.seed)
     if not train_set:
