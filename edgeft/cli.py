@@ -111,7 +111,8 @@ def main():
 
 
 @main.command()
-@click.option("--data", "data", type=click.Path(dir_okay=False), help="training JSONL [data.train]")
+@click.option("--data", "data", type=click.Path(),
+              help="training JSONL, or a folder of train.jsonl [valid.jsonl test.jsonl] as mlx-lm's [data.train]")
 @click.option("--recipe", default=None, help=f"recipe name or YAML file (default: {cfgmod.DEFAULT_RECIPE})")
 @click.option("--name", default=None, help="run name: the run goes to RUNS_DIR/NAME (default: model + time)")
 @click.option("--runs-dir", default="runs", show_default=True, type=click.Path(file_okay=False), help="where runs go")
@@ -287,50 +288,54 @@ def data():
 
 
 @data.command("check")
-@click.argument("file", type=click.Path(dir_okay=False))
+@click.argument("file", type=click.Path())
 @click.option("--model", default=None, help="tokenize with this model's tokenizer (default: the recipe's)")
 @click.option("--recipe", default=None, help="recipe whose max_seq_len, data and train settings apply")
 @click.option("--runs-dir", default="runs", show_default=True, type=click.Path(file_okay=False),
               help="past runs whose measured speed estimates the training time")
 def data_check(file, model, recipe, runs_dir):
-    """Validate a training file: problems by line, role counts, a token-length histogram
-    (against max_seq_len and the model's context), exact and near duplicates, and how long
-    the recipe's training would take (at the speed measured by your recent runs of the model,
-    or a default).
+    """Validate a training file, or a data folder (train.jsonl, and optionally valid.jsonl and
+    test.jsonl, as mlx-lm's): per file the format detected, problems by line, counts of
+    messages, tool calls, tool results and weighted-out turns, a token-length histogram
+    (against max_seq_len and the model's context), exact and near duplicates; and how long the
+    recipe's training would take (at the speed measured by your recent runs of the model, or a
+    default).
 
-    Exits with status 1 when a line has a problem.
+    Exits with status 1 when a line has a problem or a file gives no usable sample.
 
     \b
     Example:
       edgeft data check chats.jsonl
       edgeft data check chats.jsonl --model qwen2.5-0.5b-instruct --recipe brand-voice
+      edgeft data check data/            # train.jsonl, valid.jsonl, test.jsonl
     """
-    from edgeft import dataset, hub, plan, runs, timing
+    from edgeft import data_files, data_stats, hub, plan, runs, timing
 
     try:
         cfg = cfgmod.load_recipe(recipe)
         if model:
             cfg.model.name = model
-        if not Path(file).is_file():
-            raise ConfigError(f"{file}: no such file")
-        loaded = runs.load_model(hub.resolve(cfg.model.name, log=lambda m: click.echo(m, err=True)),
-                                   tokenizer_only=True)
-        report = dataset.check_file(file, loaded.tokenizer, cfg.data, cfg.model.max_seq_len)
+        if not Path(file).exists():
+            raise ConfigError(f"{file}: no such file or folder")
+        files = data_files.folder_files(file) if Path(file).is_dir() else [file]
+        loaded = runs.load_model(hub.resolve(cfg.model.name, log=lambda m: click.echo(m, err=True)), tokenizer_only=True)
+        reports = [data_files.check_file(f, loaded.tokenizer, cfg.data, cfg.model.max_seq_len) for f in files]
     except USER_ERRORS as e:
         _fail(e)
-    click.echo(report.summary())
     context = loaded.config.get("max_position_embeddings")
-    for line in dataset.length_histogram(report.lengths, cfg.model.max_seq_len, context):
-        click.echo(line)
-    for line in dataset.duplicate_lines(report):
-        click.echo(line)
+    for report in reports:
+        click.echo(report.summary())
+        for line in data_stats.length_histogram(report.lengths, cfg.model.max_seq_len, context):
+            click.echo(line)
+        for line in data_stats.duplicate_lines(report):
+            click.echo(line)
     speed = timing.measured_speed(runs_dir, cfg.model.name)
     if speed is None:
         import mlx.core as mx
 
         speed = timing.default_speed(plan.base_parameters(loaded.config), "cpu" if mx.default_device() == mx.cpu else "gpu")
-    click.echo(timing.training_time_line(report, cfg.train, *speed))
-    if report.problems:
+    click.echo(timing.training_time_line(reports[0], cfg.train, *speed))
+    if any(r.problems or not r.samples for r in reports):
         sys.exit(1)
 
 

@@ -13,9 +13,9 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_map
 
-from edgeft import backend, dataset, dequant
+from edgeft import backend, batches, dequant
 
-# A batch as the dataset yields it: inputs, targets, loss mask (all [B, T]).
+# A batch as edgeft.batches yields it: inputs, targets, loss mask (all [B, T]).
 Batch = tuple
 
 
@@ -41,7 +41,7 @@ def lm_loss(
 
     The vocabulary projection and softmax, the most expensive part of a small model's step,
     run only where there is loss (assistant tokens), not over prompt and padding. With
-    `lengths`, inputs is one packed row of sequences of these lengths (dataset.pack).
+    `lengths`, inputs is one packed row of sequences of these lengths (batches.pack).
     """
     with backend.fast_forward(backend.Packing(tuple(lengths)) if lengths else None):
         h = model.model(inputs)
@@ -69,7 +69,7 @@ def loss_inputs(model, loss_fn, inputs, targets, mask) -> tuple[tuple, int]:
     A loss function that takes `lengths` gets the batch packed (no padding computed) when
     the model's backend can compute packed batches exactly."""
     if "lengths" in inspect.signature(loss_fn).parameters and backend.can_pack(model):
-        inputs, targets, mask, lengths = dataset.pack(inputs, targets, mask)
+        inputs, targets, mask, lengths = batches.pack(inputs, targets, mask)
         idx, tgt = loss_positions(targets, mask)
         return (inputs, idx, tgt, lengths), inputs.shape[1]
     idx, tgt = loss_positions(targets, mask)

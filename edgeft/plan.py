@@ -203,7 +203,7 @@ def estimate_peak_bytes(config: dict, lora_cfg, batch_size: int, seq_len: int, q
                         coefficients: Coefficients = FITTED) -> Breakdown:
     """Peak memory of a training step on a batch of `batch_size` x `seq_len` tokens, of which
     `loss_tokens` (default: all) carry loss. `lengths`: the batch's sequence lengths when the
-    step packs them into one unpadded row (dataset.pack, the CPU path): then the tokens are
+    step packs them into one unpadded row (batches.pack, the CPU path): then the tokens are
     their sum and the attention pairs the sum of their squares. `runtime_bytes`: what the
     process holds besides (default: measured now, measure_runtime_bytes()). `coefficients`:
     the fitted bytes per unit (FITTED). See the module docstring."""
@@ -413,18 +413,11 @@ def fit_memory(estimate, batch_size: int, grad_accum: int, grad_checkpoint: bool
 
 
 def batch_shape(samples, batch_size: int, max_seq_len: int) -> tuple[int, int, list[int]]:
-    """(seq_len, loss tokens, lengths) of the largest batch `samples` can form: the longest
-    sample's padded width (as dataset.collate pads), the B largest loss-token counts together,
-    and the B largest packed lengths (inputs up to the last loss target, as dataset.pack cuts)."""
-    from edgeft.dataset import PAD_MULTIPLE
+    """(seq_len, loss tokens, lengths) of the largest batch `samples` can form, as
+    edgeft.batches pads and packs it (batches.batch_shape)."""
+    from edgeft import batches
 
-    if not samples:
-        return max_seq_len, batch_size * max_seq_len, [max_seq_len] * batch_size
-    longest = max(len(s.tokens) - 1 for s in samples)
-    width = max(PAD_MULTIPLE, -(-longest // PAD_MULTIPLE) * PAD_MULTIPLE)
-    losses = sorted((sum(s.mask[1:]) for s in samples), reverse=True)
-    cuts = sorted((max((i + 1 for i, m in enumerate(s.mask[1:]) if m), default=0) for s in samples), reverse=True)
-    return width, sum(losses[:batch_size]), cuts[:batch_size]
+    return batches.batch_shape(samples, batch_size, max_seq_len)
 
 
 def packs(model=None, config: dict | None = None) -> bool:
@@ -493,7 +486,7 @@ def step_estimator(config: dict, lora_cfg, samples, max_seq_len: int, quant: Qua
 def plan_run(cfg, runs_dir: Path = Path("runs")) -> tuple[list[str], bool]:
     """What `edgeft plan` prints for a configuration, without loading the weights, and whether
     `edgeft tune` would start (after auto_fit's changes, if allowed) with its runs in runs_dir."""
-    from edgeft import dataset, hub
+    from edgeft import data_files, hub
     from edgeft.device import on_cpu
     from edgeft.loader import load
 
@@ -507,7 +500,7 @@ def plan_run(cfg, runs_dir: Path = Path("runs")) -> tuple[list[str], bool]:
     t, config = cfg.train, loaded.config
     samples, shape_from = [], f"max_seq_len {cfg.model.max_seq_len}, every token carrying loss"
     if cfg.data.train:
-        samples, _ = dataset.load_samples(cfg.data.train, loaded.tokenizer, cfg.data, cfg.model.max_seq_len)
+        samples, _ = data_files.load_samples(cfg.data.train, loaded.tokenizer, cfg.data, cfg.model.max_seq_len)
         shape_from = f"the longest samples of {cfg.data.train}"
 
     packed = packs(config=config)

@@ -4,7 +4,7 @@ metrics.jsonl, a progress line, and Ctrl-C as a request to stop after a checkpoi
 
 The loop takes its loss and its batches as arguments (as mlx-lm's trainer does), so it is
 tested on tiny models. Randomness is a pure function of (seed, step): the batch order comes
-from edgeft.dataset.iterate_batches(seed, start_step) and mx.random is reseeded from
+from edgeft.batches.iterate_batches(seed, start_step) and mx.random is reseeded from
 (seed, step) before every step, so a resumed run replays exactly what the first would have.
 """
 

@@ -10,9 +10,10 @@ from typing import Callable
 
 import mlx.core as mx
 
-from edgeft import dataset, lora, plan, runs, trainer
+from edgeft import batches, data_files, lora, plan, runs, trainer
 from edgeft.config import ConfigError, RunConfig
 from edgeft.files import atomic_write_text
+from edgeft.records import Report
 
 
 @dataclass
@@ -20,7 +21,7 @@ class TuneResult:
     run_dir: Path
     state: trainer.TrainState
     adapters: Path
-    report: "dataset.Report"
+    report: Report
     export: "export.ExportResult | None" = None
     first_val: float | None = None
 
@@ -35,6 +36,7 @@ def tune(
 ) -> TuneResult:
     if not cfg.data.train:
         raise ConfigError("no training data: pass --data FILE.jsonl")
+    train_file, valid_file = data_files.training_files(cfg.data.train, cfg.data.valid)
     name = runs.check_run_name(name or runs.default_run_name(cfg))
     run_dir = Path(runs_dir) / name
     if resume:
@@ -48,12 +50,12 @@ def tune(
     loaded = runs.load_base(cfg, log=log)
     tok = loaded.tokenizer
     max_len = cfg.model.max_seq_len
-    samples, report = dataset.load_samples(cfg.data.train, tok, cfg.data, max_len)
-    if cfg.data.valid:
+    samples, report = data_files.load_samples(train_file, tok, cfg.data, max_len)
+    if valid_file:
         train_set = samples
-        valid_set, _ = dataset.load_samples(cfg.data.valid, tok, cfg.data, max_len)
+        valid_set, _ = data_files.load_samples(valid_file, tok, cfg.data, max_len)
     else:
-        train_set, valid_set = dataset.split(samples, cfg.data.valid_fraction, cfg.train.seed)
+        train_set, valid_set = batches.split(samples, cfg.data.valid_fraction, cfg.train.seed)
     if not train_set:
         raise ConfigError(f"{cfg.data.train}: no usable training samples")
     atomic_write_text(run_dir / runs.DATA_REPORT, report.summary() + "\n")
@@ -77,10 +79,10 @@ def tune(
     bs = cfg.train.batch_size
 
     def train_batches(start):
-        return dataset.iterate_batches(train_set, bs, cfg.train.seed, start_step=start)
+        return batches.iterate_batches(train_set, bs, cfg.train.seed, start_step=start)
 
     def valid_batches():
-        return dataset.eval_batches(valid_set, bs) if valid_set else iter(())
+        return batches.eval_batches(valid_set, bs) if valid_set else iter(())
 
     try:
         with trainer.stop_requests() as stop:  # Ctrl-C: checkpoint, then trainer.Interrupted

@@ -188,6 +188,7 @@ def precision_class(path: str | os.PathLike) -> str:
 def prompt_ids(tokenizer, system_prompt: str | None = None) -> list[list[int]]:
     """The fixed chats as token ids, rendered with the model's template (with the run's
     system prompt when it has one and the template takes it)."""
+    from edgeft.chat_encode import with_bos
     from edgeft.tokenizer import TemplateError
 
     out = []
@@ -199,11 +200,7 @@ def prompt_ids(tokenizer, system_prompt: str | None = None) -> list[list[int]]:
             text = tokenizer.render(messages)
         except TemplateError:
             text = tokenizer.render(chat)
-        ids = tokenizer.encode(text)
-        # as edgeft.dataset trains: BOS first when the tokenizer wants one, never twice
-        if tokenizer.add_bos and tokenizer.bos_id is not None and ids[:1] != [tokenizer.bos_id]:
-            ids = [tokenizer.bos_id] + ids
-        out.append(ids)
+        out.append(with_bos(tokenizer, tokenizer.encode(text)))  # as training sees it
     return out
 
 

@@ -17,7 +17,7 @@ on the assistant turn only, AdamW lr 2e-4 constant, no weight decay, no clipping
 - torch-fp32  transformers + PEFT on the CPU (2 threads) in their own venv, fp32 weights
 - torch-bf16  same, bf16 weights (PEFT keeps the adapters in fp32)
 
-All four train the same batches in the same order: edgeft's own (asked of edgeft.dataset),
+All four train the same batches in the same order: edgeft's own (asked of edgeft.batches),
 given to the torch peers as token ids and to mlx-lm as the chat file reordered so that it
 draws them; both are checked against the loss-token counts each reports. Tokens/s counts
 non-padding input tokens after --warmup steps; peak RSS is the child's ru_maxrss (os.wait4).
@@ -248,15 +248,16 @@ def prepare_data(ctx: Ctx, tokenizer_dir: Path | None) -> None:
 
 def batch_order(n_samples: int, batch_size: int, seed: int, steps: int) -> tuple[list[list[int]], str]:
     """The batches (sample indices) `edgeft tune` draws from the chat file, asked of
-    edgeft.dataset.iterate_batches itself: it gets stand-in samples whose tokens are their
+    edgeft.batches.iterate_batches itself: it gets stand-in samples whose tokens are their
     own index. Without edgeft: the same kind of order (a seeded shuffle per epoch)."""
     try:
         import edgeft  # noqa: F401  (loads the BLAS before mlx, as everywhere)
-        from edgeft.dataset import Sample, iterate_batches
+        from edgeft.batches import iterate_batches
+        from edgeft.records import Sample
 
         tagged = [Sample(tokens=[i, i], mask=[False, True], line=i + 1) for i in range(n_samples)]
         it = iterate_batches(tagged, batch_size, seed)
-        return [np.asarray(next(it)[0])[:, 0].tolist() for _ in range(steps)], "edgeft.dataset.iterate_batches"
+        return [np.asarray(next(it)[0])[:, 0].tolist() for _ in range(steps)], "edgeft.batches.iterate_batches"
     except Exception as e:  # noqa: BLE001 - fall back, and say so in the results
         rng, stream = np.random.RandomState(seed), []
         while len(stream) < steps * batch_size:

@@ -32,7 +32,7 @@ import mlx.nn as nn
 import mlx.optimizers as optim
 
 import edgeft  # noqa: F401  (fast BLAS before mlx)
-from edgeft import backend, dataset, dequant, hub, loader, lora, loss
+from edgeft import backend, batches, data_files, dequant, hub, loader, lora, loss
 from edgeft.config import DataConfig, LoRAConfig
 
 SEED_TASKS = Path("/work/shared/data/seed_tasks.jsonl")
@@ -61,12 +61,12 @@ def setup(args):
     lora.apply_lora(loaded.model, LoRAConfig(rank=args.rank))
     with tempfile.TemporaryDirectory() as tmp:
         path = chat_file(Path(args.data), Path(tmp) / "chat.jsonl")
-        samples, _ = dataset.load_samples(path, loaded.tokenizer, DataConfig(), args.max_seq_len)
+        samples, _ = data_files.load_samples(path, loaded.tokenizer, DataConfig(), args.max_seq_len)
     return loaded.model, samples
 
 
 def fixed_batches(samples, args):
-    it = dataset.iterate_batches(samples, args.batch_size, seed=0)
+    it = batches.iterate_batches(samples, args.batch_size, seed=0)
     return [next(it) for _ in range(args.batches)]
 
 

@@ -24,7 +24,7 @@ import mlx.core as mx
 import numpy as np
 
 import edgeft  # noqa: F401  (BLAS before mlx)
-from edgeft import dataset, hub, plan
+from edgeft import data_files, hub, plan
 from edgeft.config import DataConfig, LoRAConfig
 from edgeft.loader import load
 
@@ -91,7 +91,7 @@ def measure(model: Path, work: Path):
         train = [r for r in recs if r["kind"] == "train"]
         mlx_peak = max(r["mlx_peak_gb"] for r in train) * 1e9
         proc_peak = max(r["peak_mem_gb"] for r in train) * 1e9
-        samples, _ = dataset.load_samples(data, loaded.tokenizer, DataConfig(), 512)
+        samples, _ = data_files.load_samples(data, loaded.tokenizer, DataConfig(), 512)
         width, loss_tokens, lengths = plan.batch_shape(samples, batch, 512)
         est = plan.estimate_peak_bytes(loaded.config, LoRAConfig(), batch, width, plan.quant_info_from_gguf(model),
                                        loss_tokens=loss_tokens, lengths=lengths if packed else None, runtime_bytes=0)

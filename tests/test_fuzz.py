@@ -5,7 +5,7 @@ never a traceback, a hang or a large allocation.
     EDGEFT_FUZZ_EXAMPLES=5000 python -m pytest -q -s tests/test_fuzz.py   # a longer campaign
 
 Every input tried is counted (COUNTS, printed by the last test): JSONL files through
-dataset.check_file / load_samples (and some through `edgeft data check`), GGUF files through
+data_files.check_file / load_samples (and some through `edgeft data check`), GGUF files through
 loader.load (and the named malformed cases through `edgeft tune --model`).
 """
 
@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from chats import tools_tok
 from click.testing import CliRunner
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -30,10 +31,11 @@ from tiny import (
     write_gguf,
 )
 
-from edgeft import dataset as D
 from edgeft import gguf_reader as G
+from edgeft import records
 from edgeft.cli import main
 from edgeft.config import DataConfig
+from edgeft.data_files import check_file, load_samples
 from edgeft.loader import ModelLoadError, load
 from edgeft.tokenizer import Tokenizer
 
@@ -50,6 +52,11 @@ def tok():
 
 
 @pytest.fixture(scope="module")
+def ttok():
+    return tools_tok()
+
+
+@pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
     return tmp_path_factory.mktemp("fuzz")
 
@@ -61,18 +68,18 @@ def tiny_gguf(workdir):
 
 
 # --- JSONL ------------------------------------------------------------------------------------
-def check_never_crashes(path: Path, tok, max_seq_len=64) -> D.Report:
+def check_never_crashes(path: Path, tok, max_seq_len=64) -> records.Report:
     """The contract: a Report for anything, DataError or samples from load_samples."""
     COUNTS["jsonl"] += 1
-    report = D.check_file(path, tok, DataConfig(), max_seq_len)
+    report = check_file(path, tok, DataConfig(), max_seq_len)
     text = report.summary()
     assert text.splitlines()[0].startswith(str(path))
     n_lines = path.read_bytes().count(b"\n") + 1
     assert all(0 <= p.line <= n_lines for p in report.problems)
     for skip in (False, True):
         try:
-            samples, _ = D.load_samples(path, tok, DataConfig(skip_bad_lines=skip), max_seq_len)
-        except D.DataError as e:
+            samples, _ = load_samples(path, tok, DataConfig(skip_bad_lines=skip), max_seq_len)
+        except records.DataError as e:
             assert str(e).splitlines()[0].startswith(str(path))
         else:
             assert samples and all(len(s.tokens) <= max_seq_len and any(s.mask[1:]) for s in samples)
@@ -81,18 +88,41 @@ def check_never_crashes(path: Path, tok, max_seq_len=64) -> D.Report:
 
 json_leaf = st.one_of(st.none(), st.booleans(), st.integers(), st.floats(allow_nan=True),
                       st.text(max_size=30),
-                      st.sampled_from(["user", "assistant", "system", "bot", "", "<|im_end|>", "<|im_start|>",
-                                       "\ud800", "\x00", "\u202e", " " * 5]))
+                      st.sampled_from(["user", "assistant", "system", "tool", "bot", "", "<|im_end|>", "<|im_start|>",
+                                       "\ud800", "\x00", "\u202e", " " * 5, "human", "gpt", "function_call",
+                                       "observation", "function", "call_1", '{"name": "f", "arguments": {}}', "{}",
+                                       '{"a": 1}', "[]"]))
 json_value = st.recursive(json_leaf, lambda kids: st.one_of(
     st.lists(kids, max_size=4),
     st.dictionaries(st.sampled_from(["messages", "role", "content", "prompt", "completion", "text",
-                                     "weight", "x"]), kids, max_size=4)), max_leaves=20)
-message = st.fixed_dictionaries(
-    {"role": st.one_of(st.sampled_from(["user", "assistant", "system"]), json_leaf)},
-    optional={"content": st.one_of(st.text(max_size=60), json_value), "weight": json_value},
+                                     "weight", "x", "conversations", "from", "value", "system", "tools",
+                                     "tool_calls", "tool_call_id", "function", "name", "arguments", "type",
+                                     "id"]), kids, max_size=4)), max_leaves=20)
+tool_call = st.fixed_dictionaries(
+    {"function": st.one_of(st.fixed_dictionaries(
+        {}, optional={"name": st.one_of(st.sampled_from(["lookup", ""]), json_leaf),
+                      "arguments": st.one_of(st.sampled_from(['{"id": "A1"}', "{}", "{oops", "[1]"]), json_value)}),
+        json_value)},
+    optional={"id": st.one_of(st.sampled_from(["call_1", "call_2"]), json_leaf), "type": json_leaf},
 )
+message = st.fixed_dictionaries(
+    {"role": st.one_of(st.sampled_from(["user", "assistant", "system", "tool"]), json_leaf)},
+    optional={"content": st.one_of(st.text(max_size=60), json_value), "weight": json_value,
+              "tool_calls": st.one_of(st.lists(tool_call, max_size=2), json_value),
+              "tool_call_id": st.one_of(st.sampled_from(["call_1", "call_2"]), json_leaf)},
+)
+turn = st.fixed_dictionaries(
+    {"from": st.one_of(st.sampled_from(["human", "gpt", "system", "function_call", "observation", "tool"]),
+                       json_leaf)},
+    optional={"value": st.one_of(st.text(max_size=60), st.sampled_from(['{"name": "lookup", "arguments": {}}']),
+                                 json_value), "weight": json_value},
+)
+tools = st.one_of(st.just([{"type": "function", "function": {"name": "lookup"}}]), json_value)
 line_object = st.one_of(
-    st.fixed_dictionaries({"messages": st.one_of(st.lists(message, max_size=5), json_value)}),
+    st.fixed_dictionaries({"messages": st.one_of(st.lists(message, max_size=5), json_value)},
+                          optional={"tools": tools}),
+    st.fixed_dictionaries({"conversations": st.one_of(st.lists(turn, max_size=5), json_value)},
+                          optional={"system": json_value, "tools": tools}),
     st.fixed_dictionaries({}, optional={"prompt": json_value, "completion": json_value}),
     st.fixed_dictionaries({"text": st.one_of(st.text(max_size=80), json_value)}),
     json_value,
@@ -120,6 +150,14 @@ def test_fuzzed_jsonl_lines_give_a_report_never_a_traceback(tmp_path, tok, lines
     data = eol.join(encode_line(obj, m) for obj, m in lines)
     path.write_bytes((b"\xef\xbb\xbf" if bom else b"") + data)
     check_never_crashes(path, tok)
+
+
+@FUZZ
+@given(lines=st.lists(st.tuples(line_object, st.integers(0, 7)), min_size=1, max_size=8))
+def test_fuzzed_lines_for_a_template_with_tools_give_a_report_never_a_traceback(tmp_path, ttok, lines):
+    path = tmp_path / "tools.jsonl"
+    path.write_bytes(b"\n".join(encode_line(obj, m) for obj, m in lines))
+    check_never_crashes(path, ttok, max_seq_len=512)
 
 
 @FUZZ
@@ -168,7 +206,7 @@ GOOD_CHAT = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant
 ])
 def test_hostile_jsonl_lines_are_named_problems(tmp_path, tok, monkeypatch, name, raw, problem):
     if raw is None:  # a line over the limit (lowered so the test stays small) then a good one
-        monkeypatch.setattr(D, "MAX_LINE_BYTES", 4096)
+        monkeypatch.setattr(records, "MAX_LINE_BYTES", 4096)
         raw = b'{"text": "' + b"a" * 10_000 + b'"}'
     path = tmp_path / "hostile.jsonl"
     path.write_bytes(raw + b"\n" + (json.dumps(GOOD_CHAT).encode() + b"\n") * 2)

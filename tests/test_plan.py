@@ -16,7 +16,7 @@ from click.testing import CliRunner
 from mlx.utils import tree_flatten
 from tiny import make_tiny
 
-from edgeft import backend, dataset, lora, plan, system, timing
+from edgeft import backend, data_files, data_stats, lora, plan, system, timing
 from edgeft.cli import main
 from edgeft.config import DataConfig, LoRAConfig, RunConfig
 from edgeft.loader import load
@@ -91,7 +91,7 @@ def test_estimate_is_within_15_percent_of_a_real_runs_peak(tiny, batch):
     tune_estimate = json.loads((runs / "p" / "memory_plan.json").read_text())
 
     loaded = load(path, tokenizer_only=True)
-    samples, _ = dataset.load_samples(data, loaded.tokenizer, DataConfig(), 512)
+    samples, _ = data_files.load_samples(data, loaded.tokenizer, DataConfig(), 512)
     assert len({len(s.tokens) for s in samples}) == 1
     width, loss_tokens, lengths = plan.batch_shape(samples, batch, 512)
     est = plan.estimate_peak_bytes(loaded.config, LoRAConfig(), batch, width, plan.quant_info_from_gguf(path),
@@ -170,7 +170,7 @@ def test_a_run_that_does_not_fit_in_memory_is_refused_with_numbers(tiny, home, m
 def test_auto_fit_lowers_the_batch_and_records_it(tiny, home, monkeypatch):
     d, path = tiny
     loaded = load(path, tokenizer_only=True)
-    samples, _ = dataset.load_samples(uniform_chats(home / "chats.jsonl"), loaded.tokenizer, DataConfig(), 512)
+    samples, _ = data_files.load_samples(uniform_chats(home / "chats.jsonl"), loaded.tokenizer, DataConfig(), 512)
     q = plan.quant_info_from_gguf(path)
 
     def est(b):
@@ -223,7 +223,7 @@ def test_plan_checks_free_disk_where_the_runs_go(tiny, home, monkeypatch):
 
 # --- edgeft data check: lengths, duplicates, time ------------------------------------------------
 def test_length_histogram_bins_and_flags_overlong_and_context():
-    lines = dataset.length_histogram([10, 40, 70, 70, 130, 300, 500, 900], 384, 512)
+    lines = data_stats.length_histogram([10, 40, 70, 70, 130, 300, 500, 900], 384, 512)
     assert lines[0] == "  token lengths (max_seq_len 384, model context 512):"
     counts = {l.split("#")[0].strip(): int(l.split()[-1]) for l in lines if "#" in l}
     assert counts == {"0-31": 1, "32-63": 1, "64-127": 2, "128-255": 1, "256-383": 1, "over 384": 2}
@@ -235,7 +235,7 @@ def test_duplicates_exact_and_near():
     base = "the green tea ships to canada in five days and the black tea in three days with tracking"
     texts = [(1, base), (2, base.upper() + "!"), (3, base + " always"), (4, "a completely different question about refunds"),
              (5, base.replace("five", "six"))]
-    exact, near = dataset.find_duplicates(texts)
+    exact, near = data_stats.find_duplicates(texts)
     assert exact == [(2, 1)]  # case and punctuation aside, the same words
     assert [(a, b) for a, b, _ in near] == [(3, 1)] and near[0][2] == pytest.approx(16 / 17)
     # one word changed in 17 moves 3 of the 3-grams: 68% similar, below the 90% bar

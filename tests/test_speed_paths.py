@@ -10,7 +10,7 @@ from mlx.utils import tree_flatten, tree_unflatten
 from mlx_lm.models import llama, qwen3
 from mlx_lm.models.rope_utils import Llama3RoPE
 
-from edgeft import backend, dataset, dequant, kernels, lora, loss
+from edgeft import backend, batches, dequant, kernels, lora, loss
 from edgeft.config import LoRAConfig
 
 VOCAB = 96
@@ -51,7 +51,7 @@ def ragged_batch(seed=0):
 
 def test_pack_cuts_after_the_last_loss_token_and_drops_rows_without_loss():
     inputs, targets, mask = ragged_batch()
-    x, y, m, lengths = dataset.pack(inputs, targets, mask)
+    x, y, m, lengths = batches.pack(inputs, targets, mask)
     assert lengths == (22, 8, 29)
     assert x.shape == y.shape == m.shape == (1, sum(lengths))
     assert x.shape[1] == loss.input_tokens(mask)
@@ -66,7 +66,7 @@ def test_pack_cuts_after_the_last_loss_token_and_drops_rows_without_loss():
 
 def test_pack_of_a_batch_without_loss_is_empty():
     inputs, targets, mask = ragged_batch()
-    x, _, _, lengths = dataset.pack(inputs, targets, mx.zeros_like(mask))
+    x, _, _, lengths = batches.pack(inputs, targets, mx.zeros_like(mask))
     assert lengths == () and x.shape == (1, 0)
 
 
