@@ -499,9 +499,10 @@ def plan_run(cfg, runs_dir: Path = Path("runs")) -> tuple[list[str], bool]:
         quant = quant_info_from_folder(loaded.path, loaded.config, cfg.model.quantize_bits, device)
     t, config = cfg.train, loaded.config
     samples, shape_from = [], f"max_seq_len {cfg.model.max_seq_len}, every token carrying loss"
-    if cfg.data.train:
-        samples, _ = data_files.load_samples(cfg.data.train, loaded.tokenizer, cfg.data, cfg.model.max_seq_len)
-        shape_from = f"the longest samples of {cfg.data.train}"
+    train_file, _ = data_files.training_files(cfg.data.train, cfg.data.valid)
+    if train_file:
+        samples, _ = data_files.load_samples(train_file, loaded.tokenizer, cfg.data, cfg.model.max_seq_len)
+        shape_from = f"the longest samples of {train_file}"
 
     packed = packs(config=config)
     estimate = step_estimator(config, cfg.lora, samples, cfg.model.max_seq_len, quant, packed)
