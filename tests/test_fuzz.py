@@ -142,14 +142,24 @@ def encode_line(obj, mangle: int) -> bytes:
     return raw
 
 
-@FUZZ
-@given(lines=st.lists(st.tuples(line_object, st.integers(0, 7)), min_size=1, max_size=8),
-       eol=st.sampled_from([b"\n", b"\r\n", b"\n\n"]), bom=st.booleans())
-def test_fuzzed_jsonl_lines_give_a_report_never_a_traceback(tmp_path, tok, lines, eol, bom):
-    path = tmp_path / "fuzz.jsonl"
-    data = eol.join(encode_line(obj, m) for obj, m in lines)
-    path.write_bytes((b"\xef\xbb\xbf" if bom else b"") + data)
-    check_never_crashes(path, tok)
+def files_checked(fuzz) -> int:
+    """Run a hypothesis test body over all its examples; the JSONL files it checked."""
+    before = COUNTS["jsonl"]
+    fuzz()
+    return COUNTS["jsonl"] - before
+
+
+def test_fuzzed_jsonl_lines_give_a_report_never_a_traceback(tmp_path, tok):
+    @FUZZ
+    @given(lines=st.lists(st.tuples(line_object, st.integers(0, 7)), min_size=1, max_size=8),
+           eol=st.sampled_from([b"\n", b"\r\n", b"\n\n"]), bom=st.booleans())
+    def fuzz(lines, eol, bom):
+        path = tmp_path / "fuzz.jsonl"
+        data = eol.join(encode_line(obj, m) for obj, m in lines)
+        path.write_bytes((b"\xef\xbb\xbf" if bom else b"") + data)
+        check_never_crashes(path, tok)
+
+    assert files_checked(fuzz) >= EXAMPLES
 
 
 @FUZZ
@@ -160,12 +170,15 @@ def test_fuzzed_lines_for_a_template_with_tools_give_a_report_never_a_traceback(
     check_never_crashes(path, ttok, max_seq_len=512)
 
 
-@FUZZ
-@given(data=st.binary(max_size=2000))
-def test_random_bytes_give_a_report_never_a_traceback(tmp_path, tok, data):
-    path = tmp_path / "bytes.jsonl"
-    path.write_bytes(data)
-    check_never_crashes(path, tok)
+def test_random_bytes_give_a_report_never_a_traceback(tmp_path, tok):
+    @FUZZ
+    @given(data=st.binary(max_size=2000))
+    def fuzz(data):
+        path = tmp_path / "bytes.jsonl"
+        path.write_bytes(data)
+        check_never_crashes(path, tok)
+
+    assert files_checked(fuzz) >= EXAMPLES
 
 
 @settings(max_examples=max(EXAMPLES // 10, 10), deadline=None, derandomize=True,
@@ -486,10 +499,11 @@ def test_hostile_chat_template_is_refused_by_chat_too(tmp_path, tiny_parts, monk
     assert not (tmp_path / "PWNED").exists()
 
 
-def test_zz_fuzz_counts():
-    """Runs last: the figures the README quotes."""
+@pytest.fixture(scope="module", autouse=True)
+def fuzz_counts():
+    """After this file's tests, whichever ran: the figures the README quotes (shown with -s)."""
+    yield COUNTS
     print(f"\nfuzz: {COUNTS['jsonl']} JSONL files through the loader ({COUNTS['jsonl_cli']} through "
           f"`edgeft data check`), {COUNTS['gguf']} GGUF files through loader.load "
           f"({COUNTS['gguf_cli']} through `edgeft tune`; {COUNTS['damaged_loaded']} randomly damaged ones "
           f"still loaded, the damage being in weight values): 0 crashes, every refusal a ModelLoadError")
-    assert COUNTS["jsonl"] >= 2 * EXAMPLES or COUNTS["jsonl"] == 0
