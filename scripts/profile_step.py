@@ -27,12 +27,14 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
+import edgeft  # noqa: F401  (first: it loads the fast BLAS, which must happen before mlx)
+
+# isort: split
 import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
 
-import edgeft  # noqa: F401  (fast BLAS before mlx)
-from edgeft import backend, batches, data_files, dequant, hub, loader, lora, loss
+from edgeft import backend, batches, data_files, dequant, hub, loader, lora, loss, system
 from edgeft.config import DataConfig, LoRAConfig
 
 SEED_TASKS = Path("/work/shared/data/seed_tasks.jsonl")
@@ -98,13 +100,7 @@ def rss_peak_reset():
 
 
 def rss_peak_gb() -> float:
-    try:
-        for line in open("/proc/self/status"):
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024 / 1e9
-    except OSError:
-        pass
-    return float("nan")
+    return system.peak_rss() / 1e9
 
 
 @contextmanager
