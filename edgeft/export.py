@@ -23,15 +23,16 @@ lora_b rows; from a Hugging Face folder ("hf") they are permuted on the way out.
 
 Every file is written to a temporary name, checked in llama.cpp (edgeft.verify), and only
 then renamed into place, so a failed export leaves nothing half-written.
+
+Names and row order come from edgeft.families, a folder base's metadata from
+edgeft.hf_metadata; edgeft.gguf_writer writes the bytes.
 """
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
-import json
 import os
-import re
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -40,7 +41,7 @@ from typing import Callable
 
 import gguf
 import numpy as np
-from gguf import Keys, TokenType
+from gguf import Keys
 
 from edgeft import families as F
 from edgeft import modelfile as MF
@@ -49,7 +50,9 @@ from edgeft import verify as V
 from edgeft.dequant import dequantized_weight
 from edgeft.errors import UserError
 from edgeft.files import atomic_write_text, staged
-from edgeft.gguf_reader import ModelLoadError, scalar, tensor_nbytes
+from edgeft.gguf_reader import scalar
+from edgeft.gguf_writer import TensorSpec, file_type, write_gguf
+from edgeft.hf_metadata import folder_metadata
 
 GGUF_PY_QUANTS = ("f16", "bf16", "q8_0", "q4_0", "q4_1")  # written by gguf-py itself
 LLAMA_CPP_QUANTS = ("q4_k_m", "q5_k_m", "q6_k")  # through llama.cpp's quantizer
@@ -103,13 +106,6 @@ def check_quant(quant: str) -> str:
 
 
 # --- tensors ---------------------------------------------------------------------------------
-@dataclass
-class TensorSpec:
-    name: str  # GGUF name
-    shape: tuple[int, ...]  # NumPy order (rows first)
-    get: Callable[[], np.ndarray]  # fp32, llama.cpp row order
-
-
 def model_tensors(model, config: dict, qk_layout: str) -> list[TensorSpec]:
     """Every tensor of the base GGUF for `model` (LoRA layers seen through to their base,
     quantized layers dequantized), in llama.cpp's names and row order; computed lazily."""
@@ -178,106 +174,6 @@ def adapter_tensors(model, config: dict, qk_layout: str) -> tuple[list[TensorSpe
     return specs, alphas.pop()
 
 
-# 4-bit files keep the embedding and output matrices at 8 bits, as llama.cpp's quantizer
-# keeps them above the rest (measured on SmolLM2, tied: q4_1 everywhere agreed with the tuned
-# model on 53% of next tokens).
-EIGHT_BIT_TENSORS = ("token_embd.weight", "output.weight")
-
-
-def _ggml_type(name: str, shape: tuple[int, ...], quant: str):
-    """What a tensor is stored as: norms, biases and other vectors stay F32 (as llama.cpp
-    does); rows a block type cannot divide fall back to F16."""
-    T = gguf.GGMLQuantizationType
-    if len(shape) < 2 or name.endswith(".lora_a") or name.endswith(".lora_b") or quant == "f32":
-        return T.F32
-    qtype = T[quant.upper()]
-    if quant in ("q4_0", "q4_1") and name in EIGHT_BIT_TENSORS:
-        qtype = T.Q8_0
-    block, _ = gguf.GGML_QUANT_SIZES[qtype]
-    return qtype if shape[-1] % block == 0 else T.F16
-
-
-def _encode(w: np.ndarray, qtype) -> np.ndarray:
-    T = gguf.GGMLQuantizationType
-    if qtype == T.F32:
-        return np.ascontiguousarray(w, dtype=np.float32)
-    if qtype == T.F16:
-        return np.ascontiguousarray(w, dtype=np.float16)
-    return gguf.quants.quantize(np.ascontiguousarray(w, dtype=np.float32), qtype)
-
-
-_VALUE_TYPES = {np.dtype(t): v for t, v in (
-    (np.uint8, gguf.GGUFValueType.UINT8), (np.int8, gguf.GGUFValueType.INT8),
-    (np.uint16, gguf.GGUFValueType.UINT16), (np.int16, gguf.GGUFValueType.INT16),
-    (np.uint32, gguf.GGUFValueType.UINT32), (np.int32, gguf.GGUFValueType.INT32),
-    (np.uint64, gguf.GGUFValueType.UINT64), (np.int64, gguf.GGUFValueType.INT64),
-    (np.float32, gguf.GGUFValueType.FLOAT32), (np.float64, gguf.GGUFValueType.FLOAT64),
-    (np.bool_, gguf.GGUFValueType.BOOL))}
-
-
-def _value_type(v) -> gguf.GGUFValueType:
-    T = gguf.GGUFValueType
-    if isinstance(v, (np.generic, np.ndarray)) and v.dtype in _VALUE_TYPES:
-        return _VALUE_TYPES[v.dtype]
-    if isinstance(v, (bool, np.bool_)):
-        return T.BOOL
-    if isinstance(v, (int, np.integer)):
-        return T.UINT32 if v >= 0 else T.INT32
-    if isinstance(v, (float, np.floating)):
-        return T.FLOAT32
-    if isinstance(v, str):
-        return T.STRING
-    raise TypeError(f"no GGUF type for {type(v).__name__}")
-
-
-def write_metadata(writer, md: dict) -> None:
-    """Add `md` to a gguf.GGUFWriter, choosing GGUF value types from the Python types (NumPy
-    values keep theirs, so a GGUF base's keys are written back with the type they were read).
-
-    general.architecture is skipped: GGUFWriter(path, arch) writes it itself.
-    """
-    T = gguf.GGUFValueType
-    for key, value in md.items():
-        if key == Keys.General.ARCHITECTURE:
-            continue
-        if hasattr(value, "tolist") and not isinstance(value, (np.ndarray, np.generic)):
-            value = np.array(value)  # mx.array -> NumPy, keeping its dtype
-        if isinstance(value, np.ndarray) and value.ndim == 0:
-            value = value[()]
-        if isinstance(value, (list, tuple, np.ndarray)):
-            if len(value) == 0:
-                continue
-            if isinstance(value, np.ndarray):
-                sub = _value_type(value)
-            else:
-                sub = T.INT32 if key == Keys.Tokenizer.TOKEN_TYPE else _value_type(value[0])
-            writer.add_key_value(key, list(value), T.ARRAY, sub_type=sub)
-        else:
-            writer.add_key_value(key, value, _value_type(value))
-
-
-def write_gguf(path, arch: str, metadata: dict, tensors: list[TensorSpec], quant: str) -> None:
-    """Write a GGUF one tensor at a time (memory: one tensor, not the model)."""
-    writer = gguf.GGUFWriter(str(path), arch)
-    write_metadata(writer, metadata)
-    plan = []
-    for t in tensors:
-        qtype = _ggml_type(t.name, t.shape, quant)
-        writer.add_tensor_info(t.name, t.shape, np.dtype(np.float32), tensor_nbytes(t.shape, qtype), raw_dtype=qtype)
-        plan.append((t, qtype))
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_ti_data_to_file()
-    try:
-        for t, qtype in plan:
-            w = t.get()
-            if tuple(w.shape) != tuple(t.shape):
-                raise ExportError(f"tensor {t.name}: shape {tuple(w.shape)}, expected {t.shape}")
-            writer.write_tensor_data(_encode(w, qtype))
-    finally:
-        writer.close()
-
-
 @contextlib.contextmanager
 def _quiet():
     """Silence llama.cpp's C-level logging (it writes to the process's stderr)."""
@@ -303,11 +199,6 @@ def llama_quantize(src, dst, quant: str) -> None:
 
 
 # --- metadata --------------------------------------------------------------------------------
-def file_type(quant: str) -> int:
-    name = {"f32": "ALL_F32", "f16": "MOSTLY_F16", "bf16": "MOSTLY_BF16"}.get(quant, f"MOSTLY_{quant.upper()}")
-    return int(gguf.LlamaFileType[name])
-
-
 def model_metadata(loaded, run_name: str, quant: str, system_prompt: str | None = None,
                    log: Callable[[str], None] = print) -> dict:
     """GGUF metadata of an export: a GGUF base's keys copied (all but the file-describing
@@ -353,143 +244,6 @@ def adapter_metadata(loaded, run_name: str, alpha: float) -> dict:
         Keys.General.BASE_MODEL_COUNT: np.uint32(1),
         BASE_MODEL_NAME: base_name,
     }
-
-
-# --- folder bases: metadata from config.json + tokenizer files -------------------------------
-PROBE_TEXTS = [
-    "Hello world! It's 2024, isn't it? They'll say: \"we've done 12345 things\".",
-    "  leading spaces,\ttabs\tand\n\nnew lines   \n end",
-    "Ünïcödé, 你好世界, émojis 🙂🚀 and numbers 3.14159 / 1,000,000",
-    "def f(x):\n    return x**2  # comment\n",
-    "<|im_start|>user\nhi there<|im_end|>\n<|im_start|>assistant\n",
-]
-PRE_CANDIDATES = ("smollm", "gpt-2", "llama-bpe", "qwen2")
-
-
-def folder_metadata(loaded) -> dict:
-    """Architecture + tokenizer metadata for a Hugging Face / MLX folder base.
-
-    Byte-level BPE (tokenizer.json) and SentencePiece (tokenizer.model) vocabularies are
-    supported; the result is checked by rebuilding edgeft's tokenizer from it and comparing
-    encodings with the folder's own tokenizer."""
-    from edgeft.tokenizer import Tokenizer
-
-    try:
-        md = F.config_to_metadata(loaded.config)
-    except ModelLoadError as e:
-        raise ExportError(f"{loaded.path}: {e}") from None
-    path = Path(loaded.path)
-    tok = loaded.tokenizer
-    md[Keys.General.NAME] = path.name
-    license_ = _readme_license(path)
-    if license_:
-        md[Keys.General.LICENSE] = license_
-    vocab_size = int(loaded.config["vocab_size"])
-    if (path / "tokenizer.json").is_file() and _is_byte_level_bpe(path / "tokenizer.json"):
-        tk_md = _bpe_metadata(path / "tokenizer.json", vocab_size)
-        candidates = PRE_CANDIDATES
-    elif (path / "tokenizer.model").is_file():
-        tk_md = _spm_metadata(path / "tokenizer.model", vocab_size)
-        candidates = (None,)
-    else:
-        raise ExportError(
-            f"{path}: only byte-level BPE (tokenizer.json) and SentencePiece (tokenizer.model) "
-            "vocabularies can be written to GGUF; convert the base with llama.cpp's "
-            "convert_hf_to_gguf.py and tune from that GGUF"
-        )
-    tk_md.update({
-        Keys.Tokenizer.ADD_BOS: bool(tok.add_bos),
-        **({Keys.Tokenizer.BOS_ID: np.uint32(tok.bos_id)} if tok.bos_id is not None else {}),
-        **({Keys.Tokenizer.EOS_ID: np.uint32(tok.eos_id)} if tok.eos_id is not None else {}),
-        **({Keys.Tokenizer.CHAT_TEMPLATE: tok.chat_template} if tok.chat_template else {}),
-    })
-    want = [tok.encode(t) for t in PROBE_TEXTS]
-    for pre in candidates:
-        trial = dict(tk_md, **({Keys.Tokenizer.PRE: pre} if pre else {}))
-        try:
-            rebuilt = Tokenizer.from_gguf_metadata(trial)
-        except ModelLoadError:
-            continue
-        if [rebuilt.encode(t) for t in PROBE_TEXTS] == want:
-            md.update(trial)
-            return md
-    raise ExportError(
-        f"{path}: the tokenizer's pre-tokenizer matches none llama.cpp knows of "
-        f"({', '.join(c for c in candidates if c)}); convert the base with llama.cpp's "
-        "convert_hf_to_gguf.py and tune from that GGUF"
-    )
-
-
-def _is_byte_level_bpe(file: Path) -> bool:
-    j = json.loads(file.read_text(encoding="utf-8"))
-    return (j.get("model") or {}).get("type") == "BPE" and "ByteLevel" in json.dumps(
-        [j.get("pre_tokenizer"), j.get("decoder")])
-
-
-def _bpe_metadata(file: Path, vocab_size: int) -> dict:
-    j = json.loads(file.read_text(encoding="utf-8"))
-    model = j["model"]
-    n = max(vocab_size, max(model["vocab"].values()) + 1,
-            max((t["id"] + 1 for t in j.get("added_tokens", [])), default=0))
-    tokens = [f"[PAD{i}]" for i in range(n)]
-    types = [TokenType.UNUSED] * n
-    for t, i in model["vocab"].items():
-        tokens[i], types[i] = t, TokenType.NORMAL
-    for t in j.get("added_tokens", []):
-        tokens[t["id"]] = t["content"]
-        types[t["id"]] = TokenType.CONTROL if t.get("special") else TokenType.USER_DEFINED
-    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
-    return {
-        Keys.Tokenizer.MODEL: "gpt2",
-        Keys.Tokenizer.LIST: tokens,
-        Keys.Tokenizer.TOKEN_TYPE: np.array(types, dtype=np.int32),
-        Keys.Tokenizer.MERGES: merges,
-    }
-
-
-def _spm_metadata(file: Path, vocab_size: int) -> dict:
-    import sentencepiece as spm
-
-    sp = spm.SentencePieceProcessor(model_file=str(file))
-    n = sp.get_piece_size()
-    tokens, scores, types = [], [], []
-    for i in range(max(n, vocab_size)):
-        if i >= n:
-            tokens.append(f"[PAD{i}]"); scores.append(-1000.0); types.append(TokenType.UNUSED)  # noqa: E702
-            continue
-        tokens.append(sp.id_to_piece(i))
-        scores.append(sp.get_score(i))
-        types.append(TokenType.UNKNOWN if sp.is_unknown(i) else TokenType.CONTROL if sp.is_control(i)
-                     else TokenType.BYTE if sp.is_byte(i) else TokenType.UNUSED if sp.is_unused(i)
-                     else TokenType.NORMAL)
-    md = {
-        Keys.Tokenizer.MODEL: "llama",
-        Keys.Tokenizer.LIST: tokens,
-        Keys.Tokenizer.SCORES: np.array(scores, dtype=np.float32),
-        Keys.Tokenizer.TOKEN_TYPE: np.array(types, dtype=np.int32),
-        Keys.Tokenizer.ADD_PREFIX: True,
-    }
-    if sp.unk_id() >= 0:
-        md[Keys.Tokenizer.UNK_ID] = np.uint32(sp.unk_id())
-    return md
-
-
-def _readme_license(folder: Path) -> str | None:
-    """`license:` from a Hugging Face README's YAML front matter."""
-    readme = folder / "README.md"
-    if not readme.is_file():
-        return None
-    m = re.match(r"---\n(.*?)\n---", readme.read_text(encoding="utf-8", errors="replace"), re.S)
-    if not m:
-        return None
-    import yaml
-
-    try:
-        front = yaml.safe_load(m.group(1)) or {}
-    except yaml.YAMLError:
-        return None
-    value = front.get("license") if isinstance(front, dict) else None
-    return str(value) if value else None
 
 
 # --- the run -> files ------------------------------------------------------------------------

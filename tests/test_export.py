@@ -26,6 +26,7 @@ from edgeft import gguf_reader as G
 from edgeft import modelfile as MF
 from edgeft import verify as V
 from edgeft.config import RunConfig
+from edgeft.gguf_writer import write_gguf
 from edgeft.loader import load
 from edgeft.runs import load_tuned
 from edgeft.tokenizer import CHATML_TEMPLATE, render_template
@@ -121,7 +122,7 @@ def test_wrong_qk_order_would_be_caught(runs, tmp_path):
     loaded, _ = load_tuned(runs["llama"])
     specs, alpha = E.adapter_tensors(loaded.model, loaded.config, "hf")  # wrong: base is "gguf"
     path = tmp_path / "wrong.gguf"
-    E.write_gguf(path, "llama", E.adapter_metadata(loaded, "wrong", alpha), specs, "f32")
+    write_gguf(path, "llama", E.adapter_metadata(loaded, "wrong", alpha), specs, "f32")
     p = V.compare(loaded.path, loaded.model, loaded.tokenizer, lora=path)
     assert p.max_abs > 0.5, p.table()
 

@@ -74,7 +74,7 @@ def test_read_index_metadata_matches_mx_load(tmp_path):
     assert index.type_names() == {"F32", "Q8_0"}
 
 
-# --- metadata values: written (edgeft.export.write_metadata) and read back with their types --
+# --- metadata values: written (edgeft.gguf_writer) and read back with their types ----------
 def test_write_metadata_keeps_types(tmp_path):
     cfg = tiny_config("qwen3")
     extra = {"general.file_type": np.uint32(7), "test.i8": np.int8(-3), "test.f64": np.float64(0.5),

@@ -32,7 +32,7 @@ from mlx.utils import tree_flatten
 
 import edgeft  # noqa: F401  (BLAS before mlx)
 from edgeft import families as F
-from edgeft.export import write_metadata
+from edgeft.gguf_writer import write_metadata
 from edgeft.loader import build_model as edgeft_build_model
 from edgeft.tokenizer import CHATML_TEMPLATE
 
