@@ -333,15 +333,6 @@ def permute_qk(w: np.ndarray, n_heads: int) -> np.ndarray:
     )
 
 
-def unpermute_qk(w: np.ndarray, n_heads: int) -> np.ndarray:
-    """llama.cpp row order -> HF's: the inverse of `permute_qk`."""
-    return (
-        w.reshape(n_heads, w.shape[0] // n_heads // 2, 2, *w.shape[1:])
-        .swapaxes(1, 2)
-        .reshape(w.shape)
-    )
-
-
 def qk_heads(mlx_name: str, config: dict) -> int | None:
     """Heads of a Q or K projection (by its MLX name), whose rows llama.cpp permutes; None for
     any other tensor."""

@@ -105,14 +105,23 @@ def test_every_tiny_parameter_has_a_gguf_name():
 
 
 # --- Q/K permutation ---------------------------------------------------------------------
+def unpermute_qk(w: np.ndarray, n_heads: int) -> np.ndarray:
+    """llama.cpp row order -> HF's: the inverse of `permute_qk`, written out on its own."""
+    return (
+        w.reshape(n_heads, w.shape[0] // n_heads // 2, 2, *w.shape[1:])
+        .swapaxes(1, 2)
+        .reshape(w.shape)
+    )
+
+
 @pytest.mark.parametrize("n_heads, head_dim, cols", [(4, 16, 64), (2, 16, 64), (9, 64, 8), (3, 8, 0)])
 def test_qk_permutation_round_trip(n_heads, head_dim, cols):
     shape = (n_heads * head_dim, cols) if cols else (n_heads * head_dim,)
     w = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
     p = F.permute_qk(w, n_heads)
     assert not np.array_equal(p, w)
-    np.testing.assert_array_equal(F.unpermute_qk(p, n_heads), w)
-    np.testing.assert_array_equal(F.permute_qk(F.unpermute_qk(w, n_heads), n_heads), w)
+    np.testing.assert_array_equal(unpermute_qk(p, n_heads), w)
+    np.testing.assert_array_equal(F.permute_qk(unpermute_qk(w, n_heads), n_heads), w)
 
 
 def test_qk_permutation_direction():
