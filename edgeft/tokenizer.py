@@ -349,7 +349,8 @@ def _spm_from_gguf(md: dict, tokens: list[str], types: list[int]) -> _SPBackend:
     if unk is None:
         unk = types.index(TokenType.UNKNOWN) if TokenType.UNKNOWN in types else 0
     m.trainer_spec.unk_id = unk
-    for key, field in ((Keys.Tokenizer.BOS_ID, "bos_id"), (Keys.Tokenizer.EOS_ID, "eos_id"), (Keys.Tokenizer.PAD_ID, "pad_id")):
+    for key, field in ((Keys.Tokenizer.BOS_ID, "bos_id"), (Keys.Tokenizer.EOS_ID, "eos_id"),
+                       (Keys.Tokenizer.PAD_ID, "pad_id")):
         setattr(m.trainer_spec, field, _opt_int(G.scalar(md.get(key))) if md.get(key) is not None else -1)
     add_prefix = G.scalar(md.get(Keys.Tokenizer.ADD_PREFIX))
     m.normalizer_spec.name = "identity"
