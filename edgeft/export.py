@@ -23,51 +23,48 @@ lora_b rows; from a Hugging Face folder ("hf") they are permuted on the way out.
 
 Every file is written to a temporary name, checked in llama.cpp (edgeft.verify), and only
 then renamed into place, so a failed export leaves nothing half-written.
+
+Names and row order come from edgeft.families, a folder base's metadata from
+edgeft.hf_metadata; edgeft.gguf_writer writes the bytes.
 """
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
-import json
 import os
-import re
 import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+import gguf
 import numpy as np
+from gguf import Keys
 
-from edgeft import gguf_reader as G
+from edgeft import families as F
 from edgeft import modelfile as MF
 from edgeft import runs
 from edgeft import verify as V
 from edgeft.dequant import dequantized_weight
 from edgeft.errors import UserError
 from edgeft.files import atomic_write_text, staged
+from edgeft.gguf_reader import scalar
+from edgeft.gguf_writer import TensorSpec, file_type, write_gguf
+from edgeft.hf_metadata import folder_metadata
 
 GGUF_PY_QUANTS = ("f16", "bf16", "q8_0", "q4_0", "q4_1")  # written by gguf-py itself
 LLAMA_CPP_QUANTS = ("q4_k_m", "q5_k_m", "q6_k")  # through llama.cpp's quantizer
 QUANTS = GGUF_PY_QUANTS + LLAMA_CPP_QUANTS
 INTERMEDIATE = "f16"  # what llama.cpp's quantizer starts from
 
-KEY_TYPE = "general.type"
-KEY_FINETUNE = "general.finetune"
-KEY_LICENSE = "general.license"
-KEY_ORGANIZATION = "general.organization"
-KEY_REPO_URL = "general.repo_url"
-KEY_BASE_MODEL_PREFIX = "general.base_model."
-KEY_BASE_MODEL_COUNT = "general.base_model.count"
-KEY_BASE_MODEL_NAME = "general.base_model.0.name"
-KEY_BASE_MODEL_ORG = "general.base_model.0.organization"
-KEY_BASE_MODEL_URL = "general.base_model.0.repo_url"
-KEY_ADAPTER_TYPE = "adapter.type"
-KEY_ADAPTER_ALPHA = "adapter.lora.alpha"
+# The exported model names one base model (index 0): the one it was tuned from.
+BASE_MODEL_PREFIX = Keys.General.BASE_MODEL_NAME.partition("{id}")[0]  # general.base_model.
+BASE_MODEL_NAME = Keys.General.BASE_MODEL_NAME.format(id=0)
 # Keys of a base GGUF that an export never copies: they describe the file, not the model.
-NOT_COPIED = {G.KEY_FILE_TYPE, G.KEY_QUANTIZATION_VERSION, G.KEY_ALIGNMENT}
-NOT_COPIED_PREFIXES = ("split.", KEY_BASE_MODEL_PREFIX)
+NOT_COPIED = {Keys.General.FILE_TYPE, Keys.General.QUANTIZATION_VERSION, Keys.General.ALIGNMENT}
+NOT_COPIED_PREFIXES = ("split.", BASE_MODEL_PREFIX)
 
 
 class ExportError(UserError, ValueError):
@@ -109,13 +106,6 @@ def check_quant(quant: str) -> str:
 
 
 # --- tensors ---------------------------------------------------------------------------------
-@dataclass
-class TensorSpec:
-    name: str  # GGUF name
-    shape: tuple[int, ...]  # NumPy order (rows first)
-    get: Callable[[], np.ndarray]  # fp32, llama.cpp row order
-
-
 def model_tensors(model, config: dict, qk_layout: str) -> list[TensorSpec]:
     """Every tensor of the base GGUF for `model` (LoRA layers seen through to their base,
     quantized layers dequantized), in llama.cpp's names and row order; computed lazily."""
@@ -124,9 +114,8 @@ def model_tensors(model, config: dict, qk_layout: str) -> list[TensorSpec]:
     from mlx.utils import tree_flatten
     from mlx_lm.tuner.lora import LoRALinear
 
-
     modules = dict(model.named_modules())
-    permute = G.needs_qk_permute(config, qk_layout)
+    permute = F.needs_qk_permute(config, qk_layout)
     specs = []
     for name, value in tree_flatten(model.parameters()):
         owner, _, leaf = name.rpartition(".")
@@ -138,23 +127,23 @@ def model_tensors(model, config: dict, qk_layout: str) -> list[TensorSpec]:
         if owner.endswith(".linear") and isinstance(modules.get(owner[: -len(".linear")]), LoRALinear):
             base_owner = owner[: -len(".linear")]
         mlx_name = f"{base_owner}.{leaf}"
-        gguf_name = G.mlx_to_gguf_name(mlx_name)
+        gguf_name = F.mlx_to_gguf_name(mlx_name)
         if gguf_name is None:
             raise ExportError(f"tensor {mlx_name} has no GGUF name; this model cannot be exported")
         shape = tuple(value.shape)
         if quantized and leaf == "weight":
             shape = (shape[0], shape[1] * 32 // module.bits)
-        heads = G.qk_heads(mlx_name, config) if permute else None
+        heads = F.qk_heads(mlx_name, config) if permute else None
 
         def get(value=value, module=module if quantized and leaf == "weight" else None, heads=heads):
             w = dequantized_weight(module) if module is not None else value
             w = np.array(w.astype(mx.float32))
-            return G.permute_qk(w, heads) if heads else w
+            return F.permute_qk(w, heads) if heads else w
 
         specs.append(TensorSpec(gguf_name, shape, get))
     if (config.get("rope_scaling") or {}).get("rope_type") == "llama3":
-        freqs = G.llama3_rope_freqs(config)
-        specs.append(TensorSpec(G.ROPE_FREQS_TENSOR, freqs.shape, lambda: freqs))
+        freqs = F.llama3_rope_freqs(config)
+        specs.append(TensorSpec(F.ROPE_FREQS_TENSOR, freqs.shape, lambda: freqs))
     return specs
 
 
@@ -164,17 +153,17 @@ def adapter_tensors(model, config: dict, qk_layout: str) -> tuple[list[TensorSpe
 
     from edgeft.lora import lora_layers
 
-    permute = G.needs_qk_permute(config, qk_layout)
+    permute = F.needs_qk_permute(config, qk_layout)
     specs, alphas = [], set()
     for name, layer in lora_layers(model):
-        base = G.mlx_to_gguf_name(f"{name}.weight")
+        base = F.mlx_to_gguf_name(f"{name}.weight")
         if base is None:
             raise ExportError(f"LoRA layer {name} has no GGUF tensor name; cannot export it")
         a = np.array(layer.lora_a.astype(mx.float32)).T  # (rank, in)
         b = np.array(layer.lora_b.astype(mx.float32)).T  # (out, rank)
-        heads = G.qk_heads(f"{name}.weight", config) if permute else None
+        heads = F.qk_heads(f"{name}.weight", config) if permute else None
         if heads:
-            b = G.permute_qk(b, heads)
+            b = F.permute_qk(b, heads)
         alphas.add(float(np.float32(layer.scale * a.shape[0])))
         specs.append(TensorSpec(f"{base}.lora_a", a.shape, lambda a=a: a))
         specs.append(TensorSpec(f"{base}.lora_b", b.shape, lambda b=b: b))
@@ -183,62 +172,6 @@ def adapter_tensors(model, config: dict, qk_layout: str) -> tuple[list[TensorSpe
     if len(alphas) != 1:
         raise ExportError(f"LoRA layers use different scales ({sorted(alphas)}); one adapter file needs one")
     return specs, alphas.pop()
-
-
-# 4-bit files keep the embedding and output matrices at 8 bits, as llama.cpp's quantizer
-# keeps them above the rest (measured on SmolLM2, tied: q4_1 everywhere agreed with the tuned
-# model on 53% of next tokens).
-EIGHT_BIT_TENSORS = ("token_embd.weight", "output.weight")
-
-
-def _ggml_type(name: str, shape: tuple[int, ...], quant: str):
-    """What a tensor is stored as: norms, biases and other vectors stay F32 (as llama.cpp
-    does); rows a block type cannot divide fall back to F16."""
-    import gguf
-
-    T = gguf.GGMLQuantizationType
-    if len(shape) < 2 or name.endswith(".lora_a") or name.endswith(".lora_b") or quant == "f32":
-        return T.F32
-    qtype = T[quant.upper()]
-    if quant in ("q4_0", "q4_1") and name in EIGHT_BIT_TENSORS:
-        qtype = T.Q8_0
-    block, _ = gguf.GGML_QUANT_SIZES[qtype]
-    return qtype if shape[-1] % block == 0 else T.F16
-
-
-def _encode(w: np.ndarray, qtype) -> np.ndarray:
-    import gguf
-
-    T = gguf.GGMLQuantizationType
-    if qtype == T.F32:
-        return np.ascontiguousarray(w, dtype=np.float32)
-    if qtype == T.F16:
-        return np.ascontiguousarray(w, dtype=np.float16)
-    return gguf.quants.quantize(np.ascontiguousarray(w, dtype=np.float32), qtype)
-
-
-def write_gguf(path, arch: str, metadata: dict, tensors: list[TensorSpec], quant: str) -> None:
-    """Write a GGUF one tensor at a time (memory: one tensor, not the model)."""
-    import gguf
-
-    writer = gguf.GGUFWriter(str(path), arch)
-    G.write_metadata(writer, metadata)
-    plan = []
-    for t in tensors:
-        qtype = _ggml_type(t.name, t.shape, quant)
-        writer.add_tensor_info(t.name, t.shape, np.dtype(np.float32), G.tensor_nbytes(t.shape, qtype), raw_dtype=qtype)
-        plan.append((t, qtype))
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_ti_data_to_file()
-    try:
-        for t, qtype in plan:
-            w = t.get()
-            if tuple(w.shape) != tuple(t.shape):
-                raise ExportError(f"tensor {t.name}: shape {tuple(w.shape)}, expected {t.shape}")
-            writer.write_tensor_data(_encode(w, qtype))
-    finally:
-        writer.close()
 
 
 @contextlib.contextmanager
@@ -266,196 +199,51 @@ def llama_quantize(src, dst, quant: str) -> None:
 
 
 # --- metadata --------------------------------------------------------------------------------
-def file_type(quant: str) -> int:
-    import gguf
-
-    name = {"f32": "ALL_F32", "f16": "MOSTLY_F16", "bf16": "MOSTLY_BF16"}.get(quant, f"MOSTLY_{quant.upper()}")
-    return int(gguf.LlamaFileType[name])
-
-
 def model_metadata(loaded, run_name: str, quant: str, system_prompt: str | None = None,
                    log: Callable[[str], None] = print) -> dict:
     """GGUF metadata of an export: a GGUF base's keys copied (all but the file-describing
     ones and the labels), or built from a folder's config and tokenizer; then the fine-tune
     labels, the file type and, if set, the recipe's system prompt as the template default."""
-    import gguf
-
     if loaded.gguf_metadata is not None:
         md = {k: v for k, v in loaded.gguf_metadata.items()
               if k not in NOT_COPIED and not k.startswith(NOT_COPIED_PREFIXES)}
     else:
         md = folder_metadata(loaded)
-    base_name = G.scalar(md.get(G.KEY_NAME)) or Path(loaded.path).stem
-    md[G.KEY_NAME] = f"{base_name} {run_name}"
-    md[KEY_FINETUNE] = run_name
-    md[KEY_BASE_MODEL_COUNT] = np.uint32(1)
-    md[KEY_BASE_MODEL_NAME] = base_name
-    for key, to in ((KEY_ORGANIZATION, KEY_BASE_MODEL_ORG), (KEY_REPO_URL, KEY_BASE_MODEL_URL)):
+    base_name = scalar(md.get(Keys.General.NAME)) or Path(loaded.path).stem
+    md[Keys.General.NAME] = f"{base_name} {run_name}"
+    md[Keys.General.FINETUNE] = run_name
+    md[Keys.General.BASE_MODEL_COUNT] = np.uint32(1)
+    md[BASE_MODEL_NAME] = base_name
+    for key, to in ((Keys.General.ORGANIZATION, Keys.General.BASE_MODEL_ORGANIZATION),
+                    (Keys.General.REPO_URL, Keys.General.BASE_MODEL_REPO_URL)):
         if md.get(key) is not None:
-            md[to] = md[key]
-    md[G.KEY_FILE_TYPE] = np.uint32(file_type(quant))
+            md[to.format(id=0)] = md[key]
+    md[Keys.General.FILE_TYPE] = np.uint32(file_type(quant))
     if quant not in ("f32", "f16", "bf16"):
-        md[G.KEY_QUANTIZATION_VERSION] = np.uint32(gguf.GGML_QUANT_VERSION)
-    template = G.scalar(md.get(G.KEY_CHAT_TEMPLATE))
+        md[Keys.General.QUANTIZATION_VERSION] = np.uint32(gguf.GGML_QUANT_VERSION)
+    template = scalar(md.get(Keys.Tokenizer.CHAT_TEMPLATE))
     if system_prompt:
         if template and MF.supports_system(template):
-            md[G.KEY_CHAT_TEMPLATE] = MF.with_default_system(template, system_prompt)
+            md[Keys.Tokenizer.CHAT_TEMPLATE] = MF.with_default_system(template, system_prompt)
         elif template:
             log("note: the chat template takes no system message; the recipe's system prompt is not built in")
     return md
 
 
 def adapter_metadata(loaded, run_name: str, alpha: float) -> dict:
-    arch = G.MODEL_TYPE_TO_ARCH[loaded.config["model_type"]]
+    arch = F.family(loaded.config["model_type"]).arch
     base_md = loaded.gguf_metadata or {}
-    base_name = G.scalar(base_md.get(G.KEY_NAME)) or Path(loaded.path).stem
+    base_name = scalar(base_md.get(Keys.General.NAME)) or Path(loaded.path).stem
     return {
-        G.KEY_ARCHITECTURE: arch,
-        KEY_TYPE: "adapter",
-        KEY_ADAPTER_TYPE: "lora",
-        KEY_ADAPTER_ALPHA: np.float32(alpha),
-        G.KEY_NAME: f"{base_name} {run_name} LoRA",
-        KEY_FINETUNE: run_name,
-        KEY_BASE_MODEL_COUNT: np.uint32(1),
-        KEY_BASE_MODEL_NAME: base_name,
+        Keys.General.ARCHITECTURE: arch,
+        Keys.General.TYPE: "adapter",
+        Keys.Adapter.TYPE: "lora",
+        Keys.Adapter.LORA_ALPHA: np.float32(alpha),
+        Keys.General.NAME: f"{base_name} {run_name} LoRA",
+        Keys.General.FINETUNE: run_name,
+        Keys.General.BASE_MODEL_COUNT: np.uint32(1),
+        BASE_MODEL_NAME: base_name,
     }
-
-
-# --- folder bases: metadata from config.json + tokenizer files -------------------------------
-PROBE_TEXTS = [
-    "Hello world! It's 2024, isn't it? They'll say: \"we've done 12345 things\".",
-    "  leading spaces,\ttabs\tand\n\nnew lines   \n end",
-    "Ünïcödé, 你好世界, émojis 🙂🚀 and numbers 3.14159 / 1,000,000",
-    "def f(x):\n    return x**2  # comment\n",
-    "<|im_start|>user\nhi there<|im_end|>\n<|im_start|>assistant\n",
-]
-PRE_CANDIDATES = ("smollm", "gpt-2", "llama-bpe", "qwen2")
-
-
-def folder_metadata(loaded) -> dict:
-    """Architecture + tokenizer metadata for a Hugging Face / MLX folder base.
-
-    Byte-level BPE (tokenizer.json) and SentencePiece (tokenizer.model) vocabularies are
-    supported; the result is checked by rebuilding edgeft's tokenizer from it and comparing
-    encodings with the folder's own tokenizer."""
-    from edgeft.tokenizer import Tokenizer
-
-    try:
-        md = G.config_to_metadata(loaded.config)
-    except G.ModelLoadError as e:
-        raise ExportError(f"{loaded.path}: {e}") from None
-    path = Path(loaded.path)
-    tok = loaded.tokenizer
-    md[G.KEY_NAME] = path.name
-    license_ = _readme_license(path)
-    if license_:
-        md[KEY_LICENSE] = license_
-    vocab_size = int(loaded.config["vocab_size"])
-    if (path / "tokenizer.json").is_file() and _is_byte_level_bpe(path / "tokenizer.json"):
-        tk_md = _bpe_metadata(path / "tokenizer.json", vocab_size)
-        candidates = PRE_CANDIDATES
-    elif (path / "tokenizer.model").is_file():
-        tk_md = _spm_metadata(path / "tokenizer.model", vocab_size)
-        candidates = (None,)
-    else:
-        raise ExportError(
-            f"{path}: only byte-level BPE (tokenizer.json) and SentencePiece (tokenizer.model) "
-            "vocabularies can be written to GGUF; convert the base with llama.cpp's "
-            "convert_hf_to_gguf.py and tune from that GGUF"
-        )
-    tk_md.update({
-        G.KEY_ADD_BOS: bool(tok.add_bos),
-        **({G.KEY_BOS_ID: np.uint32(tok.bos_id)} if tok.bos_id is not None else {}),
-        **({G.KEY_EOS_ID: np.uint32(tok.eos_id)} if tok.eos_id is not None else {}),
-        **({G.KEY_CHAT_TEMPLATE: tok.chat_template} if tok.chat_template else {}),
-    })
-    want = [tok.encode(t) for t in PROBE_TEXTS]
-    for pre in candidates:
-        trial = dict(tk_md, **({G.KEY_TOKENIZER_PRE: pre} if pre else {}))
-        try:
-            rebuilt = Tokenizer.from_gguf_metadata(trial)
-        except G.ModelLoadError:
-            continue
-        if [rebuilt.encode(t) for t in PROBE_TEXTS] == want:
-            md.update(trial)
-            return md
-    raise ExportError(
-        f"{path}: the tokenizer's pre-tokenizer matches none llama.cpp knows of "
-        f"({', '.join(c for c in candidates if c)}); convert the base with llama.cpp's "
-        "convert_hf_to_gguf.py and tune from that GGUF"
-    )
-
-
-def _is_byte_level_bpe(file: Path) -> bool:
-    j = json.loads(file.read_text(encoding="utf-8"))
-    return (j.get("model") or {}).get("type") == "BPE" and "ByteLevel" in json.dumps(
-        [j.get("pre_tokenizer"), j.get("decoder")])
-
-
-def _bpe_metadata(file: Path, vocab_size: int) -> dict:
-    j = json.loads(file.read_text(encoding="utf-8"))
-    model = j["model"]
-    n = max(vocab_size, max(model["vocab"].values()) + 1,
-            max((t["id"] + 1 for t in j.get("added_tokens", [])), default=0))
-    tokens = [f"[PAD{i}]" for i in range(n)]
-    types = [G.TOKEN_UNUSED] * n
-    for t, i in model["vocab"].items():
-        tokens[i], types[i] = t, G.TOKEN_NORMAL
-    for t in j.get("added_tokens", []):
-        tokens[t["id"]] = t["content"]
-        types[t["id"]] = G.TOKEN_CONTROL if t.get("special") else G.TOKEN_USER_DEFINED
-    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
-    return {
-        G.KEY_TOKENIZER_MODEL: "gpt2",
-        G.KEY_TOKENS: tokens,
-        G.KEY_TOKEN_TYPE: np.array(types, dtype=np.int32),
-        G.KEY_MERGES: merges,
-    }
-
-
-def _spm_metadata(file: Path, vocab_size: int) -> dict:
-    import sentencepiece as spm
-
-    sp = spm.SentencePieceProcessor(model_file=str(file))
-    n = sp.get_piece_size()
-    tokens, scores, types = [], [], []
-    for i in range(max(n, vocab_size)):
-        if i >= n:
-            tokens.append(f"[PAD{i}]"); scores.append(-1000.0); types.append(G.TOKEN_UNUSED)  # noqa: E702
-            continue
-        tokens.append(sp.id_to_piece(i))
-        scores.append(sp.get_score(i))
-        types.append(G.TOKEN_UNKNOWN if sp.is_unknown(i) else G.TOKEN_CONTROL if sp.is_control(i)
-                     else G.TOKEN_BYTE if sp.is_byte(i) else G.TOKEN_UNUSED if sp.is_unused(i)
-                     else G.TOKEN_NORMAL)
-    md = {
-        G.KEY_TOKENIZER_MODEL: "llama",
-        G.KEY_TOKENS: tokens,
-        G.KEY_SCORES: np.array(scores, dtype=np.float32),
-        G.KEY_TOKEN_TYPE: np.array(types, dtype=np.int32),
-        G.KEY_ADD_SPACE_PREFIX: True,
-    }
-    if sp.unk_id() >= 0:
-        md[G.KEY_UNK_ID] = np.uint32(sp.unk_id())
-    return md
-
-
-def _readme_license(folder: Path) -> str | None:
-    """`license:` from a Hugging Face README's YAML front matter."""
-    readme = folder / "README.md"
-    if not readme.is_file():
-        return None
-    m = re.match(r"---\n(.*?)\n---", readme.read_text(encoding="utf-8", errors="replace"), re.S)
-    if not m:
-        return None
-    import yaml
-
-    try:
-        front = yaml.safe_load(m.group(1)) or {}
-    except yaml.YAMLError:
-        return None
-    value = front.get("license") if isinstance(front, dict) else None
-    return str(value) if value else None
 
 
 # --- the run -> files ------------------------------------------------------------------------
@@ -464,8 +252,8 @@ def default_path(run_dir: Path, quant: str, adapter: bool) -> Path:
     return Path(run_dir) / runs.EXPORT / (f"{name}-lora.gguf" if adapter else f"{name}-{quant}.gguf")
 
 
-def modelfile_path(gguf: Path) -> Path:
-    return gguf.with_suffix(".Modelfile")
+def modelfile_path(gguf_path: Path) -> Path:
+    return gguf_path.with_suffix(".Modelfile")
 
 
 def export_run(run_dir, quant: str = "q8_0", out=None, adapter: bool = False, verify: bool = True,
@@ -503,7 +291,7 @@ def _check(parity: V.Parity, log) -> None:
 def _export_merged(loaded, run_name, quant, out, verify, system, log) -> ExportResult:
     from edgeft import lora
 
-    arch = G.MODEL_TYPE_TO_ARCH[loaded.config["model_type"]]
+    arch = F.family(loaded.config["model_type"]).arch
     md = model_metadata(loaded, run_name, quant, system, log)
     lora.merge(loaded.model)
     tensors = model_tensors(loaded.model, loaded.config, loaded.qk_layout)
@@ -513,7 +301,7 @@ def _export_merged(loaded, run_name, quant, out, verify, system, log) -> ExportR
             log(f"writing {INTERMEDIATE} intermediate, then llama.cpp quantizes it to {quant}")
             with tempfile.TemporaryDirectory(dir=out.parent, prefix=".edgeft-export-") as td:
                 inter = Path(td) / f"intermediate-{INTERMEDIATE}.gguf"
-                write_gguf(inter, arch, {**md, G.KEY_FILE_TYPE: np.uint32(file_type(INTERMEDIATE))},
+                write_gguf(inter, arch, {**md, Keys.General.FILE_TYPE: np.uint32(file_type(INTERMEDIATE))},
                            tensors, INTERMEDIATE)
                 llama_quantize(inter, tmp, quant)
         else:
@@ -524,7 +312,7 @@ def _export_merged(loaded, run_name, quant, out, verify, system, log) -> ExportR
                                tuned=loaded.model)
             parity.file = out
             _check(parity, log)
-    mf = MF.build(f"./{out.name}", G.scalar(md.get(G.KEY_CHAT_TEMPLATE)), system,
+    mf = MF.build(f"./{out.name}", scalar(md.get(Keys.Tokenizer.CHAT_TEMPLATE)), system,
                   MF.stop_strings(loaded.tokenizer), comment=f"ollama create {run_name} -f {modelfile_path(out).name}")
     atomic_write_text(modelfile_path(out), mf.text)
     return ExportResult(out, modelfile_path(out), quant, False, sizes={out.name: out.stat().st_size},
@@ -532,7 +320,7 @@ def _export_merged(loaded, run_name, quant, out, verify, system, log) -> ExportR
 
 
 def _export_adapter(loaded, run_name, quant, out, verify, system, log) -> ExportResult:
-    arch = G.MODEL_TYPE_TO_ARCH[loaded.config["model_type"]]
+    arch = F.family(loaded.config["model_type"]).arch
     specs, alpha = adapter_tensors(loaded.model, loaded.config, loaded.qk_layout)
     md = adapter_metadata(loaded, run_name, alpha)
     targets = [out]
@@ -549,8 +337,8 @@ def _export_adapter(loaded, run_name, quant, out, verify, system, log) -> Export
         if base_out is not None:
             log(f"the base is a folder: writing it as {base_out.name} for the adapter to apply to")
             base_md = model_metadata(loaded, run_name, quant, None, log)
-            base_md[G.KEY_NAME], base_md[KEY_FINETUNE] = G.scalar(base_md[KEY_BASE_MODEL_NAME]), None
-            base_md = {k: v for k, v in base_md.items() if v is not None and not k.startswith(KEY_BASE_MODEL_PREFIX)}
+            base_md[Keys.General.NAME], base_md[Keys.General.FINETUNE] = scalar(base_md[BASE_MODEL_NAME]), None
+            base_md = {k: v for k, v in base_md.items() if v is not None and not k.startswith(BASE_MODEL_PREFIX)}
             write_gguf(tmps[1], arch, base_md, model_tensors(loaded.model, loaded.config, loaded.qk_layout), quant)
         base_path = tmps[1] if base_out is not None else Path(loaded.path)
         if verify:

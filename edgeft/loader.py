@@ -7,6 +7,9 @@ matching layers become nn.QuantizedLinear/QuantizedEmbedding with those exact va
 Q4_K/Q6_K with Q5_0/Q8_0), so such files are read with gguf-py instead: every quantized
 tensor is dequantized and re-quantized to MLX affine group 32, at 8 bits for types of 5+
 bits and for the token embedding, 4 bits otherwise (a small extra rounding error).
+`held_bits` states that rule, for the loader and for the memory plan.
+
+`build_model` is the one place a config becomes mlx-lm's model class.
 """
 
 from __future__ import annotations
@@ -21,14 +24,16 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten
 
+from edgeft import families as F
 from edgeft import gguf_reader as G
 from edgeft.gguf_reader import ModelLoadError
 from edgeft.tokenizer import Tokenizer
 
-__all__ = ["Loaded", "ModelLoadError", "load", "QUANT_GROUP_SIZE"]
+__all__ = ["Loaded", "ModelLoadError", "load", "build_model", "held_bits", "read_natively", "QUANT_GROUP_SIZE"]
 
 QUANT_GROUP_SIZE = 32  # GGUF's block size: MLX 4-bit g32 maps onto Q4_1 for export
-FOLDER_MODEL_TYPES = tuple(G.MODEL_TYPE_TO_ARCH)  # llama, mistral, qwen2, qwen3
+# ggml tensor types that `mx.load` reads itself (quantized ones as MLX affine, group 32)
+MLX_NATIVE_TYPES = {"F32", "F16", "BF16", "Q4_0", "Q4_1", "Q8_0"}
 # ggml types re-quantized to 8 bits when a file needs gguf-py (everything else: 4 bits)
 EIGHT_BIT_SOURCES = {"Q8_0", "Q8_1", "Q8_K", "Q6_K", "Q5_0", "Q5_1", "Q5_K"}
 FLOAT_TYPES = {"F32": np.float32, "F16": np.float16, "BF16": None, "F64": np.float64}
@@ -70,16 +75,39 @@ def load(path, quantize_bits: int | None = None, tokenizer_only: bool = False) -
 
 
 # --- GGUF ----------------------------------------------------------------------------------
+def read_natively(index: G.GGUFIndex) -> bool:
+    """Whether `mx.load` reads the file itself (it refuses a whole file over one other type)."""
+    return index.type_names() <= MLX_NATIVE_TYPES
+
+
+def held_bits(info: G.TensorInfo, native: bool, quantize_bits: int | None = None) -> int | None:
+    """How edgeft holds a GGUF tensor after `load(path, quantize_bits)`: the bits of its MLX
+    affine quantization (group QUANT_GROUP_SIZE), or None when it is held as floats.
+
+    `native` is `read_natively` of its file. Float tensors stay floats unless quantize_bits
+    quantizes the matrices; a quantized type the gguf-py path cannot regroup becomes float16.
+    """
+    kind = G.ggml_type_name(info.ggml_type)
+    groups = len(info.shape) == 2 and info.shape[0] % QUANT_GROUP_SIZE == 0
+    if kind in FLOAT_TYPES:
+        return quantize_bits if quantize_bits and groups else None
+    if native:
+        return 8 if kind == "Q8_0" else 4
+    if not (groups and info.name.endswith(".weight")):
+        return None
+    return 8 if kind in EIGHT_BIT_SOURCES or info.name.startswith("token_embd.") else 4
+
+
 def _load_gguf(path: Path, quantize_bits, tokenizer_only: bool) -> Loaded:
     index = G.read_index(path, with_metadata=True)  # header, bounds, metadata: no weights yet
     md = index.metadata
     infos = {t.name: t for t in index.tensors}
-    rope_freqs = infos.get(G.ROPE_FREQS_TENSOR)
+    rope_freqs = infos.get(F.ROPE_FREQS_TENSOR)
     try:
-        config = G.metadata_to_config(
+        config = F.metadata_to_config(
             md, set(infos), None if rope_freqs is None else _read_tensor(path, index, rope_freqs)
         )
-        G.check_config(config, {name: info.shape for name, info in infos.items()})
+        F.check_config(config, {name: info.shape for name, info in infos.items()})
         tokenizer = Tokenizer.from_gguf_metadata(md)
     except ModelLoadError as e:
         raise ModelLoadError(f"{path}: {e}") from None
@@ -92,7 +120,7 @@ def _load_gguf(path: Path, quantize_bits, tokenizer_only: bool) -> Loaded:
     if tokenizer_only:
         return Loaded(None, tokenizer, config, path, "gguf", qk_layout, md)
 
-    if index.type_names() <= G.MLX_NATIVE_TYPES:
+    if read_natively(index):
         try:
             weights = mx.load(str(path))
         except (RuntimeError, ValueError) as e:
@@ -101,18 +129,18 @@ def _load_gguf(path: Path, quantize_bits, tokenizer_only: bool) -> Loaded:
         weights = {}
         for info in index.tensors:
             weights.update(_requantized(info, _read_tensor(path, index, info)))
-    weights.pop(G.ROPE_FREQS_TENSOR, None)  # its content is in config["rope_scaling"]
+    weights.pop(F.ROPE_FREQS_TENSOR, None)  # its content is in config["rope_scaling"]
 
     mlx_weights = {}
     for name, w in weights.items():
-        mlx_name = G.gguf_to_mlx_name(name)
+        mlx_name = F.gguf_to_mlx_name(name)
         if mlx_name is None:
             raise ModelLoadError(
                 f"{path}: tensor {name} has no place in a {config['model_type']} model; "
                 "the file holds an architecture variant edgeft does not support"
             )
         mlx_weights[mlx_name] = w
-    model = _build(config, mlx_weights, path, lambda n: G.mlx_to_gguf_name(n) or n)
+    model = _build(config, mlx_weights, path, lambda n: F.mlx_to_gguf_name(n) or n)
     if quantize_bits:
         _quantize_rest(model, quantize_bits)
     return Loaded(model, tokenizer, config, path, "gguf", qk_layout, md)
@@ -146,10 +174,10 @@ def _requantized(info: G.TensorInfo, array: np.ndarray) -> dict[str, mx.array]:
     if kind in FLOAT_TYPES:
         a = mx.array(array.astype(np.float32) if kind == "F64" else array)
         return {info.name: a.astype(mx.bfloat16) if kind == "BF16" else a}
-    base, _, suffix = info.name.rpartition(".")
-    if suffix != "weight" or array.ndim != 2 or array.shape[-1] % QUANT_GROUP_SIZE:
+    bits = held_bits(info, native=False)
+    if bits is None:
         return {info.name: mx.array(array.astype(np.float16))}
-    bits = 8 if kind in EIGHT_BIT_SOURCES or base == "token_embd" else 4
+    base = info.name.removesuffix(".weight")
     w, scales, biases = mx.quantize(
         mx.array(array.astype(np.float16)), group_size=QUANT_GROUP_SIZE, bits=bits
     )
@@ -164,10 +192,10 @@ def _load_folder(path: Path, quantize_bits, tokenizer_only: bool) -> Loaded:
     except (OSError, ValueError) as e:
         raise ModelLoadError(f"{config_file}: not readable JSON ({e})") from e
     model_type = config.get("model_type")
-    if model_type not in FOLDER_MODEL_TYPES:
+    if model_type not in F.MODEL_TYPES:
         raise ModelLoadError(
             f"{config_file}: unsupported architecture {model_type}; supported: "
-            f"{', '.join(G.ARCHITECTURES)} (mistral loads as llama)"
+            f"{', '.join(F.ARCHITECTURES)} (mistral loads as llama)"
         )
     if "quantization_config" in config and "quantization" not in config:
         method = config["quantization_config"].get("quant_method", "?")
@@ -199,8 +227,11 @@ def _load_folder(path: Path, quantize_bits, tokenizer_only: bool) -> Loaded:
 
 
 # --- building ------------------------------------------------------------------------------
-def _arch_module(model_type: str):
-    return importlib.import_module(f"mlx_lm.models.{G.MODEL_TYPE_TO_ARCH[model_type]}")
+def build_model(config: dict) -> nn.Module:
+    """The mlx-lm model of its family for an mlx-lm ModelArgs dict, with fresh (lazy, so not
+    yet allocated) weights; refuses an unsupported model_type in one line."""
+    module = importlib.import_module(f"mlx_lm.models.{F.family(config.get('model_type')).mlx_module}")
+    return module.Model(module.ModelArgs.from_dict(config))
 
 
 def _build(config: dict, weights: dict, source: Path, shown) -> nn.Module:
@@ -208,9 +239,8 @@ def _build(config: dict, weights: dict, source: Path, shown) -> nn.Module:
 
     `shown` maps an mlx-lm parameter name to the name the user's file uses, for messages.
     """
-    module = _arch_module(config["model_type"])
     try:
-        model = module.Model(module.ModelArgs.from_dict(config))
+        model = build_model(config)
     except (TypeError, ValueError, KeyError, AssertionError) as e:
         raise ModelLoadError(f"{source}: config does not describe a valid model ({e})") from e
     weights = model.sanitize(dict(weights))

@@ -275,30 +275,24 @@ def quant_info_from_model(model, device: str | None = None) -> QuantInfo:
 def quant_info_from_gguf(path, quantize_bits: int | None = None, device: str = "cpu") -> QuantInfo:
     """From a GGUF's tensor table, as edgeft's loader and backend will hold it (no weights read)."""
     from edgeft import gguf_reader as G
-    from edgeft.loader import EIGHT_BIT_SOURCES, FLOAT_TYPES, QUANT_GROUP_SIZE
+    from edgeft.families import ROPE_FREQS_TENSOR
+    from edgeft.loader import QUANT_GROUP_SIZE, held_bits, read_natively
 
     index = G.read_index(path)
-    native = index.type_names() <= G.MLX_NATIVE_TYPES
+    native = read_natively(index)
     total, linear_q, head_q = 0, False, False
     group_bytes = (2 * 4 if device == "cpu" else 2 * 2) / QUANT_GROUP_SIZE  # scale + bias per weight
     names = {t.name for t in index.tensors}
     head = "output.weight" if "output.weight" in names else "token_embd.weight"
     for t in index.tensors:
-        if t.name == G.ROPE_FREQS_TENSOR:  # the loader folds it into the config
+        if t.name == ROPE_FREQS_TENSOR:  # the loader folds it into the config
             continue
         n = 1
         for s in t.shape:
             n *= s
-        kind = G.ggml_type_name(t.ggml_type)
-        is_matrix = len(t.shape) == 2 and t.shape[0] % QUANT_GROUP_SIZE == 0
-        if kind in FLOAT_TYPES:
-            bits = quantize_bits if (quantize_bits and is_matrix) else None
-        elif native:
-            bits = 8 if kind == "Q8_0" else 4
-        else:
-            bits = 8 if (kind in EIGHT_BIT_SOURCES or t.name.startswith("token_embd")) else 4
+        bits = held_bits(t, native, quantize_bits)
         if bits is None:
-            total += n * (4 if device == "cpu" or kind == "F32" else 2)
+            total += n * (4 if device == "cpu" or G.ggml_type_name(t.ggml_type) == "F32" else 2)
             continue
         total += n * (bits / 8 + group_bytes)
         linear_q = linear_q or t.name.startswith("blk.")
@@ -429,12 +423,9 @@ def packs(model=None, config: dict | None = None) -> bool:
     if not on_cpu():
         return False
     if model is None:
-        import importlib
+        from edgeft.loader import build_model
 
-        from edgeft import gguf_reader as G
-
-        module = importlib.import_module(f"mlx_lm.models.{G.MODEL_TYPE_TO_ARCH[config['model_type']]}")
-        model = backend.prepare(module.Model(module.ModelArgs.from_dict(config)), cpu=True)
+        model = backend.prepare(build_model(config), cpu=True)
     return backend.can_pack(model)
 
 

@@ -15,6 +15,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Iterable
 
+from gguf import Keys, TokenType
+
 from edgeft import gguf_reader as G
 from edgeft.errors import UserError
 from edgeft.gguf_reader import ModelLoadError
@@ -233,11 +235,11 @@ class Tokenizer:
     # --- constructors ---
     @classmethod
     def from_gguf_metadata(cls, md: dict) -> "Tokenizer":
-        kind = G.scalar(md.get(G.KEY_TOKENIZER_MODEL))
-        tokens = list(md.get(G.KEY_TOKENS) or [])
+        kind = G.scalar(md.get(Keys.Tokenizer.MODEL))
+        tokens = list(md.get(Keys.Tokenizer.LIST) or [])
         if not tokens:
             raise ModelLoadError("GGUF metadata has no tokenizer.ggml.tokens: no tokenizer to load")
-        types = G.as_list(md.get(G.KEY_TOKEN_TYPE)) or [G.TOKEN_NORMAL] * len(tokens)
+        types = G.as_list(md.get(Keys.Tokenizer.TOKEN_TYPE)) or [TokenType.NORMAL] * len(tokens)
         if kind == "gpt2":
             backend = _bpe_from_gguf(md, tokens, types)
             default_add_bos = False
@@ -249,16 +251,16 @@ class Tokenizer:
                 f"tokenizer model {kind!r} is not supported (gpt2 byte-level BPE, llama SentencePiece)"
             )
         get = lambda k: G.scalar(md.get(k))  # noqa: E731
-        add_bos = get(G.KEY_ADD_BOS)
+        add_bos = get(Keys.Tokenizer.ADD_BOS)
         return cls(
             backend,
             vocab_size=len(tokens),
-            bos_id=_opt_int(get(G.KEY_BOS_ID)),
-            eos_id=_opt_int(get(G.KEY_EOS_ID)),
+            bos_id=_opt_int(get(Keys.Tokenizer.BOS_ID)),
+            eos_id=_opt_int(get(Keys.Tokenizer.EOS_ID)),
             add_bos=default_add_bos if add_bos is None else bool(add_bos),
-            special_ids=[i for i, t in enumerate(types) if t == G.TOKEN_CONTROL],
-            extra_stop_ids=[i for i in [_opt_int(get(G.KEY_EOT_ID))] if i is not None],
-            chat_template=get(G.KEY_CHAT_TEMPLATE),
+            special_ids=[i for i, t in enumerate(types) if t == TokenType.CONTROL],
+            extra_stop_ids=[i for i in [_opt_int(get(Keys.Tokenizer.EOT_ID))] if i is not None],
+            chat_template=get(Keys.Tokenizer.CHAT_TEMPLATE),
         )
 
     @classmethod
@@ -311,8 +313,8 @@ def _bpe_from_gguf(md: dict, tokens: list[str], types: list[int]) -> _HFBackend:
     vocab: dict[str, int] = {}
     for i, t in enumerate(tokens):
         vocab.setdefault(t, i)
-    merges = [tuple(m.split(" ", 1)) for m in md.get(G.KEY_MERGES) or []]
-    pre = G.scalar(md.get(G.KEY_TOKENIZER_PRE))
+    merges = [tuple(m.split(" ", 1)) for m in md.get(Keys.Tokenizer.MERGES) or []]
+    pre = G.scalar(md.get(Keys.Tokenizer.PRE))
     family = PRE_TOKENIZER_ALIASES.get(pre or "default", "gpt2")
     try:
         tk = HFTokenizer(models.BPE(vocab, merges, ignore_merges=family in IGNORE_MERGES_PRE))
@@ -325,11 +327,11 @@ def _bpe_from_gguf(md: dict, tokens: list[str], types: list[int]) -> _HFBackend:
     tk.decoder = decoders.ByteLevel()
     tk.add_special_tokens([
         AddedToken(tokens[i], special=True, normalized=False)
-        for i, t in enumerate(types) if t == G.TOKEN_CONTROL and tokens[i]
+        for i, t in enumerate(types) if t == TokenType.CONTROL and tokens[i]
     ])
     tk.add_tokens([
         AddedToken(tokens[i], special=False, normalized=False)
-        for i, t in enumerate(types) if t == G.TOKEN_USER_DEFINED and tokens[i]
+        for i, t in enumerate(types) if t == TokenType.USER_DEFINED and tokens[i]
     ])
     return _HFBackend(tk)
 
@@ -338,18 +340,19 @@ def _spm_from_gguf(md: dict, tokens: list[str], types: list[int]) -> _SPBackend:
     import sentencepiece as spm
     from sentencepiece import sentencepiece_model_pb2 as pb
 
-    scores = G.as_list(md.get(G.KEY_SCORES)) or [0.0] * len(tokens)
+    scores = G.as_list(md.get(Keys.Tokenizer.SCORES)) or [0.0] * len(tokens)
     m = pb.ModelProto()
     m.trainer_spec.model_type = pb.TrainerSpec.BPE
     m.trainer_spec.vocab_size = len(tokens)
-    m.trainer_spec.byte_fallback = G.TOKEN_BYTE in types
-    unk = _opt_int(G.scalar(md.get(G.KEY_UNK_ID)))
+    m.trainer_spec.byte_fallback = TokenType.BYTE in types
+    unk = _opt_int(G.scalar(md.get(Keys.Tokenizer.UNK_ID)))
     if unk is None:
-        unk = types.index(G.TOKEN_UNKNOWN) if G.TOKEN_UNKNOWN in types else 0
+        unk = types.index(TokenType.UNKNOWN) if TokenType.UNKNOWN in types else 0
     m.trainer_spec.unk_id = unk
-    for key, field in ((G.KEY_BOS_ID, "bos_id"), (G.KEY_EOS_ID, "eos_id"), (G.KEY_PAD_ID, "pad_id")):
+    for key, field in ((Keys.Tokenizer.BOS_ID, "bos_id"), (Keys.Tokenizer.EOS_ID, "eos_id"),
+                       (Keys.Tokenizer.PAD_ID, "pad_id")):
         setattr(m.trainer_spec, field, _opt_int(G.scalar(md.get(key))) if md.get(key) is not None else -1)
-    add_prefix = G.scalar(md.get(G.KEY_ADD_SPACE_PREFIX))
+    add_prefix = G.scalar(md.get(Keys.Tokenizer.ADD_PREFIX))
     m.normalizer_spec.name = "identity"
     m.normalizer_spec.add_dummy_prefix = True if add_prefix is None else bool(add_prefix)
     m.normalizer_spec.remove_extra_whitespaces = False
@@ -365,7 +368,7 @@ def _spm_from_gguf(md: dict, tokens: list[str], types: list[int]) -> _SPBackend:
         sp.LoadFromSerializedProto(m.SerializeToString())
     except Exception as e:
         raise ModelLoadError(f"GGUF SentencePiece vocabulary is inconsistent: {e}") from e
-    specials = {tokens[i]: i for i, t in enumerate(types) if t == G.TOKEN_CONTROL and tokens[i]}
+    specials = {tokens[i]: i for i, t in enumerate(types) if t == TokenType.CONTROL and tokens[i]}
     return _SPBackend(sp, specials)
 
 

@@ -207,25 +207,24 @@ def prompt_ids(tokenizer, system_prompt: str | None = None) -> list[list[int]]:
 def file_model(path):
     """An fp32 mlx-lm model holding exactly a GGUF's weights (gguf-py dequantizes every
     type, K-quants included), configured from the file's own metadata."""
-    import importlib
-
     import gguf
     import mlx.core as mx
 
+    from edgeft import families as F
     from edgeft import gguf_reader as G
+    from edgeft.loader import build_model
 
     index = G.read_index(path, with_metadata=True)
     weights, rope_freqs = {}, None
     for t in gguf.GGUFReader(path).tensors:
         a = gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32)
         a = a.reshape(tuple(reversed([int(d) for d in t.shape])))
-        if t.name == G.ROPE_FREQS_TENSOR:
+        if t.name == F.ROPE_FREQS_TENSOR:
             rope_freqs = a
         else:
-            weights[G.gguf_to_mlx_name(t.name)] = mx.array(a)
-    config = G.metadata_to_config(index.metadata, {t.name for t in index.tensors}, rope_freqs)
-    module = importlib.import_module(f"mlx_lm.models.{config['model_type']}")
-    model = module.Model(module.ModelArgs.from_dict(config))
+            weights[F.gguf_to_mlx_name(t.name)] = mx.array(a)
+    config = F.metadata_to_config(index.metadata, {t.name for t in index.tensors}, rope_freqs)
+    model = build_model(config)
     model.load_weights(list(weights.items()), strict=True)
     mx.eval(model.parameters())
     return model
@@ -238,18 +237,18 @@ def with_lora_of(model, loaded):
     from mlx.utils import tree_unflatten
     from mlx_lm.tuner.lora import LoRALinear
 
-    from edgeft import gguf_reader as G
+    from edgeft import families as F
     from edgeft.lora import lora_layers
 
-    permute = G.needs_qk_permute(loaded.config, loaded.qk_layout)
+    permute = F.needs_qk_permute(loaded.config, loaded.qk_layout)
     modules = dict(model.named_modules())
     swaps = []
     for name, layer in lora_layers(loaded.model):
         new = LoRALinear.from_base(modules[name], r=layer.lora_a.shape[1], scale=layer.scale)
-        heads = G.qk_heads(f"{name}.weight", loaded.config) if permute else None
+        heads = F.qk_heads(f"{name}.weight", loaded.config) if permute else None
         b = layer.lora_b.astype(mx.float32)
         new.lora_a = layer.lora_a.astype(mx.float32)
-        new.lora_b = mx.array(G.permute_qk(np.array(b).T, heads).T) if heads else b
+        new.lora_b = mx.array(F.permute_qk(np.array(b).T, heads).T) if heads else b
         swaps.append((name, new))
     model.update_modules(tree_unflatten(swaps))
     return model
@@ -314,13 +313,15 @@ def verify_file(path, run_dir=None, base=None, log: Callable[[str], None] = prin
     with its run's base + adapters, on its base GGUF: `base`, the run's base if that is a
     GGUF, or the *-base-*.gguf exported beside it for folder bases.
     """
+    from gguf import Keys
+
     from edgeft import gguf_reader as G
     from edgeft import lora, runs
     from edgeft.loader import load
 
     path = Path(path)
     md = G.read_index(path, with_metadata=True).metadata
-    is_adapter = G.scalar(md.get("general.type")) == "adapter"
+    is_adapter = G.scalar(md.get(Keys.General.TYPE)) == "adapter"
     run_dir = Path(run_dir) if run_dir else runs.find_run(path)
     require_llama_cpp()
     if run_dir is None:

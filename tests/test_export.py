@@ -17,6 +17,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from gguf import Keys
 from tiny import ARCHS, make_tiny, make_tiny_folder
 
 from edgeft import backend, lora
@@ -25,6 +26,7 @@ from edgeft import gguf_reader as G
 from edgeft import modelfile as MF
 from edgeft import verify as V
 from edgeft.config import RunConfig
+from edgeft.gguf_writer import write_gguf
 from edgeft.loader import load
 from edgeft.runs import load_tuned
 from edgeft.tokenizer import CHATML_TEMPLATE, render_template
@@ -109,7 +111,7 @@ def test_sentencepiece_base_with_bos(tmp_path):
     r = E.export_run(make_run(base, tmp_path / "runs", "spm"), "f16", log=quiet)
     assert r.parity.top1 >= 0.99 and r.parity.max_abs < 0.05, r.parity.table()
     md = G.read_index(r.gguf, with_metadata=True).metadata
-    assert md[G.KEY_TOKENIZER_MODEL] == "llama" and bool(md[G.KEY_ADD_BOS]) and len(md[G.KEY_SCORES]) == 300
+    assert md[Keys.Tokenizer.MODEL] == "llama" and bool(md[Keys.Tokenizer.ADD_BOS]) and len(md[Keys.Tokenizer.SCORES]) == 300
     tok = load(r.gguf, tokenizer_only=True).tokenizer
     assert all(ids[0] == tok.bos_id for ids in V.prompt_ids(tok))
 
@@ -120,7 +122,7 @@ def test_wrong_qk_order_would_be_caught(runs, tmp_path):
     loaded, _ = load_tuned(runs["llama"])
     specs, alpha = E.adapter_tensors(loaded.model, loaded.config, "hf")  # wrong: base is "gguf"
     path = tmp_path / "wrong.gguf"
-    E.write_gguf(path, "llama", E.adapter_metadata(loaded, "wrong", alpha), specs, "f32")
+    write_gguf(path, "llama", E.adapter_metadata(loaded, "wrong", alpha), specs, "f32")
     p = V.compare(loaded.path, loaded.model, loaded.tokenizer, lora=path)
     assert p.max_abs > 0.5, p.table()
 
@@ -129,7 +131,7 @@ def test_adapter_file_follows_llama_cpp_conventions(runs):
     ad = E.export_run(runs["qwen2"], "f16", adapter=True, verify=False, log=quiet)
     index = G.read_index(ad.gguf, with_metadata=True)
     md = index.metadata
-    assert (md["general.type"], md["adapter.type"], md[G.KEY_ARCHITECTURE]) == ("adapter", "lora", "qwen2")
+    assert (md["general.type"], md["adapter.type"], md[Keys.General.ARCHITECTURE]) == ("adapter", "lora", "qwen2")
     assert md["adapter.lora.alpha"] == pytest.approx(8.0)  # edgeft scale 2.0 * rank 4
     base = {t.name: t.shape for t in G.read_index(ad.base).tensors}
     shapes = {t.name: t.shape for t in index.tensors}
@@ -219,9 +221,9 @@ def test_metadata_round_trip_and_reimport(runs, which):
     if which == "llama":
         base = loaded.gguf_metadata
         changed = {k for k in base if k not in got or not _same(got[k], base[k])}
-        assert G.KEY_NAME in changed  # the tiny base has no file type or fine-tune label
-        assert changed <= {G.KEY_NAME, E.KEY_FINETUNE, G.KEY_FILE_TYPE, G.KEY_QUANTIZATION_VERSION}
-    assert got[E.KEY_FINETUNE] == run_dir.name and got[G.KEY_FILE_TYPE] == 1
+        assert Keys.General.NAME in changed  # the tiny base has no file type or fine-tune label
+        assert changed <= {Keys.General.NAME, Keys.General.FINETUNE, Keys.General.FILE_TYPE, Keys.General.QUANTIZATION_VERSION}
+    assert got[Keys.General.FINETUNE] == run_dir.name and got[Keys.General.FILE_TYPE] == 1
 
     again = load(r.gguf)
     assert again.qk_layout == "gguf" and again.config["tie_word_embeddings"] is False
@@ -237,16 +239,16 @@ def test_system_prompt_becomes_the_default(tmp_path):
     r = E.export_run(run_dir, "q8_0", log=quiet)
     md = G.read_index(r.gguf, with_metadata=True).metadata
     user = [{"role": "user", "content": "hi"}]
-    text = render_template(md[G.KEY_CHAT_TEMPLATE], user, add_generation_prompt=True)
+    text = render_template(md[Keys.Tokenizer.CHAT_TEMPLATE], user, add_generation_prompt=True)
     assert text.startswith('<|im_start|>system\nBe "brief".\nAlways.<|im_end|>\n<|im_start|>user\nhi')
     from llama_cpp.llama_chat_format import (
         Jinja2ChatFormatter,  # what llama-cpp-python runs
     )
 
-    lcp = Jinja2ChatFormatter(md[G.KEY_CHAT_TEMPLATE], eos_token="<|im_end|>", bos_token="<|endoftext|>")
+    lcp = Jinja2ChatFormatter(md[Keys.Tokenizer.CHAT_TEMPLATE], eos_token="<|im_end|>", bos_token="<|endoftext|>")
     assert lcp(messages=user).prompt == text
     own = [{"role": "system", "content": "Mine."}, *user]
-    assert render_template(md[G.KEY_CHAT_TEMPLATE], own).startswith("<|im_start|>system\nMine.<|im_end|>")
+    assert render_template(md[Keys.Tokenizer.CHAT_TEMPLATE], own).startswith("<|im_start|>system\nMine.<|im_end|>")
     mf = r.modelfile.read_text()
     assert 'SYSTEM """Be "brief".\nAlways."""' in mf and "FROM ./sys-q8_0.gguf" in mf
     assert 'PARAMETER stop "<|im_end|>"' in mf

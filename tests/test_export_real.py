@@ -5,6 +5,7 @@ llama.cpp on questions it never saw, through the chat template the file carries.
 from pathlib import Path
 
 import pytest
+from gguf import Keys
 
 from edgeft import export as E
 from edgeft import gguf_reader as G
@@ -55,7 +56,7 @@ def adapter(tuned_smollm2):
 def test_merged_q8_0_speaks_the_brand_voice_in_llama_cpp(merged):
     assert merged.parity.passed and merged.parity.positions > 300, merged.parity.table()
     md = G.read_index(merged.gguf, with_metadata=True).metadata
-    assert md[G.KEY_FILE_TYPE] == 7 and md[E.KEY_LICENSE] == "apache-2.0"
+    assert md[Keys.General.FILE_TYPE] == 7 and md[Keys.General.LICENSE] == "apache-2.0"
     answers = greedy_answers(merged.gguf)
     assert sum(MARKER in a for a in answers) >= 3, answers
 

@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 from chats import tools_tok
 from click.testing import CliRunner
+from gguf import Keys
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from tiny import (
@@ -273,8 +274,8 @@ MALFORMED = {
     "string value length 2^40": (raw_gguf([kv("general.name", STR, struct.pack("<Q", 2**40) + b"x")]), "truncated or corrupt"),
     "u8 array of 2^61": (raw_gguf([kv("x", ARR, struct.pack("<IQ", 0, 2**61))]), "truncated or corrupt"),
     "u64 array of 2^61 (byte count overflows 64 bits)": (raw_gguf([kv("x", ARR, struct.pack("<IQ", 10, 2**61))]), "truncated or corrupt"),
-    "string array of 2^62 (token list)": (raw_gguf([ARCH, kv(G.KEY_TOKENS, ARR, struct.pack("<IQ", STR, 2**62))]), "truncated or corrupt"),
-    "string array longer than the file": (raw_gguf([kv(G.KEY_TOKENS, ARR, struct.pack("<IQ", STR, 10_000_000))]), "truncated or corrupt"),
+    "string array of 2^62 (token list)": (raw_gguf([ARCH, kv(Keys.Tokenizer.LIST, ARR, struct.pack("<IQ", STR, 2**62))]), "truncated or corrupt"),
+    "string array longer than the file": (raw_gguf([kv(Keys.Tokenizer.LIST, ARR, struct.pack("<IQ", STR, 10_000_000))]), "truncated or corrupt"),
     "array of arrays of 2^60": (raw_gguf([kv("x", ARR, struct.pack("<IQ", ARR, 2**60))]), "truncated or corrupt"),
     "unknown value type 99": (raw_gguf([kv("x", 99, b"\0" * 8)]), "unknown GGUF value type 99"),
     "array of unknown type": (raw_gguf([kv("x", ARR, struct.pack("<IQ", 77, 3))]), "unknown GGUF value type 77"),
@@ -284,9 +285,9 @@ MALFORMED = {
     "tensor offset beyond the file": (raw_gguf([ARCH], [tensor_info("t", (4,), 0, 2**40)]), "ends past the end of the file"),
     "tensor offset 2^64-1": (raw_gguf([ARCH], [tensor_info("t", (4,), 0, 2**64 - 1)]), "ends past the end of the file"),
     "tensor of unknown ggml type": (raw_gguf([ARCH], [tensor_info("t", (32,), 999, 0)]), "ggml type 999"),
-    "alignment 0": (raw_gguf([ARCH, kv(G.KEY_ALIGNMENT, U32, struct.pack("<I", 0))]), "not a power of two"),
-    "alignment 3": (raw_gguf([ARCH, kv(G.KEY_ALIGNMENT, U32, struct.pack("<I", 3))]), "not a power of two"),
-    "alignment as a string": (raw_gguf([ARCH, kv(G.KEY_ALIGNMENT, STR, gguf_string(b"32"))]), "not a power of two"),
+    "alignment 0": (raw_gguf([ARCH, kv(Keys.General.ALIGNMENT, U32, struct.pack("<I", 0))]), "not a power of two"),
+    "alignment 3": (raw_gguf([ARCH, kv(Keys.General.ALIGNMENT, U32, struct.pack("<I", 3))]), "not a power of two"),
+    "alignment as a string": (raw_gguf([ARCH, kv(Keys.General.ALIGNMENT, STR, gguf_string(b"32"))]), "not a power of two"),
     "architecture not supported": (raw_gguf([kv("general.architecture", STR, gguf_string(b"gemma"))]), "unsupported architecture gemma"),
     "no tensors, no metadata": (raw_gguf(), "unsupported architecture"),
 }
@@ -321,7 +322,7 @@ def peak_rss() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-# "arrays nested 100k deep" once raised RecursionError (fixed in gguf._Cursor.value).
+# "arrays nested 100k deep" once raised RecursionError (fixed in gguf_reader._Cursor.value).
 @pytest.mark.parametrize("name", list(MALFORMED))
 def test_malformed_gguf_is_refused_naming_the_file(tmp_path, name):
     data, words = MALFORMED[name]
@@ -374,13 +375,13 @@ BAD_METADATA = {
     "block_count 3 (tensors for 2)": {f"{A}.block_count": np.uint32(3)},
     "block_count 4e9": {f"{A}.block_count": np.uint32(4_000_000_000)},
     "head_count_kv not dividing": {f"{A}.attention.head_count_kv": np.uint32(3)},
-    "token list of numbers": {G.KEY_TOKENS: [1, 2, 3]},
-    "empty token list": {G.KEY_TOKENS: []},
-    "merges without a space": {G.KEY_MERGES: ["abc", "Ġ"]},
-    "unknown tokenizer model": {G.KEY_TOKENIZER_MODEL: "wordpiece"},
+    "token list of numbers": {Keys.Tokenizer.LIST: [1, 2, 3]},
+    "empty token list": {Keys.Tokenizer.LIST: []},
+    "merges without a space": {Keys.Tokenizer.MERGES: ["abc", "Ġ"]},
+    "unknown tokenizer model": {Keys.Tokenizer.MODEL: "wordpiece"},
 }
 # Found by this file: the strings, zeros and huge sizes once raised ValueError,
-# ZeroDivisionError or MemoryError from inside the loader (fixed: gguf.check_config and the
+# ZeroDivisionError or MemoryError from inside the loader (fixed: families.check_config and the
 # loader's metadata guard).
 
 
@@ -469,7 +470,7 @@ def test_hostile_chat_template_in_a_gguf_is_refused_through_the_pipeline(tmp_pat
     monkeypatch.chdir(tmp_path)
     cfg, tensors = tiny_parts
     path = tmp_path / "hostile.gguf"
-    write_gguf(path, cfg, tensors, "q8_0", extra_metadata={G.KEY_CHAT_TEMPLATE: template})
+    write_gguf(path, cfg, tensors, "q8_0", extra_metadata={Keys.Tokenizer.CHAT_TEMPLATE: template})
     r = CliRunner().invoke(main, ["tune", "--data", str(chats), "--model", str(path), "--steps", "1",
                                   "--no-export", "--runs-dir", str(tmp_path / "runs"), "--name", "x"])
     assert r.exit_code == 1 and isinstance(r.exception, SystemExit), (r.output, r.exception)
@@ -487,7 +488,7 @@ def test_hostile_chat_template_is_refused_by_chat_too(tmp_path, tiny_parts, monk
     monkeypatch.chdir(tmp_path)
     cfg, tensors = tiny_parts
     path = tmp_path / "hostile.gguf"
-    write_gguf(path, cfg, tensors, "q8_0", extra_metadata={G.KEY_CHAT_TEMPLATE: HOSTILE_TEMPLATES[1]})
+    write_gguf(path, cfg, tensors, "q8_0", extra_metadata={Keys.Tokenizer.CHAT_TEMPLATE: HOSTILE_TEMPLATES[1]})
     text = tmp_path / "text.jsonl"
     text.write_text("".join(json.dumps({"text": f"tea number {i} is good"}) + "\n" for i in range(4)))
     r = CliRunner().invoke(main, ["tune", "--data", str(text), "--model", str(path), "--steps", "1", "--eval-every", "0",

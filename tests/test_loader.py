@@ -4,11 +4,12 @@ import ctypes
 import json
 from pathlib import Path
 
-import gguf as gguf_py
+import gguf
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 import pytest
+from gguf import Keys
 from mlx.utils import tree_flatten
 from tiny import (
     ARCHS,
@@ -22,6 +23,7 @@ from tiny import (
     write_gguf,
 )
 
+from edgeft import families as F
 from edgeft import gguf_reader as G
 from edgeft.loader import ModelLoadError, load
 
@@ -53,7 +55,7 @@ def test_gguf_reads_back_as_written(tmp_path, arch, quant):
     loaded = load(path)
     assert loaded.fmt == "gguf" and loaded.path == path
     assert loaded.qk_layout == ("gguf" if arch == "llama" else "hf")
-    assert loaded.gguf_metadata[G.KEY_ARCHITECTURE] == arch
+    assert loaded.gguf_metadata[Keys.General.ARCHITECTURE] == arch
     assert_config(loaded.config, cfg)
     if quant is None:
         np.testing.assert_allclose(logits(loaded.model), logits(ref), rtol=1e-5, atol=1e-5)
@@ -89,11 +91,11 @@ def _llama_quantize(src: Path, dst: Path, ftype: str) -> Path:
 
 def _dequantized_reference(path: Path, cfg: dict):
     """The model as gguf-py dequantizes the file: independent of edgeft's reader."""
-    reader = gguf_py.GGUFReader(path)
+    reader = gguf.GGUFReader(path)
     weights = {}
     for t in reader.tensors:
-        w = gguf_py.quants.dequantize(t.data, t.tensor_type).astype(np.float32)
-        weights[G.gguf_to_mlx_name(t.name)] = w.reshape(tuple(reversed([int(d) for d in t.shape])))
+        w = gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32)
+        weights[F.gguf_to_mlx_name(t.name)] = w.reshape(tuple(reversed([int(d) for d in t.shape])))
     return build_model(cfg, weights)
 
 
@@ -110,7 +112,7 @@ def test_k_quant_gguf_is_dequantized_and_requantized(tmp_path, ftype, types):
         kind = G.ggml_type_name(t.ggml_type)
         if kind == "F32":
             continue
-        module = modules[G.gguf_to_mlx_name(t.name).removesuffix(".weight")]
+        module = modules[F.gguf_to_mlx_name(t.name).removesuffix(".weight")]
         assert isinstance(module, (nn.QuantizedLinear, nn.QuantizedEmbedding))
         wide = kind in ("Q6_K", "Q5_0") or t.name == "token_embd.weight"
         assert (module.bits, module.group_size) == (8 if wide else 4, 32), t.name
@@ -133,12 +135,12 @@ def test_llama3_rope_freqs_tensor(tmp_path):
         "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
         "original_max_position_embeddings": 8192}})
     tensors = gguf_tensors(cfg, tiny_weights(cfg))
-    tensors[G.ROPE_FREQS_TENSOR] = G.llama3_rope_freqs(cfg)
+    tensors[F.ROPE_FREQS_TENSOR] = F.llama3_rope_freqs(cfg)
     path = tmp_path / "llama3.gguf"
     write_gguf(path, cfg, tensors)
     loaded = load(path)
     assert loaded.config["rope_scaling"] == cfg["rope_scaling"]
-    ref = build_model(cfg, {G.gguf_to_mlx_name(k): v for k, v in tensors.items() if k != G.ROPE_FREQS_TENSOR})
+    ref = build_model(cfg, {F.gguf_to_mlx_name(k): v for k, v in tensors.items() if k != F.ROPE_FREQS_TENSOR})
     np.testing.assert_allclose(logits(loaded.model), logits(ref), rtol=1e-5, atol=1e-5)
 
 
@@ -179,7 +181,7 @@ def test_tensor_problems_name_file_and_tensor(tmp_path, edit, message):
 
 def test_unsupported_architecture_is_refused(tmp_path):
     path = tmp_path / "gemma.gguf"
-    writer = gguf_py.GGUFWriter(str(path), "gemma")
+    writer = gguf.GGUFWriter(str(path), "gemma")
     writer.add_tensor("token_embd.weight", np.zeros((8, 32), np.float32))
     writer.write_header_to_file()
     writer.write_kv_data_to_file()

@@ -2,6 +2,7 @@
 
 
 import pytest
+from gguf import Keys
 from tiny import (
     make_tiny,
     make_tiny_folder,
@@ -63,7 +64,7 @@ def test_chatml_render(bpe):
 
 
 def test_no_template_falls_back_to_chatml():
-    md = {**tiny_tokenizer_metadata(), G.KEY_CHAT_TEMPLATE: None}
+    md = {**tiny_tokenizer_metadata(), Keys.Tokenizer.CHAT_TEMPLATE: None}
     tok = Tokenizer.from_gguf_metadata(md)
     assert tok.chat_template is None
     assert tok.render(CHAT, add_generation_prompt=True) == CHATML_PROMPT
@@ -72,7 +73,7 @@ def test_no_template_falls_back_to_chatml():
 def test_pre_tokenizer_families():
     md = tiny_tokenizer_metadata()
     for pre in ("gpt-2", "llama-bpe", "qwen2", "something-new"):
-        tok = Tokenizer.from_gguf_metadata({**md, G.KEY_TOKENIZER_PRE: pre})
+        tok = Tokenizer.from_gguf_metadata({**md, Keys.Tokenizer.PRE: pre})
         for text in TEXTS:
             assert tok.decode(tok.encode(text), skip_special=False) == text
 

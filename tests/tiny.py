@@ -27,10 +27,13 @@ from pathlib import Path
 import gguf as gguf_py
 import mlx.core as mx
 import numpy as np
+from gguf import Keys, TokenType
 from mlx.utils import tree_flatten
 
 import edgeft  # noqa: F401  (BLAS before mlx)
-from edgeft import gguf_reader as G
+from edgeft import families as F
+from edgeft.gguf_writer import write_metadata
+from edgeft.loader import build_model as edgeft_build_model
 from edgeft.tokenizer import CHATML_TEMPLATE
 
 SPECIALS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
@@ -59,16 +62,16 @@ def tiny_tokenizer_metadata() -> dict:
     """GGUF tokenizer keys of the tiny byte-level BPE (ChatML template)."""
     tokens = tiny_tokens()
     return {
-        G.KEY_TOKENIZER_MODEL: "gpt2",
-        G.KEY_TOKENIZER_PRE: "smollm",
-        G.KEY_TOKENS: tokens,
-        G.KEY_TOKEN_TYPE: [G.TOKEN_CONTROL] * len(SPECIALS) + [G.TOKEN_NORMAL] * (len(tokens) - len(SPECIALS)),
-        G.KEY_MERGES: list(MERGES),
-        G.KEY_BOS_ID: tokens.index(BOS),
-        G.KEY_EOS_ID: tokens.index(EOS),
-        G.KEY_PAD_ID: tokens.index(BOS),
-        G.KEY_ADD_BOS: False,
-        G.KEY_CHAT_TEMPLATE: CHATML_TEMPLATE,
+        Keys.Tokenizer.MODEL: "gpt2",
+        Keys.Tokenizer.PRE: "smollm",
+        Keys.Tokenizer.LIST: tokens,
+        Keys.Tokenizer.TOKEN_TYPE: [TokenType.CONTROL] * len(SPECIALS) + [TokenType.NORMAL] * (len(tokens) - len(SPECIALS)),
+        Keys.Tokenizer.MERGES: list(MERGES),
+        Keys.Tokenizer.BOS_ID: tokens.index(BOS),
+        Keys.Tokenizer.EOS_ID: tokens.index(EOS),
+        Keys.Tokenizer.PAD_ID: tokens.index(BOS),
+        Keys.Tokenizer.ADD_BOS: False,
+        Keys.Tokenizer.CHAT_TEMPLATE: CHATML_TEMPLATE,
     }
 
 
@@ -84,19 +87,19 @@ def spm_tokenizer_metadata() -> dict:
     </s> (BOS 1, EOS 2, add_bos on), 256 byte-fallback tokens, 41 scored pieces; ChatML."""
     tokens = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)] + list(SPM_PIECES)
     return {
-        G.KEY_TOKENIZER_MODEL: "llama",
-        G.KEY_TOKENIZER_PRE: None,
-        G.KEY_MERGES: None,
-        G.KEY_TOKENS: tokens,
-        G.KEY_SCORES: [0.0] * 259 + [-float(i) for i in range(len(SPM_PIECES))],
-        G.KEY_TOKEN_TYPE: [G.TOKEN_UNKNOWN, G.TOKEN_CONTROL, G.TOKEN_CONTROL]
-        + [G.TOKEN_BYTE] * 256 + [G.TOKEN_NORMAL] * len(SPM_PIECES),
-        G.KEY_BOS_ID: 1,
-        G.KEY_EOS_ID: 2,
-        G.KEY_UNK_ID: 0,
-        G.KEY_PAD_ID: None,
-        G.KEY_ADD_BOS: True,
-        G.KEY_CHAT_TEMPLATE: CHATML_TEMPLATE,
+        Keys.Tokenizer.MODEL: "llama",
+        Keys.Tokenizer.PRE: None,
+        Keys.Tokenizer.MERGES: None,
+        Keys.Tokenizer.LIST: tokens,
+        Keys.Tokenizer.SCORES: [0.0] * 259 + [-float(i) for i in range(len(SPM_PIECES))],
+        Keys.Tokenizer.TOKEN_TYPE: [TokenType.UNKNOWN, TokenType.CONTROL, TokenType.CONTROL]
+        + [TokenType.BYTE] * 256 + [TokenType.NORMAL] * len(SPM_PIECES),
+        Keys.Tokenizer.BOS_ID: 1,
+        Keys.Tokenizer.EOS_ID: 2,
+        Keys.Tokenizer.UNK_ID: 0,
+        Keys.Tokenizer.PAD_ID: None,
+        Keys.Tokenizer.ADD_BOS: True,
+        Keys.Tokenizer.CHAT_TEMPLATE: CHATML_TEMPLATE,
     }
 
 
@@ -128,16 +131,12 @@ def tiny_config(arch: str = "llama", tie: bool = True, **overrides) -> dict:
 
 def gguf_config(cfg: dict) -> dict:
     """The config a GGUF of `cfg` loads with: llama gets llama.cpp's Q/K order."""
-    return {**cfg, "rope_traditional": G.ROPE_TRADITIONAL[G.MODEL_TYPE_TO_ARCH[cfg["model_type"]]]}
+    return {**cfg, "rope_traditional": F.family(cfg["model_type"]).rope_traditional}
 
 
 def build_model(cfg: dict, weights: dict | None = None):
     """An mlx-lm model for `cfg`, optionally with `weights` (name -> array) loaded strictly."""
-    import importlib
-
-    arch = G.MODEL_TYPE_TO_ARCH[cfg["model_type"]]
-    module = importlib.import_module(f"mlx_lm.models.{arch}")
-    model = module.Model(module.ModelArgs.from_dict(cfg))
+    model = edgeft_build_model(cfg)
     if weights is not None:
         model.load_weights([(k, mx.array(v)) for k, v in weights.items()], strict=True)
     mx.eval(model.parameters())
@@ -164,14 +163,14 @@ def tiny_weights(cfg: dict, seed: int = 0) -> dict[str, np.ndarray]:
 
 def gguf_tensors(cfg: dict, weights: dict) -> dict[str, np.ndarray]:
     """mlx names/HF order -> GGUF names/llama.cpp order (Q/K permuted for llama)."""
-    permute = G.MODEL_TYPE_TO_ARCH[cfg["model_type"]] == "llama"
+    permute = F.family(cfg["model_type"]).arch == "llama"
     out = {}
     for name, w in weights.items():
         if permute and ".q_proj." in name:
-            w = G.permute_qk(w, cfg["num_attention_heads"])
+            w = F.permute_qk(w, cfg["num_attention_heads"])
         elif permute and ".k_proj." in name:
-            w = G.permute_qk(w, cfg["num_key_value_heads"])
-        out[G.mlx_to_gguf_name(name)] = w
+            w = F.permute_qk(w, cfg["num_key_value_heads"])
+        out[F.mlx_to_gguf_name(name)] = w
     return out
 
 
@@ -194,12 +193,12 @@ def write_gguf(path, cfg: dict, tensors: dict[str, np.ndarray], quant: str | Non
     `extra_metadata` adds or replaces keys (a None value removes one). Returns the tensors
     as a reader dequantizes them.
     """
-    arch = G.MODEL_TYPE_TO_ARCH[cfg["model_type"]]
+    arch = F.family(cfg["model_type"]).arch
     writer = gguf_py.GGUFWriter(str(path), arch)
-    md = {**G.config_to_metadata(cfg), G.KEY_NAME: f"tiny-{arch}", **tiny_tokenizer_metadata()}
+    md = {**F.config_to_metadata(cfg), Keys.General.NAME: f"tiny-{arch}", **tiny_tokenizer_metadata()}
     md.update(extra_metadata or {})
     md = {k: v for k, v in md.items() if v is not None}
-    G.write_metadata(writer, md)
+    write_metadata(writer, md)
     stored = {}
     for name, w in tensors.items():
         data, raw, stored[name] = _encode_tensor(name, w, quant)
@@ -226,7 +225,7 @@ def make_tiny(arch: str = "llama", tmp_path=".", quant: str | None = None, *, se
     path = Path(tmp_path) / f"tiny-{arch}-{quant or 'f32'}-{tokenizer}-{seed}.gguf"
     extra = {"bpe": None, "spm": spm_tokenizer_metadata()}[tokenizer]
     stored = write_gguf(path, cfg, tensors, quant, extra_metadata=extra)
-    ref = build_model(cfg, {G.gguf_to_mlx_name(k): v for k, v in stored.items()})
+    ref = build_model(cfg, {F.gguf_to_mlx_name(k): v for k, v in stored.items()})
     return path, ref, cfg
 
 

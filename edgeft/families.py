@@ -1,0 +1,348 @@
+"""Model families between llama.cpp and mlx-lm: names, hyper-parameters, tensor names, Q/K rows.
+
+`FAMILIES` is the one table of supported families: a new one is added there (its GGUF
+architecture, the Hugging Face model_type values that load as it, its mlx-lm module, its
+RoPE convention), then taught its differences below. Everything else is a small pure function
+over plain values, so the loader (GGUF in) and the exporter (GGUF out) share one definition of
+each convention. Metadata keys are gguf-py's own (`gguf.Keys`). Metadata dicts are shaped like
+`mx.load(path, return_metadata=True)` returns them: strings and string lists as Python values,
+numbers as `mx.array` scalars or arrays (plain Python numbers and NumPy work too).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from gguf import Keys
+
+from edgeft.gguf_reader import ModelLoadError, scalar
+
+
+@dataclass(frozen=True)
+class Family:
+    arch: str  # GGUF general.architecture
+    model_types: tuple[str, ...]  # Hugging Face / mlx-lm config model_type values of the family
+    mlx_module: str  # mlx_lm.models.<mlx_module> holds its Model and ModelArgs
+    # llama.cpp's converter permutes llama Q/K rows for its "norm" RoPE, which is MLX's
+    # traditional (interleaved) RoPE; qwen2/qwen3 keep the HF rows and use "neox" RoPE.
+    rope_traditional: bool
+
+
+FAMILIES = (
+    Family("llama", ("llama", "mistral"), "llama", rope_traditional=True),
+    Family("qwen2", ("qwen2",), "qwen2", rope_traditional=False),
+    Family("qwen3", ("qwen3",), "qwen3", rope_traditional=False),
+)
+ARCHITECTURES = tuple(f.arch for f in FAMILIES)
+MODEL_TYPES = tuple(t for f in FAMILIES for t in f.model_types)
+_BY_MODEL_TYPE = {t: f for f in FAMILIES for t in f.model_types}
+
+DEFAULT_ROPE_THETA = 10000.0
+DEFAULT_CONTEXT_LENGTH = 4096
+ROPE_FREQS_TENSOR = "rope_freqs.weight"  # llama 3.1+ RoPE scaling, stored as a tensor
+MAX_DIM = 1 << 24  # no model dimension or count comes near this; corrupt headers do
+
+
+def unsupported_arch_error(arch: Any) -> ModelLoadError:
+    return ModelLoadError(f"unsupported architecture {arch}; supported: {', '.join(ARCHITECTURES)}")
+
+
+def family(model_type: Any) -> Family:
+    """The family of a config's model_type (a GGUF architecture names its own family)."""
+    try:
+        return _BY_MODEL_TYPE[model_type]
+    except (KeyError, TypeError):
+        raise unsupported_arch_error(model_type) from None
+
+
+# --- metadata <-> config -------------------------------------------------------------------
+def _get(md: dict, key: str, arch: str, default: Any = None) -> Any:
+    value = md.get(key.format(arch=arch))
+    return default if value is None else scalar(value)
+
+
+def _require(md: dict, key: str, arch: str) -> Any:
+    value = _get(md, key, arch)
+    if value is None:
+        raise ModelLoadError(f"GGUF metadata lacks {key.format(arch=arch)}; the file is incomplete")
+    return value
+
+
+def metadata_to_config(
+    md: dict, tensor_names: set[str] | list[str], rope_freqs: np.ndarray | None = None
+) -> dict:
+    """GGUF metadata (+ the tensor names) -> mlx-lm ModelArgs dict.
+
+    `tensor_names` decides tie_word_embeddings (no `output.weight`) and biases;
+    `rope_freqs` is the `rope_freqs.weight` tensor of llama 3.1+ files, if any.
+    """
+    arch = scalar(md.get(Keys.General.ARCHITECTURE))
+    if arch not in ARCHITECTURES:
+        raise unsupported_arch_error(arch)
+    names = set(tensor_names)
+    hidden = int(_require(md, Keys.LLM.EMBEDDING_LENGTH, arch))
+    n_heads = int(_require(md, Keys.Attention.HEAD_COUNT, arch))
+    n_kv = int(_get(md, Keys.Attention.HEAD_COUNT_KV, arch, n_heads))
+    head_dim = int(_get(md, Keys.Attention.KEY_LENGTH, arch, hidden // n_heads))
+    rope_dim = int(_get(md, Keys.Rope.DIMENSION_COUNT, arch, head_dim))
+    if rope_dim != head_dim:
+        raise ModelLoadError(
+            f"partial RoPE ({rope_dim} of {head_dim} dims) is not supported for {arch}"
+        )
+    vocab = _get(md, Keys.LLM.VOCAB_SIZE, arch) or len(md.get(Keys.Tokenizer.LIST) or [])
+    if not vocab:
+        raise ModelLoadError("GGUF metadata has neither a vocab size nor a token list")
+    cfg = {
+        "model_type": arch,
+        "hidden_size": hidden,
+        "num_hidden_layers": int(_require(md, Keys.LLM.BLOCK_COUNT, arch)),
+        "intermediate_size": int(_require(md, Keys.LLM.FEED_FORWARD_LENGTH, arch)),
+        "num_attention_heads": n_heads,
+        "num_key_value_heads": n_kv,
+        "head_dim": head_dim,
+        "rms_norm_eps": float(_require(md, Keys.Attention.LAYERNORM_RMS_EPS, arch)),
+        "vocab_size": int(vocab),
+        "rope_theta": float(_get(md, Keys.Rope.FREQ_BASE, arch, DEFAULT_ROPE_THETA)),
+        "max_position_embeddings": int(_get(md, Keys.LLM.CONTEXT_LENGTH, arch, DEFAULT_CONTEXT_LENGTH)),
+        "tie_word_embeddings": "output.weight" not in names,
+        "rope_traditional": family(arch).rope_traditional,
+    }
+    if arch == "llama":
+        cfg["attention_bias"] = "blk.0.attn_q.bias" in names
+        cfg["mlp_bias"] = "blk.0.ffn_gate.bias" in names
+    if arch == "qwen2" and head_dim * n_heads != hidden:
+        raise ModelLoadError(
+            f"qwen2 with head_dim {head_dim} != hidden/heads is not supported by mlx-lm's qwen2"
+        )
+    scaling = _rope_scaling(md, arch, cfg, rope_freqs)
+    if scaling is not None:
+        cfg["rope_scaling"] = scaling
+    return cfg
+
+
+def check_config(cfg: dict, shapes: dict[str, tuple[int, ...]]) -> None:
+    """Refuse hyper-parameters that do not fit the tensors the file holds, before a model of
+    that size is built (a corrupt header could otherwise ask for terabytes)."""
+    def fail(what: str):
+        raise ModelLoadError(f"GGUF metadata does not match the tensors: {what}; the file is corrupt")
+
+    for key in ("hidden_size", "num_hidden_layers", "intermediate_size", "num_attention_heads",
+                "num_key_value_heads", "head_dim", "vocab_size"):
+        if not 1 <= cfg[key] <= MAX_DIM:
+            fail(f"{key} is {cfg[key]}")
+    if cfg["num_attention_heads"] % cfg["num_key_value_heads"]:
+        fail(f"{cfg['num_attention_heads']} heads do not split into {cfg['num_key_value_heads']} KV groups")
+    if not (cfg["rms_norm_eps"] > 0 and math.isfinite(cfg["rms_norm_eps"])):
+        fail(f"rms_norm_eps is {cfg['rms_norm_eps']}")
+    blocks = {int(n.split(".")[1]) for n in shapes if n.startswith("blk.") and n.split(".")[1].isdigit()}
+    if cfg["num_hidden_layers"] > len(blocks):  # extra blocks: the loader names the tensor
+        fail(f"block_count is {cfg['num_hidden_layers']} but the file has {len(blocks)} blocks")
+    hidden, vocab, inter = cfg["hidden_size"], cfg["vocab_size"], cfg["intermediate_size"]
+    expect = {
+        "token_embd.weight": (hidden, vocab),
+        "blk.0.ffn_up.weight": (hidden, inter),
+        "blk.0.attn_q.weight": (hidden, cfg["num_attention_heads"] * cfg["head_dim"]),
+    }
+    for name, shape in expect.items():
+        if name in shapes and tuple(shapes[name]) != shape:
+            fail(f"{name} is {list(shapes[name])}, the metadata implies {list(shape)}")
+
+
+def _rope_scaling(md: dict, arch: str, cfg: dict, rope_freqs) -> dict | None:
+    if rope_freqs is not None:
+        orig = _get(md, Keys.Rope.SCALING_ORIG_CTX_LEN, arch, LLAMA3_ORIGINAL_CONTEXT)
+        return llama3_scaling_from_rope_freqs(
+            np.asarray(rope_freqs), cfg["rope_theta"], cfg["head_dim"], int(orig)
+        )
+    kind = _get(md, Keys.Rope.SCALING_TYPE, arch)
+    factor = _get(md, Keys.Rope.SCALING_FACTOR, arch)
+    if kind in (None, "none") or not factor or float(factor) == 1.0:
+        return None
+    if kind == "linear":
+        return {"rope_type": "linear", "factor": float(factor)}
+    if kind == "yarn":
+        orig = _get(md, Keys.Rope.SCALING_ORIG_CTX_LEN, arch, cfg["max_position_embeddings"])
+        return {"rope_type": "yarn", "factor": float(factor),
+                "original_max_position_embeddings": int(orig)}
+    raise ModelLoadError(f"RoPE scaling type {kind!r} is not supported (linear, yarn, llama3)")
+
+
+def config_to_metadata(cfg: dict) -> dict:
+    """mlx-lm ModelArgs dict -> GGUF architecture metadata (Python values; no tokenizer).
+
+    llama 3 RoPE scaling has no metadata form: write `llama3_rope_freqs(cfg)` as the
+    `rope_freqs.weight` tensor instead.
+    """
+    arch = family(cfg.get("model_type")).arch
+    n_heads = int(cfg["num_attention_heads"])
+    head_dim = int(cfg.get("head_dim") or cfg["hidden_size"] // n_heads)
+    k = lambda key: key.format(arch=arch)  # noqa: E731
+    md = {
+        Keys.General.ARCHITECTURE: arch,
+        k(Keys.LLM.CONTEXT_LENGTH): int(cfg.get("max_position_embeddings") or DEFAULT_CONTEXT_LENGTH),
+        k(Keys.LLM.EMBEDDING_LENGTH): int(cfg["hidden_size"]),
+        k(Keys.LLM.BLOCK_COUNT): int(cfg["num_hidden_layers"]),
+        k(Keys.LLM.FEED_FORWARD_LENGTH): int(cfg["intermediate_size"]),
+        k(Keys.Attention.HEAD_COUNT): n_heads,
+        k(Keys.Attention.HEAD_COUNT_KV): int(cfg.get("num_key_value_heads") or n_heads),
+        k(Keys.Attention.KEY_LENGTH): head_dim,
+        k(Keys.Attention.VALUE_LENGTH): head_dim,
+        k(Keys.Rope.DIMENSION_COUNT): head_dim,
+        k(Keys.Attention.LAYERNORM_RMS_EPS): float(cfg["rms_norm_eps"]),
+        k(Keys.Rope.FREQ_BASE): float(cfg.get("rope_theta") or DEFAULT_ROPE_THETA),
+        k(Keys.LLM.VOCAB_SIZE): int(cfg["vocab_size"]),
+    }
+    scaling = cfg.get("rope_scaling") or {}
+    kind = scaling.get("rope_type", scaling.get("type"))
+    if kind in ("linear", "yarn"):
+        md[k(Keys.Rope.SCALING_TYPE)] = kind
+        md[k(Keys.Rope.SCALING_FACTOR)] = float(scaling["factor"])
+    if kind == "yarn" and "original_max_position_embeddings" in scaling:
+        md[k(Keys.Rope.SCALING_ORIG_CTX_LEN)] = int(scaling["original_max_position_embeddings"])
+    if kind == "llama3":
+        md[k(Keys.Rope.SCALING_ORIG_CTX_LEN)] = int(
+            scaling.get("original_max_position_embeddings", LLAMA3_ORIGINAL_CONTEXT)
+        )
+    elif kind not in (None, "default", "linear", "yarn"):
+        raise ModelLoadError(f"RoPE scaling {kind!r} cannot be written to GGUF")
+    return md
+
+
+# --- llama 3 RoPE frequencies ------------------------------------------------------------
+LLAMA3_ORIGINAL_CONTEXT = 8192
+LLAMA3_LOW_FREQ_FACTOR = 1.0
+LLAMA3_HIGH_FREQ_FACTOR = 4.0
+
+
+def llama3_rope_freqs(cfg: dict) -> np.ndarray:
+    """The `rope_freqs.weight` tensor llama.cpp's converter writes for llama3 RoPE scaling."""
+    s = cfg["rope_scaling"]
+    head_dim = int(cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"])
+    factor = float(s["factor"])
+    low = float(s.get("low_freq_factor", LLAMA3_LOW_FREQ_FACTOR))
+    high = float(s.get("high_freq_factor", LLAMA3_HIGH_FREQ_FACTOR))
+    old_ctx = float(s.get("original_max_position_embeddings", LLAMA3_ORIGINAL_CONTEXT))
+    base = float(cfg.get("rope_theta") or DEFAULT_ROPE_THETA)
+    freqs = 1.0 / base ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
+    wavelen = 2 * math.pi / freqs
+    smooth = (old_ctx / wavelen - low) / (high - low)
+    out = np.where(
+        wavelen < old_ctx / high, 1.0,
+        np.where(wavelen > old_ctx / low, factor, 1.0 / ((1 - smooth) / factor + smooth)),
+    )
+    return out.astype(np.float32)
+
+
+def llama3_scaling_from_rope_freqs(
+    rope_freqs: np.ndarray, rope_theta: float, head_dim: int,
+    original_context: int = LLAMA3_ORIGINAL_CONTEXT,
+) -> dict:
+    """Recover the llama3 `rope_scaling` dict from a `rope_freqs.weight` tensor.
+
+    Meta's released models all use low/high frequency factors 1 and 4; the result is
+    checked against the tensor so a file made with other factors is refused, not misread.
+    """
+    rope_freqs = np.asarray(rope_freqs, dtype=np.float64).reshape(-1)
+    scaling = {
+        "rope_type": "llama3",
+        "factor": float(rope_freqs.max()),
+        "low_freq_factor": LLAMA3_LOW_FREQ_FACTOR,
+        "high_freq_factor": LLAMA3_HIGH_FREQ_FACTOR,
+        "original_max_position_embeddings": int(original_context),
+    }
+    cfg = {"rope_scaling": scaling, "rope_theta": rope_theta, "head_dim": head_dim}
+    if rope_freqs.shape != (head_dim // 2,) or not np.allclose(
+        llama3_rope_freqs(cfg), rope_freqs, rtol=1e-4
+    ):
+        raise ModelLoadError(
+            "rope_freqs.weight does not match llama3 RoPE scaling with the standard factors"
+        )
+    return scaling
+
+
+# --- tensor names ------------------------------------------------------------------------
+# GGUF per-block tensor base name -> mlx-lm module path inside model.layers.N
+BLOCK_TENSORS = {
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "attn_q_norm": "self_attn.q_norm",
+    "attn_k_norm": "self_attn.k_norm",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+    "attn_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
+}
+GLOBAL_TENSORS = {
+    "token_embd": "model.embed_tokens",
+    "output_norm": "model.norm",
+    "output": "lm_head",
+}
+# .weight/.bias are the tensor itself; .scales/.biases are MLX affine quantization parts
+SUFFIXES = ("weight", "bias", "scales", "biases")
+_BLOCK_TO_MLX = {v: k for k, v in BLOCK_TENSORS.items()}
+_GLOBAL_TO_MLX = {v: k for k, v in GLOBAL_TENSORS.items()}
+_GGUF_BLOCK_RE = re.compile(r"blk\.(\d+)\.(\w+)\.(\w+)")
+_MLX_BLOCK_RE = re.compile(r"model\.layers\.(\d+)\.(.+)\.(\w+)")
+
+
+def gguf_to_mlx_name(name: str) -> str | None:
+    """`blk.3.attn_q.weight` -> `model.layers.3.self_attn.q_proj.weight`; None if unknown."""
+    if m := _GGUF_BLOCK_RE.fullmatch(name):
+        layer, base, suffix = m.groups()
+        if base in BLOCK_TENSORS and suffix in SUFFIXES:
+            return f"model.layers.{layer}.{BLOCK_TENSORS[base]}.{suffix}"
+        return None
+    base, _, suffix = name.rpartition(".")
+    if base in GLOBAL_TENSORS and suffix in SUFFIXES:
+        return f"{GLOBAL_TENSORS[base]}.{suffix}"
+    return None
+
+
+def mlx_to_gguf_name(name: str) -> str | None:
+    """`model.layers.3.self_attn.q_proj.weight` -> `blk.3.attn_q.weight`; None if unknown."""
+    if m := _MLX_BLOCK_RE.fullmatch(name):
+        layer, path, suffix = m.groups()
+        if path in _BLOCK_TO_MLX and suffix in SUFFIXES:
+            return f"blk.{layer}.{_BLOCK_TO_MLX[path]}.{suffix}"
+        return None
+    path, _, suffix = name.rpartition(".")
+    if path in _GLOBAL_TO_MLX and suffix in SUFFIXES:
+        return f"{_GLOBAL_TO_MLX[path]}.{suffix}"
+    return None
+
+
+# --- llama.cpp's Q/K row permutation -----------------------------------------------------
+def permute_qk(w: np.ndarray, n_heads: int) -> np.ndarray:
+    """HF row order -> llama.cpp's (convert_hf_to_gguf `permute`), for llama-family Q and K.
+
+    Use n_heads = num_attention_heads for Q and num_key_value_heads for K. Works on any
+    array whose first axis is the output rows: weights, biases, and MLX packed quantized
+    weights/scales/biases alike, since rows are permuted whole.
+    """
+    return (
+        w.reshape(n_heads, 2, w.shape[0] // n_heads // 2, *w.shape[1:])
+        .swapaxes(1, 2)
+        .reshape(w.shape)
+    )
+
+
+def qk_heads(mlx_name: str, config: dict) -> int | None:
+    """Heads of a Q or K projection (by its MLX name), whose rows llama.cpp permutes; None for
+    any other tensor."""
+    if ".self_attn.q_proj." in mlx_name:
+        return int(config["num_attention_heads"])
+    if ".self_attn.k_proj." in mlx_name:
+        return int(config.get("num_key_value_heads") or config["num_attention_heads"])
+    return None
+
+
+def needs_qk_permute(config: dict, qk_layout: str) -> bool:
+    """llama.cpp's llama family wants permuted Q/K rows; an "hf" model does not have them."""
+    return qk_layout == "hf" and family(config["model_type"]).rope_traditional

@@ -1,0 +1,145 @@
+"""edgeft.families: metadata <-> ModelArgs, RoPE scaling, tensor names, Q/K order."""
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from gguf import Keys
+from mlx.utils import tree_flatten
+from tiny import ARCHS, build_model, tiny_config
+
+from edgeft import families as F
+from edgeft.gguf_reader import ModelLoadError
+
+
+# --- metadata <-> config -----------------------------------------------------------------
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize(
+    "scaling",
+    [None, {"rope_type": "linear", "factor": 2.0},
+     {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 128}],
+)
+def test_config_metadata_round_trip(arch, scaling):
+    cfg = {**tiny_config(arch, tie=False), "rope_traditional": F.family(arch).rope_traditional}
+    if scaling:
+        cfg["rope_scaling"] = scaling
+    md = F.config_to_metadata(cfg)
+    names = {"output.weight", "token_embd.weight"}
+    back = F.metadata_to_config(md, names)
+    assert back == cfg
+
+
+def test_metadata_values_as_mx_arrays_and_defaults():
+    """mx.load gives numbers as mx.array scalars; vocab size falls back to the token list."""
+    cfg = tiny_config("llama")
+    md = {k: (mx.array(v) if isinstance(v, (int, float)) else v) for k, v in F.config_to_metadata(cfg).items()}
+    del md["llama.vocab_size"]
+    md[Keys.Tokenizer.LIST] = ["a"] * 123
+    out = F.metadata_to_config(md, {"token_embd.weight"})
+    assert out["vocab_size"] == 123
+    assert out["tie_word_embeddings"] is True
+    assert out["rope_traditional"] is True  # llama.cpp permuted Q/K rows
+    assert out["head_dim"] == 16
+
+
+def test_unsupported_architecture_message():
+    with pytest.raises(ModelLoadError) as e:
+        F.metadata_to_config({Keys.General.ARCHITECTURE: "gemma3"}, [])
+    assert str(e.value) == "unsupported architecture gemma3; supported: llama, qwen2, qwen3"
+
+
+def test_family_of_a_model_type():
+    """mistral folders load as llama; a config of any other type is refused in the same words."""
+    assert F.family("mistral").arch == "llama" and F.family("mistral").rope_traditional
+    assert [F.family(a).arch for a in F.ARCHITECTURES] == list(F.ARCHITECTURES)
+    for bad in ("gemma3", None):
+        with pytest.raises(ModelLoadError, match=f"unsupported architecture {bad}; supported: llama, qwen2, qwen3"):
+            F.family(bad)
+
+
+def test_llama3_rope_freqs_round_trip():
+    cfg = {**tiny_config("llama", hidden_size=512, num_attention_heads=4), "rope_theta": 500000.0}
+    cfg["rope_scaling"] = {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
+                           "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+    freqs = F.llama3_rope_freqs(cfg)
+    assert freqs.shape == (64,) and freqs.min() == 1.0 and freqs.max() == 32.0
+    assert F.llama3_scaling_from_rope_freqs(freqs, 500000.0, 128) == cfg["rope_scaling"]
+    with pytest.raises(ModelLoadError):
+        F.llama3_scaling_from_rope_freqs(freqs[::-1], 500000.0, 128)
+
+
+def test_llama3_rope_freqs_match_mlx_lm():
+    """Our tensor reproduces mlx-lm's Llama3RoPE frequencies (llama.cpp divides by them)."""
+    from mlx_lm.models.rope_utils import Llama3RoPE
+
+    cfg = {**tiny_config("llama", hidden_size=512, num_attention_heads=4), "rope_theta": 500000.0,
+           "rope_scaling": {"rope_type": "llama3", "factor": 8.0}}
+    rope = Llama3RoPE(128, base=500000.0, scaling_config=cfg["rope_scaling"])
+    base = 500000.0 ** (np.arange(0, 128, 2) / 128)
+    np.testing.assert_allclose(np.array(rope._freqs) / base, F.llama3_rope_freqs(cfg), rtol=1e-4)
+
+
+# --- tensor names ------------------------------------------------------------------------
+def test_tensor_name_maps_round_trip():
+    names = []
+    for layer in (0, 17):
+        for path in F.BLOCK_TENSORS.values():
+            names += [f"model.layers.{layer}.{path}.{s}" for s in F.SUFFIXES]
+    names += [f"{p}.{s}" for p in F.GLOBAL_TENSORS.values() for s in F.SUFFIXES]
+    for name in names:
+        gguf_name = F.mlx_to_gguf_name(name)
+        assert gguf_name is not None and F.gguf_to_mlx_name(gguf_name) == name
+    assert F.mlx_to_gguf_name("model.layers.3.self_attn.q_proj.weight") == "blk.3.attn_q.weight"
+    assert F.mlx_to_gguf_name("model.layers.3.mlp.down_proj.scales") == "blk.3.ffn_down.scales"
+    assert F.gguf_to_mlx_name("output.weight") == "lm_head.weight"
+    assert F.gguf_to_mlx_name("blk.0.attn_norm.weight") == "model.layers.0.input_layernorm.weight"
+    assert F.gguf_to_mlx_name("blk.0.ffn_norm.weight") == "model.layers.0.post_attention_layernorm.weight"
+    for unknown in ("rope_freqs.weight", "blk.0.attn_qkv.weight", "blk.x.attn_q.weight", "output.foo"):
+        assert F.gguf_to_mlx_name(unknown) is None
+    assert F.mlx_to_gguf_name("model.layers.0.self_attn.rope.weight") is None
+
+
+def test_every_tiny_parameter_has_a_gguf_name():
+    for arch in ARCHS:
+        for name, _ in tree_flatten(build_model(tiny_config(arch, tie=False)).parameters()):
+            assert F.gguf_to_mlx_name(F.mlx_to_gguf_name(name)) == name
+
+
+# --- Q/K permutation ---------------------------------------------------------------------
+def unpermute_qk(w: np.ndarray, n_heads: int) -> np.ndarray:
+    """llama.cpp row order -> HF's: the inverse of `permute_qk`, written out on its own."""
+    return (
+        w.reshape(n_heads, w.shape[0] // n_heads // 2, 2, *w.shape[1:])
+        .swapaxes(1, 2)
+        .reshape(w.shape)
+    )
+
+
+@pytest.mark.parametrize("n_heads, head_dim, cols", [(4, 16, 64), (2, 16, 64), (9, 64, 8), (3, 8, 0)])
+def test_qk_permutation_round_trip(n_heads, head_dim, cols):
+    shape = (n_heads * head_dim, cols) if cols else (n_heads * head_dim,)
+    w = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
+    p = F.permute_qk(w, n_heads)
+    assert not np.array_equal(p, w)
+    np.testing.assert_array_equal(unpermute_qk(p, n_heads), w)
+    np.testing.assert_array_equal(F.permute_qk(unpermute_qk(w, n_heads), n_heads), w)
+
+
+def test_qk_permutation_direction():
+    """llama.cpp's order interleaves HF's two rotary halves: row 2i <- i, row 2i+1 <- i + d/2."""
+    n_heads, d = 2, 8
+    w = np.arange(n_heads * d)
+    p = F.permute_qk(w, n_heads)
+    for h in range(n_heads):
+        for i in range(d // 2):
+            assert p[h * d + 2 * i] == h * d + i
+            assert p[h * d + 2 * i + 1] == h * d + i + d // 2
+
+
+def test_qk_permutation_commutes_with_packed_rows():
+    """Rows move whole, so permuting MLX-packed 4-bit weights equals quantizing permuted ones."""
+    w = mx.random.normal((64, 64))
+    packed, scales, biases = mx.quantize(w, group_size=32, bits=4)
+    p = lambda a: mx.array(F.permute_qk(np.array(a), 4))  # noqa: E731
+    got = mx.dequantize(p(packed), p(scales), p(biases), group_size=32, bits=4)
+    want = mx.dequantize(packed, scales, biases, group_size=32, bits=4)
+    np.testing.assert_array_equal(np.array(got), F.permute_qk(np.array(want), 4))
