@@ -24,7 +24,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import gguf as gguf_py
+import gguf
 import mlx.core as mx
 import numpy as np
 from gguf import Keys, TokenType
@@ -181,9 +181,9 @@ def _encode_tensor(name: str, w: np.ndarray, quant: str | None):
     if quant == "f16":
         h = w.astype(np.float16)
         return h, None, h.astype(np.float32)
-    qtype = gguf_py.GGMLQuantizationType[quant.upper()]
-    data = gguf_py.quants.quantize(w, qtype)
-    return data, qtype, gguf_py.quants.dequantize(data, qtype).astype(np.float32).reshape(w.shape)
+    qtype = gguf.GGMLQuantizationType[quant.upper()]
+    data = gguf.quants.quantize(w, qtype)
+    return data, qtype, gguf.quants.dequantize(data, qtype).astype(np.float32).reshape(w.shape)
 
 
 def write_gguf(path, cfg: dict, tensors: dict[str, np.ndarray], quant: str | None = None,
@@ -194,7 +194,7 @@ def write_gguf(path, cfg: dict, tensors: dict[str, np.ndarray], quant: str | Non
     as a reader dequantizes them.
     """
     arch = F.family(cfg["model_type"]).arch
-    writer = gguf_py.GGUFWriter(str(path), arch)
+    writer = gguf.GGUFWriter(str(path), arch)
     md = {**F.config_to_metadata(cfg), Keys.General.NAME: f"tiny-{arch}", **tiny_tokenizer_metadata()}
     md.update(extra_metadata or {})
     md = {k: v for k, v in md.items() if v is not None}
