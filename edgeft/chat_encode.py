@@ -21,8 +21,8 @@ from __future__ import annotations
 
 import re
 
+from edgeft.chat_template import TemplateError
 from edgeft.records import LineProblem
-from edgeft.tokenizer import TemplateError
 
 
 class _NotPrefix(Exception):

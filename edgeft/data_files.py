@@ -22,6 +22,7 @@ from edgeft.chat_encode import (
     token_strings,
     tools_problem,
 )
+from edgeft.chat_template import TemplateError
 from edgeft.data_stats import sample_text
 from edgeft.records import (
     DataError,
@@ -32,7 +33,6 @@ from edgeft.records import (
     parse,
     read_lines,
 )
-from edgeft.tokenizer import TemplateError
 
 FOLDER_FILES = ("train.jsonl", "valid.jsonl", "test.jsonl")
 

@@ -20,7 +20,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from edgeft.tokenizer import TemplateError, render_template
+from edgeft.chat_template import TemplateError, render_template
 
 CHATML, LLAMA3, LLAMA2, MISTRAL = "chatml", "llama3", "llama2", "mistral"
 
@@ -90,7 +90,7 @@ def detect_family(template: str | None) -> str | None:
 
 def supports_system(template: str | None) -> bool:
     """Whether the template renders a system message (some raise or drop it)."""
-    from edgeft.tokenizer import CHATML_TEMPLATE
+    from edgeft.chat_template import CHATML_TEMPLATE
 
     marker = "edgeft-system-probe"
     messages = [{"role": "system", "content": marker}, {"role": "user", "content": "hi"}]

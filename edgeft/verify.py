@@ -189,7 +189,7 @@ def prompt_ids(tokenizer, system_prompt: str | None = None) -> list[list[int]]:
     """The fixed chats as token ids, rendered with the model's template (with the run's
     system prompt when it has one and the template takes it)."""
     from edgeft.chat_encode import with_bos
-    from edgeft.tokenizer import TemplateError
+    from edgeft.chat_template import TemplateError
 
     out = []
     for chat in CHATS:

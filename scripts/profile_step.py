@@ -34,7 +34,17 @@ import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
 
-from edgeft import backend, batches, data_files, dequant, hub, loader, lora, loss, system
+from edgeft import (
+    backend,
+    batches,
+    data_files,
+    dequant,
+    hub,
+    loader,
+    lora,
+    loss,
+    system,
+)
 from edgeft.config import DataConfig, LoRAConfig
 
 SEED_TASKS = Path("/work/shared/data/seed_tasks.jsonl")

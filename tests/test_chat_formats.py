@@ -12,10 +12,10 @@ import mlx.core as mx
 import pytest
 from chats import CHAT3, TOOLS_TEMPLATE, loss_runs, tiny_tok, tools_tok, write
 from click.testing import CliRunner
+from gguf import Keys
 from tiny import gguf_config, gguf_tensors, tiny_config, tiny_weights, write_gguf
 
 from edgeft import chat_formats
-from edgeft import gguf_reader as G
 from edgeft.chat_encode import encode_chat, tools_problem
 from edgeft.cli import main
 from edgeft.config import DataConfig
@@ -274,7 +274,7 @@ def tools_model(tmp_path_factory):
     path = tmp_path_factory.mktemp("model") / "tiny-tools.gguf"
     cfg = tiny_config("llama")
     write_gguf(path, gguf_config(cfg), gguf_tensors(gguf_config(cfg), tiny_weights(cfg)),
-               extra_metadata={G.KEY_CHAT_TEMPLATE: TOOLS_TEMPLATE})
+               extra_metadata={Keys.Tokenizer.CHAT_TEMPLATE: TOOLS_TEMPLATE})
     return path
 
 

@@ -25,11 +25,11 @@ from edgeft import export as E
 from edgeft import gguf_reader as G
 from edgeft import modelfile as MF
 from edgeft import verify as V
+from edgeft.chat_template import CHATML_TEMPLATE, render_template
 from edgeft.config import RunConfig
 from edgeft.gguf_writer import write_gguf
 from edgeft.loader import load
 from edgeft.runs import load_tuned
-from edgeft.tokenizer import CHATML_TEMPLATE, render_template
 
 llama_cpp = pytest.importorskip("llama_cpp")
 

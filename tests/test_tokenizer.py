@@ -11,7 +11,8 @@ from tiny import (
 )
 
 from edgeft import gguf_reader as G
-from edgeft.tokenizer import CHATML_TEMPLATE, TemplateError, Tokenizer, render_template
+from edgeft.chat_template import CHATML_TEMPLATE, TemplateError, render_template
+from edgeft.tokenizer import Tokenizer
 
 TEXTS = [
     "What is the capital of France?",
@@ -179,7 +180,7 @@ def test_smollm2_tokenizer(smollm2_path):
 def test_templates_that_would_exhaust_memory_or_stack_are_refused(template):
     """Found by the reliability fuzzing: these allocated gigabytes or raised plain Python
     errors (a traceback in `edgeft chat`) instead of TemplateError."""
-    from edgeft.tokenizer import TemplateError, render_template
+    from edgeft.chat_template import TemplateError, render_template
 
     with pytest.raises(TemplateError):
         render_template(template, [{"role": "user", "content": "hi"}])

@@ -32,9 +32,9 @@ from mlx.utils import tree_flatten
 
 import edgeft  # noqa: F401  (BLAS before mlx)
 from edgeft import families as F
+from edgeft.chat_template import CHATML_TEMPLATE
 from edgeft.gguf_writer import write_metadata
 from edgeft.loader import build_model as edgeft_build_model
-from edgeft.tokenizer import CHATML_TEMPLATE
 
 SPECIALS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
 BOS, EOS = "<|endoftext|>", "<|im_end|>"
