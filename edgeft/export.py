@@ -44,13 +44,11 @@ from edgeft import gguf_reader as G
 from edgeft import modelfile as MF
 from edgeft import runs
 from edgeft import verify as V
+from edgeft.config import LLAMA_CPP_QUANTS, QUANTS
 from edgeft.dequant import dequantized_weight
 from edgeft.errors import UserError
 from edgeft.files import atomic_write_text, staged
 
-GGUF_PY_QUANTS = ("f16", "bf16", "q8_0", "q4_0", "q4_1")  # written by gguf-py itself
-LLAMA_CPP_QUANTS = ("q4_k_m", "q5_k_m", "q6_k")  # through llama.cpp's quantizer
-QUANTS = GGUF_PY_QUANTS + LLAMA_CPP_QUANTS
 INTERMEDIATE = "f16"  # what llama.cpp's quantizer starts from
 
 KEY_TYPE = "general.type"
@@ -273,8 +271,8 @@ def file_type(quant: str) -> int:
     return int(gguf.LlamaFileType[name])
 
 
-def model_metadata(loaded, run_name: str, quant: str, system_prompt: str | None = None,
-                   log: Callable[[str], None] = print) -> dict:
+def model_metadata(loaded, run_name: str, quant: str, system_prompt: str | None = None, *,
+                   log: Callable[[str], None]) -> dict:
     """GGUF metadata of an export: a GGUF base's keys copied (all but the file-describing
     ones and the labels), or built from a folder's config and tokenizer; then the fine-tune
     labels, the file type and, if set, the recipe's system prompt as the template default."""
@@ -468,13 +466,14 @@ def modelfile_path(gguf: Path) -> Path:
     return gguf.with_suffix(".Modelfile")
 
 
-def export_run(run_dir, quant: str = "q8_0", out=None, adapter: bool = False, verify: bool = True,
-               log: Callable[[str], None] = print) -> ExportResult:
-    """Export a finished run (its base + adapters) as GGUF, check it in llama.cpp, and
-    write an Ollama Modelfile beside it. See the module docstring for the formats."""
+def export_run(run_dir, quant: str | None = None, out=None, adapter: bool = False, verify: bool = True, *,
+               log: Callable[[str], None]) -> ExportResult:
+    """Export a finished run (its base + adapters) as GGUF of type `quant` (default: the run's
+    export.quant), check it in llama.cpp, and write an Ollama Modelfile beside it. See the
+    module docstring for the formats."""
     tic = time.perf_counter()
-    quant = check_quant(quant)
     run_dir = Path(run_dir)
+    quant = check_quant(quant or runs.read_run_config(run_dir).export.quant)
     loaded, cfg = runs.load_tuned(run_dir)
     run_name = run_dir.resolve().name
     out = Path(out) if out else default_path(run_dir, quant, adapter)
@@ -504,7 +503,7 @@ def _export_merged(loaded, run_name, quant, out, verify, system, log) -> ExportR
     from edgeft import lora
 
     arch = G.MODEL_TYPE_TO_ARCH[loaded.config["model_type"]]
-    md = model_metadata(loaded, run_name, quant, system, log)
+    md = model_metadata(loaded, run_name, quant, system, log=log)
     lora.merge(loaded.model)
     tensors = model_tensors(loaded.model, loaded.config, loaded.qk_layout)
     parity = None
@@ -548,7 +547,7 @@ def _export_adapter(loaded, run_name, quant, out, verify, system, log) -> Export
         write_gguf(tmps[0], arch, md, specs, "f32")
         if base_out is not None:
             log(f"the base is a folder: writing it as {base_out.name} for the adapter to apply to")
-            base_md = model_metadata(loaded, run_name, quant, None, log)
+            base_md = model_metadata(loaded, run_name, quant, None, log=log)
             base_md[G.KEY_NAME], base_md[KEY_FINETUNE] = G.scalar(base_md[KEY_BASE_MODEL_NAME]), None
             base_md = {k: v for k, v in base_md.items() if v is not None and not k.startswith(KEY_BASE_MODEL_PREFIX)}
             write_gguf(tmps[1], arch, base_md, model_tensors(loaded.model, loaded.config, loaded.qk_layout), quant)
