@@ -29,7 +29,7 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_map, tree_unflatten
 
-from edgeft import kernels
+from edgeft import _blas, kernels
 from edgeft.dequant import (
     DequantizedEmbedding,
     DequantizedLinear,
@@ -38,19 +38,16 @@ from edgeft.dequant import (
 )
 from edgeft.device import on_cpu
 
-# MKL's OpenMP workers spin for 200 ms after each BLAS call by default, holding a core that
-# MLX's own thread needs between calls: with 0, ~20% more tokens per CPU-second and up to 1.5x
-# the speed on a busy machine. Read when MKL first runs, so before any matmul; the user's wins.
-os.environ.setdefault("KMP_BLOCKTIME", "0")
-
 # How MLX orders a graph's ops for its streams: breadth first until this many are pending at one
 # depth, then depth first. At its default (20) a training step's 420 adapter gradients overflow
 # it, and the ops of the stream groups (loss.stream_split) went out one group after the other,
 # so the cores took turns. At 100: SmolLM2, batch 4, one eval per step: 154 -> 243 tokens/s
-# (300: 238). Read once by MLX at its first evaluation; the user's setting wins. Linux CPU only:
-# not measured on Metal.
+# (300: 238). MLX reads it once, at its first evaluation: one is made here with the variable
+# set, which is then taken out of the environment again (_blas.set_while). The user's setting
+# wins; MLX evaluating before edgeft is imported keeps MLX's. Linux CPU only: not measured on Metal.
 if sys.platform == "linux":
-    os.environ.setdefault("MLX_BFS_MAX_WIDTH", "100")
+    with _blas.set_while("MLX_BFS_MAX_WIDTH", "100"):
+        mx.eval(mx.zeros(1) + 1)
 
 
 _CPU_CLASSES = {nn.QuantizedLinear: DequantizedLinear, nn.QuantizedEmbedding: DequantizedEmbedding}
@@ -215,8 +212,6 @@ def _set_blas_threads(n: int) -> None:
     if n == _blas_threads:
         return
     import ctypes
-
-    from edgeft import _blas
 
     name, path = _blas.LOADED or (None, None)
     setter = {"MKL": "MKL_Set_Num_Threads", "OpenBLAS": "openblas_set_num_threads"}.get(name)

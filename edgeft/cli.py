@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import shlex
 import signal
 import sys
@@ -13,72 +12,7 @@ import click
 from edgeft import config as cfgmod
 from edgeft.config import ConfigError, RunConfig
 from edgeft.errors import UserError
-
-# CLI flag -> (section, field). Help texts and defaults come from edgeft/config.py: a flag
-# left out keeps the recipe's value, which keeps the dataclass default.
-TUNE_FLAGS = [
-    ("--model", "model", "name"),
-    ("--max-seq-len", "model", "max_seq_len"),
-    ("--quantize-bits", "model", "quantize_bits"),
-    ("--lora-rank", "lora", "rank"),
-    ("--lora-alpha", "lora", "alpha"),
-    ("--lora-dropout", "lora", "dropout"),
-    ("--lora-layers", "lora", "layers"),
-    ("--targets", "lora", "targets"),
-    ("--valid", "data", "valid"),
-    ("--valid-fraction", "data", "valid_fraction"),
-    ("--system-prompt", "data", "system_prompt"),
-    ("--skip-bad-lines", "data", "skip_bad_lines"),
-    ("--steps", "train", "steps"),
-    ("--batch-size", "train", "batch_size"),
-    ("--grad-accum", "train", "grad_accum"),
-    ("--learning-rate", "train", "learning_rate"),
-    ("--warmup-steps", "train", "warmup_steps"),
-    ("--seed", "train", "seed"),
-    ("--eval-every", "train", "eval_every"),
-    ("--save-every", "train", "save_every"),
-    ("--grad-checkpoint", "train", "grad_checkpoint"),
-    ("--auto-fit", "train", "auto_fit"),
-    ("--quant", "export", "quant"),
-]
-
-
-def _field(section: str, name: str) -> dataclasses.Field:
-    cls = {f.name: f.default_factory for f in dataclasses.fields(RunConfig)}[section]
-    return {f.name: f for f in dataclasses.fields(cls())}[name]
-
-
-def _dest(flag: str) -> str:
-    return flag.lstrip("-").replace("-", "_")
-
-
-def config_options(fn):
-    """Add one option per TUNE_FLAGS entry, typed and documented from the dataclass."""
-    for flag, section, name in reversed(TUNE_FLAGS):
-        f = _field(section, name)
-        typ = str(f.type)
-        help_text = f"{f.metadata['help']} [{section}.{name}]"
-        if typ == "bool":
-            fn = click.option(flag, _dest(flag), is_flag=True, default=None, help=help_text)(fn)
-            continue
-        ptype = click.INT if typ.startswith("int") else click.FLOAT if typ.startswith("float") else click.STRING
-        fn = click.option(flag, _dest(flag), type=ptype, default=None, help=help_text)(fn)
-    return fn
-
-
-def build_config(recipe: str | None, data: str | None, flags: dict) -> RunConfig:
-    cfg = cfgmod.load_recipe(recipe)
-    overrides: dict = {}
-    for flag, section, name in TUNE_FLAGS:
-        value = flags.get(_dest(flag))
-        if value is None:
-            continue
-        if name == "targets":
-            value = [t.strip() for t in value.split(",") if t.strip()]
-        overrides.setdefault(section, {})[name] = value
-    if data is not None:
-        overrides.setdefault("data", {})["train"] = data
-    return cfgmod.apply_overrides(cfg, overrides, "command line")
+from edgeft.flags import EXPORT_DEFAULT, build_config, config_options, resume_config
 
 
 def resume_command(run_dir: Path) -> str:
@@ -117,7 +51,8 @@ def main():
 @click.option("--name", default=None, help="run name: the run goes to RUNS_DIR/NAME (default: model + time)")
 @click.option("--runs-dir", default="runs", show_default=True, type=click.Path(file_okay=False), help="where runs go")
 @click.option("--resume", is_flag=True, help="continue the run --name from its last checkpoint")
-@click.option("--export/--no-export", "export", default=None, help="write the GGUF at the end [export.enabled]")
+@click.option("--export/--no-export", "export", default=None,
+              help=f"write the GGUF at the end [export.enabled]  [default: {EXPORT_DEFAULT}]")
 @config_options
 def tune(data, recipe, name, runs_dir, resume, export, **flags):
     """Fine-tune a model (LoRA) on a JSONL file of conversations.
@@ -131,6 +66,11 @@ def tune(data, recipe, name, runs_dir, resume, export, **flags):
       edgeft tune --data examples/brand_voice.jsonl
       edgeft tune --data chats.jsonl --model ./qwen2.5-0.5b-instruct-q8_0.gguf --steps 300
       edgeft tune --resume --name my-run          # after an interruption
+      edgeft tune --resume --name my-run --steps 120   # go on for longer
+
+    The defaults shown are edgeft's own, which the default recipe keeps; a --recipe replaces
+    them and flags replace both. A resumed run keeps its settings but for --steps,
+    --eval-every, --save-every and --export/--no-export.
     """
     from edgeft import runs, trainer
     from edgeft.tune import tune as tune_run
@@ -141,7 +81,7 @@ def tune(data, recipe, name, runs_dir, resume, export, **flags):
         if resume:
             if not name:
                 raise ConfigError("--resume needs --name (the run to continue)")
-            cfg = runs.read_run_config(Path(runs_dir) / name)
+            cfg = resume_config(runs.read_run_config(Path(runs_dir) / name), recipe, data, flags)
         else:
             cfg = build_config(recipe, data, flags)
         if export is not None:
@@ -184,8 +124,10 @@ def tune(data, recipe, name, runs_dir, resume, export, **flags):
 @click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
 @click.option("--prompt", "-p", default=None, help="one prompt; without it, an interactive chat")
 @click.option("--system", default=None, help="system message (default: the run's system prompt)")
-@click.option("--max-tokens", default=200, show_default=True, help="new tokens per reply")
-@click.option("--temperature", default=0.0, show_default=True, help="0 is greedy")
+@click.option("--max-tokens", type=click.INT, default=None,
+              help=f"new tokens per reply [chat.max_tokens]  [default: the run's, else {RunConfig().chat.max_tokens}]")
+@click.option("--temperature", type=click.FLOAT, default=None,
+              help=f"0 is greedy [chat.temperature]  [default: the run's, else {RunConfig().chat.temperature}]")
 @click.option("--base", is_flag=True, help="answer with the base model, without the adapters")
 def chat(run_dir, prompt, system, max_tokens, temperature, base):
     """Talk to a tuned model (its base plus the run's adapters).
@@ -198,11 +140,13 @@ def chat(run_dir, prompt, system, max_tokens, temperature, base):
     from edgeft import generate, runs
 
     try:
+        given = {"max_tokens": max_tokens, "temperature": temperature}
+        cfg = cfgmod.apply_overrides(runs.read_run_config(Path(run_dir)),
+                                     {"chat": {k: v for k, v in given.items() if v is not None}}, "command line")
         if base:
-            cfg = runs.read_run_config(Path(run_dir))
             loaded = runs.load_base(cfg, inference=True)
         else:
-            loaded, cfg = runs.load_tuned(Path(run_dir), inference=True)
+            loaded, _ = runs.load_tuned(Path(run_dir), inference=True)
     except USER_ERRORS as e:
         _fail(e)
     system = system if system is not None else cfg.data.system_prompt
@@ -211,9 +155,8 @@ def chat(run_dir, prompt, system, max_tokens, temperature, base):
     def reply(text: str) -> str:
         history.append({"role": "user", "content": text})
         try:  # the model's chat template runs here: a refusal is one line, not a traceback
-            answer = generate.chat(
-                loaded.model, loaded.tokenizer, history, max_tokens=max_tokens, temperature=temperature
-            )
+            answer = generate.chat(loaded.model, loaded.tokenizer, history,
+                                   max_tokens=cfg.chat.max_tokens, temperature=cfg.chat.temperature)
         except USER_ERRORS as e:
             _fail(e)
         history.append({"role": "assistant", "content": answer})
@@ -233,11 +176,15 @@ def chat(run_dir, prompt, system, max_tokens, temperature, base):
 
 
 @main.command("plan")
-@click.option("--data", "data", type=click.Path(dir_okay=False), help="training JSONL: size batches from its longest samples")
+@click.option("--data", "data", type=click.Path(),
+              help="training JSONL or data folder: size batches from its longest samples")
 @click.option("--recipe", default=None, help=f"recipe name or YAML file (default: {cfgmod.DEFAULT_RECIPE})")
-@click.option("--export/--no-export", "export", default=None, help="count the GGUF export's disk [export.enabled]")
+@click.option("--runs-dir", default="runs", show_default=True, type=click.Path(file_okay=False),
+              help="where the run would go: its free disk is checked")
+@click.option("--export/--no-export", "export", default=None,
+              help=f"count the GGUF export's disk [export.enabled]  [default: {EXPORT_DEFAULT}]")
 @config_options
-def plan_cmd(data, recipe, export, **flags):
+def plan_cmd(data, recipe, runs_dir, export, **flags):
     """Estimate a run's peak memory and disk without training (or loading the weights).
 
     Takes the same options as `edgeft tune`. Exits with status 1 when tune would refuse to
@@ -254,7 +201,7 @@ def plan_cmd(data, recipe, export, **flags):
         cfg = build_config(recipe, data, flags)
         if export is not None:
             cfg.export.enabled = export
-        lines, ok = plan.plan_run(cfg)
+        lines, ok = plan.plan_run(cfg, Path(runs_dir))
     except USER_ERRORS as e:
         _fail(e)
     click.echo("\n".join(lines))
@@ -375,8 +322,9 @@ def doctor():
 
 @main.command("export")
 @click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
-@click.option("--quant", default="q8_0", show_default=True,
-              help="f16, bf16, q8_0, q4_0, q4_1 (written by gguf-py) or q4_k_m, q5_k_m, q6_k (llama.cpp)")
+@click.option("--quant", default=None,
+              help="f16, bf16, q8_0, q4_0, q4_1 (written by gguf-py) or q4_k_m, q5_k_m, q6_k (llama.cpp)"
+                   "  [default: the run's export.quant]")
 @click.option("--out", type=click.Path(dir_okay=False), default=None,
               help="output .gguf (default: RUN_DIR/export/<run>-<quant>.gguf, or <run>-lora.gguf)")
 @click.option("--adapter", is_flag=True, help="write a llama.cpp LoRA adapter GGUF instead of a merged model")

@@ -1,13 +1,17 @@
 """Every knob of a run, with its default and its meaning, in one place.
 
 Precedence: these dataclass defaults < a YAML recipe (``recipes/*.yaml``) < command-line flags.
-A recipe is a mapping with the sections ``model``, ``lora``, ``data``, ``train``, ``export``
-whose keys are the field names below; unknown keys are an error, not a silent no-op.
+The defaults are the default recipe's (brand voice: a small chat model learns a tone from ~50
+conversations), so that recipe states nothing. A recipe is a mapping with the sections
+``model``, ``lora``, ``data``, ``train``, ``export``, ``chat`` whose keys are the field names
+below; unknown keys are an error, not a silent no-op. Every value is checked when the config
+is built (``validate``), before any work starts.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,10 +20,14 @@ import yaml
 
 from edgeft.errors import UserError
 
-RECIPES_DIR = Path(__file__).resolve().parent / "recipes"
 DEFAULT_RECIPE = "brand-voice"
 DEFAULT_MODEL = "smollm2-135m-instruct"
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+# The GGUF types an export writes (edgeft/export.py), named here so that a config naming any
+# other fails when it is built, not after training.
+GGUF_PY_QUANTS = ("f16", "bf16", "q8_0", "q4_0", "q4_1")  # written by gguf-py itself
+LLAMA_CPP_QUANTS = ("q4_k_m", "q5_k_m", "q6_k")  # through llama.cpp's quantizer
+QUANTS = GGUF_PY_QUANTS + LLAMA_CPP_QUANTS
 
 
 class ConfigError(UserError, ValueError):
@@ -36,7 +44,7 @@ def _f(default, help: str, **kw):
 class ModelConfig:
     name: str = _f(DEFAULT_MODEL, "built-in name, Hub repo id, GGUF file or MLX/HF folder")
     quantize_bits: int | None = _f(None, "quantize an unquantized folder on load to 4 or 8 bits")
-    max_seq_len: int = _f(512, "longer samples are truncated (or dropped, see data.overlong)")
+    max_seq_len: int = _f(384, "longer samples are truncated (or dropped, see data.overlong)")
 
 
 @dataclass
@@ -64,11 +72,12 @@ class DataConfig:
 
 @dataclass
 class TrainConfig:
-    steps: int = _f(200, "optimizer steps")
+    # 60: a voice sticks after a few passes over ~50 conversations.
+    steps: int = _f(60, "optimizer steps")
     batch_size: int = _f(4, "sequences per micro-batch")
     grad_accum: int = _f(1, "micro-batches per optimizer step")
-    learning_rate: float = _f(2e-4, "peak learning rate")
-    warmup_steps: int = _f(10, "linear warm-up from 0 to the peak")
+    learning_rate: float = _f(5e-4, "peak learning rate (LoRA tolerates higher rates than full fine-tuning)")
+    warmup_steps: int = _f(5, "linear warm-up from 0 to the peak")
     min_lr_ratio: float = _f(0.1, "cosine decay ends at learning_rate * min_lr_ratio")
     weight_decay: float = _f(0.0, "AdamW decoupled weight decay")
     max_grad_norm: float | None = _f(1.0, "clip the global gradient norm (None: off)")
@@ -79,17 +88,23 @@ class TrainConfig:
         "the same samples per step) instead of refusing to start",
     )
     seed: int = _f(0, "seeds data order, LoRA init and dropout")
-    eval_every: int = _f(50, "validation loss every N steps (and at the end)")
+    eval_every: int = _f(20, "validation loss at the start, every N steps and at the end (0: only at the end)")
     eval_batches: int | None = _f(None, "validation batches per evaluation (None: all)")
-    save_every: int = _f(100, "checkpoint every N steps (0: only at the end)")
+    save_every: int = _f(20, "checkpoint every N steps for --resume (0: only at the end)")
     keep_checkpoints: int = _f(2, "how many recent checkpoints to keep")
     log_every: int = _f(1, "metrics line every N steps")
 
 
 @dataclass
 class ExportConfig:
-    quant: str = _f("q8_0", "GGUF type of the merged model written at the end of tune")
+    quant: str = _f("q8_0", f"GGUF type of the merged model (tune's and `edgeft export`'s): {', '.join(QUANTS)}")
     enabled: bool = _f(True, "export a GGUF at the end of tune")
+
+
+@dataclass
+class ChatConfig:
+    max_tokens: int = _f(200, "new tokens per reply of `edgeft chat`")
+    temperature: float = _f(0.0, "sampling temperature of `edgeft chat` (0: greedy)")
 
 
 @dataclass
@@ -99,6 +114,7 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
+    chat: ChatConfig = field(default_factory=ChatConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -110,7 +126,7 @@ class RunConfig:
         return cfg
 
 
-def _coerce(value: Any, current: Any, typ: str, where: str) -> Any:
+def _coerce(value: Any, typ: str, where: str) -> Any:
     """Accept YAML/CLI values of the right type; ints where floats are expected."""
     if value is None:
         if "None" in typ:
@@ -151,28 +167,59 @@ def apply_overrides(cfg: RunConfig, overrides: dict[str, Any], where: str) -> Ru
                     f"{where}: unknown key '{sname}.{key}'; known: {', '.join(fields)}"
                 )
             typ = str(fields[key].type)
-            setattr(section, key, _coerce(value, getattr(section, key), typ, f"{where}: {sname}.{key}"))
+            setattr(section, key, _coerce(value, typ, f"{where}: {sname}.{key}"))
     validate(cfg, where)
     return cfg
 
 
 def validate(cfg: RunConfig, where: str = "config") -> None:
+    """Refuse any value a run could not use, naming the first: a bad value costs nothing here,
+    while at use (a wrong quant after training) it would cost the whole run."""
+    m, lo, d, t, e, c = cfg.model, cfg.lora, cfg.data, cfg.train, cfg.export, cfg.chat
     checks = [
-        (cfg.lora.rank >= 1, "lora.rank must be at least 1"),
-        (0.0 <= cfg.lora.dropout < 1.0, "lora.dropout must be in [0, 1)"),
-        (bool(cfg.lora.targets), "lora.targets must name at least one projection"),
-        (cfg.train.steps >= 1, "train.steps must be at least 1"),
-        (cfg.train.batch_size >= 1, "train.batch_size must be at least 1"),
-        (cfg.train.grad_accum >= 1, "train.grad_accum must be at least 1"),
-        (cfg.train.learning_rate > 0, "train.learning_rate must be positive"),
-        (cfg.model.max_seq_len >= 8, "model.max_seq_len must be at least 8"),
-        (cfg.model.quantize_bits in (None, 4, 8), "model.quantize_bits must be 4, 8 or empty"),
-        (0.0 <= cfg.data.valid_fraction < 1.0, "data.valid_fraction must be in [0, 1)"),
-        (cfg.data.overlong in ("truncate", "drop"), "data.overlong must be 'truncate' or 'drop'"),
+        (bool(m.name.strip()), "model.name must name a model"),
+        (m.quantize_bits in (None, 4, 8), "model.quantize_bits must be 4, 8 or empty"),
+        (m.max_seq_len >= 8, "model.max_seq_len must be at least 8"),
+        (lo.rank >= 1, "lora.rank must be at least 1"),
+        (math.isfinite(lo.alpha) and lo.alpha > 0, "lora.alpha must be positive"),
+        (0.0 <= lo.dropout < 1.0, "lora.dropout must be in [0, 1)"),
+        (bool(lo.targets), "lora.targets must name at least one projection"),
+        (all(isinstance(x, str) and x.strip() for x in lo.targets), "lora.targets must be projection names"),
+        (lo.layers is None or lo.layers >= 1, "lora.layers must be at least 1 or empty (all)"),
+        (d.train is None or bool(d.train.strip()), "data.train must name a file or be empty"),
+        (d.valid is None or bool(d.valid.strip()), "data.valid must name a file or be empty"),
+        (0.0 <= d.valid_fraction < 1.0, "data.valid_fraction must be in [0, 1)"),
+        (d.overlong in ("truncate", "drop"), "data.overlong must be 'truncate' or 'drop'"),
+        (t.steps >= 1, "train.steps must be at least 1"),
+        (t.batch_size >= 1, "train.batch_size must be at least 1"),
+        (t.grad_accum >= 1, "train.grad_accum must be at least 1"),
+        (math.isfinite(t.learning_rate) and t.learning_rate > 0, "train.learning_rate must be positive"),
+        (t.warmup_steps >= 0, "train.warmup_steps must be 0 or more"),
+        (0.0 <= t.min_lr_ratio <= 1.0, "train.min_lr_ratio must be in [0, 1]"),
+        (math.isfinite(t.weight_decay) and t.weight_decay >= 0, "train.weight_decay must be 0 or more"),
+        (t.max_grad_norm is None or (math.isfinite(t.max_grad_norm) and t.max_grad_norm > 0),
+         "train.max_grad_norm must be positive or empty (no clipping)"),
+        (0 <= t.seed < 2**63, "train.seed must be in [0, 2**63)"),
+        (t.eval_every >= 0, "train.eval_every must be 0 or more"),
+        (t.eval_batches is None or t.eval_batches >= 1, "train.eval_batches must be at least 1 or empty (all)"),
+        (t.save_every >= 0, "train.save_every must be 0 or more"),
+        (t.keep_checkpoints >= 1, "train.keep_checkpoints must be at least 1"),
+        (t.log_every >= 1, "train.log_every must be at least 1"),
+        (e.quant.lower() in QUANTS, f"export.quant {e.quant!r} is not a type edgeft writes; choose one of {', '.join(QUANTS)}"),
+        (c.max_tokens >= 1, "chat.max_tokens must be at least 1"),
+        (math.isfinite(c.temperature) and c.temperature >= 0, "chat.temperature must be 0 or more"),
     ]
     for ok, msg in checks:
         if not ok:
             raise ConfigError(f"{where}: {msg}")
+
+
+def recipes_dir() -> Path:
+    """The built-in recipes: the top-level recipes/ folder of a source checkout (or an editable
+    install), which a wheel ships as the package data edgeft/recipes (see pyproject.toml)."""
+    here = Path(__file__).resolve().parent
+    packaged = here / "recipes"
+    return packaged if packaged.is_dir() else here.parent / "recipes"
 
 
 def recipe_path(name_or_path: str) -> Path:
@@ -181,9 +228,9 @@ def recipe_path(name_or_path: str) -> Path:
         if not p.is_file():
             raise ConfigError(f"recipe {p}: no such file")
         return p
-    p = RECIPES_DIR / f"{name_or_path}.yaml"
+    p = recipes_dir() / f"{name_or_path}.yaml"
     if not p.is_file():
-        known = ", ".join(sorted(x.stem for x in RECIPES_DIR.glob("*.yaml")))
+        known = ", ".join(sorted(x.stem for x in recipes_dir().glob("*.yaml")))
         raise ConfigError(f"unknown recipe '{name_or_path}'; built-in recipes: {known}")
     return p
 

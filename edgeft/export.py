@@ -47,6 +47,7 @@ from edgeft import families as F
 from edgeft import modelfile as MF
 from edgeft import runs
 from edgeft import verify as V
+from edgeft.config import LLAMA_CPP_QUANTS, QUANTS
 from edgeft.dequant import dequantized_weight
 from edgeft.errors import UserError
 from edgeft.files import atomic_write_text, staged
@@ -54,9 +55,6 @@ from edgeft.gguf_reader import scalar
 from edgeft.gguf_writer import TensorSpec, file_type, write_gguf
 from edgeft.hf_metadata import folder_metadata
 
-GGUF_PY_QUANTS = ("f16", "bf16", "q8_0", "q4_0", "q4_1")  # written by gguf-py itself
-LLAMA_CPP_QUANTS = ("q4_k_m", "q5_k_m", "q6_k")  # through llama.cpp's quantizer
-QUANTS = GGUF_PY_QUANTS + LLAMA_CPP_QUANTS
 INTERMEDIATE = "f16"  # what llama.cpp's quantizer starts from
 
 # The exported model names one base model (index 0): the one it was tuned from.
@@ -199,8 +197,8 @@ def llama_quantize(src, dst, quant: str) -> None:
 
 
 # --- metadata --------------------------------------------------------------------------------
-def model_metadata(loaded, run_name: str, quant: str, system_prompt: str | None = None,
-                   log: Callable[[str], None] = print) -> dict:
+def model_metadata(loaded, run_name: str, quant: str, system_prompt: str | None = None, *,
+                   log: Callable[[str], None]) -> dict:
     """GGUF metadata of an export: a GGUF base's keys copied (all but the file-describing
     ones and the labels), or built from a folder's config and tokenizer; then the fine-tune
     labels, the file type and, if set, the recipe's system prompt as the template default."""
@@ -256,13 +254,14 @@ def modelfile_path(gguf_path: Path) -> Path:
     return gguf_path.with_suffix(".Modelfile")
 
 
-def export_run(run_dir, quant: str = "q8_0", out=None, adapter: bool = False, verify: bool = True,
-               log: Callable[[str], None] = print) -> ExportResult:
-    """Export a finished run (its base + adapters) as GGUF, check it in llama.cpp, and
-    write an Ollama Modelfile beside it. See the module docstring for the formats."""
+def export_run(run_dir, quant: str | None = None, out=None, adapter: bool = False, verify: bool = True, *,
+               log: Callable[[str], None]) -> ExportResult:
+    """Export a finished run (its base + adapters) as GGUF of type `quant` (default: the run's
+    export.quant), check it in llama.cpp, and write an Ollama Modelfile beside it. See the
+    module docstring for the formats."""
     tic = time.perf_counter()
-    quant = check_quant(quant)
     run_dir = Path(run_dir)
+    quant = check_quant(quant or runs.read_run_config(run_dir).export.quant)
     loaded, cfg = runs.load_tuned(run_dir)
     run_name = run_dir.resolve().name
     out = Path(out) if out else default_path(run_dir, quant, adapter)
@@ -292,7 +291,7 @@ def _export_merged(loaded, run_name, quant, out, verify, system, log) -> ExportR
     from edgeft import lora
 
     arch = F.family(loaded.config["model_type"]).arch
-    md = model_metadata(loaded, run_name, quant, system, log)
+    md = model_metadata(loaded, run_name, quant, system, log=log)
     lora.merge(loaded.model)
     tensors = model_tensors(loaded.model, loaded.config, loaded.qk_layout)
     parity = None
@@ -336,7 +335,7 @@ def _export_adapter(loaded, run_name, quant, out, verify, system, log) -> Export
         write_gguf(tmps[0], arch, md, specs, "f32")
         if base_out is not None:
             log(f"the base is a folder: writing it as {base_out.name} for the adapter to apply to")
-            base_md = model_metadata(loaded, run_name, quant, None, log)
+            base_md = model_metadata(loaded, run_name, quant, None, log=log)
             base_md[Keys.General.NAME], base_md[Keys.General.FINETUNE] = scalar(base_md[BASE_MODEL_NAME]), None
             base_md = {k: v for k, v in base_md.items() if v is not None and not k.startswith(BASE_MODEL_PREFIX)}
             write_gguf(tmps[1], arch, base_md, model_tensors(loaded.model, loaded.config, loaded.qk_layout), quant)

@@ -8,11 +8,13 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.models.cache import make_prompt_cache
 
+from edgeft.config import ChatConfig
+
 
 def generate_ids(
     model: nn.Module,
     prompt: list[int],
-    max_tokens: int = 128,
+    max_tokens: int = ChatConfig.max_tokens,
     temperature: float = 0.0,
     stop_ids: set[int] | frozenset = frozenset(),
     seed: int = 0,

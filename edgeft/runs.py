@@ -21,7 +21,10 @@ import time
 from pathlib import Path
 from typing import Callable
 
+from jinja2.exceptions import SecurityError
+
 from edgeft import backend, hub, lora
+from edgeft.chat_template import TemplateError
 from edgeft.config import ConfigError, RunConfig
 from edgeft.loader import Loaded, ModelLoadError, load
 
@@ -74,11 +77,36 @@ def read_run_config(run_dir: Path) -> RunConfig:
     return RunConfig.from_dict(raw, where=str(path))
 
 
-def load_model(path, **kw) -> Loaded:
+_PROBE_CHATS = (
+    ([{"role": "user", "content": "Hello!"}, {"role": "assistant", "content": "Hi! How can I help?"}], False),
+    ([{"role": "user", "content": "Hello!"}], True),
+)
+
+
+def check_chat_template(loaded: Loaded) -> None:
+    """Render a plain chat with the model's chat template (in the sandbox) and refuse, in one
+    line naming the model, a template that cannot render it, so that its failure is not taken
+    for a problem of every line of the data."""
+    for messages, generation_prompt in _PROBE_CHATS:
+        try:
+            loaded.tokenizer.render(messages, add_generation_prompt=generation_prompt)
+        except TemplateError as e:
+            if isinstance(e.__cause__, SecurityError):
+                what = f"the sandbox blocked it ({e.__cause__}), so none of it ran"
+            else:
+                what = f"it cannot render a plain chat ({str(e).splitlines()[0][:200]})"
+            raise TemplateError(
+                f"chat template of {loaded.path}: {what}; use a model whose chat template is "
+                "standard (e.g. the publisher's own GGUF or Hugging Face folder)"
+            ) from None
+
+
+def load_model(path, check_template: bool = True, **kw) -> Loaded:
     """loader.load, where any failure to parse the file is a ModelLoadError: a model file is
-    untrusted input, so even a parser gap ends in one line that names the file, not a traceback."""
+    untrusted input, so even a parser gap ends in one line that names the file, not a traceback.
+    With check_template, a chat template that cannot render a plain chat is refused too."""
     try:
-        return load(path, **kw)
+        loaded = load(path, **kw)
     except ModelLoadError:
         raise
     except (ValueError, TypeError, KeyError, IndexError, ArithmeticError, RecursionError,
@@ -88,14 +116,19 @@ def load_model(path, **kw) -> Loaded:
             f"{path}: cannot be read as a model ({type(e).__name__}: {why}); the file is damaged "
             "or its metadata is invalid: download or convert it again"
         ) from e
+    if check_template:
+        check_chat_template(loaded)
+    return loaded
 
 
-def load_base(cfg: RunConfig, log: Callable[[str], None] | None = None,
-              inference: bool = False) -> Loaded:
+def load_base(cfg: RunConfig, log: Callable[[str], None] | None = None, inference: bool = False,
+              check_template: bool = True) -> Loaded:
     """Resolve the model spec to a local file or folder and load it for this device, for
-    training or (inference=True) for generating. `log` hears about a download."""
+    training or (inference=True) for generating. `log` hears about a download.
+    check_template=False leaves the chat template to whoever renders it (plain-text training
+    never does: see check_chat_template)."""
     path = hub.resolve(cfg.model.name, log=log)
-    loaded = load_model(path, quantize_bits=cfg.model.quantize_bits)
+    loaded = load_model(path, check_template, quantize_bits=cfg.model.quantize_bits)
     backend.prepare(loaded.model)
     if inference:
         backend.prepare_inference(loaded.model)
@@ -111,6 +144,7 @@ def load_tuned(run_dir: Path, inference: bool = False) -> tuple[Loaded, RunConfi
         raise ConfigError(f"{run_dir}: no adapters yet (did the run finish? try `edgeft tune --resume`)")
     loaded = load_base(cfg)
     lora.load_adapters(loaded.model, run_dir / ADAPTERS)
+    loaded.model.eval()  # a tuned model is evaluated, compared and exported: no LoRA dropout
     if inference:
         lora.merge(loaded.model)
         backend.prepare_inference(loaded.model)

@@ -11,9 +11,10 @@ from typing import Callable
 import mlx.core as mx
 
 from edgeft import batches, data_files, lora, plan, runs, trainer
+from edgeft.chat_formats import TEXT
 from edgeft.config import ConfigError, RunConfig
 from edgeft.files import atomic_write_text
-from edgeft.records import Report
+from edgeft.records import DataError, Report
 
 
 @dataclass
@@ -31,7 +32,8 @@ def tune(
     runs_dir: Path = Path("runs"),
     name: str | None = None,
     resume: bool = False,
-    log: Callable[[str], None] = print,
+    *,
+    log: Callable[[str], None],
     progress: trainer.Progress | None = None,
 ) -> TuneResult:
     if not cfg.data.train:
@@ -43,29 +45,35 @@ def tune(
         if not (run_dir / runs.CONFIG).exists():
             raise ConfigError(f"nothing to resume at {run_dir}: no {runs.CONFIG} there")
     elif (run_dir / runs.CONFIG).exists() or (run_dir / runs.CHECKPOINTS).exists():
-        # (a folder a failed start left with only data_report.txt is reused, not a trap)
         raise ConfigError(f"{run_dir} already holds a run; pick another --name or pass --resume")
-    run_dir.mkdir(parents=True, exist_ok=True)
 
-    loaded = runs.load_base(cfg, log=log)
+    # Every check comes before the run folder is made, so a start that fails leaves nothing.
+    loaded = runs.load_base(cfg, log=log, check_template=False)  # checked below, if the data are chats
+    lora.layer_keys(loaded.model, cfg.lora.targets)  # an unknown target is refused here
     tok = loaded.tokenizer
     max_len = cfg.model.max_seq_len
-    samples, report = data_files.load_samples(train_file, tok, cfg.data, max_len)
-    if valid_file:
-        train_set = samples
-        valid_set, _ = data_files.load_samples(valid_file, tok, cfg.data, max_len)
-    else:
-        train_set, valid_set = batches.split(samples, cfg.data.valid_fraction, cfg.train.seed)
+    try:
+        samples, report = data_files.load_samples(train_file, tok, cfg.data, max_len)
+        if valid_file:
+            train_set = samples
+            valid_set, _ = data_files.load_samples(valid_file, tok, cfg.data, max_len)
+        else:
+            train_set, valid_set = batches.split(samples, cfg.data.valid_fraction, cfg.train.seed)
+    except DataError as e:
+        if e.report.format != TEXT:  # chats: is the model's template to blame, not the lines?
+            runs.check_chat_template(loaded)
+        raise
     if not train_set:
         raise ConfigError(f"{cfg.data.train}: no usable training samples")
-    atomic_write_text(run_dir / runs.DATA_REPORT, report.summary() + "\n")
     log(report.summary().splitlines()[0])
     mem = plan.preflight(cfg, loaded, train_set, run_dir, resume=resume, log=log)
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(run_dir / runs.DATA_REPORT, report.summary() + "\n")
     log(f"memory: about {plan.gb(mem.total)} at peak (estimate; `edgeft plan` shows the breakdown)")
     atomic_write_text(run_dir / runs.MEMORY_PLAN, json.dumps(mem.to_dict(), indent=2) + "\n")
-
-    if not resume:
-        atomic_write_text(run_dir / runs.CONFIG, json.dumps(cfg.to_dict(), indent=2) + "\n")
+    # On resume too: the safe changes a resume may make (more steps, say) are kept for the next.
+    atomic_write_text(run_dir / runs.CONFIG, json.dumps(cfg.to_dict(), indent=2) + "\n")
     mx.random.seed(cfg.train.seed)
     lora.apply_lora(loaded.model, cfg.lora)
     n_train, n_total = lora.count_parameters(loaded.model)

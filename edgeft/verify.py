@@ -305,7 +305,7 @@ def compare(path, model, tokenizer, *, lora=None, system_prompt: str | None = No
 
 
 # --- `edgeft verify FILE` ------------------------------------------------------------------
-def verify_file(path, run_dir=None, base=None, log: Callable[[str], None] = print) -> Parity:
+def verify_file(path, run_dir=None, base=None, *, log: Callable[[str], None]) -> Parity:
     """Verify a GGUF made by `edgeft export` (merged model or LoRA adapter) in llama.cpp.
 
     A merged file is compared with MLX on its own weights, and with the run's tuned model

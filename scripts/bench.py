@@ -5,7 +5,7 @@
     python scripts/bench.py --only edgeft                  # add edgeft to an earlier full run
 
 Every contestant trains SmolLM2-135M-Instruct (from its Q4_1 GGUF) on the same chats (the
-seed tasks in /work/shared/data, one task per conversation, or generated ones), LoRA rank 8,
+seed tasks in ../shared/data, one task per conversation, or generated ones), LoRA rank 8,
 alpha 16 on all 7 projections of all layers, batch 4, sequences truncated to 256 tokens, loss
 on the assistant turn only, AdamW lr 2e-4 constant, no weight decay, no clipping:
 
@@ -48,8 +48,7 @@ import numpy as np
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
-DEFAULT_GGUF = Path.home() / ".cache/edgeft/models/smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf"
-SEED_TASKS = Path("/work/shared/data/seed_tasks.jsonl")
+SEED_TASKS = ROOT.parent / "shared" / "data" / "seed_tasks.jsonl"
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 MLX_KEYS = [f"self_attn.{t}" for t in TARGETS[:4]] + [f"mlp.{t}" for t in TARGETS[4:]]
 # torch from the CPU wheel on this disk; the others pinned to what FACTS.md measured.
@@ -776,12 +775,9 @@ def write_report(ctx: Ctx, doc: dict, results: dict) -> None:
 
 
 def default_gguf() -> Path:
-    try:
-        from edgeft import hub
+    from edgeft import hub
 
-        return Path(hub.resolve("smollm2-135m-instruct"))
-    except Exception:  # noqa: BLE001 - hub.py not written yet, or offline: the usual cache path
-        return DEFAULT_GGUF
+    return Path(hub.resolve("smollm2-135m-instruct"))
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -793,7 +789,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--only", default=",".join(CONTESTANTS), help=f"comma list of {', '.join(CONTESTANTS)}")
     p.add_argument("--out", type=Path, default=ROOT / "runs" / "bench", help="output dir (default runs/bench)")
     p.add_argument("--model", type=Path, default=None, help="the GGUF (default: edgeft's built-in SmolLM2)")
-    p.add_argument("--seed-tasks", type=Path, default=SEED_TASKS, help="seed tasks JSONL (else generated chats)")
+    p.add_argument("--seed-tasks", type=Path, default=SEED_TASKS,
+                   help="seed tasks JSONL (default ../shared/data/seed_tasks.jsonl; if absent, generated chats)")
     p.add_argument("--timeout", type=float, default=1800, help="seconds per contestant before it is stopped")
     args = p.parse_args(argv)
     args.only = [c.strip() for c in args.only.split(",") if c.strip()]

@@ -1,7 +1,7 @@
 """Where the time of one LoRA training step goes, on this machine, on realistic chat batches.
 
 SmolLM2-135M-Instruct (Q4_1 GGUF), LoRA rank 8 on all 7 projections, batch 4 x at most 256
-tokens of chats built from /work/shared/data/seed_tasks.jsonl (user = instruction + input,
+tokens of chats built from ../shared/data/seed_tasks.jsonl (or --data; user = instruction + input,
 assistant = output), as the benchmark does. The machine is shared, so every comparison
 interleaves its contestants step by step on the same batches and reports medians and ratios;
 wall time and this process's CPU time are both shown (CPU time suffers less from neighbours).
@@ -47,7 +47,7 @@ from edgeft import (
 )
 from edgeft.config import DataConfig, LoRAConfig
 
-SEED_TASKS = Path("/work/shared/data/seed_tasks.jsonl")
+SEED_TASKS = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "seed_tasks.jsonl"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -391,7 +391,7 @@ def main():
     p.add_argument("command", choices=["phases", "ablate", "ab", "micro"])
     p.add_argument("variants", nargs="*", default=["base"])
     p.add_argument("--model", default="smollm2-135m-instruct")
-    p.add_argument("--data", default=str(SEED_TASKS))
+    p.add_argument("--data", default=str(SEED_TASKS), help="seed tasks JSONL (default ../shared/data/seed_tasks.jsonl)")
     p.add_argument("--rank", type=int, default=8)
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--max-seq-len", type=int, default=256)

@@ -154,3 +154,126 @@ def test_models_and_doctor(home):
     assert r.exit_code == 0 and "smollm2-135m-instruct" in r.output
     r = CliRunner().invoke(main, ["doctor"])
     assert r.exit_code == 0 and "BLAS" in r.output and "GFLOP/s" in r.output
+
+
+def test_tune_help_shows_every_default(home):
+    from edgeft.config import RunConfig
+    from edgeft.flags import TUNE_FLAGS, shown
+
+    r = CliRunner().invoke(main, ["tune", "--help"])
+    assert r.exit_code == 0
+    text = "".join(r.output.split())  # help lines wrap anywhere, even inside a long default
+    defaults = RunConfig()
+    for flag, section, name in TUNE_FLAGS:
+        default = shown(getattr(getattr(defaults, section), name))
+        assert f"[{section}.{name}][default:{default}]" in text, flag
+    assert "[default:60]" in text and "[default:0.0005]" in text and "[default:export]" in text
+
+
+def test_unknown_quant_is_refused_before_any_work(home, tiny_gguf):
+    data = write_chats(home / "chats.jsonl")
+    r = tune(["--data", str(data), "--model", str(tiny_gguf), "--quant", "q3_xyz", "--name", "q"], home)
+    assert r.exit_code != 0 and "Traceback" not in r.output
+    assert r.output.startswith("Error: command line: export.quant 'q3_xyz'")  # before the model loads
+    assert not (home / "runs" / "q").exists()
+
+
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        (["--targets", "foo_proj"], "LoRA target 'foo_proj' is not a linear layer"),
+        (["--max-seq-len", "8", "--skip-bad-lines"], "no usable samples"),
+        (["--data", "bad.jsonl"], "1 of 2 lines have problems"),  # the last --data wins
+    ],
+)
+def test_a_failed_start_leaves_no_run_folder_and_the_name_stays_free(home, tiny_gguf, bad, message):
+    data = write_chats(home / "chats.jsonl")
+    (home / "bad.jsonl").write_text(data.read_text().splitlines()[0] + "\n{not json\n")
+    args = ["--data", str(data), "--model", str(tiny_gguf), "--steps", "1", "--eval-every", "0",
+            "--no-export", "--name", "again"]
+    r = tune([*args, *bad], home)
+    assert r.exit_code != 0 and message in r.output, r.output
+    assert not (home / "runs" / "again").exists()
+    r = tune(args, home)
+    assert r.exit_code == 0, r.output
+    assert (home / "runs" / "again" / "adapters").is_dir()
+
+
+def test_export_takes_the_runs_quant_unless_told(home, tiny_gguf):
+    data = write_chats(home / "chats.jsonl")
+    assert tune(["--data", str(data), "--model", str(tiny_gguf), "--steps", "1", "--eval-every", "0",
+                 "--quant", "f16", "--no-export", "--name", "x"], home).exit_code == 0
+    run = home / "runs" / "x"
+    r = CliRunner().invoke(main, ["export", str(run), "--no-verify"])
+    assert r.exit_code == 0, r.output
+    assert (run / "export" / "x-f16.gguf").is_file() and not (run / "export" / "x-q8_0.gguf").exists()
+    r = CliRunner().invoke(main, ["export", str(run), "--no-verify", "--quant", "q8_0"])
+    assert r.exit_code == 0 and (run / "export" / "x-q8_0.gguf").is_file(), r.output
+
+
+def test_chat_reply_length_has_one_default(home, tiny_gguf, monkeypatch):
+    import inspect
+
+    from edgeft import generate
+    from edgeft.config import RunConfig
+
+    assert inspect.signature(generate.generate_ids).parameters["max_tokens"].default == RunConfig().chat.max_tokens
+    recipe = home / "r.yaml"
+    recipe.write_text("chat:\n  max_tokens: 7\n")
+    data = write_chats(home / "chats.jsonl")
+    for name, extra in (("plain", []), ("short", ["--recipe", str(recipe)])):
+        assert tune(["--data", str(data), "--model", str(tiny_gguf), "--steps", "1", "--eval-every", "0",
+                     "--no-export", "--name", name, *extra], home).exit_code == 0
+    seen = []
+    monkeypatch.setattr(generate, "chat", lambda model, tok, messages, **kw: seen.append(kw) or "ok")
+    for name, extra in (("plain", []), ("short", []), ("short", ["--max-tokens", "3", "--temperature", "0.5"])):
+        r = CliRunner().invoke(main, ["chat", str(home / "runs" / name), "--prompt", "hi", *extra])
+        assert r.exit_code == 0, r.output
+    assert seen == [{"max_tokens": 200, "temperature": 0.0}, {"max_tokens": 7, "temperature": 0.0},
+                    {"max_tokens": 3, "temperature": 0.5}]
+    r = CliRunner().invoke(main, ["chat", str(home / "runs" / "plain"), "--prompt", "hi", "--max-tokens", "0"])
+    assert r.exit_code != 0 and "chat.max_tokens must be at least 1" in r.output
+
+
+def test_resume_takes_the_safe_flags_and_refuses_the_rest(home, tiny_gguf):
+    data = write_chats(home / "chats.jsonl")
+    args = ["--data", str(data), "--model", str(tiny_gguf), "--batch-size", "2", "--eval-every", "0",
+            "--save-every", "2", "--no-export", "--name", "res"]
+    assert tune([*args, "--steps", "2"], home).exit_code == 0
+    run = home / "runs" / "res"
+    for bad, flag in ((["--lora-rank", "4"], "--lora-rank"), (["--learning-rate", "0.1"], "--learning-rate"),
+                      (["--data", str(home / "other.jsonl")], "--data"), (["--recipe", "brand-voice"], "--recipe")):
+        r = tune(["--resume", "--name", "res", *bad], home)
+        assert r.exit_code != 0 and r.output.startswith(f"Error: {flag}: a resumed run keeps"), r.output
+    r = tune(["--resume", "--name", "res", "--steps", "4", "--save-every", "1", "--lora-rank", "8", *args[:4]], home)
+    assert r.exit_code == 0, r.output
+    assert "resumed from" in r.output
+    recs = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in recs if r["kind"] == "train"] == [1, 2, 3, 4]
+    cfg = json.loads((run / "config.json").read_text())
+    assert (cfg["train"]["steps"], cfg["train"]["save_every"], cfg["lora"]["rank"]) == (4, 1, 8)
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_000003", "step_000004"]
+
+
+HOSTILE = "{{ cycler.__init__.__globals__.os.system('touch PWNED') }}"
+
+
+def test_a_chat_template_the_sandbox_refuses_is_blamed_on_the_model(home, tiny_gguf):
+    import tiny
+    from tiny import gguf_config, gguf_tensors, tiny_config, tiny_weights
+
+    from gguf import Keys
+
+    cfg = gguf_config(tiny_config("llama"))
+    model = home / "hostile.gguf"
+    tiny.write_gguf(model, cfg, gguf_tensors(cfg, tiny_weights(tiny_config("llama"))), "q8_0",
+                    extra_metadata={Keys.Tokenizer.CHAT_TEMPLATE: HOSTILE})
+    data = write_chats(home / "chats.jsonl")
+    r = tune(["--data", str(data), "--model", str(model), "--no-export", "--name", "h"], home)
+    assert r.exit_code != 0 and "Traceback" not in r.output
+    assert r.output.count("\n") == 1 and "lines have problems" not in r.output, r.output
+    assert r.output.startswith(f"Error: chat template of {model}: the sandbox blocked it (")
+    assert "'__init__'" in r.output and "use a model whose chat template is standard" in r.output
+    assert not (home / "runs" / "h").exists() and not (home / "PWNED").exists()
+    r = CliRunner().invoke(main, ["data", "check", str(data), "--model", str(model)])
+    assert r.exit_code != 0 and r.output.startswith(f"Error: chat template of {model}: the sandbox blocked it")

@@ -221,6 +221,20 @@ def test_plan_checks_free_disk_where_the_runs_go(tiny, home, monkeypatch):
     assert f"1000.00 GB free in {home / 'elsewhere'}: fits" in "\n".join(lines)
 
 
+
+def test_plan_command_takes_the_runs_dir_and_a_data_folder(tiny, home, monkeypatch):
+    d, path = tiny
+    folder = home / "data"
+    folder.mkdir()
+    uniform_chats(folder / "train.jsonl")
+    asked = []
+    monkeypatch.setattr(system, "free_disk", lambda where: asked.append(where) or 10**12)
+    r = CliRunner().invoke(main, ["plan", "--data", str(folder), "--model", str(path),
+                                  "--runs-dir", str(home / "elsewhere")])
+    assert r.exit_code == 0, r.output
+    assert asked == [home / "elsewhere"]
+    assert f"the longest samples of {folder / 'train.jsonl'}" in r.output
+
 # --- edgeft data check: lengths, duplicates, time ------------------------------------------------
 def test_length_histogram_bins_and_flags_overlong_and_context():
     lines = data_stats.length_histogram([10, 40, 70, 70, 130, 300, 500, 900], 384, 512)
