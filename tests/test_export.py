@@ -14,6 +14,7 @@ import subprocess
 import sys
 
 import mlx.core as mx
+import mlx.nn as nn
 import numpy as np
 import pytest
 from click.testing import CliRunner
@@ -103,6 +104,27 @@ def test_merged_and_adapter_run_in_llama_cpp_like_mlx(runs, which):
     assert (applied == merged).mean() >= 0.99
     assert (base_only == merged).mean() < 0.8  # the adapter is what makes them agree
 
+
+
+def test_a_tuned_model_with_dropout_answers_without_it(tmp_path):
+    """load_tuned (what export, verify and chat compare with) is in eval mode: a run trained
+    with LoRA dropout gives the same logits every time, those of the adapters without it."""
+    base, _, _ = make_tiny("llama", tmp_path, tie=False)
+    run_dir = make_run(base, tmp_path / "runs", "dropout")
+    cfg = json.loads((run_dir / "config.json").read_text())
+    cfg["lora"]["dropout"] = 0.3
+    (run_dir / "config.json").write_text(json.dumps(cfg))
+    adapter_cfg = json.loads((run_dir / "adapters" / "adapter_config.json").read_text())
+    adapter_cfg["lora_parameters"]["dropout"] = 0.3
+    (run_dir / "adapters" / "adapter_config.json").write_text(json.dumps(adapter_cfg))
+    loaded, _ = load_tuned(run_dir)
+    assert all(isinstance(layer.dropout, nn.Dropout) for _, layer in lora.lora_layers(loaded.model))
+    x = mx.array([V.prompt_ids(loaded.tokenizer)[0]])
+    first, second = loaded.model(x), loaded.model(x)
+    loaded.model.train()
+    dropped = loaded.model(x)
+    assert mx.array_equal(first, second)
+    assert not mx.allclose(first, dropped)  # dropout would have changed them
 
 def test_sentencepiece_base_with_bos(tmp_path):
     """An SPM vocabulary whose tokenizer adds BOS: the export keeps scores/types/add_bos and
