@@ -100,7 +100,7 @@ def problem(ckpt: Path) -> str | None:
     return None
 
 
-def latest(folder: Path, warn: Callable[[str], None] = print) -> Path | None:
+def latest(folder: Path, *, warn: Callable[[str], None]) -> Path | None:
     """The newest checkpoint that passes its checksums; broken ones are reported and skipped."""
     for ckpt in sorted(Path(folder).glob("step_*"), reverse=True):
         why = problem(ckpt)

@@ -429,7 +429,7 @@ def packs(model=None, config: dict | None = None) -> bool:
     return backend.can_pack(model)
 
 
-def preflight(cfg, loaded, samples, run_dir, resume: bool = False, log=print) -> Breakdown:
+def preflight(cfg, loaded, samples, run_dir, resume: bool = False, *, log: Callable[[str], None]) -> Breakdown:
     """Before training: refuse a run that will not fit in memory or on disk, with the numbers,
     or (train.auto_fit, new runs only) change cfg.train so that it fits. Returns the estimate."""
     t = cfg.train
