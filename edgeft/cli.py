@@ -117,8 +117,10 @@ def main():
 @click.option("--runs-dir", default="runs", show_default=True, type=click.Path(file_okay=False), help="where runs go")
 @click.option("--resume", is_flag=True, help="continue the run --name from its last checkpoint")
 @click.option("--export/--no-export", "export", default=None, help="write the GGUF at the end [export.enabled]")
+@click.option("--eval/--no-eval", "evaluate", default=None,
+              help="answer held-out prompts with base and tuned model, write report.html [eval.enabled]")
 @config_options
-def tune(data, recipe, name, runs_dir, resume, export, **flags):
+def tune(data, recipe, name, runs_dir, resume, export, evaluate, **flags):
     """Fine-tune a model (LoRA) on a JSONL file of conversations.
 
     Each line is {"messages": [{"role": "user", "content": ...}, {"role": "assistant",
@@ -145,6 +147,8 @@ def tune(data, recipe, name, runs_dir, resume, export, **flags):
             cfg = build_config(recipe, data, flags)
         if export is not None:
             cfg.export.enabled = export
+        if evaluate is not None:
+            cfg.eval.enabled = evaluate
         result = tune_run(cfg, Path(runs_dir), name=name, resume=resume, log=click.echo)
     except USER_ERRORS as e:
         _fail(e)
@@ -177,6 +181,8 @@ def tune(data, recipe, name, runs_dir, resume, export, **flags):
         click.echo(f"GGUF:       {ex.gguf}")
         click.echo(f"llama.cpp:  llama-cli -m {ex.gguf} -cnv")
         click.echo(f"Ollama:     ollama create {result.run_dir.name} -f {ex.modelfile} && ollama run {result.run_dir.name}")
+    if result.report_html:
+        click.echo(f"report:     {result.report_html}")
 
 
 @main.command()
@@ -428,6 +434,59 @@ def verify_cmd(gguf, run_dir, base):
     click.echo(parity.table())
     if parity.fatal and not parity.passed:
         raise click.ClickException(f"{Path(gguf).name} does not answer like the MLX model")
+
+
+@main.command("eval")
+@click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
+@click.option("--prompts", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="JSONL of prompts or chats (default: the run's validation split) [eval.prompts]")
+@click.option("--gguf", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="the GGUF to evaluate (default: the run's newest export; none: MLX)")
+@click.option("--max-tokens", type=int, default=None, help="new tokens per answer [generate.max_tokens]")
+def eval_cmd(run_dir, prompts, gguf, max_tokens):
+    """Answer held-out prompts with the base and the tuned model, score both, write the report.
+
+    Scores: the openings and sign-offs mined from the training answers and the share of
+    answers using each, loops, length, the token limit, ROUGE-L, validation loss, and the
+    general-knowledge questions the tuning lost.
+
+    \b
+    Example:
+      edgeft eval runs/brand
+      edgeft eval runs/brand --prompts questions.jsonl --max-tokens 120
+    """
+    from edgeft import evaluate, report
+
+    try:
+        evaluate.evaluate_run(Path(run_dir), prompts=prompts, gguf=gguf, max_tokens=max_tokens, log=click.echo)
+        report.build(Path(run_dir), log=click.echo)
+    except USER_ERRORS as e:
+        _fail(e)
+
+
+@main.command("report")
+@click.argument("run_dirs", nargs=-1, required=True, type=click.Path(exists=True, file_okay=False))
+@click.option("--out", type=click.Path(dir_okay=False), default=None,
+              help="for two runs: the comparison's HTML file (default: RUN_A/compare-RUN_B.html)")
+def report_cmd(run_dirs, out):
+    """Rebuild a run's report.html and report.md, or compare two runs.
+
+    \b
+    Example:
+      edgeft report runs/brand
+      edgeft report runs/brand runs/brand-rank16
+    """
+    from edgeft import report
+
+    if len(run_dirs) > 2:
+        raise click.UsageError("give one run (its report) or two (a comparison)")
+    try:
+        if len(run_dirs) == 1:
+            report.build(Path(run_dirs[0]), log=click.echo)
+        else:
+            report.compare(Path(run_dirs[0]), Path(run_dirs[1]), out=out, log=click.echo)
+    except USER_ERRORS as e:
+        _fail(e)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 """Every knob of a run, with its default and its meaning, in one place.
 
 Precedence: these dataclass defaults < a YAML recipe (``recipes/*.yaml``) < command-line flags.
-A recipe is a mapping with the sections ``model``, ``lora``, ``data``, ``train``, ``export``
+A recipe is a mapping with the sections ``model``, ``lora``, ``data``, ``train``, ``export``,
+``generate``, ``eval``
 whose keys are the field names below; unknown keys are an error, not a silent no-op.
 """
 
@@ -93,12 +94,30 @@ class ExportConfig:
 
 
 @dataclass
+class GenerateConfig:
+    # Measured on the example brand-voice run (edgeft eval): see README "What tuning did".
+    max_tokens: int = _f(200, "new tokens per reply (chat, eval, and num_predict in the Modelfile)")
+    repeat_penalty: float = _f(1.0, "divide the logits of recently generated tokens by this (1: off)")
+    repeat_last_n: int = _f(64, "how many recent generated tokens repeat_penalty looks at")
+
+
+@dataclass
+class EvalConfig:
+    enabled: bool = _f(True, "at the end of tune, answer held-out prompts with base and tuned model and write report.html")
+    prompts: str | None = _f(None, "JSONL of prompts or chats to answer (None: the validation split)")
+    max_prompts: int = _f(12, "answer at most this many held-out prompts")
+    knowledge: bool = _f(True, "also ask the built-in general-knowledge questions (knowledge kept)")
+
+
+@dataclass
 class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     lora: LoRAConfig = field(default_factory=LoRAConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
+    generate: GenerateConfig = field(default_factory=GenerateConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -169,6 +188,10 @@ def validate(cfg: RunConfig, where: str = "config") -> None:
         (cfg.model.quantize_bits in (None, 4, 8), "model.quantize_bits must be 4, 8 or empty"),
         (0.0 <= cfg.data.valid_fraction < 1.0, "data.valid_fraction must be in [0, 1)"),
         (cfg.data.overlong in ("truncate", "drop"), "data.overlong must be 'truncate' or 'drop'"),
+        (cfg.generate.max_tokens >= 1, "generate.max_tokens must be at least 1"),
+        (cfg.generate.repeat_penalty > 0, "generate.repeat_penalty must be positive (1: off)"),
+        (cfg.generate.repeat_last_n >= 0, "generate.repeat_last_n must be 0 or more"),
+        (cfg.eval.max_prompts >= 1, "eval.max_prompts must be at least 1"),
     ]
     for ok, msg in checks:
         if not ok:
