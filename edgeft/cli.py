@@ -189,10 +189,11 @@ def tune(data, recipe, name, runs_dir, resume, export, evaluate, **flags):
 @click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
 @click.option("--prompt", "-p", default=None, help="one prompt; without it, an interactive chat")
 @click.option("--system", default=None, help="system message (default: the run's system prompt)")
-@click.option("--max-tokens", default=200, show_default=True, help="new tokens per reply")
+@click.option("--max-tokens", type=int, default=None, help="new tokens per reply [generate.max_tokens]")
+@click.option("--repeat-penalty", type=float, default=None, help="1 is off [generate.repeat_penalty]")
 @click.option("--temperature", default=0.0, show_default=True, help="0 is greedy")
 @click.option("--base", is_flag=True, help="answer with the base model, without the adapters")
-def chat(run_dir, prompt, system, max_tokens, temperature, base):
+def chat(run_dir, prompt, system, max_tokens, repeat_penalty, temperature, base):
     """Talk to a tuned model (its base plus the run's adapters).
 
     \b
@@ -217,7 +218,9 @@ def chat(run_dir, prompt, system, max_tokens, temperature, base):
         history.append({"role": "user", "content": text})
         try:  # the model's chat template runs here: a refusal is one line, not a traceback
             answer = generate.chat(
-                loaded.model, loaded.tokenizer, history, max_tokens=max_tokens, temperature=temperature
+                loaded.model, loaded.tokenizer, history, temperature=temperature,
+                max_tokens=max_tokens or cfg.generate.max_tokens, repeat_last_n=cfg.generate.repeat_last_n,
+                repeat_penalty=cfg.generate.repeat_penalty if repeat_penalty is None else repeat_penalty,
             )
         except USER_ERRORS as e:
             _fail(e)
@@ -443,7 +446,11 @@ def verify_cmd(gguf, run_dir, base):
 @click.option("--gguf", type=click.Path(exists=True, dir_okay=False), default=None,
               help="the GGUF to evaluate (default: the run's newest export; none: MLX)")
 @click.option("--max-tokens", type=int, default=None, help="new tokens per answer [generate.max_tokens]")
-def eval_cmd(run_dir, prompts, gguf, max_tokens):
+@click.option("--repeat-penalty", type=float, default=None,
+              help="try another repeat penalty than the run's [generate.repeat_penalty]")
+@click.option("--repeat-last-n", type=int, default=None,
+              help="try another penalty window than the run's [generate.repeat_last_n]")
+def eval_cmd(run_dir, prompts, gguf, max_tokens, repeat_penalty, repeat_last_n):
     """Answer held-out prompts with the base and the tuned model, score both, write the report.
 
     Scores: the openings and sign-offs mined from the training answers and the share of
@@ -458,7 +465,10 @@ def eval_cmd(run_dir, prompts, gguf, max_tokens):
     from edgeft import evaluate, report
 
     try:
-        evaluate.evaluate_run(Path(run_dir), prompts=prompts, gguf=gguf, max_tokens=max_tokens, log=click.echo)
+        overrides = {k: v for k, v in (("repeat_penalty", repeat_penalty), ("repeat_last_n", repeat_last_n))
+                     if v is not None}
+        evaluate.evaluate_run(Path(run_dir), prompts=prompts, gguf=gguf, max_tokens=max_tokens,
+                              generate_overrides=overrides, log=click.echo)
         report.build(Path(run_dir), log=click.echo)
     except USER_ERRORS as e:
         _fail(e)

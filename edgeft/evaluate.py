@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Callable
 
 from edgeft import dataset, generate, hub, knowledge, runs, scores
-from edgeft.config import ConfigError, RunConfig
+from edgeft.config import ConfigError, RunConfig, apply_overrides
 from edgeft.errors import UserError
 from edgeft.files import atomic_write_text
 
@@ -195,11 +195,16 @@ def _answer_all(engine, prompts: list[Prompt], questions, max_tokens) -> tuple[l
 
 
 def evaluate_run(run_dir, prompts=None, gguf=None, max_tokens: int | None = None,
-                 log: Callable[[str], None] = print) -> dict:
-    """Answer held-out prompts with the run's base and tuned model; write and return eval.json."""
+                 generate_overrides: dict | None = None, log: Callable[[str], None] = print) -> dict:
+    """Answer held-out prompts with the run's base and tuned model; write and return eval.json.
+
+    `generate_overrides` ({field: value} of the config's generate section) tries other
+    generation settings than the run's."""
     tic = time.perf_counter()
     run_dir = Path(run_dir)
     cfg = runs.read_run_config(run_dir)
+    if generate_overrides:
+        apply_overrides(cfg, {"generate": generate_overrides}, "command line")
     if not (run_dir / runs.ADAPTERS).is_dir():
         raise ConfigError(f"{run_dir}: no adapters yet (did the run finish? try `edgeft tune --resume`)")
     max_tokens = max_tokens or cfg.generate.max_tokens
