@@ -95,9 +95,11 @@ class ExportConfig:
 
 @dataclass
 class GenerateConfig:
-    # Measured on the example brand-voice run (edgeft eval): see README "What tuning did".
+    # Measured with edgeft eval on the example brand-voice run: a repeat penalty of 1.15 took the
+    # base's loops on unseen prompts from 25% to 0% and kept the tuned sign-off (92%) and its
+    # knowledge; 1.5 cost sign-offs (75%). Tuned answers never came near 200 tokens.
     max_tokens: int = _f(200, "new tokens per reply (chat, eval, and num_predict in the Modelfile)")
-    repeat_penalty: float = _f(1.0, "divide the logits of recently generated tokens by this (1: off)")
+    repeat_penalty: float = _f(1.15, "divide the logits of recently generated tokens by this (1: off)")
     repeat_last_n: int = _f(64, "how many recent generated tokens repeat_penalty looks at")
 
 
@@ -105,7 +107,7 @@ class GenerateConfig:
 class EvalConfig:
     enabled: bool = _f(True, "at the end of tune, answer held-out prompts with base and tuned model and write report.html")
     prompts: str | None = _f(None, "JSONL of prompts or chats to answer (None: the validation split)")
-    max_prompts: int = _f(12, "answer at most this many held-out prompts")
+    max_prompts: int = _f(12, "answer at most this many prompts of the validation split (a prompts file: all)")
     knowledge: bool = _f(True, "also ask the built-in general-knowledge questions (knowledge kept)")
 
 

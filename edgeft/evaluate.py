@@ -214,10 +214,10 @@ def evaluate_run(run_dir, prompts=None, gguf=None, max_tokens: int | None = None
     tok = runs.load_model(base, tokenizer_only=True).tokenizer
     desc, make_base, make_tuned = plan_engines(run_dir, cfg, base, tok, gguf)
     held, train_answers = heldout(cfg, tok)
+    held = held[: cfg.eval.max_prompts]
     prompts_path = prompts or cfg.eval.prompts
     if prompts_path:
         held = prompts_file(prompts_path, cfg.data.system_prompt)
-    held = held[: cfg.eval.max_prompts]
     questions = knowledge.QUESTIONS if cfg.eval.knowledge else []
     q_msgs = [[{"role": "user", "content": q + knowledge.ASK}] for q, _ in questions]
     if cfg.data.system_prompt:
