@@ -73,15 +73,26 @@ def format_of(obj: dict) -> str:
 
 
 def conversation(obj: dict, fmt: str, specials: re.Pattern | None) -> Conversation:
-    """The conversation of a line in a chat format (chat, ShareGPT, prompt/completion)."""
+    """The conversation of a line in a chat format (chat, ShareGPT, prompt/completion), with
+    something to train on."""
+    conv = turns(obj, fmt, specials)
+    if fmt == PROMPT_COMPLETION and "completion" not in obj:
+        string_field(obj, "completion", "", specials)  # says it is missing
+    _checked(conv.messages)
+    return conv
+
+
+def turns(obj: dict, fmt: str, specials: re.Pattern | None) -> Conversation:
+    """The turns of a line in a chat format, checked one by one, whether or not any is an
+    answer to train on (a prompt for the evaluation may end before its answer)."""
     if fmt == CHAT:
-        return Conversation(_checked(_chat_messages(obj, specials)), _tools(obj, specials))
+        return Conversation(_chat_messages(obj, specials), _tools(obj, specials))
     if fmt == SHAREGPT:
-        return Conversation(_checked(_sharegpt_messages(obj, specials)), _tools(obj, specials))
-    prompt = string_field(obj, "prompt", "", specials)
-    completion = string_field(obj, "completion", "", specials)
-    return Conversation([{"role": "user", "content": prompt, "weight": 0},
-                         {"role": "assistant", "content": completion, "weight": 1}])
+        return Conversation(_sharegpt_messages(obj, specials), _tools(obj, specials))
+    messages = [{"role": "user", "content": string_field(obj, "prompt", "", specials), "weight": 0}]
+    if "completion" in obj:
+        messages.append({"role": "assistant", "content": string_field(obj, "completion", "", specials), "weight": 1})
+    return Conversation(messages)
 
 
 def text_of(obj: dict) -> str:

@@ -12,7 +12,13 @@ import click
 from edgeft import config as cfgmod
 from edgeft.config import ConfigError, RunConfig
 from edgeft.errors import UserError
-from edgeft.flags import EXPORT_DEFAULT, build_config, config_options, resume_config
+from edgeft.flags import (
+    EVAL_DEFAULT,
+    EXPORT_DEFAULT,
+    build_config,
+    config_options,
+    resume_config,
+)
 
 
 def resume_command(run_dir: Path) -> str:
@@ -53,8 +59,11 @@ def main():
 @click.option("--resume", is_flag=True, help="continue the run --name from its last checkpoint")
 @click.option("--export/--no-export", "export", default=None,
               help=f"write the GGUF at the end [export.enabled]  [default: {EXPORT_DEFAULT}]")
+@click.option("--eval/--no-eval", "evaluate", default=None,
+              help="answer held-out prompts with base and tuned model, write report.html "
+                   f"[eval.enabled]  [default: {EVAL_DEFAULT}]")
 @config_options
-def tune(data, recipe, name, runs_dir, resume, export, **flags):
+def tune(data, recipe, name, runs_dir, resume, export, evaluate, **flags):
     """Fine-tune a model (LoRA) on a JSONL file of conversations.
 
     Each line is {"messages": [{"role": "user", "content": ...}, {"role": "assistant",
@@ -86,6 +95,8 @@ def tune(data, recipe, name, runs_dir, resume, export, **flags):
             cfg = build_config(recipe, data, flags)
         if export is not None:
             cfg.export.enabled = export
+        if evaluate is not None:
+            cfg.eval.enabled = evaluate
         result = tune_run(cfg, Path(runs_dir), name=name, resume=resume, log=click.echo)
     except USER_ERRORS as e:
         _fail(e)
@@ -118,6 +129,8 @@ def tune(data, recipe, name, runs_dir, resume, export, **flags):
         click.echo(f"GGUF:       {ex.gguf}")
         click.echo(f"llama.cpp:  llama-cli -m {ex.gguf} -cnv")
         click.echo(f"Ollama:     ollama create {result.run_dir.name} -f {ex.modelfile} && ollama run {result.run_dir.name}")
+    if result.report_html:
+        click.echo(f"report:     {result.report_html}")
 
 
 @main.command()
@@ -125,11 +138,13 @@ def tune(data, recipe, name, runs_dir, resume, export, **flags):
 @click.option("--prompt", "-p", default=None, help="one prompt; without it, an interactive chat")
 @click.option("--system", default=None, help="system message (default: the run's system prompt)")
 @click.option("--max-tokens", type=click.INT, default=None,
-              help=f"new tokens per reply [chat.max_tokens]  [default: the run's, else {RunConfig().chat.max_tokens}]")
+              help=f"new tokens per reply [generate.max_tokens]  [default: the run's, else {RunConfig().generate.max_tokens}]")
+@click.option("--repeat-penalty", type=click.FLOAT, default=None,
+              help=f"1 is off [generate.repeat_penalty]  [default: the run's, else {RunConfig().generate.repeat_penalty}]")
 @click.option("--temperature", type=click.FLOAT, default=None,
-              help=f"0 is greedy [chat.temperature]  [default: the run's, else {RunConfig().chat.temperature}]")
+              help=f"0 is greedy [generate.temperature]  [default: the run's, else {RunConfig().generate.temperature}]")
 @click.option("--base", is_flag=True, help="answer with the base model, without the adapters")
-def chat(run_dir, prompt, system, max_tokens, temperature, base):
+def chat(run_dir, prompt, system, max_tokens, repeat_penalty, temperature, base):
     """Talk to a tuned model (its base plus the run's adapters).
 
     \b
@@ -140,9 +155,9 @@ def chat(run_dir, prompt, system, max_tokens, temperature, base):
     from edgeft import generate, runs
 
     try:
-        given = {"max_tokens": max_tokens, "temperature": temperature}
+        given = {"max_tokens": max_tokens, "temperature": temperature, "repeat_penalty": repeat_penalty}
         cfg = cfgmod.apply_overrides(runs.read_run_config(Path(run_dir)),
-                                     {"chat": {k: v for k, v in given.items() if v is not None}}, "command line")
+                                     {"generate": {k: v for k, v in given.items() if v is not None}}, "command line")
         if base:
             loaded = runs.load_base(cfg, inference=True)
         else:
@@ -155,8 +170,10 @@ def chat(run_dir, prompt, system, max_tokens, temperature, base):
     def reply(text: str) -> str:
         history.append({"role": "user", "content": text})
         try:  # the model's chat template runs here: a refusal is one line, not a traceback
-            answer = generate.chat(loaded.model, loaded.tokenizer, history,
-                                   max_tokens=cfg.chat.max_tokens, temperature=cfg.chat.temperature)
+            g = cfg.generate
+            answer = generate.chat(loaded.model, loaded.tokenizer, history, max_tokens=g.max_tokens,
+                                   temperature=g.temperature, repeat_penalty=g.repeat_penalty,
+                                   repeat_last_n=g.repeat_last_n)
         except USER_ERRORS as e:
             _fail(e)
         history.append({"role": "assistant", "content": answer})
@@ -382,6 +399,66 @@ def verify_cmd(gguf, run_dir, base):
     click.echo(parity.table())
     if parity.fatal and not parity.passed:
         raise click.ClickException(f"{Path(gguf).name} does not answer like the MLX model")
+
+
+@main.command("eval")
+@click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
+@click.option("--prompts", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="JSONL of prompts or chats (default: the run's validation split) [eval.prompts]")
+@click.option("--gguf", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="the GGUF to evaluate (default: the run's newest export; none: MLX)")
+@click.option("--max-tokens", type=int, default=None, help="new tokens per answer [generate.max_tokens]")
+@click.option("--repeat-penalty", type=float, default=None,
+              help="try another repeat penalty than the run's [generate.repeat_penalty]")
+@click.option("--repeat-last-n", type=int, default=None,
+              help="try another penalty window than the run's [generate.repeat_last_n]")
+def eval_cmd(run_dir, prompts, gguf, max_tokens, repeat_penalty, repeat_last_n):
+    """Answer held-out prompts with the base and the tuned model, score both, write the report.
+
+    Scores: the openings and sign-offs mined from the training answers and the share of
+    answers using each, loops, length, the token limit, ROUGE-L, validation loss, and the
+    general-knowledge questions the tuning lost.
+
+    \b
+    Example:
+      edgeft eval runs/brand
+      edgeft eval runs/brand --prompts questions.jsonl --max-tokens 120
+    """
+    from edgeft import evaluate, report
+
+    try:
+        overrides = {k: v for k, v in (("repeat_penalty", repeat_penalty), ("repeat_last_n", repeat_last_n))
+                     if v is not None}
+        evaluate.evaluate_run(Path(run_dir), prompts=prompts, gguf=gguf, max_tokens=max_tokens,
+                              generate_overrides=overrides, log=click.echo)
+        report.build(Path(run_dir), log=click.echo)
+    except USER_ERRORS as e:
+        _fail(e)
+
+
+@main.command("report")
+@click.argument("run_dirs", nargs=-1, required=True, type=click.Path(exists=True, file_okay=False))
+@click.option("--out", type=click.Path(dir_okay=False), default=None,
+              help="for two runs: the comparison's HTML file (default: RUN_A/compare-RUN_B.html)")
+def report_cmd(run_dirs, out):
+    """Rebuild a run's report.html and report.md, or compare two runs.
+
+    \b
+    Example:
+      edgeft report runs/brand
+      edgeft report runs/brand runs/brand-rank16
+    """
+    from edgeft import report
+
+    if len(run_dirs) > 2:
+        raise click.UsageError("give one run (its report) or two (a comparison)")
+    try:
+        if len(run_dirs) == 1:
+            report.build(Path(run_dirs[0]), log=click.echo)
+        else:
+            report.compare(Path(run_dirs[0]), Path(run_dirs[1]), out=out, log=click.echo)
+    except USER_ERRORS as e:
+        _fail(e)
 
 
 if __name__ == "__main__":

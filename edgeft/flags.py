@@ -46,6 +46,7 @@ TUNE_FLAGS = [
 # (--export/--no-export, not a config flag, may change too.)
 RESUMABLE = [("train", "steps"), ("train", "eval_every"), ("train", "save_every")]
 EXPORT_DEFAULT = "export" if RunConfig().export.enabled else "no-export"  # as --help shows it
+EVAL_DEFAULT = "eval" if RunConfig().eval.enabled else "no-eval"
 
 
 def _field(section: str, name: str) -> dataclasses.Field:

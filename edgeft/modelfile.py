@@ -1,4 +1,5 @@
-"""Ollama Modelfiles for exported GGUF files: FROM, TEMPLATE, SYSTEM, PARAMETER stop.
+"""Ollama Modelfiles for exported GGUF files: FROM, TEMPLATE, SYSTEM, PARAMETER stop, and
+the generation settings edgeft chat and edgeft eval use (repeat penalty, reply length).
 
 Ollama renders prompts with Go's text/template, not Jinja, so the model's chat template is
 translated by family, detected from the template text: ChatML (``<|im_start|>``), Llama 3
@@ -21,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from edgeft.chat_template import TemplateError, render_template
+from edgeft.config import GenerateConfig
 
 CHATML, LLAMA3, LLAMA2, MISTRAL = "chatml", "llama3", "llama2", "mistral"
 
@@ -153,8 +155,11 @@ def build(
     stops: list[str] = (),
     adapter: str | None = None,
     comment: str | None = None,
+    generation: GenerateConfig | None = None,
 ) -> Modelfile:
-    """Modelfile text: FROM `gguf` (ADAPTER `adapter`), TEMPLATE, SYSTEM, PARAMETER stop.
+    """Modelfile text: FROM `gguf` (ADAPTER `adapter`), TEMPLATE, SYSTEM, PARAMETER stop and
+    the `generation` settings (default: GenerateConfig's, what keeps small tuned models from
+    looping).
 
     `system` is the default system prompt; without one the template's own default (if it
     writes one) keeps Ollama's output equal to the Jinja template's.
@@ -178,6 +183,9 @@ def build(
         if stop and stop not in seen:
             seen.append(stop)
             lines.append(f"PARAMETER stop {_quote_param(stop)}")
+    gen = generation or GenerateConfig()
+    lines += [f"PARAMETER repeat_penalty {gen.repeat_penalty:g}", f"PARAMETER repeat_last_n {gen.repeat_last_n}",
+              f"PARAMETER num_predict {gen.max_tokens}"]
     return Modelfile("\n".join(lines) + "\n", family, system or None)
 
 

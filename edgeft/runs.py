@@ -10,6 +10,8 @@ Everything a run produces lives in one folder::
       checkpoints/       step_NNNNNN/ folders for --resume
       adapters/          adapters.safetensors + adapter_config.json (mlx-lm layout)
       export/            the shippable GGUF (and Ollama Modelfile)
+      eval.json          base and tuned answers to held-out prompts (edgeft eval)
+      report.html        loss curves, scores, samples side by side (and report.md)
 """
 
 from __future__ import annotations
@@ -35,6 +37,9 @@ METRICS = "metrics.jsonl"
 CHECKPOINTS = "checkpoints"
 ADAPTERS = "adapters"
 EXPORT = "export"
+EVAL = "eval.json"
+REPORT_HTML = "report.html"
+REPORT_MD = "report.md"
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 

@@ -4,17 +4,19 @@ save the adapters, export. The folder it fills is described in edgeft/runs.py.""
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import mlx.core as mx
 
-from edgeft import batches, data_files, lora, plan, runs, trainer
+from edgeft import batches, data_files, evaluate, lora, plan, runs, trainer
 from edgeft.chat_formats import TEXT
 from edgeft.config import ConfigError, RunConfig
 from edgeft.files import atomic_write_text
 from edgeft.records import DataError, Report
+from edgeft.report import build as build_report
 
 
 @dataclass
@@ -25,6 +27,7 @@ class TuneResult:
     report: Report
     export: "export.ExportResult | None" = None
     first_val: float | None = None
+    report_html: Path | None = None
 
 
 def tune(
@@ -39,6 +42,7 @@ def tune(
     if not cfg.data.train:
         raise ConfigError("no training data: pass --data FILE.jsonl")
     train_file, valid_file = data_files.training_files(cfg.data.train, cfg.data.valid)
+    tic = time.perf_counter()
     name = runs.check_run_name(name or runs.default_run_name(cfg))
     run_dir = Path(runs_dir) / name
     if resume:
@@ -117,6 +121,11 @@ def tune(
 
         log(f"exporting {cfg.export.quant} GGUF...")
         result.export = export.export_run(run_dir, cfg.export.quant, log=log)
+    if cfg.eval.enabled:
+        ev = evaluate.evaluate_run(run_dir, log=log)
+        log(f"eval took {ev['seconds']:.0f} s, {ev['seconds'] / (time.perf_counter() - tic):.0%} of this run "
+            "(skip it with --no-eval or eval.enabled: false)")
+        result.report_html = build_report(run_dir, log=log)
     return result
 
 

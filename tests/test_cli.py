@@ -217,9 +217,9 @@ def test_chat_reply_length_has_one_default(home, tiny_gguf, monkeypatch):
     from edgeft import generate
     from edgeft.config import RunConfig
 
-    assert inspect.signature(generate.generate_ids).parameters["max_tokens"].default == RunConfig().chat.max_tokens
+    assert inspect.signature(generate.generate_ids).parameters["max_tokens"].default == RunConfig().generate.max_tokens
     recipe = home / "r.yaml"
-    recipe.write_text("chat:\n  max_tokens: 7\n")
+    recipe.write_text("generate:\n  max_tokens: 7\n")
     data = write_chats(home / "chats.jsonl")
     for name, extra in (("plain", []), ("short", ["--recipe", str(recipe)])):
         assert tune(["--data", str(data), "--model", str(tiny_gguf), "--steps", "1", "--eval-every", "0",
@@ -229,10 +229,11 @@ def test_chat_reply_length_has_one_default(home, tiny_gguf, monkeypatch):
     for name, extra in (("plain", []), ("short", []), ("short", ["--max-tokens", "3", "--temperature", "0.5"])):
         r = CliRunner().invoke(main, ["chat", str(home / "runs" / name), "--prompt", "hi", *extra])
         assert r.exit_code == 0, r.output
-    assert seen == [{"max_tokens": 200, "temperature": 0.0}, {"max_tokens": 7, "temperature": 0.0},
-                    {"max_tokens": 3, "temperature": 0.5}]
+    penalty = {"repeat_penalty": RunConfig().generate.repeat_penalty, "repeat_last_n": RunConfig().generate.repeat_last_n}
+    assert seen == [{"max_tokens": 200, "temperature": 0.0, **penalty}, {"max_tokens": 7, "temperature": 0.0, **penalty},
+                    {"max_tokens": 3, "temperature": 0.5, **penalty}]
     r = CliRunner().invoke(main, ["chat", str(home / "runs" / "plain"), "--prompt", "hi", "--max-tokens", "0"])
-    assert r.exit_code != 0 and "chat.max_tokens must be at least 1" in r.output
+    assert r.exit_code != 0 and "generate.max_tokens must be at least 1" in r.output
 
 
 def test_resume_takes_the_safe_flags_and_refuses_the_rest(home, tiny_gguf):
@@ -260,9 +261,8 @@ HOSTILE = "{{ cycler.__init__.__globals__.os.system('touch PWNED') }}"
 
 def test_a_chat_template_the_sandbox_refuses_is_blamed_on_the_model(home, tiny_gguf):
     import tiny
-    from tiny import gguf_config, gguf_tensors, tiny_config, tiny_weights
-
     from gguf import Keys
+    from tiny import gguf_config, gguf_tensors, tiny_config, tiny_weights
 
     cfg = gguf_config(tiny_config("llama"))
     model = home / "hostile.gguf"

@@ -85,8 +85,11 @@ BAD_VALUES = [
     ("train", "keep_checkpoints", 0),
     ("train", "log_every", 0),
     ("export", "quant", "q3_xyz"),
-    ("chat", "max_tokens", 0),
-    ("chat", "temperature", -0.5),
+    ("generate", "max_tokens", 0),
+    ("generate", "temperature", -0.5),
+    ("generate", "repeat_penalty", 0.0),
+    ("generate", "repeat_last_n", -1),
+    ("eval", "max_prompts", 0),
 ]
 
 
