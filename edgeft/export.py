@@ -274,9 +274,9 @@ def export_run(run_dir, quant: str | None = None, out=None, adapter: bool = Fals
         verify = False
     system = cfg.data.system_prompt
     if adapter:
-        result = _export_adapter(loaded, run_name, quant, out, verify, system, log)
+        result = _export_adapter(loaded, run_name, quant, out, verify, system, cfg.generate, log)
     else:
-        result = _export_merged(loaded, run_name, quant, out, verify, system, log)
+        result = _export_merged(loaded, run_name, quant, out, verify, system, cfg.generate, log)
     result.seconds = time.perf_counter() - tic
     return result
 
@@ -287,7 +287,7 @@ def _check(parity: V.Parity, log) -> None:
         raise ExportError(f"{parity.file.name}: {parity.verdict()}; nothing was written")
 
 
-def _export_merged(loaded, run_name, quant, out, verify, system, log) -> ExportResult:
+def _export_merged(loaded, run_name, quant, out, verify, system, generation, log) -> ExportResult:
     from edgeft import lora
 
     arch = F.family(loaded.config["model_type"]).arch
@@ -312,13 +312,14 @@ def _export_merged(loaded, run_name, quant, out, verify, system, log) -> ExportR
             parity.file = out
             _check(parity, log)
     mf = MF.build(f"./{out.name}", scalar(md.get(Keys.Tokenizer.CHAT_TEMPLATE)), system,
-                  MF.stop_strings(loaded.tokenizer), comment=f"ollama create {run_name} -f {modelfile_path(out).name}")
+                  MF.stop_strings(loaded.tokenizer), comment=f"ollama create {run_name} -f {modelfile_path(out).name}",
+                  generation=generation)
     atomic_write_text(modelfile_path(out), mf.text)
     return ExportResult(out, modelfile_path(out), quant, False, sizes={out.name: out.stat().st_size},
                         parity=parity)
 
 
-def _export_adapter(loaded, run_name, quant, out, verify, system, log) -> ExportResult:
+def _export_adapter(loaded, run_name, quant, out, verify, system, generation, log) -> ExportResult:
     arch = F.family(loaded.config["model_type"]).arch
     specs, alpha = adapter_tensors(loaded.model, loaded.config, loaded.qk_layout)
     md = adapter_metadata(loaded, run_name, alpha)
@@ -352,7 +353,7 @@ def _export_adapter(loaded, run_name, quant, out, verify, system, log) -> Export
         system = None
     mf = MF.build(MF.relative_or_absolute(base_final, out.parent), template, system,
                   MF.stop_strings(loaded.tokenizer), adapter=f"./{out.name}",
-                  comment=f"ollama create {run_name} -f {modelfile_path(out).name}")
+                  comment=f"ollama create {run_name} -f {modelfile_path(out).name}", generation=generation)
     atomic_write_text(modelfile_path(out), mf.text)
     sizes = {out.name: out.stat().st_size, base_final.name: base_final.stat().st_size}
     return ExportResult(out, modelfile_path(out), quant, True, base=base_final, sizes=sizes, parity=parity)

@@ -195,6 +195,19 @@ def test_failed_verification_leaves_nothing(runs, monkeypatch):
     assert not out.exists() and not list(out.parent.glob(".strict*"))
 
 
+
+def test_the_modelfile_carries_the_runs_generation_settings(tmp_path):
+    base, _, _ = make_tiny("llama", tmp_path, tie=False)
+    run_dir = make_run(base, tmp_path / "runs", "gen")
+    cfg = json.loads((run_dir / "config.json").read_text())
+    cfg["generate"] = {"max_tokens": 77, "repeat_penalty": 1.3, "repeat_last_n": 32}
+    (run_dir / "config.json").write_text(json.dumps(cfg))
+    for adapter in (False, True):
+        r = E.export_run(run_dir, "f16", adapter=adapter, verify=False, log=quiet)
+        mf = r.modelfile.read_text()
+        assert "PARAMETER repeat_penalty 1.3" in mf and "PARAMETER repeat_last_n 32" in mf
+        assert "PARAMETER num_predict 77" in mf
+
 def test_without_llama_cpp_export_still_works(runs, monkeypatch):
     """Without llama-cpp-python: non-K types export unverified and say how to verify."""
     monkeypatch.setitem(sys.modules, "llama_cpp", None)  # import llama_cpp -> ImportError
