@@ -87,6 +87,9 @@ def measure(args) -> float:
     import mlx.core as mx
 
     adapters = mx.load(str(work / "runs" / "ranks" / "adapters" / "adapters.safetensors"))
+    single = mx.load(str(work / "runs" / "single" / "adapters" / "adapters.safetensors"))
+    diff = max(mx.abs(adapters[k] - single[k]).max().item() for k in adapters)
+    scale = max(mx.abs(single[k]).max().item() for k in single)
     floats = sum(v.size for v in adapters.values())
     buffer = 4 * (floats + 4)  # float32 gradients + loss, tokens, input tokens, stop flag
     print(f"\nSmolLM2-135M, brand_voice.jsonl, global batch {args.batch_size} x {args.grad_accum}, "
@@ -95,6 +98,8 @@ def measure(args) -> float:
     for label, tps, step_s, n, wall in rows:
         print(f"| {label} | {tps:.0f} | {step_s:.2f} s | {n} | {wall:.0f} s |")
     print(f"\nratio {args.ranks} ranks / 1 process: {rows[1][1] / rows[0][1]:.2f}")
+    print(f"adapters, {args.ranks} ranks against 1 process: largest difference {diff:.2e} "
+          f"(largest adapter value {scale:.3f})")
     print(f"exchanged per step: one all_sum of {buffer / 1e6:.2f} MB ({floats} float32 gradients + 4 "
           f"scalars); each rank sends and receives {ring_bytes_sent(buffer, args.ranks) / 1e6:.2f} MB "
           f"(ring factor 2(N-1)/N = {2 * (args.ranks - 1) / args.ranks:.2f})")
