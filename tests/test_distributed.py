@@ -21,6 +21,7 @@ import sys
 import time
 from pathlib import Path
 
+import mlx.core as mx
 import pytest
 from test_reliability import PAUSED, adapters_of, env_for, max_difference, write_chats
 from tiny import make_tiny
@@ -138,3 +139,24 @@ def test_ranks_started_with_different_data_are_refused_at_start(world):
     r = launch(5, ["bash", "-c", script], root, timeout=90)
     assert "rank 1 was started with a different data file than rank 0" in r.stderr
     assert not (root / "runs" / "mixed" / "config.json").exists()
+
+
+def test_each_row_of_a_step_goes_to_exactly_one_rank_and_the_load_is_even():
+    import numpy as np
+
+    from edgeft.distributed import World, my_rows
+
+    rng = np.random.default_rng(0)
+    micro = []
+    for _ in range(3):  # grad_accum 3 x batch 4, loss masks of varied lengths
+        mask = np.zeros((4, 40), dtype=np.float32)
+        for b in range(4):
+            mask[b, 2 : int(rng.integers(5, 40))] = 1
+        ids = np.arange(12 * 40).reshape(12, 40)[len(micro) * 4 : len(micro) * 4 + 4]
+        micro.append((mx.array(ids), mx.array(ids), mx.array(mask)))
+    shares = [my_rows(micro, World(None, r, 2)) for r in range(2)]
+    seen = sorted(int(b[0][i, 0].item()) for share in shares for b in share for i in range(b[0].shape[0]))
+    assert seen == sorted(int(b[0][i, 0].item()) for b in micro for i in range(4))
+    loads = [sum(float(b[2].sum().item()) for b in share) for share in shares]
+    assert abs(loads[0] - loads[1]) <= 40
+    assert my_rows(micro, World(None)) is micro  # one rank: the step as it was
