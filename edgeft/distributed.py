@@ -196,7 +196,7 @@ def watchdog(world: World, what: str, timeout_s: float):
 
     def fire():
         if not done.wait(timeout_s):
-            os.write(2, (f"\nrank {world.rank}: no answer from {peers_of(world)} for {timeout_s:.0f} s "
+            os.write(2, (f"\nrank {world.rank}: no answer from {peers_of(world)} for {timeout_s:g} s "
                          f"during {what}; stopping (the last checkpoint is whole)\n").encode())
             sys.stderr.flush()
             os._exit(75)

@@ -160,3 +160,14 @@ def test_each_row_of_a_step_goes_to_exactly_one_rank_and_the_load_is_even():
     loads = [sum(float(b[2].sum().item()) for b in share) for share in shares]
     assert abs(loads[0] - loads[1]) <= 40
     assert my_rows(micro, World(None)) is micro  # one rank: the step as it was
+
+
+def test_the_watchdog_ends_a_rank_left_waiting_with_one_line():
+    code = ("import time; from edgeft.distributed import World, watchdog\n"
+            "with watchdog(World(None, 0, 2), 'the gradient exchange of step 4', 0.5):\n"
+            "    time.sleep(30)\n")
+    t = time.monotonic()
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 75 and time.monotonic() - t < 20
+    assert r.stderr.strip() == ("rank 0: no answer from rank 1 for 0.5 s during the gradient exchange of step 4; "
+                                "stopping (the last checkpoint is whole)")
