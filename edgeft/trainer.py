@@ -250,10 +250,11 @@ def train(
                     if cfg.grad_accum > 1:  # else evaluated in one graph with the update, below
                         mx.eval(grads_sum, loss_sum)
                 stopping = bool(stop and stop["signal"])
+                exchange_s = None
                 if world.size > 1:  # every rank reads the same sums, so all stop at the same step
                     if grads_sum is None:
                         grads_sum = tree_map_scale(model.trainable_parameters(), 0.0)
-                    grads_sum, (loss_sum, ntok_sum, step_tokens, stops) = distributed.sum_step(
+                    grads_sum, (loss_sum, ntok_sum, step_tokens, stops), exchange_s = distributed.sum_step(
                         world, grads_sum, [loss_sum, ntok_sum, step_tokens, stopping],
                         f"the gradient exchange of step {state.step + 1}", timeout)
                     loss_sum, ntok_sum, step_tokens = mx.array(loss_sum), int(ntok_sum), int(step_tokens)
@@ -300,7 +301,7 @@ def train(
                         "tokens_per_s": tps,
                         "peak_mem_gb": peak,
                         "mlx_peak_gb": mx.get_peak_memory() / 1e9,
-                    }
+                    } | ({"ranks": world.size, "exchange_s": exchange_s} if world.size > 1 else {})
                 )
                 progress.step(state.step, loss_v, tps, eta, peak)
                 last = state.step == cfg.steps
