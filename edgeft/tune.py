@@ -69,8 +69,6 @@ def tune(
         train_set, valid_set = batches.split(samples, cfg.data.valid_fraction, cfg.train.seed)
     if not train_set:
         raise ConfigError(f"{cfg.data.train}: no usable training samples")
-    # A rank holds at most one micro-batch of batch_size rows, so each plans its own memory.
-    mem = plan.preflight(cfg, loaded, train_set, run_dir, resume=resume, log=log)
     distributed.check_same_start(world, {
         "data file": distributed.files_digest([train_file, valid_file]),
         "config": distributed.config_digest(cfg.to_dict()),
@@ -78,10 +76,13 @@ def tune(
     })
     if world.main:
         atomic_write_text(run_dir / runs.DATA_REPORT, report.summary() + "\n")
-        atomic_write_text(run_dir / runs.MEMORY_PLAN, json.dumps(mem.to_dict(), indent=2) + "\n")
     log(report.summary().splitlines()[0])
+    # A rank holds at most one micro-batch of batch_size rows, so each plans its own memory.
+    mem = plan.preflight(cfg, loaded, train_set, run_dir, resume=resume, log=log)
     log(f"memory: about {plan.gb(mem.total)} at peak{' per rank' if world.size > 1 else ''} "
         "(estimate; `edgeft plan` shows the breakdown)")
+    if world.main:
+        atomic_write_text(run_dir / runs.MEMORY_PLAN, json.dumps(mem.to_dict(), indent=2) + "\n")
 
     if not resume and world.main:
         atomic_write_text(run_dir / runs.CONFIG, json.dumps(cfg.to_dict(), indent=2) + "\n")
