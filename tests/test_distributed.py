@@ -72,6 +72,12 @@ def test_two_ranks_give_the_adapters_of_one_rank_with_the_same_global_batch(worl
     assert "2 ranks (2 on this machine, 1 core(s) each)" in out
     assert "tok/s on 2 ranks" in out
     assert out.count("done: 6 steps") == 1  # rank 1 prints nothing of its own
+    # rank 0 alone writes the run folder: the same files and metrics lines as the 1-rank run
+    runs = world["root"] / "runs"
+    listing = [sorted(str(p.relative_to(runs / n)) for p in (runs / n).rglob("*")) for n in ("one", "two")]
+    assert listing[0] == listing[1]
+    lines = [len((runs / n / "metrics.jsonl").read_text().splitlines()) for n in ("one", "two")]
+    assert lines[0] == lines[1] == STEPS + 4  # 6 train lines, validations at steps 0, 2, 4, 6
 
 
 def test_a_killed_rank_stops_the_other_in_bounded_time_and_the_run_resumes(world):
