@@ -182,6 +182,8 @@ def fast_forward(packing: Packing | None = None):
 # (scripts/profile_step.py ab base one-stream).
 # None: one stream per core, at most one per sample; 1: everything on the default stream.
 CPU_STREAMS: int | None = None
+# The cores this process may use (None: all); several ranks on one machine share its cores.
+CPU_CORES: int | None = None
 _streams: list = []
 _blas_threads: int | None = None
 
@@ -191,7 +193,7 @@ def stream_groups(lengths: tuple[int, ...]) -> list[tuple[object, tuple[int, ...
     [(stream, indices of the group's samples, ascending)]. Any samples may share a group:
     longest first into the lightest group (contiguous groups of 4 samples left the busier
     stream with 15% more than half the work on the benchmark's batches; this, 6%)."""
-    cores = os.cpu_count() or 1
+    cores = CPU_CORES or os.cpu_count() or 1
     k = min(CPU_STREAMS or cores, len(lengths)) if on_cpu() else 1
     if on_cpu():
         _set_blas_threads(max(1, cores // max(k, 1)))

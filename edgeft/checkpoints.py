@@ -39,6 +39,7 @@ class TrainState:
     elapsed_s: float = 0.0  # training time, excluding evaluation
     best_val: float | None = None
     history: list = field(default_factory=list)  # validation results [(step, loss)]
+    ranks: int = 1  # processes the steps were shared over (edgeft.distributed)
 
 
 def folder_of(folder: Path, step: int) -> Path:
@@ -74,6 +75,7 @@ def _save(folder: Path, model, optimizer, state: TrainState, keep: int) -> Path:
         "elapsed_s": state.elapsed_s,
         "best_val": state.best_val,
         "history": state.history,
+        "ranks": state.ranks,
         "sha256": {n: sha256_file(tmp / n) for n in (ADAPTERS, OPTIMIZER)},
     }
     atomic_write_text(tmp / STATE, json.dumps(meta, indent=2) + "\n")
@@ -123,4 +125,5 @@ def load(ckpt: Path, model, optimizer) -> TrainState:
         elapsed_s=meta["elapsed_s"],
         best_val=meta.get("best_val"),
         history=meta.get("history", []),
+        ranks=meta.get("ranks", 1),
     )

@@ -93,6 +93,9 @@ class TrainConfig:
     save_every: int = _f(20, "checkpoint every N steps for --resume (0: only at the end)")
     keep_checkpoints: int = _f(2, "how many recent checkpoints to keep")
     log_every: int = _f(1, "metrics line every N steps")
+    peer_timeout_s: float = _f(
+        300.0, "several ranks (mlx.launch): a rank that waits this long for the others in one exchange stops the run"
+    )
 
 
 @dataclass

@@ -137,6 +137,13 @@ def summed_loss_and_grad(loss_and_grad, model, args: tuple) -> tuple[mx.array | 
 def evaluate(model, batches: Iterable[Batch], loss_fn=lm_loss) -> float:
     """Token-weighted mean loss over the batches, with the model in eval mode (no LoRA
     dropout: the loss of the model as it will be used); its mode is restored after."""
+    total, count = loss_sums(model, batches, loss_fn)
+    return total / max(count, 1)
+
+
+def loss_sums(model, batches: Iterable[Batch], loss_fn=lm_loss) -> tuple[float, int]:
+    """(summed loss, loss tokens) over the batches in eval mode, as evaluate's mean is made
+    (the ranks of a distributed run add theirs before dividing)."""
     was_training = model.training
     model.eval()
     try:
@@ -147,7 +154,7 @@ def evaluate(model, batches: Iterable[Batch], loss_fn=lm_loss) -> float:
             if losses:
                 total += sum(loss for loss, _ in losses).item()
                 count += sum(n for _, n in losses)
-        return total / max(count, 1)
+        return total, count
     finally:
         model.train(was_training)
 

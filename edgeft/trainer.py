@@ -27,7 +27,7 @@ import mlx.nn as nn
 import mlx.optimizers as optim
 from mlx.utils import tree_flatten
 
-from edgeft import checkpoints, dequant, runs, system
+from edgeft import checkpoints, dequant, distributed, runs, system
 from edgeft.checkpoints import TrainState
 from edgeft.config import TrainConfig
 from edgeft.errors import UserError
@@ -37,6 +37,7 @@ from edgeft.loss import (
     evaluate,
     lm_loss,
     loss_inputs,
+    loss_sums,
     summed_loss_and_grad,
     tree_add,
     tree_map_scale,
@@ -121,6 +122,7 @@ class Progress:
         stream = stream or sys.stderr  # looked up now: CliRunner swaps sys.stderr
         self.total, self.stream, self.every = total, stream, max(every, 1)
         self.tty = hasattr(stream, "isatty") and stream.isatty()
+        self.ranks = 1  # > 1: tokens/s is the total over this many ranks, and the line says so
 
     def step(self, step: int, loss: float, tps: float, eta_s: float, peak_gb: float):
         if not self.tty and step % self.every and step != self.total:
@@ -129,7 +131,7 @@ class Progress:
         done = int(width * step / self.total)
         line = (
             f"[{'#' * done}{'.' * (width - done)}] step {step}/{self.total} "
-            f"loss {loss:.3f} | {tps:.0f} tok/s | eta {duration(eta_s)} | peak {peak_gb:.2f} GB"
+            f"loss {loss:.3f} | {tps:.0f} tok/s{f' on {self.ranks} ranks' if self.ranks > 1 else ''} | eta {duration(eta_s)} | peak {peak_gb:.2f} GB"
         )
         if self.tty:
             self.stream.write("\r" + line + "\x1b[K")
@@ -153,6 +155,7 @@ def train(
     progress: Progress | None = None,
     on_checkpoint: Callable[[Path], None] | None = None,
     stop: dict | None = None,
+    world: distributed.World = distributed.SINGLE,
 ) -> TrainState:
     """Train the trainable (adapter) parameters of `model`.
 
@@ -161,23 +164,30 @@ def train(
     continues from its newest whole checkpoint. `stop` is the flag of stop_requests(): once
     set, the loop checkpoints after the current step and raises Interrupted. The model trains
     in training mode (LoRA dropout on) and is evaluated in eval mode (loss.evaluate).
+
+    With a `world` of several ranks (edgeft.distributed), every rank draws the same batches,
+    computes its rows of each step and the ranks add their gradients, losses and token counts
+    in one exchange per step; rank 0 alone reads and writes the run folder.
     """
     model.train()
     progress = progress or Progress(cfg.steps, every=cfg.log_every)
+    progress.ranks = world.size
     optimizer = optim.AdamW(learning_rate=lr_schedule(cfg), weight_decay=cfg.weight_decay)
-    state = TrainState()
-    if run_dir:
+    state = TrainState(ranks=world.size)
+    if run_dir and world.main:
         Path(run_dir).mkdir(parents=True, exist_ok=True)
     ckpt_dir = run_dir / runs.CHECKPOINTS if run_dir else None
-    metrics_path = run_dir / runs.METRICS if run_dir else None
-    last_ckpt = None  # the newest checkpoint written or resumed from
+    metrics_path = run_dir / runs.METRICS if run_dir and world.main else None
+    writes = ckpt_dir is not None and world.main
+    last_ckpt = None  # the newest checkpoint written (by rank 0) or resumed from
+    timeout = cfg.peer_timeout_s
 
     if cfg.grad_checkpoint:
         from mlx_lm.tuner.trainer import grad_checkpoint
 
         grad_checkpoint(model.layers[0])
 
-    if resume:
+    if resume and world.main:
         ckpt = checkpoints.latest(ckpt_dir, warn=progress.message) if ckpt_dir else None
         if ckpt is None:
             # Stopped before its first checkpoint: the same seed makes a fresh start exact.
@@ -187,12 +197,28 @@ def train(
             state = checkpoints.load(ckpt, model, optimizer)
             last_ckpt = ckpt
             progress.message(f"resumed from {ckpt} (step {state.step})")
+            if state.ranks != world.size:
+                progress.message(
+                    f"the run went on {state.ranks} rank(s) and now goes on {world.size}: the global batch "
+                    f"stays {cfg.batch_size} x {cfg.grad_accum} (batch_size x grad_accum), split over {world.size}"
+                )
             _truncate_metrics(metrics_path, state.step)
+    if resume and world.size > 1:
+        state.step = distributed.share_state(world, model, optimizer, state.step, timeout)
+        if state.step and ckpt_dir and not world.main:
+            last_ckpt = checkpoints.folder_of(ckpt_dir, state.step)
+    state.ranks = world.size
 
     def run_eval():
         if valid_batches is None:
             return
-        val = evaluate(model, valid_batches(), loss_fn)
+        if world.size == 1:
+            val = evaluate(model, valid_batches(), loss_fn)
+        else:  # each rank its share of the batches, the sums added
+            mine = (b for i, b in enumerate(valid_batches()) if i % world.size == world.rank)
+            total, count = distributed.sum_floats(world, list(loss_sums(model, mine, loss_fn)),
+                                                  f"the validation of step {state.step}", timeout)
+            val = total / max(count, 1)
         if not math.isfinite(val):
             raise TrainingError(f"validation loss is {val} at step {state.step}")
         state.history.append([state.step, val])
@@ -204,79 +230,106 @@ def train(
     with dequant.keep_dequantized(not cfg.grad_checkpoint):
         loss_and_grad = nn.value_and_grad(model, loss_fn)
         batches = train_batches(state.step * cfg.grad_accum)
-        if state.step == 0 and valid_batches is not None and cfg.eval_every > 0:
-            run_eval()
-
-        while state.step < cfg.steps:
-            tic = time.perf_counter()
-            mx.random.seed(step_seed(cfg.seed, state.step))
-            grads_sum, loss_sum, ntok_sum, step_tokens = None, 0.0, 0, 0
-            for _ in range(cfg.grad_accum):
-                args, ntok_in = loss_inputs(model, loss_fn, *next(batches)[:3])
-                loss, grads, n = summed_loss_and_grad(loss_and_grad, model, args)
-                if n == 0:
-                    continue
-                step_tokens += ntok_in
-                grads_sum = grads if grads_sum is None else tree_add(grads_sum, grads)
-                loss_sum = loss + loss_sum
-                ntok_sum += n
-                if cfg.grad_accum > 1:  # else evaluated in one graph with the update, below
-                    mx.eval(grads_sum, loss_sum)
-            if grads_sum is None:
-                raise TrainingError(f"step {state.step + 1}: no batch carried any loss token")
-            grads = tree_map_scale(grads_sum, 1.0 / ntok_sum)
-            loss = loss_sum / ntok_sum
-            if cfg.max_grad_norm:
-                grads, gnorm = optim.clip_grad_norm(grads, cfg.max_grad_norm)
-            else:
-                gnorm = mx.sqrt(sum((g * g).sum() for _, g in tree_flatten(grads)))
-            optimizer.update(model, grads)
-            mx.eval(model.trainable_parameters(), optimizer.state, loss, gnorm)
-            loss_v, gnorm_v = loss.item(), gnorm.item()
-            if not (math.isfinite(loss_v) and math.isfinite(gnorm_v)):
-                # Nothing of this step is saved: no metrics line, no checkpoint, no adapters.
-                kept = f"the last good checkpoint, {last_ckpt}, is kept" if last_ckpt else "no checkpoint was written"
-                raise TrainingError(
-                    f"step {state.step + 1}: loss {loss_v} / gradient norm {gnorm_v} is not finite; "
-                    f"training stopped and {kept}. Try a lower learning rate (now {cfg.learning_rate:g}) "
-                    "or a smaller max_grad_norm in a new run."
-                )
-            dt = time.perf_counter() - tic
-            state.step += 1
-            state.tokens += step_tokens
-            state.elapsed_s += dt
-            tps = step_tokens / dt
-            peak = peak_memory_gb()
-            eta = state.elapsed_s / max(state.step, 1) * (cfg.steps - state.step)
-            append_metrics(
-                metrics_path,
-                {
-                    "kind": "train",
-                    "step": state.step,
-                    "loss": loss_v,
-                    "grad_norm": gnorm_v,
-                    "lr": float(optimizer.learning_rate.item()),
-                    "tokens": step_tokens,
-                    "loss_tokens": ntok_sum,
-                    "step_time_s": dt,
-                    "tokens_per_s": tps,
-                    "peak_mem_gb": peak,
-                    "mlx_peak_gb": mx.get_peak_memory() / 1e9,
-                }
-            )
-            progress.step(state.step, loss_v, tps, eta, peak)
-            last = state.step == cfg.steps
-            if valid_batches is not None and (last or (cfg.eval_every > 0 and state.step % cfg.eval_every == 0)):
+        try:
+            if state.step == 0 and valid_batches is not None and cfg.eval_every > 0:
                 run_eval()
-            if ckpt_dir and ((cfg.save_every > 0 and state.step % cfg.save_every == 0) or last):
-                path = last_ckpt = checkpoints.save(ckpt_dir, model, optimizer, state, cfg.keep_checkpoints)
-                if on_checkpoint:
-                    on_checkpoint(path)
-            if stop and stop["signal"] and not last:
-                if ckpt_dir and last_ckpt != checkpoints.folder_of(ckpt_dir, state.step):
-                    last_ckpt = checkpoints.save(ckpt_dir, model, optimizer, state, cfg.keep_checkpoints)
-                raise Interrupted(stop["signal"], state.step, last_ckpt if ckpt_dir else None)
+            while state.step < cfg.steps:
+                tic = time.perf_counter()
+                mx.random.seed((step_seed(cfg.seed, state.step) + world.rank) % 2**32)
+                grads_sum, loss_sum, ntok_sum, step_tokens = None, 0.0, 0, 0
+                micro = [next(batches) for _ in range(cfg.grad_accum)]
+                for batch in distributed.my_rows(micro, world):
+                    args, ntok_in = loss_inputs(model, loss_fn, *batch[:3])
+                    loss, grads, n = summed_loss_and_grad(loss_and_grad, model, args)
+                    if n == 0:
+                        continue
+                    step_tokens += ntok_in
+                    grads_sum = grads if grads_sum is None else tree_add(grads_sum, grads)
+                    loss_sum = loss + loss_sum
+                    ntok_sum += n
+                    if cfg.grad_accum > 1:  # else evaluated in one graph with the update, below
+                        mx.eval(grads_sum, loss_sum)
+                stopping = bool(stop and stop["signal"])
+                exchange_s = None
+                if world.size > 1:  # every rank reads the same sums, so all stop at the same step
+                    if grads_sum is None:
+                        grads_sum = tree_map_scale(model.trainable_parameters(), 0.0)
+                    grads_sum, (loss_sum, ntok_sum, step_tokens, stops), exchange_s = distributed.sum_step(
+                        world, grads_sum, [loss_sum, ntok_sum, step_tokens, stopping],
+                        f"the gradient exchange of step {state.step + 1}", timeout)
+                    loss_sum, ntok_sum, step_tokens = mx.array(loss_sum), int(ntok_sum), int(step_tokens)
+                    stopping = stops > 0
+                    if ntok_sum == 0:
+                        grads_sum = None
+                if grads_sum is None:
+                    raise TrainingError(f"step {state.step + 1}: no batch carried any loss token")
+                grads = tree_map_scale(grads_sum, 1.0 / ntok_sum)
+                loss = loss_sum / ntok_sum
+                if cfg.max_grad_norm:
+                    grads, gnorm = optim.clip_grad_norm(grads, cfg.max_grad_norm)
+                else:
+                    gnorm = mx.sqrt(sum((g * g).sum() for _, g in tree_flatten(grads)))
+                optimizer.update(model, grads)
+                mx.eval(model.trainable_parameters(), optimizer.state, loss, gnorm)
+                loss_v, gnorm_v = loss.item(), gnorm.item()
+                if not (math.isfinite(loss_v) and math.isfinite(gnorm_v)):
+                    # Nothing of this step is saved: no metrics line, no checkpoint, no adapters.
+                    kept = f"the last good checkpoint, {last_ckpt}, is kept" if last_ckpt else "no checkpoint was written"
+                    raise TrainingError(
+                        f"step {state.step + 1}: loss {loss_v} / gradient norm {gnorm_v} is not finite; "
+                        f"training stopped and {kept}. Try a lower learning rate (now {cfg.learning_rate:g}) "
+                        "or a smaller max_grad_norm in a new run."
+                    )
+                dt = time.perf_counter() - tic
+                state.step += 1
+                state.tokens += step_tokens
+                state.elapsed_s += dt
+                tps = step_tokens / dt
+                peak = peak_memory_gb()
+                eta = state.elapsed_s / max(state.step, 1) * (cfg.steps - state.step)
+                append_metrics(
+                    metrics_path,
+                    {
+                        "kind": "train",
+                        "step": state.step,
+                        "loss": loss_v,
+                        "grad_norm": gnorm_v,
+                        "lr": float(optimizer.learning_rate.item()),
+                        "tokens": step_tokens,
+                        "loss_tokens": ntok_sum,
+                        "step_time_s": dt,
+                        "tokens_per_s": tps,
+                        "peak_mem_gb": peak,
+                        "mlx_peak_gb": mx.get_peak_memory() / 1e9,
+                    } | ({"ranks": world.size, "exchange_s": exchange_s} if world.size > 1 else {})
+                )
+                progress.step(state.step, loss_v, tps, eta, peak)
+                last = state.step == cfg.steps
+                if valid_batches is not None and (last or (cfg.eval_every > 0 and state.step % cfg.eval_every == 0)):
+                    run_eval()
+                if ckpt_dir and ((cfg.save_every > 0 and state.step % cfg.save_every == 0) or last):
+                    last_ckpt = _save(ckpt_dir, model, optimizer, state, cfg, writes, on_checkpoint)
+                if world.size == 1:
+                    stopping = bool(stop and stop["signal"])
+                if stopping and not last:
+                    if ckpt_dir and last_ckpt != checkpoints.folder_of(ckpt_dir, state.step):
+                        last_ckpt = _save(ckpt_dir, model, optimizer, state, cfg, writes, None)
+                    raise Interrupted((stop and stop["signal"]) or "SIGINT", state.step, last_ckpt if ckpt_dir else None)
+        except distributed.DistributedError as e:
+            kept = f"the last checkpoint, {last_ckpt}, is whole" if last_ckpt else "no checkpoint was written"
+            raise TrainingError(f"{e}; {kept}") from None
         return state
+
+
+def _save(ckpt_dir: Path, model, optimizer, state: TrainState, cfg: TrainConfig, writes: bool,
+          on_checkpoint: Callable[[Path], None] | None) -> Path:
+    """Checkpoint this step (rank 0; the other ranks only note where it went)."""
+    if not writes:
+        return checkpoints.folder_of(ckpt_dir, state.step)
+    path = checkpoints.save(ckpt_dir, model, optimizer, state, cfg.keep_checkpoints)
+    if on_checkpoint:
+        on_checkpoint(path)
+    return path
 
 
 def append_metrics(path: Path | None, record: dict) -> None:

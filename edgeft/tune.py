@@ -4,6 +4,8 @@ save the adapters, export. The folder it fills is described in edgeft/runs.py.""
 from __future__ import annotations
 
 import json
+import os
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,7 +13,17 @@ from typing import Callable
 
 import mlx.core as mx
 
-from edgeft import batches, data_files, evaluate, lora, plan, runs, trainer
+from edgeft import (
+    backend,
+    batches,
+    data_files,
+    distributed,
+    evaluate,
+    lora,
+    plan,
+    runs,
+    trainer,
+)
 from edgeft.chat_formats import TEXT
 from edgeft.config import ConfigError, RunConfig
 from edgeft.files import atomic_write_text
@@ -45,10 +57,18 @@ def tune(
     tic = time.perf_counter()
     name = runs.check_run_name(name or runs.default_run_name(cfg))
     run_dir = Path(runs_dir) / name
-    if resume:
+    world = distributed.init()  # several ranks under mlx.launch: rank 0 alone touches run_dir
+    if not world.main:  # its lines would repeat rank 0's; errors still go to stderr
+        sys.stdout = open(os.devnull, "w")
+        log, progress = (lambda _: None), trainer.Progress(cfg.train.steps, stream=sys.stdout)
+    if world.size > 1:
+        backend.CPU_CORES = world.cores()
+        log(f"{world.size} ranks ({world.local_ranks} on this machine, {world.cores()} core(s) each); "
+            f"each step's {cfg.train.batch_size} x {cfg.train.grad_accum} samples are shared between them")
+    if world.main and resume:
         if not (run_dir / runs.CONFIG).exists():
             raise ConfigError(f"nothing to resume at {run_dir}: no {runs.CONFIG} there")
-    elif (run_dir / runs.CONFIG).exists() or (run_dir / runs.CHECKPOINTS).exists():
+    elif world.main and ((run_dir / runs.CONFIG).exists() or (run_dir / runs.CHECKPOINTS).exists()):
         raise ConfigError(f"{run_dir} already holds a run; pick another --name or pass --resume")
 
     # Every check comes before the run folder is made, so a start that fails leaves nothing.
@@ -69,15 +89,23 @@ def tune(
         raise
     if not train_set:
         raise ConfigError(f"{cfg.data.train}: no usable training samples")
+    distributed.check_same_start(world, {
+        "data file": distributed.files_digest([train_file, valid_file]),
+        "config": distributed.config_digest(cfg.to_dict()),
+        "model": distributed.files_digest([loaded.path]),
+    })
     log(report.summary().splitlines()[0])
+    # A rank holds at most one micro-batch of batch_size rows, so each plans its own memory.
     mem = plan.preflight(cfg, loaded, train_set, run_dir, resume=resume, log=log)
 
-    run_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(run_dir / runs.DATA_REPORT, report.summary() + "\n")
-    log(f"memory: about {plan.gb(mem.total)} at peak (estimate; `edgeft plan` shows the breakdown)")
-    atomic_write_text(run_dir / runs.MEMORY_PLAN, json.dumps(mem.to_dict(), indent=2) + "\n")
-    # On resume too: the safe changes a resume may make (more steps, say) are kept for the next.
-    atomic_write_text(run_dir / runs.CONFIG, json.dumps(cfg.to_dict(), indent=2) + "\n")
+    log(f"memory: about {plan.gb(mem.total)} at peak{' per rank' if world.size > 1 else ''} "
+        "(estimate; `edgeft plan` shows the breakdown)")
+    if world.main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(run_dir / runs.DATA_REPORT, report.summary() + "\n")
+        atomic_write_text(run_dir / runs.MEMORY_PLAN, json.dumps(mem.to_dict(), indent=2) + "\n")
+        # On resume too: the safe changes a resume may make (more steps, say) are kept for the next.
+        atomic_write_text(run_dir / runs.CONFIG, json.dumps(cfg.to_dict(), indent=2) + "\n")
     mx.random.seed(cfg.train.seed)
     lora.apply_lora(loaded.model, cfg.lora)
     n_train, n_total = lora.count_parameters(loaded.model)
@@ -107,10 +135,13 @@ def tune(
                 resume=resume,
                 progress=progress,
                 stop=stop,
+                world=world,
             )
     except trainer.Interrupted as e:
         e.run_dir = run_dir
         raise
+    if not world.main:
+        return TuneResult(run_dir, state, run_dir / runs.ADAPTERS, report)
     adapters = lora.save_adapters(
         loaded.model, run_dir / runs.ADAPTERS, lora.adapter_config(loaded.model, cfg.lora, str(loaded.path))
     )

@@ -3,6 +3,9 @@ scripts/reliability_smollm2.py:
 
     python tests/paused_edgeft.py POINT:STEP MARKER ARGS...
 
+Under mlx.launch every rank runs it: "{rank}" in MARKER becomes the rank (MLX_RANK), so each
+rank has its own marker.
+
 On reaching POINT of step STEP the process writes MARKER and waits until it is deleted, so
 the caller can SIGKILL (or signal) it there and nowhere else. The points:
   step        step N's gradients are computed, the optimizer has not stepped
@@ -75,4 +78,4 @@ def main(at: str, marker: Path, args: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], Path(sys.argv[2]), sys.argv[3:])
+    main(sys.argv[1], Path(sys.argv[2].replace("{rank}", os.environ.get("MLX_RANK", "0"))), sys.argv[3:])
