@@ -222,6 +222,7 @@ def validate(cfg: RunConfig, where: str = "config") -> None:
         (t.save_every >= 0, "train.save_every must be 0 or more"),
         (t.keep_checkpoints >= 1, "train.keep_checkpoints must be at least 1"),
         (t.log_every >= 1, "train.log_every must be at least 1"),
+        (math.isfinite(t.peer_timeout_s) and t.peer_timeout_s > 0, "train.peer_timeout_s must be a positive number of seconds"),
         (e.quant.lower() in QUANTS, f"export.quant {e.quant!r} is not a type edgeft writes; choose one of {', '.join(QUANTS)}"),
         (g.max_tokens >= 1, "generate.max_tokens must be at least 1"),
         (math.isfinite(g.temperature) and g.temperature >= 0, "generate.temperature must be 0 or more"),

@@ -26,6 +26,7 @@ from edgeft import (
 )
 from edgeft.chat_formats import TEXT
 from edgeft.config import ConfigError, RunConfig
+from edgeft.errors import UserError
 from edgeft.files import atomic_write_text
 from edgeft.records import DataError, Report
 from edgeft.report import build as build_report
@@ -153,7 +154,11 @@ def tune(
         log(f"exporting {cfg.export.quant} GGUF...")
         result.export = export.export_run(run_dir, cfg.export.quant, log=log)
     if cfg.eval.enabled:
-        ev = evaluate.evaluate_run(run_dir, log=log)
+        try:
+            ev = evaluate.evaluate_run(run_dir, log=log)
+        except UserError as e:  # the run is trained and saved: a failed look at it does not undo that
+            log(f"eval skipped: {str(e).splitlines()[0]} (try `edgeft eval {run_dir}` when it is fixed)")
+            return result
         log(f"eval took {ev['seconds']:.0f} s, {ev['seconds'] / (time.perf_counter() - tic):.0%} of this run "
             "(skip it with --no-eval or eval.enabled: false)")
         result.report_html = build_report(run_dir, log=log)

@@ -84,6 +84,7 @@ BAD_VALUES = [
     ("train", "save_every", -1),
     ("train", "keep_checkpoints", 0),
     ("train", "log_every", 0),
+    ("train", "peer_timeout_s", 0.0),
     ("export", "quant", "q3_xyz"),
     ("generate", "max_tokens", 0),
     ("generate", "temperature", -0.5),

@@ -494,6 +494,8 @@ def test_hostile_chat_template_is_refused_by_chat_too(tmp_path, tiny_parts, monk
     r = CliRunner().invoke(main, ["tune", "--data", str(text), "--model", str(path), "--steps", "1", "--eval-every", "0",
                                   "--no-export", "--runs-dir", str(tmp_path / "runs"), "--name", "t"])
     assert r.exit_code == 0, r.output
+    # the evaluation at the end renders chats: it is skipped in one line, the trained run kept
+    assert "eval skipped: chat template" in r.output and (tmp_path / "runs" / "t" / "adapters").is_dir()
     r = CliRunner().invoke(main, ["chat", str(tmp_path / "runs" / "t"), "--prompt", "hi", "--max-tokens", "2"])
     assert r.exit_code == 1 and isinstance(r.exception, SystemExit), (r.output, r.exception)
     assert r.output.startswith("Error: chat template") and "unsafe" in r.output and r.output.count("\n") == 1
