@@ -64,11 +64,13 @@ def main():
                    f"[eval.enabled]  [default: {EVAL_DEFAULT}]")
 @config_options
 def tune(data, recipe, name, runs_dir, resume, export, evaluate, **flags):
-    """Fine-tune a model (LoRA) on a JSONL file of conversations.
+    """Fine-tune a model (LoRA) on a JSONL file of conversations, or a folder of them.
 
     Each line is {"messages": [{"role": "user", "content": ...}, {"role": "assistant",
-    "content": ...}]}, or {"prompt": ..., "completion": ...}, or {"text": ...}. Loss is taken
-    on every assistant turn. Without --model, the built-in SmolLM2-135M-Instruct is used.
+    "content": ...}]} (tool calls and "weight" allowed), or ShareGPT's {"conversations": [...]},
+    or {"prompt": ..., "completion": ...}, or {"text": ...}; a folder holds train.jsonl (and
+    valid.jsonl). Loss is taken on every assistant turn. Without --model, the built-in
+    SmolLM2-135M-Instruct is used.
 
     \b
     Example:
@@ -79,7 +81,7 @@ def tune(data, recipe, name, runs_dir, resume, export, evaluate, **flags):
 
     The defaults shown are edgeft's own, which the default recipe keeps; a --recipe replaces
     them and flags replace both. A resumed run keeps its settings but for --steps,
-    --eval-every, --save-every and --export/--no-export.
+    --eval-every, --save-every, --export/--no-export and --eval/--no-eval.
     """
     from edgeft import runs, trainer
     from edgeft.tune import tune as tune_run

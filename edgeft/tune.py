@@ -53,7 +53,7 @@ def tune(
     progress: trainer.Progress | None = None,
 ) -> TuneResult:
     if not cfg.data.train:
-        raise ConfigError("no training data: pass --data FILE.jsonl")
+        raise ConfigError("no training data: pass --data FILE.jsonl (or a folder holding train.jsonl)")
     train_file, valid_file = data_files.training_files(cfg.data.train, cfg.data.valid)
     tic = time.perf_counter()
     name = runs.check_run_name(name or runs.default_run_name(cfg))

@@ -506,7 +506,7 @@ def edgeft_command(ctx: Ctx, recipe: Path, runs_dir: Path) -> list:
             "--steps", ctx.args.steps, "--batch-size", s.batch_size, "--max-seq-len", s.max_seq_len,
             "--lora-rank", s.rank, "--lora-alpha", s.alpha, "--learning-rate", s.learning_rate,
             "--warmup-steps", 0, "--valid-fraction", 0, "--eval-every", 0, "--save-every", 0,
-            "--no-export", "--seed", s.seed, "--runs-dir", runs_dir, "--name", "bench"]
+            "--no-export", "--no-eval", "--seed", s.seed, "--runs-dir", runs_dir, "--name", "bench"]
 
 
 def edgeft_recipe(ctx: Ctx) -> Path:

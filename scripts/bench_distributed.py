@@ -71,7 +71,7 @@ def measure(args) -> float:
     work = Path(tempfile.mkdtemp(prefix="bench-dist-"))
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     tune = ["tune", "--data", str(DATA), "--steps", str(args.steps), "--batch-size", str(args.batch_size),
-            "--grad-accum", str(args.grad_accum), "--eval-every", "0", "--save-every", "0", "--no-export",
+            "--grad-accum", str(args.grad_accum), "--eval-every", "0", "--save-every", "0", "--no-export", "--no-eval",
             "--runs-dir", str(work / "runs")]
     edgeft = [sys.executable, "-m", "edgeft.cli"]
     launch = [str(Path(sys.executable).parent / "mlx.launch"), "-n", str(args.ranks), "--backend", "ring", "--"]

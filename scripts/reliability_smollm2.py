@@ -59,7 +59,7 @@ def adapters(run_dir: Path) -> dict[str, np.ndarray]:
 def kill(model: Path, work: Path):
     runs = work / "runs"
     base = ["--data", str(EXAMPLES), "--model", str(model), "--steps", "6", "--batch-size", "2",
-            "--eval-every", "3", "--save-every", "2", "--lora-dropout", "0.1", "--no-export", "--runs-dir", str(runs)]
+            "--eval-every", "3", "--save-every", "2", "--lora-dropout", "0.1", "--no-export", "--no-eval", "--runs-dir", str(runs)]
     resume = ["--resume", "--name", "killed", "--runs-dir", str(runs)]
     edgeft_tune([*base, "--name", "straight"])
     edgeft_tune([*base, "--name", "killed"], pause_at="step:3", marker=work / "m")
@@ -85,7 +85,7 @@ def measure(model: Path, work: Path):
         data = work / f"{name}.jsonl"
         data.write_text((json.dumps(rows[kind]) + "\n") * 12)
         edgeft_tune(["--data", str(data), "--model", str(model), "--steps", "3", "--batch-size", str(batch),
-                     "--max-seq-len", "512", "--eval-every", "0", "--no-export", "--name", name,
+                     "--max-seq-len", "512", "--eval-every", "0", "--no-export", "--no-eval", "--name", name,
                      "--runs-dir", str(work / "runs")])
         recs = [json.loads(line) for line in (work / "runs" / name / "metrics.jsonl").read_text().splitlines()]
         train = [r for r in recs if r["kind"] == "train"]

@@ -33,7 +33,7 @@ STEPS = 6
 # Dropout on: a resumed run must also restore the random stream, not only the weights.
 ARGS = ["--steps", str(STEPS), "--batch-size", "2", "--eval-every", "2", "--save-every", "2",
         "--lora-dropout", "0.1", "--learning-rate", "5e-3", "--warmup-steps", "2", "--seed", "3",
-        "--no-export"]
+        "--no-export", "--no-eval"]
 
 
 def write_chats(path, n=12):
