@@ -172,7 +172,7 @@ VARIANTS = {
     "base": default_step,
     "padded": lambda m: default_step(m, padded_loss),
     "mlx-ops": with_setting(default_step, backend, "FUSED_KERNELS", False),
-    "mlx-dequantize": with_setting(default_step, backend, "dequantize", lambda w, s, b, bits, group_size, mode: mx.dequantize(
+    "mlx-dequantize": with_setting(default_step, dequant, "dequantize", lambda w, s, b, bits, group_size, mode: mx.dequantize(
         w, s, b, group_size=group_size, bits=bits, mode=mode)),
     "one-stream": with_setting(default_step, backend, "CPU_STREAMS", 1),
     "dequantize-each-step": with_setting(default_step, sys.modules[__name__], "KEEP_DEQUANTIZED", False),
