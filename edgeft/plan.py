@@ -429,16 +429,21 @@ def packs(model=None, config: dict | None = None) -> bool:
     return backend.can_pack(model)
 
 
-def preflight(cfg, loaded, samples, run_dir, resume: bool = False, *, log: Callable[[str], None]) -> Breakdown:
+def preflight(cfg, loaded, samples, run_dir, resume: bool = False, *, log: Callable[[str], None],
+              share: int = 1) -> Breakdown:
     """Before training: refuse a run that will not fit in memory or on disk, with the numbers,
-    or (train.auto_fit, new runs only) change cfg.train so that it fits. Returns the estimate."""
+    or (train.auto_fit, new runs only) change cfg.train so that it fits. Returns the estimate.
+    `share`: the processes (ranks) training side by side on this machine, each planned against
+    its share of the free memory."""
     t = cfg.train
     quant = quant_info_from_model(loaded.model)
     packed = packs(loaded.model)
     estimate = step_estimator(loaded.config, cfg.lora, samples, cfg.model.max_seq_len, quant, packed)
     available, source = system.available_memory()
-    if available is not None and source.startswith("MemAvailable"):
-        available += system.current_rss()  # what this process holds already is part of the budget
+    if available is not None:
+        available //= max(share, 1)
+        if source.startswith("MemAvailable"):
+            available += system.current_rss()  # what this process holds already is part of the budget
     fit = fit_memory(estimate, t.batch_size, t.grad_accum, t.grad_checkpoint, available,
                      bool(t.auto_fit) and not resume, where="this run ")
     if fit.changes:

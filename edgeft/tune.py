@@ -97,7 +97,7 @@ def tune(
     })
     log(report.summary().splitlines()[0])
     # A rank holds at most one micro-batch of batch_size rows, so each plans its own memory.
-    mem = plan.preflight(cfg, loaded, train_set, run_dir, resume=resume, log=log)
+    mem = plan.preflight(cfg, loaded, train_set, run_dir, resume=resume, log=log, share=world.local_ranks)
 
     log(f"memory: about {plan.gb(mem.total)} at peak{' per rank' if world.size > 1 else ''} "
         "(estimate; `edgeft plan` shows the breakdown)")

@@ -167,6 +167,21 @@ def test_a_run_that_does_not_fit_in_memory_is_refused_with_numbers(tiny, home, m
     assert not (home / "runs" / "m" / "config.json").exists()
 
 
+
+def test_ranks_on_one_machine_each_plan_against_their_share_of_memory(tiny, home, monkeypatch):
+    d, path = tiny
+    cfg = RunConfig()
+    cfg.model.name = str(path)
+    loaded = load(path)
+    backend.prepare(loaded.model)
+    samples, _ = data_files.load_samples(uniform_chats(home / "chats.jsonl"), loaded.tokenizer, DataConfig(), 512)
+    monkeypatch.setattr(system, "current_rss", lambda: 0)
+    need = plan.preflight(cfg, loaded, samples, home / "runs", log=print).total
+    monkeypatch.setattr(system, "available_memory", lambda: (int(need * 1.5), "test"))
+    assert plan.preflight(cfg, loaded, samples, home / "runs", log=print, share=1).total == need
+    with pytest.raises(plan.PlanError, match="available"):
+        plan.preflight(cfg, loaded, samples, home / "runs", log=print, share=2)
+
 def test_auto_fit_lowers_the_batch_and_records_it(tiny, home, monkeypatch):
     d, path = tiny
     loaded = load(path, tokenizer_only=True)
