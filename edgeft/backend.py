@@ -7,7 +7,7 @@ half-precision matmul has no BLAS path at all. So on CPU every quantized layer d
 its weight just in time (the base stays 4-bit in memory) and the model computes in fp32.
 
 The training forward (CPU): inside ``fast_forward()`` a prepared model computes the exp-heavy
-ops (SiLU, the attention softmax, the loss's logsumexp) 1.5-4x faster than MLX (kernels.py),
+ops (SiLU, the attention softmax, the loss's logsumexp) 1.5-4x faster than MLX (cpu_kernels.py),
 and takes packed batches: the samples of a batch laid end to end in one row with no padding,
 attention within each sample and RoPE positions restarting at 0 for each, so every sample gets
 exactly what it would get alone. mlx-lm's models are used unchanged: ``prepare`` gives their
@@ -29,7 +29,7 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_map, tree_unflatten
 
-from edgeft import _blas, kernels
+from edgeft import _blas, cpu_kernels
 from edgeft.dequant import (
     DequantizedEmbedding,
     DequantizedLinear,
@@ -148,7 +148,7 @@ class Packing:
         return parts[0] if len(parts) == 1 else mx.concatenate(parts, axis=-2)
 
 
-# Faster kernels (edgeft/kernels.py) for SiLU, softmax and logsumexp inside fast_forward;
+# Faster kernels (edgeft/cpu_kernels.py) for SiLU, softmax and logsumexp inside fast_forward;
 # False: MLX's own ops (for A/B measurements, scripts/profile_step.py).
 FUSED_KERNELS = True
 
@@ -224,12 +224,12 @@ def _set_blas_threads(n: int) -> None:
 
 def _kernels_for(*arrays: mx.array) -> bool:
     fwd = _FORWARD.get()
-    return fwd is not None and fwd.kernels and kernels.usable(*arrays)
+    return fwd is not None and fwd.kernels and cpu_kernels.usable(*arrays)
 
 
 def logsumexp(x: mx.array) -> mx.array:
     """mx.logsumexp(x, axis=-1), the faster way inside fast_forward."""
-    return kernels.logsumexp(x) if _kernels_for(x) else mx.logsumexp(x, axis=-1)
+    return cpu_kernels.logsumexp(x) if _kernels_for(x) else mx.logsumexp(x, axis=-1)
 
 
 def _attention_modules(model: nn.Module) -> list[nn.Module]:
@@ -310,7 +310,7 @@ def _fast_sdpa(original):
 
         def attend(q, k, v, causal):
             if _kernels_for(q, k, v):
-                return kernels.attention(q, k, v, scale, causal)
+                return cpu_kernels.attention(q, k, v, scale, causal)
             return original(q, k, v, cache=None, scale=scale, mask="causal" if causal else None)
 
         if fwd.packing is None:
@@ -324,7 +324,7 @@ def _fast_sdpa(original):
 
 def _fast_swiglu(original):
     def swiglu(gate, x):
-        return kernels.swiglu(gate, x) if _kernels_for(gate, x) else original(gate, x)
+        return cpu_kernels.swiglu(gate, x) if _kernels_for(gate, x) else original(gate, x)
 
     swiglu._edgeft_original = original
     return swiglu

@@ -1,6 +1,6 @@
 """Quantized weights made full precision: the one primitive, and the layers that use it.
 
-A leaf of the package (it imports only mlx and edgeft.kernels): backend.py swaps quantized
+A leaf of the package (it imports only mlx, edgeft.device and edgeft.cpu_kernels): backend.py swaps quantized
 layers for the ``Dequantized*`` twins below, and lora.py merges adapters into
 :func:`dequantized_weight`, without either importing the other.
 
@@ -20,7 +20,7 @@ from functools import lru_cache
 import mlx.core as mx
 import mlx.nn as nn
 
-from edgeft import kernels
+from edgeft import cpu_kernels
 from edgeft.device import on_cpu
 
 _IN_FORWARD: ContextVar[bool] = ContextVar("edgeft_in_forward", default=False)
@@ -65,7 +65,7 @@ def _affine_dequantizer(bits: int, group_size: int):
         out = q.astype(scales.dtype) * scales[..., None, None] + biases[..., None, None]
         return out.reshape(*rows, groups * group_size)
 
-    return kernels.fused(dequantize)  # fused even on arrays that mx.grad traces
+    return cpu_kernels.fused(dequantize)  # fused even on arrays that mx.grad traces
 
 
 class DequantizedLinear(nn.QuantizedLinear):

@@ -10,7 +10,7 @@ from mlx.utils import tree_flatten, tree_unflatten
 from mlx_lm.models import llama, qwen3
 from mlx_lm.models.rope_utils import Llama3RoPE
 
-from edgeft import backend, batches, dequant, kernels, lora, loss
+from edgeft import backend, batches, cpu_kernels, dequant, lora, loss
 from edgeft.config import LoRAConfig
 
 VOCAB = 96
@@ -179,16 +179,16 @@ def test_a_wrong_packing_is_an_error_not_silent_cross_attention():
 
 
 def test_fused_kernels_pass_their_self_test():
-    assert kernels.usable(mx.zeros(2))
-    assert not kernels.usable(mx.zeros(2, dtype=mx.bfloat16))
+    assert cpu_kernels.usable(mx.zeros(2))
+    assert not cpu_kernels.usable(mx.zeros(2, dtype=mx.bfloat16))
 
 
 def test_fused_exp_is_accurate_and_zero_far_below():
     x = np.linspace(-86.9, 87.9, 200001).astype(np.float32)
-    got = np.asarray(kernels._exp_fused(mx.array(x))).astype(np.float64)
+    got = np.asarray(cpu_kernels._exp_fused(mx.array(x))).astype(np.float64)
     want = np.exp(x.astype(np.float64))
     assert np.max(np.abs(got - want) / want) < 5e-7
-    assert np.asarray(kernels._exp_fused(mx.array([-88.0, -1e4, -np.inf], dtype=mx.float32))).tolist() == [0.0, 0.0, 0.0]
+    assert np.asarray(cpu_kernels._exp_fused(mx.array([-88.0, -1e4, -np.inf], dtype=mx.float32))).tolist() == [0.0, 0.0, 0.0]
 
 
 def _vjp_close(f, g, primals, cot, atol):
@@ -203,8 +203,8 @@ def _vjp_close(f, g, primals, cot, atol):
 def test_fused_swiglu_and_softmax_match_mlx(shape):
     mx.random.seed(sum(shape))
     g, u, c = mx.random.normal(shape) * 4, mx.random.normal(shape), mx.random.normal(shape)
-    _vjp_close(kernels.swiglu, lambda g, u: nn.silu(g) * u, [g, u], c, 1e-5)
-    _vjp_close(kernels.softmax, lambda x: mx.softmax(x, axis=-1), [g], c, 1e-6)
+    _vjp_close(cpu_kernels.swiglu, lambda g, u: nn.silu(g) * u, [g, u], c, 1e-5)
+    _vjp_close(cpu_kernels.softmax, lambda x: mx.softmax(x, axis=-1), [g], c, 1e-6)
 
 
 @pytest.mark.parametrize("B,H,Hkv,T", [(1, 9, 3, 37), (2, 4, 2, 16), (1, 4, 4, 1)])
@@ -214,7 +214,7 @@ def test_fused_attention_matches_mlx_sdpa(B, H, Hkv, T, causal):
     q, k, v = mx.random.normal((B, H, T, 16)), mx.random.normal((B, Hkv, T, 16)), mx.random.normal((B, Hkv, T, 16))
     mask = "causal" if causal else None
     _vjp_close(
-        lambda q, k, v: kernels.attention(q, k, v, 0.25, causal),
+        lambda q, k, v: cpu_kernels.attention(q, k, v, 0.25, causal),
         lambda q, k, v: mx.fast.scaled_dot_product_attention(q, k, v, scale=0.25, mask=mask),
         [q, k, v], mx.random.normal(q.shape), 1e-5,
     )
@@ -246,6 +246,6 @@ def test_fused_dequantize_is_bit_exact(bits, group_size):
 def test_logsumexp_matches_mlx():
     mx.random.seed(11)
     x = mx.random.normal((9, 1000)) * 8
-    (a,), (ga,) = mx.vjp(kernels.logsumexp, [x], [mx.arange(9.0)])
+    (a,), (ga,) = mx.vjp(cpu_kernels.logsumexp, [x], [mx.arange(9.0)])
     (b,), (gb,) = mx.vjp(lambda x: mx.logsumexp(x, axis=-1), [x], [mx.arange(9.0)])
     assert mx.allclose(a, b, rtol=1e-6, atol=1e-5) and mx.allclose(ga, gb, rtol=1e-4, atol=1e-7)
