@@ -197,7 +197,7 @@ def _answer_all(engine, prompts: list[Prompt], questions, max_tokens) -> tuple[l
 
 
 def evaluate_run(run_dir, prompts=None, gguf=None, max_tokens: int | None = None,
-                 generate_overrides: dict | None = None, log: Callable[[str], None] = print) -> dict:
+                 generate_overrides: dict | None = None, *, log: Callable[[str], None]) -> dict:
     """Answer held-out prompts with the run's base and tuned model; write and return eval.json.
 
     `generate_overrides` ({field: value} of the config's generate section) tries other

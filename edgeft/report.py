@@ -161,7 +161,7 @@ def _page(title: str, parts: list[str]) -> str:
             f"<style>{CSS}</style></head><body><h1>{html.escape(title)}</h1>\n" + "\n".join(parts) + "\n</body></html>\n")
 
 
-def build(run_dir, log: Callable[[str], None] = print) -> Path:
+def build(run_dir, *, log: Callable[[str], None]) -> Path:
     """Write report.html and report.md into the run folder; returns the HTML's path."""
     run_dir = Path(run_dir)
     cfg, metrics, ev = _load(run_dir)
@@ -183,7 +183,7 @@ def _flat(d: dict, prefix: str = "") -> dict:
     return out
 
 
-def compare(run_a, run_b, out=None, log: Callable[[str], None] = print) -> Path:
+def compare(run_a, run_b, out=None, *, log: Callable[[str], None]) -> Path:
     """Two runs side by side: the config keys that differ, both score tables, both curves;
     written to `out` (default runs/<a>/compare-<b>.html, and .md beside it)."""
     run_a, run_b = Path(run_a), Path(run_b)
