@@ -114,6 +114,7 @@ def model_tensors(model, config: dict, qk_layout: str) -> list[TensorSpec]:
 
     modules = dict(model.named_modules())
     permute = F.needs_qk_permute(config, qk_layout)
+    arch = F.family(config["model_type"]).arch
     specs = []
     for name, value in tree_flatten(model.parameters()):
         owner, _, leaf = name.rpartition(".")
@@ -125,7 +126,7 @@ def model_tensors(model, config: dict, qk_layout: str) -> list[TensorSpec]:
         if owner.endswith(".linear") and isinstance(modules.get(owner[: -len(".linear")]), LoRALinear):
             base_owner = owner[: -len(".linear")]
         mlx_name = f"{base_owner}.{leaf}"
-        gguf_name = F.mlx_to_gguf_name(mlx_name)
+        gguf_name = F.mlx_to_gguf_name(mlx_name, arch)
         if gguf_name is None:
             raise ExportError(f"tensor {mlx_name} has no GGUF name; this model cannot be exported")
         shape = tuple(value.shape)
@@ -152,9 +153,10 @@ def adapter_tensors(model, config: dict, qk_layout: str) -> tuple[list[TensorSpe
     from edgeft.lora import lora_layers
 
     permute = F.needs_qk_permute(config, qk_layout)
+    arch = F.family(config["model_type"]).arch
     specs, alphas = [], set()
     for name, layer in lora_layers(model):
-        base = F.mlx_to_gguf_name(f"{name}.weight")
+        base = F.mlx_to_gguf_name(f"{name}.weight", arch)
         if base is None:
             raise ExportError(f"LoRA layer {name} has no GGUF tensor name; cannot export it")
         a = np.array(layer.lora_a.astype(mx.float32)).T  # (rank, in)

@@ -14,8 +14,10 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any
 
+import gguf
 import numpy as np
 from gguf import Keys
 
@@ -265,57 +267,49 @@ def llama3_scaling_from_rope_freqs(
 
 
 # --- tensor names ------------------------------------------------------------------------
-# GGUF per-block tensor base name -> mlx-lm module path inside model.layers.N
-BLOCK_TENSORS = {
-    "attn_q": "self_attn.q_proj",
-    "attn_k": "self_attn.k_proj",
-    "attn_v": "self_attn.v_proj",
-    "attn_output": "self_attn.o_proj",
-    "attn_q_norm": "self_attn.q_norm",
-    "attn_k_norm": "self_attn.k_norm",
-    "ffn_gate": "mlp.gate_proj",
-    "ffn_up": "mlp.up_proj",
-    "ffn_down": "mlp.down_proj",
-    "attn_norm": "input_layernorm",
-    "ffn_norm": "post_attention_layernorm",
-}
-GLOBAL_TENSORS = {
-    "token_embd": "model.embed_tokens",
-    "output_norm": "model.norm",
-    "output": "lm_head",
-}
+# mlx-lm names its parameters as Hugging Face does; gguf-py's TensorNameMap is llama.cpp's own
+# map from those names to GGUF's, per architecture (gemma's post_attention_layernorm is not
+# llama's). The reverse is ambiguous in general (llama's ffn_up is up_proj or gate_up_proj), so
+# it is made from the names of the model at hand.
 # .weight/.bias are the tensor itself; .scales/.biases are MLX affine quantization parts
 SUFFIXES = ("weight", "bias", "scales", "biases")
-_BLOCK_TO_MLX = {v: k for k, v in BLOCK_TENSORS.items()}
-_GLOBAL_TO_MLX = {v: k for k, v in GLOBAL_TENSORS.items()}
-_GGUF_BLOCK_RE = re.compile(r"blk\.(\d+)\.(\w+)\.(\w+)")
-_MLX_BLOCK_RE = re.compile(r"model\.layers\.(\d+)\.(.+)\.(\w+)")
+_MLX_LAYER_RE = re.compile(r"model\.layers\.(\d+)\.")
+_GGUF_LAYER_RE = re.compile(r"blk\.(\d+)\.")
+_ARCH_ENUM = {name: arch for arch, name in gguf.MODEL_ARCH_NAMES.items()}
 
 
-def gguf_to_mlx_name(name: str) -> str | None:
-    """`blk.3.attn_q.weight` -> `model.layers.3.self_attn.q_proj.weight`; None if unknown."""
-    if m := _GGUF_BLOCK_RE.fullmatch(name):
-        layer, base, suffix = m.groups()
-        if base in BLOCK_TENSORS and suffix in SUFFIXES:
-            return f"model.layers.{layer}.{BLOCK_TENSORS[base]}.{suffix}"
-        return None
+@lru_cache(maxsize=None)
+def _tensor_name_map(arch: str) -> gguf.TensorNameMap:
+    return gguf.get_tensor_name_map(_ARCH_ENUM[arch], 1)
+
+
+def mlx_to_gguf_name(name: str, arch: str) -> str | None:
+    """`model.layers.3.self_attn.q_proj.weight` -> `blk.3.attn_q.weight` in a model of GGUF
+    architecture `arch`; None if llama.cpp has no such tensor."""
     base, _, suffix = name.rpartition(".")
-    if base in GLOBAL_TENSORS and suffix in SUFFIXES:
-        return f"{GLOBAL_TENSORS[base]}.{suffix}"
-    return None
-
-
-def mlx_to_gguf_name(name: str) -> str | None:
-    """`model.layers.3.self_attn.q_proj.weight` -> `blk.3.attn_q.weight`; None if unknown."""
-    if m := _MLX_BLOCK_RE.fullmatch(name):
-        layer, path, suffix = m.groups()
-        if path in _BLOCK_TO_MLX and suffix in SUFFIXES:
-            return f"blk.{layer}.{_BLOCK_TO_MLX[path]}.{suffix}"
+    if suffix not in SUFFIXES or arch not in _ARCH_ENUM:
         return None
-    path, _, suffix = name.rpartition(".")
-    if path in _GLOBAL_TO_MLX and suffix in SUFFIXES:
-        return f"{_GLOBAL_TO_MLX[path]}.{suffix}"
-    return None
+    layer = _MLX_LAYER_RE.match(base)
+    generic = _MLX_LAYER_RE.sub("model.layers.0.", base, count=1) if layer else base
+    mapped = _tensor_name_map(arch).get_name(generic)
+    if mapped is None or (layer is None) != (_GGUF_LAYER_RE.match(mapped) is None):
+        return None
+    if layer:
+        mapped = _GGUF_LAYER_RE.sub(f"blk.{layer.group(1)}.", mapped, count=1)
+    return f"{mapped}.{suffix}"
+
+
+def mlx_names_by_gguf(mlx_names, arch: str) -> dict[str, str]:
+    """GGUF name -> mlx-lm name for the parameters `mlx_names` of a model of `arch`, each with
+    every suffix (a quantized file brings .scales/.biases where the model has .weight)."""
+    out = {}
+    for name in mlx_names:
+        base = name.rpartition(".")[0]
+        for suffix in SUFFIXES:
+            gguf_name = mlx_to_gguf_name(f"{base}.{suffix}", arch)
+            if gguf_name is not None:
+                out[gguf_name] = f"{base}.{suffix}"
+    return out
 
 
 # --- llama.cpp's Q/K row permutation -----------------------------------------------------

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -131,16 +132,23 @@ def _load_gguf(path: Path, quantize_bits, tokenizer_only: bool) -> Loaded:
             weights.update(_requantized(info, _read_tensor(path, index, info)))
     weights.pop(F.ROPE_FREQS_TENSOR, None)  # its content is in config["rope_scaling"]
 
+    model = _new_model(config, path)
+    arch = F.family(config["model_type"]).arch
+    by_gguf = F.mlx_names_by_gguf((n for n, _ in tree_flatten(model.parameters())), arch)
     mlx_weights = {}
     for name, w in weights.items():
-        mlx_name = F.gguf_to_mlx_name(name)
-        if mlx_name is None:
+        if name not in by_gguf and re.sub(r"^blk\.\d+\.", "blk.0.", name) in by_gguf:
+            raise ModelLoadError(
+                f"{path}: unexpected tensor {name}; the file does not match a "
+                f"{config['model_type']} model of this configuration"
+            )
+        if name not in by_gguf:
             raise ModelLoadError(
                 f"{path}: tensor {name} has no place in a {config['model_type']} model; "
                 "the file holds an architecture variant edgeft does not support"
             )
-        mlx_weights[mlx_name] = w
-    model = _build(config, mlx_weights, path, lambda n: F.mlx_to_gguf_name(n) or n)
+        mlx_weights[by_gguf[name]] = w
+    _fill(model, config, mlx_weights, path, lambda n: F.mlx_to_gguf_name(n, arch) or n)
     if quantize_bits:
         _quantize_rest(model, quantize_bits)
     return Loaded(model, tokenizer, config, path, "gguf", qk_layout, md)
@@ -220,7 +228,8 @@ def _load_folder(path: Path, quantize_bits, tokenizer_only: bool) -> Loaded:
             raise ModelLoadError(f"{f}: MLX cannot read it ({e}); download it again") from e
     # HF's default is untied; mlx-lm's is tied: let the weights decide when config is silent.
     config.setdefault("tie_word_embeddings", "lm_head.weight" not in weights)
-    model = _build(config, weights, path, lambda n: n)
+    model = _new_model(config, path)
+    _fill(model, config, weights, path, lambda n: n)
     if quantize_bits and "quantization" not in config:
         _quantize_rest(model, quantize_bits)
     return Loaded(model, tokenizer, config, path, "folder", "hf", None)
@@ -234,15 +243,18 @@ def build_model(config: dict) -> nn.Module:
     return module.Model(module.ModelArgs.from_dict(config))
 
 
-def _build(config: dict, weights: dict, source: Path, shown) -> nn.Module:
-    """mlx-lm model for `config`; quantize the layers that come with scales; load strictly.
-
-    `shown` maps an mlx-lm parameter name to the name the user's file uses, for messages.
-    """
+def _new_model(config: dict, source: Path) -> nn.Module:
     try:
-        model = build_model(config)
+        return build_model(config)
     except (TypeError, ValueError, KeyError, AssertionError) as e:
         raise ModelLoadError(f"{source}: config does not describe a valid model ({e})") from e
+
+
+def _fill(model: nn.Module, config: dict, weights: dict, source: Path, shown) -> None:
+    """Give a fresh `model` the `weights` (mlx-lm names): quantize the layers that come with
+    scales, then load strictly. `shown` maps an mlx-lm parameter name to the name the user's
+    file uses, for messages.
+    """
     weights = model.sanitize(dict(weights))
     overrides = config.get("quantization") or {}
     quantized = {k[: -len(".scales")] for k in weights if k.endswith(".scales")}
@@ -260,7 +272,6 @@ def _build(config: dict, weights: dict, source: Path, shown) -> nn.Module:
     _check_weights(model, weights, source, shown, config["model_type"])
     model.load_weights(list(weights.items()), strict=True)
     mx.eval(model.parameters())
-    return model
 
 
 def _quant_params(module: nn.Module, w: mx.array, scales: mx.array, source, shown_name) -> dict:

@@ -79,32 +79,53 @@ def test_llama3_rope_freqs_match_mlx_lm():
 
 
 # --- tensor names ------------------------------------------------------------------------
+LLAMA_PATHS = (
+    "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+    "self_attn.q_norm", "self_attn.k_norm", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj",
+    "input_layernorm", "post_attention_layernorm",
+)
+
+
 def test_tensor_name_maps_round_trip():
     names = []
     for layer in (0, 17):
-        for path in F.BLOCK_TENSORS.values():
+        for path in LLAMA_PATHS:
             names += [f"model.layers.{layer}.{path}.{s}" for s in F.SUFFIXES]
-    names += [f"{p}.{s}" for p in F.GLOBAL_TENSORS.values() for s in F.SUFFIXES]
+    names += [f"{p}.{s}" for p in ("model.embed_tokens", "model.norm", "lm_head") for s in F.SUFFIXES]
+    by_gguf = F.mlx_names_by_gguf(names, "qwen3")
     for name in names:
-        gguf_name = F.mlx_to_gguf_name(name)
-        assert gguf_name is not None and F.gguf_to_mlx_name(gguf_name) == name
-    assert F.mlx_to_gguf_name("model.layers.3.self_attn.q_proj.weight") == "blk.3.attn_q.weight"
-    assert F.mlx_to_gguf_name("model.layers.3.mlp.down_proj.scales") == "blk.3.ffn_down.scales"
-    assert F.gguf_to_mlx_name("output.weight") == "lm_head.weight"
-    assert F.gguf_to_mlx_name("blk.0.attn_norm.weight") == "model.layers.0.input_layernorm.weight"
-    assert F.gguf_to_mlx_name("blk.0.ffn_norm.weight") == "model.layers.0.post_attention_layernorm.weight"
+        gguf_name = F.mlx_to_gguf_name(name, "qwen3")
+        assert gguf_name is not None and by_gguf[gguf_name] == name
+    assert F.mlx_to_gguf_name("model.layers.3.self_attn.q_proj.weight", "llama") == "blk.3.attn_q.weight"
+    assert F.mlx_to_gguf_name("model.layers.3.mlp.down_proj.scales", "llama") == "blk.3.ffn_down.scales"
+    assert by_gguf["output.weight"] == "lm_head.weight"
+    assert by_gguf["blk.0.attn_norm.weight"] == "model.layers.0.input_layernorm.weight"
+    assert by_gguf["blk.0.ffn_norm.weight"] == "model.layers.0.post_attention_layernorm.weight"
     for unknown in ("rope_freqs.weight", "blk.0.attn_qkv.weight", "blk.x.attn_q.weight", "output.foo"):
-        assert F.gguf_to_mlx_name(unknown) is None
-    assert F.mlx_to_gguf_name("model.layers.0.self_attn.rope.weight") is None
+        assert unknown not in by_gguf
+    assert F.mlx_to_gguf_name("model.layers.0.self_attn.rope.weight", "llama") is None
+    assert F.mlx_to_gguf_name("model.layers.0.self_attn.q_proj.weight", "no-such-arch") is None
+    assert F.mlx_to_gguf_name("model.layers.0.self_attn.q_proj.lora_a", "llama") is None
+
+
+def test_names_follow_the_architecture():
+    """The same Hugging Face name is a different GGUF tensor in another family (gguf-py's map)."""
+    name = "model.layers.2.post_attention_layernorm.weight"
+    assert F.mlx_to_gguf_name(name, "llama") == "blk.2.ffn_norm.weight"
+    assert F.mlx_to_gguf_name(name, "gemma3") == "blk.2.post_attention_norm.weight"
+    assert F.mlx_to_gguf_name("model.layers.2.pre_feedforward_layernorm.weight", "gemma3") == "blk.2.ffn_norm.weight"
+    assert F.mlx_to_gguf_name("model.layers.2.self_attn.qkv_proj.weight", "phi3") == "blk.2.attn_qkv.weight"
+    assert F.mlx_to_gguf_name("model.layers.2.mlp.gate_up_proj.weight", "phi3") == "blk.2.ffn_up.weight"
 
 
 def test_every_tiny_parameter_has_a_gguf_name():
     for arch in ARCHS:
-        for name, _ in tree_flatten(build_model(tiny_config(arch, tie=False)).parameters()):
-            assert F.gguf_to_mlx_name(F.mlx_to_gguf_name(name)) == name
+        names = [n for n, _ in tree_flatten(build_model(tiny_config(arch, tie=False)).parameters())]
+        by_gguf = F.mlx_names_by_gguf(names, F.family(arch).arch)
+        for name in names:
+            assert by_gguf[F.mlx_to_gguf_name(name, F.family(arch).arch)] == name
 
 
-# --- Q/K permutation ---------------------------------------------------------------------
 def unpermute_qk(w: np.ndarray, n_heads: int) -> np.ndarray:
     """llama.cpp row order -> HF's: the inverse of `permute_qk`, written out on its own."""
     return (

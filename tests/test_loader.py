@@ -18,6 +18,7 @@ from tiny import (
     gguf_tensors,
     make_tiny,
     make_tiny_folder,
+    mlx_tensors,
     tiny_config,
     tiny_weights,
     write_gguf,
@@ -95,8 +96,8 @@ def _dequantized_reference(path: Path, cfg: dict):
     weights = {}
     for t in reader.tensors:
         w = gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32)
-        weights[F.gguf_to_mlx_name(t.name)] = w.reshape(tuple(reversed([int(d) for d in t.shape])))
-    return build_model(cfg, weights)
+        weights[t.name] = w.reshape(tuple(reversed([int(d) for d in t.shape])))
+    return build_model(cfg, mlx_tensors(cfg, weights))
 
 
 @pytest.mark.parametrize("ftype, types", [("Q4_K_M", {"Q4_K", "Q6_K"}), ("Q5_0", {"Q5_0", "Q6_K"})])
@@ -108,11 +109,12 @@ def test_k_quant_gguf_is_dequantized_and_requantized(tmp_path, ftype, types):
     assert types <= index.type_names()
     loaded = load(path)
     modules = dict(loaded.model.named_modules())
+    by_gguf = F.mlx_names_by_gguf([n for n, _ in tree_flatten(loaded.model.parameters())], "llama")
     for t in index.tensors:
         kind = G.ggml_type_name(t.ggml_type)
         if kind == "F32":
             continue
-        module = modules[F.gguf_to_mlx_name(t.name).removesuffix(".weight")]
+        module = modules[by_gguf[t.name].removesuffix(".weight")]
         assert isinstance(module, (nn.QuantizedLinear, nn.QuantizedEmbedding))
         wide = kind in ("Q6_K", "Q5_0") or t.name == "token_embd.weight"
         assert (module.bits, module.group_size) == (8 if wide else 4, 32), t.name
@@ -140,7 +142,7 @@ def test_llama3_rope_freqs_tensor(tmp_path):
     write_gguf(path, cfg, tensors)
     loaded = load(path)
     assert loaded.config["rope_scaling"] == cfg["rope_scaling"]
-    ref = build_model(cfg, {F.gguf_to_mlx_name(k): v for k, v in tensors.items() if k != F.ROPE_FREQS_TENSOR})
+    ref = build_model(cfg, mlx_tensors(cfg, tensors))
     np.testing.assert_allclose(logits(loaded.model), logits(ref), rtol=1e-5, atol=1e-5)
 
 

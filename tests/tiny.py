@@ -170,8 +170,15 @@ def gguf_tensors(cfg: dict, weights: dict) -> dict[str, np.ndarray]:
             w = F.permute_qk(w, cfg["num_attention_heads"])
         elif permute and ".k_proj." in name:
             w = F.permute_qk(w, cfg["num_key_value_heads"])
-        out[F.mlx_to_gguf_name(name)] = w
+        out[F.mlx_to_gguf_name(name, F.family(cfg["model_type"]).arch)] = w
     return out
+
+
+def mlx_tensors(cfg: dict, tensors: dict) -> dict:
+    """GGUF names -> mlx-lm names, for a model of `cfg` (the inverse of gguf_tensors' names)."""
+    names = [n for n, _ in tree_flatten(edgeft_build_model(cfg).parameters())]
+    by_gguf = F.mlx_names_by_gguf(names, F.family(cfg["model_type"]).arch)
+    return {by_gguf[k]: v for k, v in tensors.items() if k != F.ROPE_FREQS_TENSOR}
 
 
 def _encode_tensor(name: str, w: np.ndarray, quant: str | None):
@@ -225,7 +232,7 @@ def make_tiny(arch: str = "llama", tmp_path=".", quant: str | None = None, *, se
     path = Path(tmp_path) / f"tiny-{arch}-{quant or 'f32'}-{tokenizer}-{seed}.gguf"
     extra = {"bpe": None, "spm": spm_tokenizer_metadata()}[tokenizer]
     stored = write_gguf(path, cfg, tensors, quant, extra_metadata=extra)
-    ref = build_model(cfg, {F.gguf_to_mlx_name(k): v for k, v in stored.items()})
+    ref = build_model(cfg, mlx_tensors(cfg, stored))
     return path, ref, cfg
 
 
