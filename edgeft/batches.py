@@ -1,7 +1,8 @@
 """Samples into batches: the seeded train/validation split, padded batches ([B, T], T a
 multiple of PAD_MULTIPLE), packed rows (one unpadded row per batch, the CPU path), the endless
-seeded stream of training batches and one pass of evaluation batches; and batch_shape, the
-geometry of the largest batch a data set forms, which the memory plan sizes."""
+seeded stream of training batches and one pass of evaluation batches; and the geometry the
+memory plan sizes: batch_shape, the largest batch a data set could form, and drawn_shapes,
+those of the batches a run will actually draw."""
 
 from __future__ import annotations
 
@@ -90,18 +91,18 @@ def batch_shape(samples: list[Sample], batch_size: int, max_seq_len: int) -> tup
     return width, sum(losses[:batch_size]), cuts[:batch_size]
 
 
-def iterate_batches(samples: list[Sample], batch_size: int, seed: int, start_step: int = 0):
-    """Batches forever, a pure function of (seed, step).
+def drawn_indices(n: int, batch_size: int, seed: int, start_step: int = 0):
+    """Sample indices of the training batches, forever, a pure function of (seed, step).
 
     The samples form one endless stream, epoch e in an order seeded by (seed, e); batch k is
     stream items k*B .. k*B+B-1 (a batch may span two epochs), so starting at `start_step`
     yields exactly what continuing from step 0 would have.
     """
-    if not samples:
+    if not n:
         raise ValueError("iterate_batches: no samples")
     if batch_size < 1:
         raise ValueError("iterate_batches: batch_size must be at least 1")
-    n, orders = len(samples), {}
+    orders = {}
     step = start_step
     while True:
         batch = []
@@ -110,9 +111,29 @@ def iterate_batches(samples: list[Sample], batch_size: int, seed: int, start_ste
             if epoch not in orders:
                 orders = {e: o for e, o in orders.items() if e >= epoch - 1}
                 orders[epoch] = _seed(seed, _EPOCH_STREAM, epoch).permutation(n)
-            batch.append(samples[orders[epoch][i]])
-        yield collate(batch)
+            batch.append(int(orders[epoch][i]))
+        yield batch
         step += 1
+
+
+def iterate_batches(samples: list[Sample], batch_size: int, seed: int, start_step: int = 0):
+    """The training batches (collated) in drawn_indices' order, forever."""
+    for batch in drawn_indices(len(samples), batch_size, seed, start_step):
+        yield collate([samples[i] for i in batch])
+
+
+def drawn_shapes(samples: list[Sample], batch_size: int, seed: int, count: int) -> set[tuple[int, int, tuple[int, ...]]]:
+    """The distinct (seq_len, loss tokens, lengths) of the first `count` batches iterate_batches
+    draws, each as batch_shape gives the largest one: what this run's steps will really hold."""
+    widths = [len(s.tokens) - 1 for s in samples]
+    losses = [int(sum(s.mask[1:])) for s in samples]
+    cuts = [int(packed_lengths([s.mask[1:]])[0]) for s in samples]
+    shapes, drawn = set(), drawn_indices(len(samples), batch_size, seed)
+    for _ in range(max(int(count), 1)):
+        batch = next(drawn)
+        shapes.add((padded_width(max(widths[i] for i in batch)), sum(losses[i] for i in batch),
+                    tuple(sorted((cuts[i] for i in batch if cuts[i]), reverse=True))))
+    return shapes
 
 
 def eval_batches(samples: list[Sample], batch_size: int):

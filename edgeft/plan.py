@@ -26,6 +26,10 @@ over SmolLM2's measured peak by 17-21% (measured before the refit, not since), b
 tiny models, whose peak MLX raises 2-4x with checkpointing on (so auto_fit never turns it on).
 On Metal (not measured here) weights are not dequantized and activations are half width.
 
+The batch weighed is the largest of those the run will draw (the seed fixes which samples each
+step gets: batches.drawn_shapes); the largest the data could form (its longest samples in one
+batch, batch_shape) is kept beside it as `worst_case`, shown, but not what a run is refused on.
+
 Disk: the checkpoints kept (one more while a new one is written), the final adapters, and the
 exported GGUF at its quantization (plus llama.cpp's f16 intermediate for K-quants).
 
@@ -110,6 +114,7 @@ class Breakdown:
     tokens: int = 0  # input tokens of the batch (batch_size x seq_len, or the packed row)
     loss_tokens: int = 0
     grad_checkpoint: bool = False
+    worst_case: int = 0  # total on the largest batch the data could form (0: not weighed)
     parts: tuple = ("runtime", "weights", "lora", "dequantized", "activations", "attention",
                     "logits", "transient")
 
@@ -129,6 +134,9 @@ class Breakdown:
     def lines(self) -> list[str]:
         out = [f"  {p:12} {gb(getattr(self, p)):>9}" for p in self.parts]
         out.append(f"  {'total':12} {gb(self.total):>9}")
+        if self.worst_case > self.total:
+            out.append(f"  ({gb(self.worst_case)} if the data's largest samples fell into one batch; "
+                       "this run's seed never draws that batch)")
         return out
 
 
@@ -438,7 +446,8 @@ def preflight(cfg, loaded, samples, run_dir, resume: bool = False, *, log: Calla
     t = cfg.train
     quant = quant_info_from_model(loaded.model)
     packed = packs(loaded.model)
-    estimate = step_estimator(loaded.config, cfg.lora, samples, cfg.model.max_seq_len, quant, packed)
+    estimate = step_estimator(loaded.config, cfg.lora, samples, cfg.model.max_seq_len, quant, packed,
+                              seed=t.seed, samples_drawn=t.steps * t.batch_size * t.grad_accum)
     available, source = system.available_memory()
     if available is not None:
         available //= max(share, 1)
@@ -463,18 +472,30 @@ def preflight(cfg, loaded, samples, run_dir, resume: bool = False, *, log: Calla
     return fit.memory
 
 
-def step_estimator(config: dict, lora_cfg, samples, max_seq_len: int, quant: QuantInfo,
-                   packed: bool) -> Callable[[int, bool], Breakdown]:
-    """estimate(batch_size, grad_checkpoint) for fit_memory: the peak of a step on the largest
-    batch `samples` can form (batch_shape). The runtime part is measured once, now: every batch
-    size tried is weighed against the same."""
+def step_estimator(config: dict, lora_cfg, samples, max_seq_len: int, quant: QuantInfo, packed: bool,
+                   *, seed: int | None = None, samples_drawn: int = 0) -> Callable[[int, bool], Breakdown]:
+    """estimate(batch_size, grad_checkpoint) for fit_memory: the peak of a step on the largest of
+    the batches the run will draw (batches.drawn_shapes: `samples_drawn` samples in the order
+    `seed` gives), with the worst case, the largest batch `samples` could form (batch_shape),
+    kept beside it as `worst_case`; without a seed or samples, the worst case itself. The
+    runtime part is measured once, now: every batch size tried is weighed against the same."""
+    from edgeft import batches
+
     runtime = measure_runtime_bytes()
 
-    def estimate(batch_size: int, grad_checkpoint: bool) -> Breakdown:
-        width, loss_tokens, lengths = batch_shape(samples, batch_size, max_seq_len)
+    def peak(batch_size, grad_checkpoint, width, loss_tokens, lengths) -> Breakdown:
         return estimate_peak_bytes(config, lora_cfg, batch_size, width, quant, loss_tokens=loss_tokens,
-                                   grad_checkpoint=grad_checkpoint, lengths=lengths if packed else None,
+                                   grad_checkpoint=grad_checkpoint, lengths=list(lengths) if packed else None,
                                    runtime_bytes=runtime)
+
+    def estimate(batch_size: int, grad_checkpoint: bool) -> Breakdown:
+        worst = peak(batch_size, grad_checkpoint, *batch_shape(samples, batch_size, max_seq_len))
+        if seed is None or not samples or samples_drawn < 1:
+            return worst
+        shapes = batches.drawn_shapes(samples, batch_size, seed, -(-samples_drawn // batch_size))
+        real = max((peak(batch_size, grad_checkpoint, *shape) for shape in shapes), key=lambda b: b.total)
+        real.worst_case = worst.total
+        return real
 
     return estimate
 
@@ -482,7 +503,7 @@ def step_estimator(config: dict, lora_cfg, samples, max_seq_len: int, quant: Qua
 def plan_run(cfg, runs_dir: Path = Path("runs")) -> tuple[list[str], bool]:
     """What `edgeft plan` prints for a configuration, without loading the weights, and whether
     `edgeft tune` would start (after auto_fit's changes, if allowed) with its runs in runs_dir."""
-    from edgeft import data_files, hub
+    from edgeft import batches, data_files, hub
     from edgeft.device import on_cpu
     from edgeft.loader import load
 
@@ -495,13 +516,16 @@ def plan_run(cfg, runs_dir: Path = Path("runs")) -> tuple[list[str], bool]:
         quant = quant_info_from_folder(loaded.path, loaded.config, cfg.model.quantize_bits, device)
     t, config = cfg.train, loaded.config
     samples, shape_from = [], f"max_seq_len {cfg.model.max_seq_len}, every token carrying loss"
-    train_file, _ = data_files.training_files(cfg.data.train, cfg.data.valid)
+    train_file, valid_file = data_files.training_files(cfg.data.train, cfg.data.valid)
     if train_file:
         samples, _ = data_files.load_samples(train_file, loaded.tokenizer, cfg.data, cfg.model.max_seq_len)
-        shape_from = f"the longest samples of {train_file}"
+        shape_from = f"the batches this run draws from {train_file}"
+        if not valid_file:  # tune splits its validation samples off first, as here
+            samples, _ = batches.split(samples, cfg.data.valid_fraction, t.seed)
 
     packed = packs(config=config)
-    estimate = step_estimator(config, cfg.lora, samples, cfg.model.max_seq_len, quant, packed)
+    estimate = step_estimator(config, cfg.lora, samples, cfg.model.max_seq_len, quant, packed,
+                              seed=t.seed, samples_drawn=t.steps * t.batch_size * t.grad_accum)
     n_lora = lora_parameters(config, cfg.lora)
     d = dims(config)
     mem = estimate(t.batch_size, t.grad_checkpoint)
@@ -509,8 +533,8 @@ def plan_run(cfg, runs_dir: Path = Path("runs")) -> tuple[list[str], bool]:
         f"model {path}: {base_parameters(config) / 1e6:.1f}M parameters, {d['L']} layers, "
         f"{gb(quant.weight_bytes)} in memory on {device}",
         f"LoRA rank {cfg.lora.rank} on {adapted_layers(config, cfg.lora)} layers: {n_lora / 1e6:.2f}M trainable",
-        (f"largest batch: {mem.batch_size} samples packed into {mem.tokens} tokens" if packed else
-         f"largest batch: {mem.batch_size} x {mem.seq_len} tokens")
+        (f"largest batch drawn: {mem.batch_size} samples packed into {mem.tokens} tokens" if packed else
+         f"largest batch drawn: {mem.batch_size} x {mem.seq_len} tokens")
         + f", {mem.loss_tokens} carry loss ({shape_from}); gradient checkpointing "
         f"{'on' if t.grad_checkpoint else 'off'}",
         "peak memory of a training step (estimate):",

@@ -99,8 +99,9 @@ def tune(
     # A rank holds at most one micro-batch of batch_size rows, so each plans its own memory.
     mem = plan.preflight(cfg, loaded, train_set, run_dir, resume=resume, log=log, share=world.local_ranks)
 
-    log(f"memory: about {plan.gb(mem.total)} at peak{' per rank' if world.size > 1 else ''} "
-        "(estimate; `edgeft plan` shows the breakdown)")
+    worst = f"; {plan.gb(mem.worst_case)} for the largest batch the data could form" if mem.worst_case > mem.total else ""
+    log(f"memory: about {plan.gb(mem.total)} at peak{' per rank' if world.size > 1 else ''} on the batches "
+        f"this run draws (estimate{worst}; `edgeft plan` shows the breakdown)")
     if world.main:
         run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(run_dir / runs.DATA_REPORT, report.summary() + "\n")

@@ -79,3 +79,22 @@ def test_batch_shape_is_what_collate_and_pack_make_of_the_largest_batch():
     assert sorted(packed, reverse=True)[:2] == lengths == [12, 5]
     assert loss_tokens == 12 + 5
     assert B.batch_shape([], 3, 64) == (64, 192, [64, 64, 64])
+
+
+def test_drawn_shapes_are_those_of_the_batches_iterate_batches_draws():
+    rng = np.random.default_rng(3)
+    samples = []
+    for i, n in enumerate(rng.integers(4, 60, size=23)):
+        k = int(rng.integers(0, n - 1))
+        samples.append(Sample(list(range(1, n + 1)), [False] * (n - k) + [True] * k, i + 1))
+    count, size = 17, 3
+    it = B.iterate_batches(samples, size, seed=5)
+    want = set()
+    for _ in range(count):
+        inputs, targets, mask = next(it)
+        _, _, _, packed = B.pack(inputs, targets, mask)
+        want.add((inputs.shape[1], int(np.asarray(mask).sum()), tuple(sorted(packed, reverse=True))))
+    assert B.drawn_shapes(samples, size, seed=5, count=count) == want
+    # the largest batch the data could form is at least as large as any drawn
+    width, loss_tokens, lengths = B.batch_shape(samples, size, 512)
+    assert all(w <= width and k <= loss_tokens and sum(c) <= sum(lengths) for w, k, c in want)

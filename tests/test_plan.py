@@ -248,7 +248,7 @@ def test_plan_command_takes_the_runs_dir_and_a_data_folder(tiny, home, monkeypat
                                   "--runs-dir", str(home / "elsewhere")])
     assert r.exit_code == 0, r.output
     assert asked == [home / "elsewhere"]
-    assert f"the longest samples of {folder / 'train.jsonl'}" in r.output
+    assert f"the batches this run draws from {folder / 'train.jsonl'}" in r.output
 
 # --- edgeft data check: lengths, duplicates, time ------------------------------------------------
 def test_length_histogram_bins_and_flags_overlong_and_context():
@@ -300,3 +300,49 @@ def test_data_check_prints_histogram_duplicates_and_time(tiny, home):
     assert "token lengths (max_seq_len 384, model context 512):" in r.output
     assert "duplicates (same words, ignoring case and punctuation): 2 lines repeat an earlier one (7 = 1, 8 = 2)" in r.output
     assert "at 250 tokens/s (median of 1 recent run in" in r.output and "training time: about" in r.output
+
+
+def skewed_chats(path, n=24, long_every=6):
+    """Mostly short chats and a few long ones: the largest batch the data could form (all the
+    long ones together) is far larger than the batches a short run draws."""
+    rows = []
+    for i in range(n):
+        words = 120 if i % long_every == 0 else 6
+        q = " ".join(["tea"] * words)
+        rows.append({"messages": [{"role": "user", "content": f"question {i}: {q}"},
+                                  {"role": "assistant", "content": f"answer {i}: {q}"}]})
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_the_plan_weighs_the_batches_the_run_draws_and_refuses_only_on_those(tiny, home, monkeypatch):
+    from edgeft import batches
+
+    d, path = tiny
+    cfg = RunConfig()
+    cfg.model.name = str(path)
+    cfg.train.steps, cfg.train.batch_size = 3, 4
+    loaded = load(path)
+    backend.prepare(loaded.model)
+    samples, _ = data_files.load_samples(skewed_chats(home / "chats.jsonl"), loaded.tokenizer, DataConfig(), 512)
+    q = plan.quant_info_from_model(loaded.model)
+    packed = plan.packs(loaded.model)
+    estimate = plan.step_estimator(loaded.config, cfg.lora, samples, 512, q, packed, seed=cfg.train.seed,
+                                   samples_drawn=12)
+    mem = estimate(4, False)
+    worst = plan.step_estimator(loaded.config, cfg.lora, samples, 512, q, packed)(4, False)
+    assert mem.worst_case == worst.total > mem.total
+    # the planned batch is the largest of the three the run draws, as iterate_batches makes them
+    drawn = []
+    for _, (inputs, targets, mask) in zip(range(3), batches.iterate_batches(samples, 4, cfg.train.seed)):
+        _, _, _, lengths = batches.pack(inputs, targets, mask)
+        drawn.append(plan.estimate_peak_bytes(loaded.config, cfg.lora, 4, inputs.shape[1], q,
+                                              loss_tokens=int(mask.sum()), lengths=list(lengths),
+                                              runtime_bytes=mem.runtime).total)
+    assert mem.total == max(drawn)
+    assert "this run's seed never draws that batch" in "\n".join(mem.lines())
+
+    monkeypatch.setattr(system, "current_rss", lambda: 0)
+    monkeypatch.setattr(system, "available_memory", lambda: ((mem.total + worst.total) // 2, "test"))
+    got = plan.preflight(cfg, loaded, samples, home / "runs", log=print)
+    assert got.mlx == mem.mlx and got.worst_case > got.total and cfg.train.batch_size == 4
