@@ -7,7 +7,7 @@ half-precision matmul has no BLAS path at all. So on CPU every quantized layer d
 its weight just in time (the base stays 4-bit in memory) and the model computes in fp32.
 
 The training forward (CPU): inside ``fast_forward()`` a prepared model computes the exp-heavy
-ops (SiLU, GELU-tanh, the attention softmax, soft-capping, the loss's logsumexp) 1.5-4x faster
+ops (SiLU, GELU-tanh, the attention softmax, the loss's logsumexp) 1.5-4x faster
 than MLX (cpu_kernels.py), and takes packed batches: the samples of a batch laid end to end in
 one row with no padding, attention within each sample and RoPE positions restarting at 0 for
 each, so every sample gets exactly what it would get alone. A model with a sliding window packs
@@ -361,11 +361,6 @@ def _gelu_mlp_class(cls: type) -> type:
 
         _MLP_TWINS[cls] = type(cls.__name__, (cls,), {"__call__": __call__})
     return _MLP_TWINS[cls]
-
-
-def softcap(x: mx.array, cap: float) -> mx.array:
-    """mx.tanh(x / cap) * cap, the faster way inside fast_forward."""
-    return cpu_kernels.softcap(x, cap) if _kernels_for(x) else mx.tanh(x / cap) * cap
 
 
 def _hook(module, name: str, make) -> None:

@@ -1,5 +1,5 @@
 """Gemma 3, Gemma 2 and Phi-3 on the CPU fast path, on tiny random mlx-lm models (2 layers,
-width 64): the fused GELU-tanh and soft-capping kernels against MLX's ops, packed batches of a
+width 64): the fused GELU-tanh kernel against MLX's op, packed batches of a
 sliding-window model (exact when every sample fits the window, padded otherwise), Gemma 2's
 final soft cap in the loss, and Phi-3's fused SwiGLU and long-context RoPE under packing."""
 
@@ -101,16 +101,15 @@ def _vjp_close(f, g, primals, cot, atol):
 
 
 @pytest.mark.parametrize("shape", [(3, 5), (33, 300), (2, 3, 7)])
-def test_fused_gelu_mul_and_softcap_match_mlx(shape):
+def test_fused_gelu_mul_matches_mlx(shape):
     mx.random.seed(sum(shape))
     g, u, c = mx.random.normal(shape) * 4, mx.random.normal(shape), mx.random.normal(shape)
     _vjp_close(cpu_kernels.gelu_mul, lambda g, u: nn.gelu_approx(g) * u, [g, u], c, 2e-6)
-    _vjp_close(lambda x: cpu_kernels.softcap(x, 30.0), lambda x: mx.tanh(x / 30.0) * 30.0, [g * 20], c, 1e-5)
 
 
-def test_fused_gelu_and_tanh_are_accurate_everywhere():
-    """Against float64 over the whole range: GELU-tanh within 6e-7 (MLX's own op: ~4e-7),
-    its gradient within 3e-7; tanh within 2e-7 relative, saturating to +-1 without overflow."""
+def test_fused_gelu_is_accurate_everywhere():
+    """Against float64 over [-12, 12]: GELU-tanh within 6e-7 (MLX's own op: ~4e-7), its
+    gradient within 3e-7."""
     g = np.linspace(-12, 12, 200001).astype(np.float32)
     x = g.astype(np.float64)
     t = np.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x**3))
@@ -120,10 +119,6 @@ def test_fused_gelu_and_tanh_are_accurate_everywhere():
     (got,), (dgot,) = mx.vjp(lambda a: cpu_kernels.gelu_mul(a, mx.ones_like(a)), [gm], [mx.ones_like(gm)])
     assert np.max(np.abs(np.asarray(got) - want)) < 6e-7
     assert np.max(np.abs(np.asarray(dgot) - dwant)) < 3e-7
-    z = np.concatenate([np.linspace(-60, 60, 400001), [1e-30, -1e-8, 1e4, -1e30]]).astype(np.float32)
-    got = np.asarray(cpu_kernels.softcap(mx.array(z), 1.0)).astype(np.float64)
-    want = np.tanh(z.astype(np.float64))
-    assert np.max(np.abs(got - want) / np.maximum(np.abs(want), 1e-30)) < 2e-7
 
 
 # Gemma 3: sliding window under packing, GELU MLP, bf16 parameters ------------------------------
@@ -191,7 +186,7 @@ def test_prepared_gemma3_from_bf16_gives_the_loss_of_the_unprepared():
 
 @pytest.mark.parametrize("family", ["gemma2", "gemma3"])
 def test_loss_equals_cross_entropy_of_the_full_logits(family):
-    """edgeft's loss (head only at the loss positions, fused soft cap) equals the cross-entropy
+    """edgeft's loss (head and soft cap only at the loss positions) equals the cross-entropy
     of mlx-lm's whole model(inputs) logits there, final soft cap included; gradients too."""
     model = with_adapters(backend.prepare(tiny(family, seed=6), cpu=True))
     batch = ragged_batch(seed=7)
