@@ -7,12 +7,14 @@ half-precision matmul has no BLAS path at all. So on CPU every quantized layer d
 its weight just in time (the base stays 4-bit in memory) and the model computes in fp32.
 
 The training forward (CPU): inside ``fast_forward()`` a prepared model computes the exp-heavy
-ops (SiLU, the attention softmax, the loss's logsumexp) 1.5-4x faster than MLX (cpu_kernels.py),
-and takes packed batches: the samples of a batch laid end to end in one row with no padding,
-attention within each sample and RoPE positions restarting at 0 for each, so every sample gets
-exactly what it would get alone. mlx-lm's models are used unchanged: ``prepare`` gives their
-RoPE modules a per-sample twin and routes the ``scaled_dot_product_attention`` and ``swiglu``
-their module calls through dispatchers that act only inside ``fast_forward``.
+ops (SiLU, GELU-tanh, the attention softmax, the loss's logsumexp) 1.5-4x faster
+than MLX (cpu_kernels.py), and takes packed batches: the samples of a batch laid end to end in
+one row with no padding, attention within each sample and RoPE positions restarting at 0 for
+each, so every sample gets exactly what it would get alone. A model with a sliding window packs
+the batches whose samples all fit it (within a sample its attention is then causal). mlx-lm's
+models are used unchanged: ``prepare`` gives their RoPE modules and Gemma's GELU MLPs a twin
+class and routes the ``scaled_dot_product_attention`` and ``swiglu`` their module calls through
+dispatchers that act only inside ``fast_forward``.
 """
 
 from __future__ import annotations
@@ -51,6 +53,9 @@ if sys.platform == "linux":
 
 
 _CPU_CLASSES = {nn.QuantizedLinear: DequantizedLinear, nn.QuantizedEmbedding: DequantizedEmbedding}
+# mlx-lm's MLPs computing down_proj(nn.gelu_approx(gate_proj(x)) * up_proj(x)). They reach the
+# activation through mlx.nn, so a twin class routes it, not a hook on their module.
+_GELU_MLPS = {("mlx_lm.models.gemma3_text", "MLP"), ("mlx_lm.models.gemma2", "MLP")}
 
 
 def prepare(model: nn.Module, cpu: bool | None = None) -> nn.Module:
@@ -68,6 +73,8 @@ def prepare(model: nn.Module, cpu: bool | None = None) -> nn.Module:
         twin = _CPU_CLASSES.get(type(module))
         if twin is not None:
             module.__class__ = twin
+        elif (type(module).__module__, type(module).__name__) in _GELU_MLPS:
+            module.__class__ = _gelu_mlp_class(type(module))
     for attn in _attention_modules(model):
         attn.rope.__class__ = _packed_rope_class(type(attn.rope))
         arch = sys.modules[type(attn).__module__]
@@ -124,9 +131,16 @@ class PackingError(RuntimeError):
 
 @dataclass(frozen=True)
 class Packing:
-    """A row of samples of these lengths laid end to end (axis -2 of attention tensors)."""
+    """A row of samples of these lengths laid end to end (axis -2 of attention tensors). With
+    `window` (the model's sliding window), every sample fits it: the window's mask of the whole
+    row then stands for attention within each sample."""
 
     lengths: tuple[int, ...]
+    window: int | None = None
+
+    def __post_init__(self):
+        if self.window is not None and max(self.lengths, default=0) > self.window:
+            raise PackingError(f"a packed sample of {max(self.lengths)} tokens exceeds the {self.window}-token sliding window")
 
     @property
     def total(self) -> int:
@@ -270,8 +284,8 @@ def _rope_inverse_frequencies(rope: nn.Module) -> tuple[mx.array, float] | None:
     nn.RoPE (as mx.fast.rope computes them from base) and mlx-lm's Llama3RoPE (its _freqs);
     None for the others (they keep mx.fast.rope, one call per sample)."""
     base = type(rope).__mro__[1] if getattr(type(rope), "_edgeft_packed", False) else type(rope)
-    half = rope.dims // 2
     if base is nn.RoPE and rope.base is not None:
+        half = rope.dims // 2
         return mx.exp(mx.arange(half, dtype=mx.float32) * (-math.log(float(rope.base)) / half)), float(rope.scale)
     if base.__name__ == "Llama3RoPE" and isinstance(getattr(rope, "_freqs", None), mx.array):
         return 1.0 / rope._freqs.astype(mx.float32), 1.0
@@ -302,6 +316,8 @@ def _fast_sdpa(original):
         fwd = _FORWARD.get()
         plain = fwd is None or cache is not None or kwargs.get("sinks") is not None
         causal = isinstance(mask, str) and mask == "causal"
+        if fwd is not None and fwd.packing is not None and fwd.packing.window is not None:
+            causal = causal or isinstance(mask, mx.array)  # the sliding window's: see Packing
         if fwd is not None and fwd.packing is not None:
             if plain or not (causal or (mask is None and fwd.packing.total == 1)):
                 raise PackingError(f"packed batches need plain causal attention, got mask={mask!r}")
@@ -330,21 +346,69 @@ def _fast_swiglu(original):
     return swiglu
 
 
+_MLP_TWINS: dict[type, type] = {}
+
+
+def _gelu_mlp_class(cls: type) -> type:
+    if cls not in _MLP_TWINS:
+
+        def __call__(self, x):
+            if _FORWARD.get() is None:
+                return cls.__call__(self, x)
+            gate, up = self.gate_proj(x), self.up_proj(x)
+            act = cpu_kernels.gelu_mul(gate, up) if _kernels_for(gate, up) else nn.gelu_approx(gate) * up
+            return self.down_proj(act)
+
+        _MLP_TWINS[cls] = type(cls.__name__, (cls,), {"__call__": __call__})
+    return _MLP_TWINS[cls]
+
+
 def _hook(module, name: str, make) -> None:
     fn = getattr(module, name, None)
     if fn is not None and not hasattr(fn, "_edgeft_original"):
         setattr(module, name, make(fn))
 
 
-def can_pack(model: nn.Module) -> bool:
-    """Whether `model` computes packed batches correctly: prepared for CPU, every attention
-    layer of a kind this module knows (RoPE twin, hooked attention call, no sliding window)."""
+def sliding_window(model: nn.Module) -> int | None:
+    """The model's sliding attention window in tokens, if it has one."""
+    return getattr(getattr(model, "args", None), "sliding_window", None)
+
+
+def pack_refusal(model: nn.Module, lengths: tuple[int, ...] | None = None) -> str | None:
+    """Why `model` does not compute packed batches correctly (None: it does), in a few words:
+    prepared for CPU, every attention layer of a kind this module knows (RoPE twin, hooked
+    attention call). A model with a sliding window packs only samples that fit it: without
+    `lengths` (any batch) the answer is then no."""
     attns = _attention_modules(model)
-    args = getattr(model, "args", None)
-    if not attns or getattr(args, "sliding_window", None) is not None:
-        return False
+    if not attns:
+        return "no attention layers edgeft knows"
     for attn in attns:
-        fn = getattr(sys.modules[type(attn).__module__], "scaled_dot_product_attention", None)
+        arch = sys.modules[type(attn).__module__]
+        fn = getattr(arch, "scaled_dot_product_attention", None)
+        if fn is None:
+            return f"mlx-lm's {arch.__name__.rsplit('.', 1)[-1]} computes attention inside its module"
         if not getattr(type(attn.rope), "_edgeft_packed", False) or not hasattr(fn, "_edgeft_original"):
-            return False
-    return True
+            return "not prepared for the CPU"
+    window = sliding_window(model)
+    if window is not None and lengths is None:
+        return f"only samples within its {window}-token sliding window pack"
+    if window is not None and max(lengths, default=0) > window:
+        return f"a sample of {max(lengths)} tokens exceeds the {window}-token sliding window"
+    return None
+
+
+def can_pack(model: nn.Module, lengths: tuple[int, ...] | None = None) -> bool:
+    """Whether `model` computes packed batches of samples of these lengths (None: of any) exactly
+    (pack_refusal)."""
+    return pack_refusal(model, lengths) is None
+
+
+def fast_path_note(model: nn.Module) -> str | None:
+    """A line for the start of a run when a model prepared for CPU trains some or all batches
+    padded rather than packed, saying why; None when every batch packs (or off the CPU)."""
+    why = pack_refusal(model) if on_cpu() else None
+    if why is None:
+        return None
+    if pack_refusal(model, (1,)) is None:
+        return f"CPU fast path: a batch packs when its samples fit the {sliding_window(model)}-token sliding window, else runs padded"
+    return f"CPU fast path off: batches run padded ({why})"

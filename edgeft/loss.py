@@ -20,10 +20,14 @@ Batch = tuple
 
 
 def output_head(model: nn.Module) -> Callable[[mx.array], mx.array]:
-    """The vocabulary projection of an mlx-lm causal LM (tied embedding or lm_head)."""
-    if "lm_head" in model:
-        return model.lm_head
-    return model.model.embed_tokens.as_linear
+    """The vocabulary projection of an mlx-lm causal LM (tied embedding or lm_head), then its
+    final soft cap if it has one (Gemma 2: cap * tanh(logits / cap), as its __call__ applies;
+    MLX's tanh: an exp-based fused tanh measured slower on CPU)."""
+    head = model.lm_head if "lm_head" in model else model.model.embed_tokens.as_linear
+    cap = getattr(model, "final_logit_softcapping", None)
+    if not cap:
+        return head
+    return lambda h: mx.tanh(head(h) / cap) * cap
 
 
 def loss_positions(targets: mx.array, loss_mask: mx.array) -> tuple[mx.array, mx.array]:
@@ -43,7 +47,8 @@ def lm_loss(
     run only where there is loss (assistant tokens), not over prompt and padding. With
     `lengths`, inputs is one packed row of sequences of these lengths (batches.pack).
     """
-    with backend.fast_forward(backend.Packing(tuple(lengths)) if lengths else None):
+    packing = backend.Packing(tuple(lengths), backend.sliding_window(model)) if lengths else None
+    with backend.fast_forward(packing):
         h = model.model(inputs)
         return _ce_sum(model, h, idx, tgt) / max(idx.size, 1), mx.array(idx.size)
 
@@ -67,8 +72,9 @@ def loss_inputs(model, loss_fn, inputs, targets, mask) -> tuple[tuple, int]:
     """The arguments after `model` that loss_fn gets for this batch, and its input tokens.
 
     A loss function that takes `lengths` gets the batch packed (no padding computed) when
-    the model's backend can compute packed batches exactly."""
-    if "lengths" in inspect.signature(loss_fn).parameters and backend.can_pack(model):
+    the model's backend can compute this batch packed exactly."""
+    packable = "lengths" in inspect.signature(loss_fn).parameters
+    if packable and backend.can_pack(model, tuple(int(n) for n in batches.packed_lengths(mask) if n)):
         inputs, targets, mask, lengths = batches.pack(inputs, targets, mask)
         idx, tgt = loss_positions(targets, mask)
         return (inputs, idx, tgt, lengths), inputs.shape[1]

@@ -117,6 +117,8 @@ def tune(
         f"({100 * n_train / max(n_total, 1):.2f}%)"
     )
     log(f"data: {len(train_set)} train / {len(valid_set)} valid samples; run folder {run_dir}")
+    if note := backend.fast_path_note(loaded.model):
+        log(note)
 
     bs = cfg.train.batch_size
 
