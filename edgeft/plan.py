@@ -114,6 +114,7 @@ class Breakdown:
     tokens: int = 0  # input tokens of the batch (batch_size x seq_len, or the packed row)
     loss_tokens: int = 0
     grad_checkpoint: bool = False
+    packed: bool = False  # the batch trains as one unpadded row
     worst_case: int = 0  # total on the largest batch the data could form (0: not weighed)
     parts: tuple = ("runtime", "weights", "lora", "dequantized", "activations", "attention",
                     "logits", "transient")
@@ -250,6 +251,7 @@ def estimate_peak_bytes(config: dict, lora_cfg, batch_size: int, seq_len: int, q
         logits=int(c.logits_per_v * K * d["V"]),
         transient=int(width * c.transient_per_i * N * d["I"]),
         batch_size=B, seq_len=T, tokens=N, loss_tokens=K, grad_checkpoint=grad_checkpoint,
+        packed=bool(lengths),
     )
 
 
@@ -422,19 +424,20 @@ def batch_shape(samples, batch_size: int, max_seq_len: int) -> tuple[int, int, l
     return batches.batch_shape(samples, batch_size, max_seq_len)
 
 
-def packs(model=None, config: dict | None = None) -> bool:
-    """Whether training packs each batch into one unpadded row (backend.can_pack): asked of
-    `model`, or of a skeleton built from `config` (lazy arrays: nothing is allocated)."""
+def packs(model=None, config: dict | None = None) -> Callable[[list[int]], bool]:
+    """Whether training packs a batch of samples of these lengths into one unpadded row
+    (backend.can_pack; a sliding-window model packs only samples that fit its window): asked
+    of `model`, or of a skeleton built from `config` (lazy arrays: nothing is allocated)."""
     from edgeft import backend
     from edgeft.device import on_cpu
 
     if not on_cpu():
-        return False
+        return lambda lengths: False
     if model is None:
         from edgeft.loader import build_model
 
         model = backend.prepare(build_model(config), cpu=True)
-    return backend.can_pack(model)
+    return lambda lengths: backend.can_pack(model, tuple(lengths))
 
 
 def preflight(cfg, loaded, samples, run_dir, resume: bool = False, *, log: Callable[[str], None],
@@ -472,7 +475,8 @@ def preflight(cfg, loaded, samples, run_dir, resume: bool = False, *, log: Calla
     return fit.memory
 
 
-def step_estimator(config: dict, lora_cfg, samples, max_seq_len: int, quant: QuantInfo, packed: bool,
+def step_estimator(config: dict, lora_cfg, samples, max_seq_len: int, quant: QuantInfo,
+                   packed: Callable[[list[int]], bool],
                    *, seed: int | None = None, samples_drawn: int = 0) -> Callable[[int, bool], Breakdown]:
     """estimate(batch_size, grad_checkpoint) for fit_memory: the peak of a step on the largest of
     the batches the run will draw (batches.drawn_shapes: `samples_drawn` samples in the order
@@ -485,7 +489,7 @@ def step_estimator(config: dict, lora_cfg, samples, max_seq_len: int, quant: Qua
 
     def peak(batch_size, grad_checkpoint, width, loss_tokens, lengths) -> Breakdown:
         return estimate_peak_bytes(config, lora_cfg, batch_size, width, quant, loss_tokens=loss_tokens,
-                                   grad_checkpoint=grad_checkpoint, lengths=list(lengths) if packed else None,
+                                   grad_checkpoint=grad_checkpoint, lengths=list(lengths) if packed(lengths) else None,
                                    runtime_bytes=runtime)
 
     def estimate(batch_size: int, grad_checkpoint: bool) -> Breakdown:
@@ -533,7 +537,7 @@ def plan_run(cfg, runs_dir: Path = Path("runs")) -> tuple[list[str], bool]:
         f"model {path}: {base_parameters(config) / 1e6:.1f}M parameters, {d['L']} layers, "
         f"{gb(quant.weight_bytes)} in memory on {device}",
         f"LoRA rank {cfg.lora.rank} on {adapted_layers(config, cfg.lora)} layers: {n_lora / 1e6:.2f}M trainable",
-        (f"largest batch drawn: {mem.batch_size} samples packed into {mem.tokens} tokens" if packed else
+        (f"largest batch drawn: {mem.batch_size} samples packed into {mem.tokens} tokens" if mem.packed else
          f"largest batch drawn: {mem.batch_size} x {mem.seq_len} tokens")
         + f", {mem.loss_tokens} carry loss ({shape_from}); gradient checkpointing "
         f"{'on' if t.grad_checkpoint else 'off'}",

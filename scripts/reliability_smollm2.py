@@ -94,7 +94,7 @@ def measure(model: Path, work: Path):
         samples, _ = data_files.load_samples(data, loaded.tokenizer, DataConfig(), 512)
         width, loss_tokens, lengths = plan.batch_shape(samples, batch, 512)
         est = plan.estimate_peak_bytes(loaded.config, LoRAConfig(), batch, width, plan.quant_info_from_gguf(model),
-                                       loss_tokens=loss_tokens, lengths=lengths if packed else None, runtime_bytes=0)
+                                       loss_tokens=loss_tokens, lengths=lengths if packed(lengths) else None, runtime_bytes=0)
         total = json.loads((work / "runs" / name / "memory_plan.json").read_text())["total"]  # tune's own
         print(f"{batch} x {width} ({sum(lengths)})".ljust(25)
               + f"{mlx_peak / 1e9:7.2f} GB {est.mlx / 1e9:6.2f} GB ({est.mlx / mlx_peak - 1:+.1%})      "

@@ -95,7 +95,7 @@ def test_estimate_is_within_15_percent_of_a_real_runs_peak(tiny, batch):
     assert len({len(s.tokens) for s in samples}) == 1
     width, loss_tokens, lengths = plan.batch_shape(samples, batch, 512)
     est = plan.estimate_peak_bytes(loaded.config, LoRAConfig(), batch, width, plan.quant_info_from_gguf(path),
-                                   loss_tokens=loss_tokens, lengths=lengths if plan.packs(config=loaded.config) else None,
+                                   loss_tokens=loss_tokens, lengths=lengths if plan.packs(config=loaded.config)(lengths) else None,
                                    runtime_bytes=0)
     total = tune_estimate["total"]
     print(f"\ntiny, batch {batch} x {width}: MLX peak measured {mlx_peak / 1e6:.2f} MB, estimated "
@@ -191,7 +191,7 @@ def test_auto_fit_lowers_the_batch_and_records_it(tiny, home, monkeypatch):
     def est(b):
         w, k, lengths = plan.batch_shape(samples, b, 512)
         return plan.estimate_peak_bytes(loaded.config, LoRAConfig(), b, w, q, loss_tokens=k,
-                                        lengths=lengths if plan.packs(config=loaded.config) else None)
+                                        lengths=lengths if plan.packs(config=loaded.config)(lengths) else None)
 
     budget = (est(2).total + est(4).total) // 2  # fits 2 per micro-batch, not 4
     monkeypatch.setattr(system, "available_memory", lambda: (budget, "test"))
