@@ -91,7 +91,7 @@ GO_TEMPLATES = {
         "{{ if and $first $.System }}{{ $.System }}\n\n{{ end }}"
         "{{ .Content }}<end_of_turn>\n{{ $first = false }}"
         "{{- else if eq .Role \"assistant\" }}<start_of_turn>model\n{{ .Content }}<end_of_turn>\n"
-        "{{- end }}"
+        "{{ end }}"
         "{{- end }}<start_of_turn>model\n"
     ),
 }
