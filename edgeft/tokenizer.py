@@ -156,9 +156,10 @@ class Tokenizer:
         return self._backend.id_to_token(i)
 
     def is_token(self, text: str) -> bool:
-        """Whether `text` is one token of the vocabulary (and encodes as that token)."""
+        """Whether `text` is one token of the vocabulary and encodes as that token (after
+        SentencePiece's dummy prefix, if it adds one)."""
         i = self.token_to_id(text)
-        return i is not None and self.encode(text) == [i]
+        return i is not None and self.encode(text)[-1:] == [i]
 
     def use_chat_template(self, template: str, name: str, end_of_turn: str | None) -> None:
         """Render chats with `template` (`name`: a built-in's or a file) in place of the model's
