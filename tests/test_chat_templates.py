@@ -13,6 +13,8 @@ from tiny import (
     MERGES,
     gguf_config,
     gguf_tensors,
+    make_tiny,
+    make_tiny_folder,
     tiny_config,
     tiny_tokens,
     tiny_weights,
@@ -32,6 +34,7 @@ from edgeft.chat_template import (
 )
 from edgeft.cli import main
 from edgeft.config import ConfigError
+from edgeft.export import model_metadata
 from edgeft.flags import build_config, resume_config
 
 CHAT = [
@@ -231,3 +234,19 @@ def test_a_template_file_is_recorded_and_used_by_the_run(home, gemma_base):
     with pytest.raises(ConfigError, match="a resumed run keeps its data.chat_template"):
         resume_config(cfg, None, None, {"chat_template": "gemma"})
     assert build_config(None, None, {"chat_template": "gemma"}).data.chat_template == "gemma"
+
+
+def test_export_metadata_carries_a_chosen_template_and_keeps_a_base_own(tmp_path):
+    folder, _, _ = make_tiny_folder("qwen2", tmp_path)
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    del config["chat_template"]
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    said = []
+    loaded = runs.load_model(folder, tokenizer_only=True, log=said.append)
+    assert said == ["the model has no chat template; using the built-in chatml template (--chat-template to choose)"]
+    md = model_metadata(loaded, "r", "q8_0", log=said.append)
+    assert md[Keys.Tokenizer.CHAT_TEMPLATE] == BUILTINS["chatml"].text
+    assert int(md[Keys.Tokenizer.EOS_ID]) == int(md[Keys.Tokenizer.EOT_ID]) == 2  # <|im_end|>
+    own = runs.load_model(make_tiny("llama", tmp_path)[0], tokenizer_only=True)
+    md = model_metadata(own, "r", "q8_0", log=said.append)
+    assert Keys.Tokenizer.EOT_ID not in md and own.tokenizer.chat_template_name is None
