@@ -261,10 +261,13 @@ def data():
 @data.command("check")
 @click.argument("file", type=click.Path())
 @click.option("--model", default=None, help="tokenize with this model's tokenizer (default: the recipe's)")
+@click.option("--chat-template", default=None,
+              help="render chats with this template: a built-in name or FILE.jinja [data.chat_template]  "
+                   "[default: the recipe's, else the model's own]")
 @click.option("--recipe", default=None, help="recipe whose max_seq_len, data and train settings apply")
 @click.option("--runs-dir", default="runs", show_default=True, type=click.Path(file_okay=False),
               help="past runs whose measured speed estimates the training time")
-def data_check(file, model, recipe, runs_dir):
+def data_check(file, model, chat_template, recipe, runs_dir):
     """Validate a training file, or a data folder (train.jsonl, and optionally valid.jsonl and
     test.jsonl, as mlx-lm's): per file the format detected, problems by line, counts of
     messages, tool calls, tool results and weighted-out turns, a token-length histogram
@@ -286,10 +289,14 @@ def data_check(file, model, recipe, runs_dir):
         cfg = cfgmod.load_recipe(recipe)
         if model:
             cfg.model.name = model
+        if chat_template:
+            cfg.data.chat_template = chat_template
         if not Path(file).exists():
             raise ConfigError(f"{file}: no such file or folder")
         files = data_files.folder_files(file) if Path(file).is_dir() else [file]
-        loaded = runs.load_model(hub.resolve(cfg.model.name, log=lambda m: click.echo(m, err=True)), tokenizer_only=True)
+        say = lambda m: click.echo(m, err=True)  # noqa: E731
+        loaded = runs.load_model(hub.resolve(cfg.model.name, log=say), chat_template=cfg.data.chat_template,
+                                 log=say, tokenizer_only=True)
         reports = [data_files.check_file(f, loaded.tokenizer, cfg.data, cfg.model.max_seq_len) for f in files]
     except USER_ERRORS as e:
         _fail(e)

@@ -66,6 +66,10 @@ class DataConfig:
     valid: str | None = _f(None, "validation JSONL; default: split off valid_fraction of train")
     valid_fraction: float = _f(0.1, "share of train held out when no valid file is given")
     system_prompt: str | None = _f(None, "system message added to chats that have none")
+    chat_template: str | None = _f(
+        None, "chat template for the chats: chatml, gemma, llama3, mistral, phi3 or a FILE.jinja "
+        "(None: the model's own; a model without one gets the built-in its vocabulary fits)"
+    )
     skip_bad_lines: bool = _f(False, "train on the good lines of a file that has bad ones")
     overlong: str = _f("truncate", "samples over max_seq_len: 'truncate' or 'drop'")
 
@@ -207,6 +211,8 @@ def validate(cfg: RunConfig, where: str = "config") -> None:
         (d.valid is None or bool(d.valid.strip()), "data.valid must name a file or be empty"),
         (0.0 <= d.valid_fraction < 1.0, "data.valid_fraction must be in [0, 1)"),
         (d.overlong in ("truncate", "drop"), "data.overlong must be 'truncate' or 'drop'"),
+        (d.chat_template is None or bool(d.chat_template.strip()),
+         "data.chat_template must name a built-in template or a .jinja file, or be empty"),
         (t.steps >= 1, "train.steps must be at least 1"),
         (t.batch_size >= 1, "train.batch_size must be at least 1"),
         (t.grad_accum >= 1, "train.grad_accum must be at least 1"),

@@ -213,7 +213,7 @@ def evaluate_run(run_dir, prompts=None, gguf=None, max_tokens: int | None = None
     if max_tokens < 1:
         raise ConfigError("--max-tokens must be at least 1")
     base = Path(hub.resolve(cfg.model.name))
-    tok = runs.load_model(base, tokenizer_only=True).tokenizer
+    tok = runs.load_model(base, chat_template=cfg.data.chat_template, tokenizer_only=True).tokenizer
     desc, make_base, make_tuned = plan_engines(run_dir, cfg, base, tok, gguf)
     held, train_answers = heldout(cfg, tok)
     held = held[: cfg.eval.max_prompts]

@@ -203,7 +203,9 @@ def model_metadata(loaded, run_name: str, quant: str, system_prompt: str | None 
                    log: Callable[[str], None]) -> dict:
     """GGUF metadata of an export: a GGUF base's keys copied (all but the file-describing
     ones and the labels), or built from a folder's config and tokenizer; then the fine-tune
-    labels, the file type and, if set, the recipe's system prompt as the template default."""
+    labels, the file type, the run's chat template when it is not the base's own (with its
+    end-of-turn token as EOS and EOT, so llama.cpp stops where the model learned to), and, if
+    set, the recipe's system prompt as the template default."""
     if loaded.gguf_metadata is not None:
         md = {k: v for k, v in loaded.gguf_metadata.items()
               if k not in NOT_COPIED and not k.startswith(NOT_COPIED_PREFIXES)}
@@ -221,6 +223,11 @@ def model_metadata(loaded, run_name: str, quant: str, system_prompt: str | None 
     md[Keys.General.FILE_TYPE] = np.uint32(file_type(quant))
     if quant not in ("f32", "f16", "bf16"):
         md[Keys.General.QUANTIZATION_VERSION] = np.uint32(gguf.GGML_QUANT_VERSION)
+    tok = loaded.tokenizer
+    if tok.chat_template_name is not None:
+        md[Keys.Tokenizer.CHAT_TEMPLATE] = tok.chat_template
+        if tok.end_of_turn_id is not None:
+            md[Keys.Tokenizer.EOS_ID] = md[Keys.Tokenizer.EOT_ID] = np.uint32(tok.end_of_turn_id)
     template = scalar(md.get(Keys.Tokenizer.CHAT_TEMPLATE))
     if system_prompt:
         if template and MF.supports_system(template):

@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+from pathlib import Path
 
 import click
 
 from edgeft import config as cfgmod
+from edgeft.chat_template import BUILTINS
 from edgeft.config import ConfigError, RunConfig
 
 # CLI flag -> (section, field). Help texts and defaults come from edgeft/config.py: a flag
@@ -26,6 +28,7 @@ TUNE_FLAGS = [
     ("--valid", "data", "valid"),
     ("--valid-fraction", "data", "valid_fraction"),
     ("--system-prompt", "data", "system_prompt"),
+    ("--chat-template", "data", "chat_template"),
     ("--skip-bad-lines", "data", "skip_bad_lines"),
     ("--steps", "train", "steps"),
     ("--batch-size", "train", "batch_size"),
@@ -94,6 +97,8 @@ def flag_overrides(data: str | None, flags: dict) -> dict:
             continue
         if name == "targets":
             value = [t.strip() for t in value.split(",") if t.strip()]
+        if name == "chat_template" and value not in BUILTINS and Path(value).is_file():
+            value = str(Path(value).resolve())  # so the run's export, chat and eval find it from anywhere
         overrides.setdefault(section, {})[name] = value
     if data is not None:
         overrides.setdefault("data", {})["train"] = data

@@ -2,13 +2,16 @@
 the generation settings edgeft chat and edgeft eval use (repeat penalty, reply length).
 
 Ollama renders prompts with Go's text/template, not Jinja, so the model's chat template is
-translated by family, detected from the template text: ChatML (``<|im_start|>``), Llama 3
-(``<|start_header_id|>``), Llama 2 (``[INST]`` with ``<<SYS>>``) and Mistral (``[INST]``
-without). Each Go template renders the same text as the family's usual Hugging Face
-template for plain system/user/assistant chats, minus the leading BOS that llama.cpp adds
-itself when the GGUF says ``add_bos_token`` (tests/test_export.py checks this with Go when
-it is installed). Variants a family's template may add (tool calls, Llama 3.1's date
-header) are not reproduced.
+translated by family, detected from the template text as llama.cpp detects it: ChatML
+(``<|im_start|>``), Llama 3 (``<|start_header_id|>``), Llama 2 (``[INST]`` with ``<<SYS>>``),
+Mistral v3 (``[INST]`` with ``[AVAILABLE_TOOLS]``: no spaces inside the tags, edgeft's built-in
+mistral), Mistral (other ``[INST]``), Phi-3 (``<|assistant|>`` with ``<|end|>``) and Gemma
+(``<start_of_turn>``). Each Go template renders the same text as the family's usual Hugging
+Face template (and edgeft's built-in one) for plain system/user/assistant chats, minus the
+leading BOS that llama.cpp adds itself when the GGUF says ``add_bos_token``
+(tests/test_export.py checks this with Go when it is installed). Variants a family's template
+may add (tool calls, Llama 3.1's date header) are not reproduced, nor Jinja's trimming of
+answers (Gemma, Mistral v3) that begin or end with spaces.
 
 Ollama semantics the templates rely on: ``.System`` holds all system messages joined (the
 Modelfile's SYSTEM when the request has none), and ``.Messages`` still contains them, so
@@ -24,7 +27,8 @@ from pathlib import Path
 from edgeft.chat_template import TemplateError, render_template
 from edgeft.config import GenerateConfig
 
-CHATML, LLAMA3, LLAMA2, MISTRAL = "chatml", "llama3", "llama2", "mistral"
+CHATML, LLAMA3, LLAMA2, MISTRAL, MISTRAL_V3, PHI3, GEMMA = (
+    "chatml", "llama3", "llama2", "mistral", "mistral-v3", "phi3", "gemma")
 
 GO_TEMPLATES = {
     CHATML: (
@@ -62,6 +66,34 @@ GO_TEMPLATES = {
         "{{- end }}"
         "{{- end }}"
     ),
+    # the system prompt opens the first user turn, as llama.cpp's mistral-v3 writes it
+    MISTRAL_V3: (
+        "{{- $first := true }}"
+        "{{- range .Messages }}"
+        "{{- if eq .Role \"user\" }}[INST] "
+        "{{ if and $first $.System }}{{ $.System }}\n\n{{ end }}"
+        "{{ .Content }}[/INST]{{ $first = false }}"
+        "{{- else if eq .Role \"assistant\" }} {{ .Content }}</s>"
+        "{{- end }}"
+        "{{- end }}"
+    ),
+    PHI3: (
+        "{{- if .System }}<|system|>\n{{ .System }}<|end|>\n{{ end }}"
+        "{{- range .Messages }}"
+        "{{- if ne .Role \"system\" }}<|{{ .Role }}|>\n{{ .Content }}<|end|>\n{{ end }}"
+        "{{- end }}<|assistant|>\n"
+    ),
+    # Gemma has no system turn: the system prompt opens the first user turn.
+    GEMMA: (
+        "{{- $first := true }}"
+        "{{- range .Messages }}"
+        "{{- if eq .Role \"user\" }}<start_of_turn>user\n"
+        "{{ if and $first $.System }}{{ $.System }}\n\n{{ end }}"
+        "{{ .Content }}<end_of_turn>\n{{ $first = false }}"
+        "{{- else if eq .Role \"assistant\" }}<start_of_turn>model\n{{ .Content }}<end_of_turn>\n"
+        "{{ end }}"
+        "{{- end }}<start_of_turn>model\n"
+    ),
 }
 # Tokens that end the assistant's turn (Ollama stops at EOS by itself as well).
 STOPS = {
@@ -69,6 +101,9 @@ STOPS = {
     LLAMA3: ["<|eot_id|>", "<|start_header_id|>"],
     LLAMA2: ["[INST]", "</s>"],
     MISTRAL: ["[INST]", "</s>"],
+    MISTRAL_V3: ["[INST]", "</s>"],
+    PHI3: ["<|end|>", "<|user|>", "<|assistant|>"],
+    GEMMA: ["<end_of_turn>", "<start_of_turn>"],
 }
 # Where a family's template writes a system turn: (start, end) around its content.
 SYSTEM_BLOCKS = {
@@ -78,26 +113,33 @@ SYSTEM_BLOCKS = {
 
 
 def detect_family(template: str | None) -> str | None:
-    """The chat family of a Jinja chat template, from its text; None if not recognized."""
+    """The chat family of a Jinja chat template, from its text, in llama.cpp's order
+    (llama-chat.cpp); None if not recognized."""
     if not template:
-        return CHATML  # edgeft renders template-less models with ChatML
+        return None
     if "<|im_start|>" in template:
         return CHATML
+    if "[INST]" in template:
+        if "<<SYS>>" in template:
+            return LLAMA2
+        return MISTRAL_V3 if "[AVAILABLE_TOOLS]" in template and " [INST]" not in template else MISTRAL
+    if "<|assistant|>" in template and "<|end|>" in template:
+        return PHI3
+    if "<start_of_turn>" in template:
+        return GEMMA
     if "<|start_header_id|>" in template:
         return LLAMA3
-    if "[INST]" in template:
-        return LLAMA2 if "<<SYS>>" in template else MISTRAL
     return None
 
 
 def supports_system(template: str | None) -> bool:
     """Whether the template renders a system message (some raise or drop it)."""
-    from edgeft.chat_template import CHATML_TEMPLATE
-
+    if not template:
+        return False
     marker = "edgeft-system-probe"
     messages = [{"role": "system", "content": marker}, {"role": "user", "content": "hi"}]
     try:
-        return marker in render_template(template or CHATML_TEMPLATE, messages,
+        return marker in render_template(template, messages,
                                          add_generation_prompt=True, bos_token="", eos_token="")
     except TemplateError:
         return False
@@ -172,7 +214,7 @@ def build(
     if adapter:
         lines.append(f"ADAPTER {adapter}")
     if family is None:
-        lines.append("# chat template not recognized (ChatML, Llama 3, Llama 2, Mistral): "
+        lines.append("# chat template not recognized (ChatML, Llama 3, Llama 2, Mistral, Phi-3, Gemma): "
                      "Ollama falls back to its own guess; add a TEMPLATE here")
     else:
         lines.append(f"TEMPLATE {_quote(GO_TEMPLATES[family])}")

@@ -509,10 +509,10 @@ def plan_run(cfg, runs_dir: Path = Path("runs")) -> tuple[list[str], bool]:
     `edgeft tune` would start (after auto_fit's changes, if allowed) with its runs in runs_dir."""
     from edgeft import batches, data_files, hub
     from edgeft.device import on_cpu
-    from edgeft.loader import load
+    from edgeft.runs import load_model
 
     path = hub.resolve(cfg.model.name)
-    loaded = load(path, tokenizer_only=True)
+    loaded = load_model(path, False, cfg.data.chat_template, tokenizer_only=True)
     device = "cpu" if on_cpu() else "gpu"
     if loaded.fmt == "gguf":
         quant = quant_info_from_gguf(loaded.path, cfg.model.quantize_bits, device)

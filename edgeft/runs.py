@@ -26,8 +26,15 @@ from typing import Callable
 from jinja2.exceptions import SecurityError
 
 from edgeft import backend, hub, lora
-from edgeft.chat_template import TemplateError
+from edgeft.chat_template import (
+    TemplateError,
+    builtin_names,
+    default_builtin,
+    read_template,
+    written_end_of_turn,
+)
 from edgeft.config import ConfigError, RunConfig
+from edgeft.families import family
 from edgeft.loader import Loaded, ModelLoadError, load
 
 CONFIG = "config.json"
@@ -89,27 +96,66 @@ _PROBE_CHATS = (
 
 
 def check_chat_template(loaded: Loaded) -> None:
-    """Render a plain chat with the model's chat template (in the sandbox) and refuse, in one
-    line naming the model, a template that cannot render it, so that its failure is not taken
-    for a problem of every line of the data."""
+    """Render a plain chat with the chat template (in the sandbox) and refuse, in one line
+    naming the model (or the template given for it), a template that cannot render it, so that
+    its failure is not taken for a problem of every line of the data."""
+    tok = loaded.tokenizer
+    if tok.chat_template is None:
+        raise TemplateError(
+            f"{loaded.path} has no chat template, and its vocabulary lacks the tokens of every "
+            f"built-in one ({builtin_names()}): give one with --chat-template NAME or FILE.jinja")
     for messages, generation_prompt in _PROBE_CHATS:
         try:
-            loaded.tokenizer.render(messages, add_generation_prompt=generation_prompt)
+            tok.render(messages, add_generation_prompt=generation_prompt)
         except TemplateError as e:
             if isinstance(e.__cause__, SecurityError):
                 what = f"the sandbox blocked it ({e.__cause__}), so none of it ran"
             else:
                 what = f"it cannot render a plain chat ({str(e).splitlines()[0][:200]})"
+            if tok.chat_template_name is not None:
+                raise TemplateError(f"chat template {tok.chat_template_name}: {what}; fix it or give "
+                                    f"another with --chat-template") from None
             raise TemplateError(
                 f"chat template of {loaded.path}: {what}; use a model whose chat template is "
                 "standard (e.g. the publisher's own GGUF or Hugging Face folder)"
             ) from None
 
 
-def load_model(path, check_template: bool = True, **kw) -> Loaded:
+def choose_chat_template(loaded: Loaded, spec: str | None, log: Callable[[str], None] | None = None) -> None:
+    """Give the model's tokenizer its chat template: `spec` (a built-in name or a .jinja file,
+    the run's data.chat_template) when set, else the model's own, else the built-in that fits
+    its family and vocabulary (said to `log` in one line). With none of these the tokenizer
+    keeps no template: plain text trains without one, chats are refused (check_chat_template)."""
+    tok = loaded.tokenizer
+    if spec is not None:
+        text, end_of_turn = read_template(spec)
+        if end_of_turn is None:
+            try:
+                end_of_turn = written_end_of_turn(text, tok.is_token, **tok.template_context())
+            except TemplateError:
+                pass  # check_chat_template names the file; data lines would each fail on it
+        elif not tok.is_token(end_of_turn):
+            raise TemplateError(
+                f"chat template {spec}: it ends assistant turns with {end_of_turn}, which is not a token "
+                f"of {loaded.path}, so the model could not learn to stop; choose another of "
+                f"{builtin_names()} or a FILE.jinja")
+        tok.use_chat_template(text, spec, end_of_turn)
+    elif tok.chat_template is None:
+        builtin = default_builtin(family(loaded.config["model_type"]).arch, tok.is_token)
+        if builtin is not None:
+            tok.use_chat_template(builtin.text, builtin.name, builtin.end_of_turn)
+            if log:
+                log(f"the model has no chat template; using the built-in {builtin.name} template "
+                    "(--chat-template to choose)")
+
+
+def load_model(path, check_template: bool = True, chat_template: str | None = None,
+               log: Callable[[str], None] | None = None, **kw) -> Loaded:
     """loader.load, where any failure to parse the file is a ModelLoadError: a model file is
     untrusted input, so even a parser gap ends in one line that names the file, not a traceback.
-    With check_template, a chat template that cannot render a plain chat is refused too."""
+    The tokenizer gets its chat template (choose_chat_template: `chat_template`, else the
+    model's own, else a built-in, said to `log`). With check_template, a chat template that
+    cannot render a plain chat is refused too."""
     try:
         loaded = load(path, **kw)
     except ModelLoadError:
@@ -121,6 +167,7 @@ def load_model(path, check_template: bool = True, **kw) -> Loaded:
             f"{path}: cannot be read as a model ({type(e).__name__}: {why}); the file is damaged "
             "or its metadata is invalid: download or convert it again"
         ) from e
+    choose_chat_template(loaded, chat_template, log)
     if check_template:
         check_chat_template(loaded)
     return loaded
@@ -131,9 +178,10 @@ def load_base(cfg: RunConfig, log: Callable[[str], None] | None = None, inferenc
     """Resolve the model spec to a local file or folder and load it for this device, for
     training or (inference=True) for generating. `log` hears about a download.
     check_template=False leaves the chat template to whoever renders it (plain-text training
-    never does: see check_chat_template)."""
+    never does: see check_chat_template). The template is the run's data.chat_template, else
+    the model's own, else a built-in (choose_chat_template)."""
     path = hub.resolve(cfg.model.name, log=log)
-    loaded = load_model(path, check_template, quantize_bits=cfg.model.quantize_bits)
+    loaded = load_model(path, check_template, cfg.data.chat_template, log, quantize_bits=cfg.model.quantize_bits)
     backend.prepare(loaded.model)
     if inference:
         backend.prepare_inference(loaded.model)

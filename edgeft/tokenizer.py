@@ -3,7 +3,8 @@
 GGUF `tokenizer.ggml.model == "gpt2"` becomes a byte-level BPE in the `tokenizers` library with
 llama.cpp's pre-tokenizer regex for `tokenizer.ggml.pre`; `"llama"` becomes a SentencePiece
 model built from the token/score/type lists. Chat templates render in edgeft.chat_template's
-sandbox.
+sandbox: the model's own, or one given in its place (use_chat_template), whose end-of-turn
+token becomes a stop.
 """
 
 from __future__ import annotations
@@ -16,7 +17,12 @@ from typing import Iterable
 from gguf import Keys, TokenType
 
 from edgeft import gguf_reader as G
-from edgeft.chat_template import CHATML_TEMPLATE, END_OF_TURN_TOKENS, render_template
+from edgeft.chat_template import (
+    END_OF_TURN_TOKENS,
+    TemplateError,
+    builtin_names,
+    render_template,
+)
 from edgeft.gguf_reader import ModelLoadError
 
 # llama.cpp's pre-tokenizer regexes (llama-vocab.cpp), by tokenizer.ggml.pre. Applied in
@@ -123,7 +129,9 @@ class Tokenizer:
         self.vocab_size = vocab_size
         self.bos_id, self.eos_id, self.add_bos = bos_id, eos_id, bool(add_bos)
         self.special_ids = set(special_ids)  # control tokens: skipped by decode(skip_special)
-        self.chat_template = chat_template
+        self.chat_template = chat_template  # the model's own until use_chat_template
+        self.chat_template_name: str | None = None  # a built-in's name or a file, when given
+        self.end_of_turn_id: int | None = None  # that template's end-of-turn token
         stops = {eos_id, *extra_stop_ids}
         stops.update(self.token_to_id(t) for t in END_OF_TURN_TOKENS)
         self.stop_ids = {i for i in stops if i is not None}
@@ -147,14 +155,33 @@ class Tokenizer:
     def id_to_token(self, i: int) -> str | None:
         return self._backend.id_to_token(i)
 
-    def render(self, messages: list[dict], add_generation_prompt: bool = False, **context) -> str:
-        """The conversation as text, through the model's chat template (ChatML if none)."""
+    def is_token(self, text: str) -> bool:
+        """Whether `text` is one token of the vocabulary and encodes as that token (after
+        SentencePiece's dummy prefix, if it adds one)."""
+        i = self.token_to_id(text)
+        return i is not None and self.encode(text)[-1:] == [i]
+
+    def use_chat_template(self, template: str, name: str, end_of_turn: str | None) -> None:
+        """Render chats with `template` (`name`: a built-in's or a file) in place of the model's
+        own; its `end_of_turn` token, when one of the vocabulary, ends every assistant turn and
+        stops generation."""
+        self.chat_template, self.chat_template_name = template, name
+        self.end_of_turn_id = self.token_to_id(end_of_turn) if end_of_turn and self.is_token(end_of_turn) else None
+        if self.end_of_turn_id is not None:
+            self.stop_ids.add(self.end_of_turn_id)
+
+    def template_context(self) -> dict:
+        """The special tokens a chat template is given as text."""
         tok = lambda i: (self.id_to_token(i) or "") if i is not None else ""  # noqa: E731
-        return render_template(
-            self.chat_template or CHATML_TEMPLATE, messages,
-            add_generation_prompt=add_generation_prompt,
-            bos_token=tok(self.bos_id), eos_token=tok(self.eos_id), **context,
-        )
+        return {"bos_token": tok(self.bos_id), "eos_token": tok(self.eos_id)}
+
+    def render(self, messages: list[dict], add_generation_prompt: bool = False, **context) -> str:
+        """The conversation as text, through the chat template."""
+        if self.chat_template is None:
+            raise TemplateError(f"the model has no chat template: give one with --chat-template "
+                                f"(built-in: {builtin_names()}) or a FILE.jinja")
+        return render_template(self.chat_template, messages, add_generation_prompt=add_generation_prompt,
+                               **self.template_context(), **context)
 
     # --- constructors ---
     @classmethod

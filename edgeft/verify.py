@@ -322,7 +322,6 @@ def verify_file(path, run_dir=None, base=None, *, log: Callable[[str], None]) ->
 
     from edgeft import gguf_reader as G
     from edgeft import lora, runs
-    from edgeft.loader import load
 
     path = Path(path)
     md = G.read_index(path, with_metadata=True).metadata
@@ -333,7 +332,7 @@ def verify_file(path, run_dir=None, base=None, *, log: Callable[[str], None]) ->
         if is_adapter:
             raise VerifyError(f"{path}: an adapter is checked against its run: pass --run RUN_DIR")
         log(f"no run found for {path.name}: comparing llama.cpp with MLX on the file's weights only")
-        return compare(path, file_model(path), load(path, tokenizer_only=True).tokenizer)
+        return compare(path, file_model(path), runs.load_model(path, False, tokenizer_only=True).tokenizer)
     loaded, cfg = runs.load_tuned(run_dir)
     system = cfg.data.system_prompt
     if not is_adapter:

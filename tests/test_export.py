@@ -26,7 +26,7 @@ from edgeft import export as E
 from edgeft import gguf_reader as G
 from edgeft import modelfile as MF
 from edgeft import verify as V
-from edgeft.chat_template import CHATML_TEMPLATE, render_template
+from edgeft.chat_template import BUILTINS, CHATML_TEMPLATE, render_template
 from edgeft.config import RunConfig
 from edgeft.gguf_writer import write_gguf
 from edgeft.loader import load
@@ -328,6 +328,10 @@ FAMILIES = [
     (LLAMA3, MF.LLAMA3, "<|begin_of_text|>", "<|eot_id|>"),
     (LLAMA2, MF.LLAMA2, "<s>", "</s>"),
     (MISTRAL, MF.MISTRAL, "<s>", "</s>"),
+    *[(BUILTINS[name].text, family, bos, eos) for name, family, bos, eos in (
+        ("chatml", MF.CHATML, "", "<|im_end|>"), ("llama3", MF.LLAMA3, "<|begin_of_text|>", "<|eot_id|>"),
+        ("gemma", MF.GEMMA, "<bos>", "<eos>"), ("phi3", MF.PHI3, "", "<|endoftext|>"),
+        ("mistral", MF.MISTRAL_V3, "<s>", "</s>"))],
 ]
 CHATS = [
     [{"role": "user", "content": "Hi there"}],

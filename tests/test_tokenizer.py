@@ -1,5 +1,6 @@
 """edgeft.tokenizer: GGUF BPE and SentencePiece vocabularies, HF folders, sandboxed templates."""
 
+from pathlib import Path
 
 import pytest
 from gguf import Keys
@@ -11,7 +12,9 @@ from tiny import (
 )
 
 from edgeft import gguf_reader as G
+from edgeft import runs
 from edgeft.chat_template import CHATML_TEMPLATE, TemplateError, render_template
+from edgeft.loader import Loaded
 from edgeft.tokenizer import Tokenizer
 
 TEXTS = [
@@ -65,9 +68,17 @@ def test_chatml_render(bpe):
 
 
 def test_no_template_falls_back_to_chatml():
+    """The bare tokenizer of a template-less model has no template; where a model is loaded
+    (runs.choose_chat_template) it gets the built-in its vocabulary fits: ChatML for this one."""
     md = {**tiny_tokenizer_metadata(), Keys.Tokenizer.CHAT_TEMPLATE: None}
     tok = Tokenizer.from_gguf_metadata(md)
     assert tok.chat_template is None
+    with pytest.raises(TemplateError, match="no chat template.*--chat-template"):
+        tok.render(CHAT)
+    said = []
+    runs.choose_chat_template(Loaded(None, tok, {"model_type": "llama"}, Path("m.gguf"), "gguf", "gguf", md),
+                              None, said.append)
+    assert said == ["the model has no chat template; using the built-in chatml template (--chat-template to choose)"]
     assert tok.render(CHAT, add_generation_prompt=True) == CHATML_PROMPT
 
 
