@@ -76,6 +76,8 @@ def tune(
     loaded = runs.load_base(cfg, log=log, check_template=False)  # checked below, if the data are chats
     lora.layer_keys(loaded.model, cfg.lora.targets)  # an unknown target is refused here
     tok = loaded.tokenizer
+    if cfg.data.chat_template is None and tok.chat_template_name is not None:
+        cfg.data.chat_template = tok.chat_template_name  # the built-in default, kept for export and chat
     max_len = cfg.model.max_seq_len
     try:
         samples, report = data_files.load_samples(train_file, tok, cfg.data, max_len)
