@@ -44,7 +44,7 @@ def test_metadata_values_as_mx_arrays_and_defaults():
 def test_unsupported_architecture_message():
     with pytest.raises(ModelLoadError) as e:
         F.metadata_to_config({Keys.General.ARCHITECTURE: "gemma3"}, [])
-    assert str(e.value) == "unsupported architecture gemma3; supported: llama, qwen2, qwen3"
+    assert str(e.value) == "unsupported architecture gemma3; supported: llama, qwen2, qwen3, phi3"
 
 
 def test_family_of_a_model_type():

@@ -191,7 +191,7 @@ def test_unsupported_architecture_is_refused(tmp_path):
     writer.close()
     with pytest.raises(ModelLoadError) as e:
         load(path)
-    assert str(e.value) == f"{path}: unsupported architecture gemma; supported: llama, qwen2, qwen3"
+    assert str(e.value) == f"{path}: unsupported architecture gemma; supported: llama, qwen2, qwen3, phi3"
 
 
 def test_truncated_and_missing_files(tmp_path):
