@@ -265,3 +265,19 @@ def test_phi3_refusals():
         F.config_to_metadata({**cfg, "rope_scaling": {**cfg["rope_scaling"], "long_factor": [1.0]}})
     with pytest.raises(ModelLoadError, match="phi3 RoPE scaling 'yarn' is not supported"):
         F.config_to_metadata({**cfg, "rope_scaling": {"type": "yarn", "factor": 2.0}})
+
+
+@pytest.mark.parametrize("case", ["phi3-longrope", "llama3.2"])
+def test_a_run_on_a_gguf_base_exports_to_llama_cpp(cases, case, tmp_path):
+    """GGUF in (LongRoPE factors / rope_freqs folded into the config): a run on the GGUF base,
+    its adapter applied by llama.cpp to that very file, and its merged file, agree with MLX."""
+    base = E.export_run(cases[case][1], "f16", adapter=True, verify=False, log=quiet).base
+    loaded = load(base)
+    assert loaded.config["rope_scaling"] == CASES[case][2]["rope_scaling"]
+    run_dir = make_run(base, tmp_path / "runs", f"gguf-{case.replace('phi3', 'phi')}", seed=2)
+    ad = E.export_run(run_dir, "f16", adapter=True, log=quiet)
+    assert ad.base == base and ad.parity.top1 >= 0.99 and ad.parity.max_abs < 0.05, ad.parity.table()
+    merged = E.export_run(run_dir, "q8_0", log=quiet)
+    assert merged.parity.top1 >= 0.95 and merged.parity.positions >= POSITIONS, merged.parity.table()
+    names = {t.name for t in G.read_index(merged.gguf).tensors}
+    assert set(F.rope_tensors(loaded.config)) <= names and F.rope_tensors(loaded.config)
