@@ -27,6 +27,7 @@ from mlx.utils import tree_flatten
 
 from edgeft import families as F
 from edgeft import gguf_reader as G
+from edgeft import rope_scaling as R
 from edgeft.gguf_reader import ModelLoadError
 from edgeft.tokenizer import Tokenizer
 
@@ -103,7 +104,7 @@ def _load_gguf(path: Path, quantize_bits, tokenizer_only: bool) -> Loaded:
     index = G.read_index(path, with_metadata=True)  # header, bounds, metadata: no weights yet
     md = index.metadata
     infos = {t.name: t for t in index.tensors}
-    rope = {name: _read_tensor(path, index, infos[name]) for name in F.ROPE_TENSORS if name in infos}
+    rope = {name: _read_tensor(path, index, infos[name]) for name in R.ROPE_TENSORS if name in infos}
     try:
         config = F.metadata_to_config(md, set(infos), rope)
         F.check_config(config, {name: info.shape for name, info in infos.items()})
@@ -128,7 +129,7 @@ def _load_gguf(path: Path, quantize_bits, tokenizer_only: bool) -> Loaded:
         weights = {}
         for info in index.tensors:
             weights.update(_requantized(info, _read_tensor(path, index, info)))
-    for name in F.ROPE_TENSORS:
+    for name in R.ROPE_TENSORS:
         weights.pop(name, None)  # their content is in config["rope_scaling"]
 
     model = _new_model(config, path)
@@ -239,7 +240,7 @@ def build_model(config: dict) -> nn.Module:
     """The mlx-lm model of its family for an mlx-lm ModelArgs dict, with fresh (lazy, so not
     yet allocated) weights; refuses an unsupported model_type in one line."""
     module = importlib.import_module(f"mlx_lm.models.{F.family(config.get('model_type')).mlx_module}")
-    return module.Model(module.ModelArgs.from_dict(F.model_args(config)))
+    return module.Model(module.ModelArgs.from_dict(R.model_args(config)))
 
 
 def sanitized(model: nn.Module, weights: dict) -> dict:

@@ -275,8 +275,8 @@ def quant_info_from_model(model, device: str | None = None) -> QuantInfo:
 def quant_info_from_gguf(path, quantize_bits: int | None = None, device: str = "cpu") -> QuantInfo:
     """From a GGUF's tensor table, as edgeft's loader and backend will hold it (no weights read)."""
     from edgeft import gguf_reader as G
-    from edgeft.families import ROPE_TENSORS
     from edgeft.loader import QUANT_GROUP_SIZE, held_bits, read_natively
+    from edgeft.rope_scaling import ROPE_TENSORS
 
     index = G.read_index(path)
     native = read_natively(index)

@@ -213,6 +213,7 @@ def file_model(path):
 
     from edgeft import families as F
     from edgeft import gguf_reader as G
+    from edgeft import rope_scaling as R
     from edgeft.loader import build_model, sanitized
 
     index = G.read_index(path, with_metadata=True)
@@ -220,7 +221,7 @@ def file_model(path):
     for t in gguf.GGUFReader(path).tensors:
         a = gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32)
         a = a.reshape(tuple(reversed([int(d) for d in t.shape])))
-        if t.name in F.ROPE_TENSORS:
+        if t.name in R.ROPE_TENSORS:
             rope[t.name] = a
         else:
             tensors[t.name] = mx.array(a)

@@ -28,6 +28,7 @@ from edgeft import backend, lora, trainer
 from edgeft import export as E
 from edgeft import families as F
 from edgeft import gguf_reader as G
+from edgeft import rope_scaling as R
 from edgeft import verify as V
 from edgeft.config import LoRAConfig, TrainConfig
 from edgeft.gguf_reader import ModelLoadError
@@ -135,13 +136,13 @@ def test_phi3_files_follow_llama_cpp_conventions(cases):
     shapes = {t.name: tuple(t.shape) for t in base.tensors}  # ggml order: (in, out)
     assert shapes["blk.0.attn_qkv.weight"] == (64, (4 + 2 * 2) * 16)
     assert shapes["blk.0.ffn_up.weight"] == (64, 2 * 128)
-    assert shapes[F.ROPE_FACTORS_LONG] == shapes[F.ROPE_FACTORS_SHORT] == (8,)
+    assert shapes[R.ROPE_FACTORS_LONG] == shapes[R.ROPE_FACTORS_SHORT] == (8,)
     assert not any(".attn_q." in n or ".ffn_gate." in n for n in shapes)
     md = base.metadata
     assert md[Keys.General.ARCHITECTURE] == "phi3"
     assert int(md["phi3.rope.scaling.original_context_length"]) == 4096
     assert int(md["phi3.context_length"]) == 131072 and int(md["phi3.attention.sliding_window"]) == 0
-    assert float(md["phi3.rope.scaling.attn_factor"]) == pytest.approx(F.phi3_attn_factor(131072, 4096))
+    assert float(md["phi3.rope.scaling.attn_factor"]) == pytest.approx(R.phi3_attn_factor(131072, 4096))
     adapter = {t.name: tuple(t.shape) for t in G.read_index(ad.gguf).tensors}
     assert set(adapter) == {f"blk.{i}.{t}.weight.lora_{p}" for i in (0, 1) for p in "ab"
                             for t in ("attn_qkv", "attn_output", "ffn_up", "ffn_down")}
@@ -159,7 +160,7 @@ def test_mistral_and_llama3_files(cases):
         assert index.metadata[Keys.General.ARCHITECTURE] == "llama"
         assert not any("sliding_window" in k for k in index.metadata)
         assert ("output.weight" not in names) == tied
-        assert (F.ROPE_FREQS_TENSOR in names) == (case == "llama3.2")
+        assert (R.ROPE_FREQS_TENSOR in names) == (case == "llama3.2")
     loaded, _ = load_tuned(cases["mistral-swa"][1])
     assert all(len(ids) > 16 for ids in V.prompt_ids(loaded.tokenizer))  # every chat passes the window
 
@@ -190,11 +191,11 @@ def _gate_up_swapped(t):
 
 
 def _factors_swapped(t):
-    return {**t, F.ROPE_FACTORS_LONG: t[F.ROPE_FACTORS_SHORT], F.ROPE_FACTORS_SHORT: t[F.ROPE_FACTORS_LONG]}
+    return {**t, R.ROPE_FACTORS_LONG: t[R.ROPE_FACTORS_SHORT], R.ROPE_FACTORS_SHORT: t[R.ROPE_FACTORS_LONG]}
 
 
 def _no_rope_freqs(t):
-    return {n: w for n, w in t.items() if n != F.ROPE_FREQS_TENSOR}
+    return {n: w for n, w in t.items() if n != R.ROPE_FREQS_TENSOR}
 
 
 def _qk_unpermuted(t):
@@ -249,16 +250,16 @@ def test_training_a_tiny_phi3_lowers_the_loss(cases):
 def test_phi3_config_metadata_round_trip(overrides):
     cfg = tiny_config("phi3", tie=False, **overrides)
     md = F.config_to_metadata(cfg)
-    back = F.metadata_to_config(md, {"output.weight"}, F.rope_tensors(cfg))
+    back = F.metadata_to_config(md, {"output.weight"}, R.rope_tensors(cfg))
     assert back == cfg
 
 
 def test_phi3_refusals():
     cfg = tiny_config("phi3", **LONGROPE)
     md = F.config_to_metadata(cfg)
-    tensors = F.rope_tensors(cfg)
+    tensors = R.rope_tensors(cfg)
     with pytest.raises(ModelLoadError, match="only one of rope_factors_long.weight"):
-        F.metadata_to_config(md, set(), {F.ROPE_FACTORS_LONG: tensors[F.ROPE_FACTORS_LONG]})
+        F.metadata_to_config(md, set(), {R.ROPE_FACTORS_LONG: tensors[R.ROPE_FACTORS_LONG]})
     with pytest.raises(ModelLoadError, match="attn_factor is 2, but LongRoPE"):
         F.metadata_to_config({**md, "phi3.rope.scaling.attn_factor": 2.0}, set(), tensors)
     with pytest.raises(ModelLoadError, match="long_factor must hold 8 values"):
@@ -280,4 +281,4 @@ def test_a_run_on_a_gguf_base_exports_to_llama_cpp(cases, case, tmp_path):
     merged = E.export_run(run_dir, "q8_0", log=quiet)
     assert merged.parity.top1 >= 0.95 and merged.parity.positions >= POSITIONS, merged.parity.table()
     names = {t.name for t in G.read_index(merged.gguf).tensors}
-    assert set(F.rope_tensors(loaded.config)) <= names and F.rope_tensors(loaded.config)
+    assert set(R.rope_tensors(loaded.config)) <= names and R.rope_tensors(loaded.config)

@@ -35,6 +35,7 @@ from edgeft import families as F
 from edgeft.chat_template import CHATML_TEMPLATE
 from edgeft.gguf_writer import write_metadata
 from edgeft.loader import build_model as edgeft_build_model
+from edgeft.rope_scaling import ROPE_TENSORS
 
 SPECIALS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
 BOS, EOS = "<|endoftext|>", "<|im_end|>"
@@ -185,7 +186,7 @@ def mlx_tensors(cfg: dict, tensors: dict) -> dict:
     """GGUF names -> mlx-lm names, for a model of `cfg` (the inverse of gguf_tensors' names)."""
     names = [n for n, _ in tree_flatten(edgeft_build_model(cfg).parameters())]
     by_gguf = F.mlx_names_by_gguf(names, F.family(cfg["model_type"]).arch)
-    return {by_gguf[k]: v for k, v in tensors.items() if k != F.ROPE_FREQS_TENSOR}
+    return {by_gguf[k]: v for k, v in tensors.items() if k not in ROPE_TENSORS}
 
 
 def _encode_tensor(name: str, w: np.ndarray, quant: str | None):
