@@ -45,6 +45,7 @@ from gguf import Keys
 
 from edgeft import families as F
 from edgeft import modelfile as MF
+from edgeft import rope_scaling as R
 from edgeft import runs
 from edgeft import verify as V
 from edgeft.config import LLAMA_CPP_QUANTS, QUANTS
@@ -140,9 +141,8 @@ def model_tensors(model, config: dict, qk_layout: str) -> list[TensorSpec]:
             return F.permute_qk(w, heads) if heads else w
 
         specs.append(TensorSpec(gguf_name, shape, get))
-    if (config.get("rope_scaling") or {}).get("rope_type") == "llama3":
-        freqs = F.llama3_rope_freqs(config)
-        specs.append(TensorSpec(F.ROPE_FREQS_TENSOR, freqs.shape, lambda: freqs))
+    for name, tensor in R.rope_tensors(config).items():
+        specs.append(TensorSpec(name, tensor.shape, lambda tensor=tensor: tensor))
     return specs
 
 

@@ -22,6 +22,16 @@ import numpy as np
 from gguf import Keys
 
 from edgeft.gguf_reader import ModelLoadError, scalar
+from edgeft.rope_scaling import (
+    DEFAULT_ROPE_THETA,
+    LLAMA3_ORIGINAL_CONTEXT,
+    PHI3_LONGROPE_TYPES,
+    ROPE_FACTORS_LONG,
+    ROPE_FACTORS_SHORT,
+    ROPE_FREQS_TENSOR,
+    llama3_scaling_from_rope_freqs,
+    phi3_attn_factor,
+)
 
 
 @dataclass(frozen=True)
@@ -38,14 +48,13 @@ FAMILIES = (
     Family("llama", ("llama", "mistral"), "llama", rope_traditional=True),
     Family("qwen2", ("qwen2",), "qwen2", rope_traditional=False),
     Family("qwen3", ("qwen3",), "qwen3", rope_traditional=False),
+    Family("phi3", ("phi3",), "phi3", rope_traditional=False),
 )
 ARCHITECTURES = tuple(f.arch for f in FAMILIES)
 MODEL_TYPES = tuple(t for f in FAMILIES for t in f.model_types)
 _BY_MODEL_TYPE = {t: f for f in FAMILIES for t in f.model_types}
 
-DEFAULT_ROPE_THETA = 10000.0
 DEFAULT_CONTEXT_LENGTH = 4096
-ROPE_FREQS_TENSOR = "rope_freqs.weight"  # llama 3.1+ RoPE scaling, stored as a tensor
 MAX_DIM = 1 << 24  # no model dimension or count comes near this; corrupt headers do
 
 
@@ -75,13 +84,15 @@ def _require(md: dict, key: str, arch: str) -> Any:
 
 
 def metadata_to_config(
-    md: dict, tensor_names: set[str] | list[str], rope_freqs: np.ndarray | None = None
+    md: dict, tensor_names: set[str] | list[str], rope_tensors: dict[str, np.ndarray] | None = None
 ) -> dict:
     """GGUF metadata (+ the tensor names) -> mlx-lm ModelArgs dict.
 
     `tensor_names` decides tie_word_embeddings (no `output.weight`) and biases;
-    `rope_freqs` is the `rope_freqs.weight` tensor of llama 3.1+ files, if any.
+    `rope_tensors` holds the file's ROPE_TENSORS by name (llama 3.1+'s `rope_freqs.weight`,
+    phi3 LongRoPE's factor pair), if any.
     """
+    rope_tensors = rope_tensors or {}
     arch = scalar(md.get(Keys.General.ARCHITECTURE))
     if arch not in ARCHITECTURES:
         raise unsupported_arch_error(arch)
@@ -91,7 +102,7 @@ def metadata_to_config(
     n_kv = int(_get(md, Keys.Attention.HEAD_COUNT_KV, arch, n_heads))
     head_dim = int(_get(md, Keys.Attention.KEY_LENGTH, arch, hidden // n_heads))
     rope_dim = int(_get(md, Keys.Rope.DIMENSION_COUNT, arch, head_dim))
-    if rope_dim != head_dim:
+    if rope_dim != head_dim and arch != "phi3":
         raise ModelLoadError(
             f"partial RoPE ({rope_dim} of {head_dim} dims) is not supported for {arch}"
         )
@@ -120,7 +131,10 @@ def metadata_to_config(
         raise ModelLoadError(
             f"qwen2 with head_dim {head_dim} != hidden/heads is not supported by mlx-lm's qwen2"
         )
-    scaling = _rope_scaling(md, arch, cfg, rope_freqs)
+    if arch == "phi3":
+        cfg.update(_phi3_config(md, cfg, rope_dim, rope_tensors))
+        return cfg
+    scaling = _rope_scaling(md, arch, cfg, rope_tensors.get(ROPE_FREQS_TENSOR))
     if scaling is not None:
         cfg["rope_scaling"] = scaling
     return cfg
@@ -144,10 +158,13 @@ def check_config(cfg: dict, shapes: dict[str, tuple[int, ...]]) -> None:
     if cfg["num_hidden_layers"] > len(blocks):  # extra blocks: the loader names the tensor
         fail(f"block_count is {cfg['num_hidden_layers']} but the file has {len(blocks)} blocks")
     hidden, vocab, inter = cfg["hidden_size"], cfg["vocab_size"], cfg["intermediate_size"]
+    heads, kv, head_dim = cfg["num_attention_heads"], cfg["num_key_value_heads"], cfg["head_dim"]
+    fused = cfg["model_type"] == "phi3"  # gate+up and q+k+v in one tensor each
     expect = {
         "token_embd.weight": (hidden, vocab),
-        "blk.0.ffn_up.weight": (hidden, inter),
-        "blk.0.attn_q.weight": (hidden, cfg["num_attention_heads"] * cfg["head_dim"]),
+        "blk.0.ffn_up.weight": (hidden, 2 * inter if fused else inter),
+        "blk.0.attn_q.weight": (hidden, heads * head_dim),
+        "blk.0.attn_qkv.weight": (hidden, (heads + 2 * kv) * head_dim),
     }
     for name, shape in expect.items():
         if name in shapes and tuple(shapes[name]) != shape:
@@ -176,12 +193,15 @@ def _rope_scaling(md: dict, arch: str, cfg: dict, rope_freqs) -> dict | None:
 def config_to_metadata(cfg: dict) -> dict:
     """mlx-lm ModelArgs dict -> GGUF architecture metadata (Python values; no tokenizer).
 
-    llama 3 RoPE scaling has no metadata form: write `llama3_rope_freqs(cfg)` as the
-    `rope_freqs.weight` tensor instead.
+    llama 3 and phi3 LongRoPE scaling have no metadata form: write `rope_tensors(cfg)` as
+    tensors beside it
+    (edgeft.rope_scaling.rope_tensors).
     """
     arch = family(cfg.get("model_type")).arch
     n_heads = int(cfg["num_attention_heads"])
     head_dim = int(cfg.get("head_dim") or cfg["hidden_size"] // n_heads)
+    if arch == "phi3":
+        head_dim = int(cfg["hidden_size"]) // n_heads  # mlx-lm's phi3 has no head_dim of its own
     k = lambda key: key.format(arch=arch)  # noqa: E731
     md = {
         Keys.General.ARCHITECTURE: arch,
@@ -198,6 +218,9 @@ def config_to_metadata(cfg: dict) -> dict:
         k(Keys.Rope.FREQ_BASE): float(cfg.get("rope_theta") or DEFAULT_ROPE_THETA),
         k(Keys.LLM.VOCAB_SIZE): int(cfg["vocab_size"]),
     }
+    if arch == "phi3":
+        md.update(_phi3_metadata(cfg, k))
+        return md
     scaling = cfg.get("rope_scaling") or {}
     kind = scaling.get("rope_type", scaling.get("type"))
     if kind in ("linear", "yarn"):
@@ -214,56 +237,65 @@ def config_to_metadata(cfg: dict) -> dict:
     return md
 
 
-# --- llama 3 RoPE frequencies ------------------------------------------------------------
-LLAMA3_ORIGINAL_CONTEXT = 8192
-LLAMA3_LOW_FREQ_FACTOR = 1.0
-LLAMA3_HIGH_FREQ_FACTOR = 4.0
+# --- phi3 ----------------------------------------------------------------------------------
+# llama.cpp's Phi3MiniModel converter: partial RoPE as a rope dimension count, the original
+# context always written, sliding_window written (0 if none; llama.cpp's runtime disables
+# phi3's SWA, and mlx-lm's phi3 has none, so both attend to the whole context), LongRoPE
+# ("su"/"longrope") as the rope_factors_long/short tensors plus rope.scaling.attn_factor.
+PHI3_ORIGINAL_CONTEXT = 4096  # mlx-lm's phi3 default
 
 
-def llama3_rope_freqs(cfg: dict) -> np.ndarray:
-    """The `rope_freqs.weight` tensor llama.cpp's converter writes for llama3 RoPE scaling."""
-    s = cfg["rope_scaling"]
-    head_dim = int(cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"])
-    factor = float(s["factor"])
-    low = float(s.get("low_freq_factor", LLAMA3_LOW_FREQ_FACTOR))
-    high = float(s.get("high_freq_factor", LLAMA3_HIGH_FREQ_FACTOR))
-    old_ctx = float(s.get("original_max_position_embeddings", LLAMA3_ORIGINAL_CONTEXT))
-    base = float(cfg.get("rope_theta") or DEFAULT_ROPE_THETA)
-    freqs = 1.0 / base ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
-    wavelen = 2 * math.pi / freqs
-    smooth = (old_ctx / wavelen - low) / (high - low)
-    out = np.where(
-        wavelen < old_ctx / high, 1.0,
-        np.where(wavelen > old_ctx / low, factor, 1.0 / ((1 - smooth) / factor + smooth)),
-    )
-    return out.astype(np.float32)
-
-
-def llama3_scaling_from_rope_freqs(
-    rope_freqs: np.ndarray, rope_theta: float, head_dim: int,
-    original_context: int = LLAMA3_ORIGINAL_CONTEXT,
-) -> dict:
-    """Recover the llama3 `rope_scaling` dict from a `rope_freqs.weight` tensor.
-
-    Meta's released models all use low/high frequency factors 1 and 4; the result is
-    checked against the tensor so a file made with other factors is refused, not misread.
-    """
-    rope_freqs = np.asarray(rope_freqs, dtype=np.float64).reshape(-1)
-    scaling = {
-        "rope_type": "llama3",
-        "factor": float(rope_freqs.max()),
-        "low_freq_factor": LLAMA3_LOW_FREQ_FACTOR,
-        "high_freq_factor": LLAMA3_HIGH_FREQ_FACTOR,
-        "original_max_position_embeddings": int(original_context),
+def _phi3_metadata(cfg: dict, k) -> dict:
+    rope_dim = int(float(cfg.get("partial_rotary_factor", 1.0)) * int(cfg["hidden_size"])) // int(cfg["num_attention_heads"])
+    original = int(cfg.get("original_max_position_embeddings") or PHI3_ORIGINAL_CONTEXT)
+    md = {
+        k(Keys.Rope.DIMENSION_COUNT): rope_dim,
+        k(Keys.Rope.SCALING_ORIG_CTX_LEN): original,
+        k(Keys.Attention.SLIDING_WINDOW): int(cfg.get("sliding_window") or 0),
     }
-    cfg = {"rope_scaling": scaling, "rope_theta": rope_theta, "head_dim": head_dim}
-    if rope_freqs.shape != (head_dim // 2,) or not np.allclose(
-        llama3_rope_freqs(cfg), rope_freqs, rtol=1e-4
-    ):
-        raise ModelLoadError(
-            "rope_freqs.weight does not match llama3 RoPE scaling with the standard factors"
-        )
-    return scaling
+    scaling = cfg.get("rope_scaling") or {}
+    kind = scaling.get("type", scaling.get("rope_type"))
+    if kind in PHI3_LONGROPE_TYPES:
+        for name in ("long_factor", "short_factor"):
+            if len(scaling.get(name) or ()) != rope_dim // 2:
+                raise ModelLoadError(f"phi3 rope_scaling.{name} must hold {rope_dim // 2} values (rope dims / 2)")
+        md[k(Keys.Rope.SCALING_ATTN_FACTOR)] = phi3_attn_factor(
+            int(cfg["max_position_embeddings"]), original)
+    elif kind not in (None, "default"):
+        raise ModelLoadError(f"phi3 RoPE scaling {kind!r} is not supported (longrope, su)")
+    return md
+
+
+def _phi3_config(md: dict, cfg: dict, rope_dim: int, rope_tensors: dict) -> dict:
+    arch = "phi3"
+    if cfg["head_dim"] * cfg["num_attention_heads"] != cfg["hidden_size"]:
+        raise ModelLoadError("phi3 with head_dim != hidden/heads is not supported by mlx-lm's phi3")
+    out = {
+        "original_max_position_embeddings": int(
+            _get(md, Keys.Rope.SCALING_ORIG_CTX_LEN, arch, cfg["max_position_embeddings"])),
+    }
+    if rope_dim != cfg["head_dim"]:
+        out["partial_rotary_factor"] = rope_dim / cfg["head_dim"]
+    window = int(_get(md, Keys.Attention.SLIDING_WINDOW, arch, 0))
+    if window:
+        out["sliding_window"] = window
+    long, short = rope_tensors.get(ROPE_FACTORS_LONG), rope_tensors.get(ROPE_FACTORS_SHORT)
+    if (long is None) != (short is None):
+        raise ModelLoadError(f"the file has only one of {ROPE_FACTORS_LONG} and {ROPE_FACTORS_SHORT}")
+    if long is not None:
+        out["rope_scaling"] = {
+            "type": "longrope",
+            "long_factor": [float(x) for x in np.asarray(long).reshape(-1)],
+            "short_factor": [float(x) for x in np.asarray(short).reshape(-1)],
+        }
+        attn = _get(md, Keys.Rope.SCALING_ATTN_FACTOR, arch)
+        want = phi3_attn_factor(cfg["max_position_embeddings"], out["original_max_position_embeddings"])
+        if attn is not None and not math.isclose(float(attn), want, rel_tol=1e-4):
+            raise ModelLoadError(
+                f"{arch}.rope.scaling.attn_factor is {float(attn):g}, but LongRoPE over "
+                f"{cfg['max_position_embeddings']} of {out['original_max_position_embeddings']} "
+                f"positions implies {want:g}; the file's RoPE is not one mlx-lm can run")
+    return out
 
 
 # --- tensor names ------------------------------------------------------------------------
@@ -310,6 +342,16 @@ def mlx_names_by_gguf(mlx_names, arch: str) -> dict[str, str]:
             if gguf_name is not None:
                 out[gguf_name] = f"{base}.{suffix}"
     return out
+
+
+# --- LoRA targets ---------------------------------------------------------------------------
+# Hugging Face's split projection names -> the fused layer that holds them in families that
+# fuse (phi3: qkv_proj, gate_up_proj). llama.cpp adapts whole GGUF tensors, so a LoRA target
+# named by a split projection adapts its fused layer.
+FUSED_PROJECTIONS = {
+    "q_proj": "qkv_proj", "k_proj": "qkv_proj", "v_proj": "qkv_proj",
+    "gate_proj": "gate_up_proj", "up_proj": "gate_up_proj",
+}
 
 
 # --- llama.cpp's Q/K row permutation -----------------------------------------------------

@@ -27,10 +27,11 @@ from mlx.utils import tree_flatten
 
 from edgeft import families as F
 from edgeft import gguf_reader as G
+from edgeft import rope_scaling as R
 from edgeft.gguf_reader import ModelLoadError
 from edgeft.tokenizer import Tokenizer
 
-__all__ = ["Loaded", "ModelLoadError", "load", "build_model", "held_bits", "read_natively", "QUANT_GROUP_SIZE"]
+__all__ = ["Loaded", "ModelLoadError", "load", "build_model", "sanitized", "held_bits", "read_natively", "QUANT_GROUP_SIZE"]
 
 QUANT_GROUP_SIZE = 32  # GGUF's block size: MLX 4-bit g32 maps onto Q4_1 for export
 # ggml tensor types that `mx.load` reads itself (quantized ones as MLX affine, group 32)
@@ -103,11 +104,9 @@ def _load_gguf(path: Path, quantize_bits, tokenizer_only: bool) -> Loaded:
     index = G.read_index(path, with_metadata=True)  # header, bounds, metadata: no weights yet
     md = index.metadata
     infos = {t.name: t for t in index.tensors}
-    rope_freqs = infos.get(F.ROPE_FREQS_TENSOR)
+    rope = {name: _read_tensor(path, index, infos[name]) for name in R.ROPE_TENSORS if name in infos}
     try:
-        config = F.metadata_to_config(
-            md, set(infos), None if rope_freqs is None else _read_tensor(path, index, rope_freqs)
-        )
+        config = F.metadata_to_config(md, set(infos), rope)
         F.check_config(config, {name: info.shape for name, info in infos.items()})
         tokenizer = Tokenizer.from_gguf_metadata(md)
     except ModelLoadError as e:
@@ -130,7 +129,8 @@ def _load_gguf(path: Path, quantize_bits, tokenizer_only: bool) -> Loaded:
         weights = {}
         for info in index.tensors:
             weights.update(_requantized(info, _read_tensor(path, index, info)))
-    weights.pop(F.ROPE_FREQS_TENSOR, None)  # its content is in config["rope_scaling"]
+    for name in R.ROPE_TENSORS:
+        weights.pop(name, None)  # their content is in config["rope_scaling"]
 
     model = _new_model(config, path)
     arch = F.family(config["model_type"]).arch
@@ -240,7 +240,12 @@ def build_model(config: dict) -> nn.Module:
     """The mlx-lm model of its family for an mlx-lm ModelArgs dict, with fresh (lazy, so not
     yet allocated) weights; refuses an unsupported model_type in one line."""
     module = importlib.import_module(f"mlx_lm.models.{F.family(config.get('model_type')).mlx_module}")
-    return module.Model(module.ModelArgs.from_dict(config))
+    return module.Model(module.ModelArgs.from_dict(R.model_args(config)))
+
+
+def sanitized(model: nn.Module, weights: dict) -> dict:
+    """`weights` as mlx-lm's class of `model` takes them (some classes, phi3's, have no sanitize)."""
+    return model.sanitize(dict(weights)) if hasattr(model, "sanitize") else dict(weights)
 
 
 def _new_model(config: dict, source: Path) -> nn.Module:
@@ -255,7 +260,7 @@ def _fill(model: nn.Module, config: dict, weights: dict, source: Path, shown) ->
     scales, then load strictly. `shown` maps an mlx-lm parameter name to the name the user's
     file uses, for messages.
     """
-    weights = model.sanitize(dict(weights))
+    weights = sanitized(model, weights)
     overrides = config.get("quantization") or {}
     quantized = {k[: -len(".scales")] for k in weights if k.endswith(".scales")}
 

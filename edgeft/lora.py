@@ -20,6 +20,7 @@ from mlx_lm.tuner.utils import linear_to_lora_layers
 from edgeft.config import LoRAConfig
 from edgeft.dequant import dequantized_weight
 from edgeft.errors import UserError
+from edgeft.families import FUSED_PROJECTIONS
 from edgeft.files import atomic_save_safetensors, atomic_write_text
 
 ADAPTER_WEIGHTS = "adapters.safetensors"
@@ -32,7 +33,9 @@ class LoRAError(UserError, ValueError):
 
 def layer_keys(model: nn.Module, targets: list[str]) -> list[str]:
     """Module paths inside one transformer block whose last name is a target (e.g.
-    'self_attn.q_proj' for 'q_proj'); an unknown target is an error naming the known ones."""
+    'self_attn.q_proj' for 'q_proj'); a split projection the model fuses names its fused
+    layer (phi3: q_proj -> qkv_proj, up_proj -> gate_up_proj); an unknown target is an
+    error naming the known ones."""
     mods = dict(model.layers[0].named_modules())
     linears = [
         name
@@ -43,6 +46,8 @@ def layer_keys(model: nn.Module, targets: list[str]) -> list[str]:
     keys = []
     for t in targets:
         found = [n for n in linears if n == t or n.split(".")[-1] == t]
+        if not found and t in FUSED_PROJECTIONS:
+            found = [n for n in linears if n.split(".")[-1] == FUSED_PROJECTIONS[t]]
         if not found:
             short = sorted({n.split(".")[-1] for n in linears})
             raise LoRAError(f"LoRA target '{t}' is not a linear layer of this model; known: {', '.join(short)}")

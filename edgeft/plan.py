@@ -285,8 +285,8 @@ def quant_info_from_model(model, device: str | None = None) -> QuantInfo:
 def quant_info_from_gguf(path, quantize_bits: int | None = None, device: str = "cpu") -> QuantInfo:
     """From a GGUF's tensor table, as edgeft's loader and backend will hold it (no weights read)."""
     from edgeft import gguf_reader as G
-    from edgeft.families import ROPE_FREQS_TENSOR
     from edgeft.loader import QUANT_GROUP_SIZE, held_bits, read_natively
+    from edgeft.rope_scaling import ROPE_TENSORS
 
     index = G.read_index(path)
     native = read_natively(index)
@@ -295,7 +295,7 @@ def quant_info_from_gguf(path, quantize_bits: int | None = None, device: str = "
     names = {t.name for t in index.tensors}
     head = "output.weight" if "output.weight" in names else "token_embd.weight"
     for t in index.tensors:
-        if t.name == ROPE_FREQS_TENSOR:  # the loader folds it into the config
+        if t.name in ROPE_TENSORS:  # the loader folds them into the config
             continue
         n = 1
         for s in t.shape:

@@ -213,23 +213,24 @@ def file_model(path):
 
     from edgeft import families as F
     from edgeft import gguf_reader as G
-    from edgeft.loader import build_model
+    from edgeft import rope_scaling as R
+    from edgeft.loader import build_model, sanitized
 
     index = G.read_index(path, with_metadata=True)
-    tensors, rope_freqs = {}, None
+    tensors, rope = {}, {}
     for t in gguf.GGUFReader(path).tensors:
         a = gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32)
         a = a.reshape(tuple(reversed([int(d) for d in t.shape])))
-        if t.name == F.ROPE_FREQS_TENSOR:
-            rope_freqs = a
+        if t.name in R.ROPE_TENSORS:
+            rope[t.name] = a
         else:
             tensors[t.name] = mx.array(a)
-    config = F.metadata_to_config(index.metadata, {t.name for t in index.tensors}, rope_freqs)
+    config = F.metadata_to_config(index.metadata, {t.name for t in index.tensors}, rope)
     model = build_model(config)
     by_gguf = F.mlx_names_by_gguf(
         (n for n, _ in tree_flatten(model.parameters())), F.family(config["model_type"]).arch
     )
-    weights = model.sanitize({by_gguf[name]: a for name, a in tensors.items()})
+    weights = sanitized(model, {by_gguf[name]: a for name, a in tensors.items()})
     model.load_weights(list(weights.items()), strict=True)
     mx.eval(model.parameters())
     return model

@@ -8,6 +8,7 @@ from mlx.utils import tree_flatten
 from tiny import ARCHS, build_model, tiny_config
 
 from edgeft import families as F
+from edgeft import rope_scaling as R
 from edgeft.gguf_reader import ModelLoadError
 
 
@@ -44,7 +45,7 @@ def test_metadata_values_as_mx_arrays_and_defaults():
 def test_unsupported_architecture_message():
     with pytest.raises(ModelLoadError) as e:
         F.metadata_to_config({Keys.General.ARCHITECTURE: "gemma3"}, [])
-    assert str(e.value) == "unsupported architecture gemma3; supported: llama, qwen2, qwen3"
+    assert str(e.value) == "unsupported architecture gemma3; supported: llama, qwen2, qwen3, phi3"
 
 
 def test_family_of_a_model_type():
@@ -60,11 +61,11 @@ def test_llama3_rope_freqs_round_trip():
     cfg = {**tiny_config("llama", hidden_size=512, num_attention_heads=4), "rope_theta": 500000.0}
     cfg["rope_scaling"] = {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
                            "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
-    freqs = F.llama3_rope_freqs(cfg)
+    freqs = R.llama3_rope_freqs(cfg)
     assert freqs.shape == (64,) and freqs.min() == 1.0 and freqs.max() == 32.0
-    assert F.llama3_scaling_from_rope_freqs(freqs, 500000.0, 128) == cfg["rope_scaling"]
+    assert R.llama3_scaling_from_rope_freqs(freqs, 500000.0, 128) == cfg["rope_scaling"]
     with pytest.raises(ModelLoadError):
-        F.llama3_scaling_from_rope_freqs(freqs[::-1], 500000.0, 128)
+        R.llama3_scaling_from_rope_freqs(freqs[::-1], 500000.0, 128)
 
 
 def test_llama3_rope_freqs_match_mlx_lm():
@@ -75,7 +76,7 @@ def test_llama3_rope_freqs_match_mlx_lm():
            "rope_scaling": {"rope_type": "llama3", "factor": 8.0}}
     rope = Llama3RoPE(128, base=500000.0, scaling_config=cfg["rope_scaling"])
     base = 500000.0 ** (np.arange(0, 128, 2) / 128)
-    np.testing.assert_allclose(np.array(rope._freqs) / base, F.llama3_rope_freqs(cfg), rtol=1e-4)
+    np.testing.assert_allclose(np.array(rope._freqs) / base, R.llama3_rope_freqs(cfg), rtol=1e-4)
 
 
 # --- tensor names ------------------------------------------------------------------------

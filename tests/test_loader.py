@@ -26,6 +26,7 @@ from tiny import (
 
 from edgeft import families as F
 from edgeft import gguf_reader as G
+from edgeft import rope_scaling as R
 from edgeft.loader import ModelLoadError, load
 
 TOKENS = mx.array([[0, 5, 77, 123, 260, 3, 9, 200, 250, 299, 1, 2]])
@@ -137,7 +138,7 @@ def test_llama3_rope_freqs_tensor(tmp_path):
         "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
         "original_max_position_embeddings": 8192}})
     tensors = gguf_tensors(cfg, tiny_weights(cfg))
-    tensors[F.ROPE_FREQS_TENSOR] = F.llama3_rope_freqs(cfg)
+    tensors[R.ROPE_FREQS_TENSOR] = R.llama3_rope_freqs(cfg)
     path = tmp_path / "llama3.gguf"
     write_gguf(path, cfg, tensors)
     loaded = load(path)
@@ -191,7 +192,7 @@ def test_unsupported_architecture_is_refused(tmp_path):
     writer.close()
     with pytest.raises(ModelLoadError) as e:
         load(path)
-    assert str(e.value) == f"{path}: unsupported architecture gemma; supported: llama, qwen2, qwen3"
+    assert str(e.value) == f"{path}: unsupported architecture gemma; supported: llama, qwen2, qwen3, phi3"
 
 
 def test_truncated_and_missing_files(tmp_path):

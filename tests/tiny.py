@@ -35,6 +35,7 @@ from edgeft import families as F
 from edgeft.chat_template import CHATML_TEMPLATE
 from edgeft.gguf_writer import write_metadata
 from edgeft.loader import build_model as edgeft_build_model
+from edgeft.rope_scaling import ROPE_TENSORS
 
 SPECIALS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
 BOS, EOS = "<|endoftext|>", "<|im_end|>"
@@ -45,6 +46,11 @@ MERGES = (
     "Ġ g", "Ġ y", "Ġ u", "s t", "Ġo f",
 )
 ARCHS = ("llama", "qwen2", "qwen3")
+# More families, proven in their own test file (ARCHS run through every shared test):
+# phi3 (fused qkv_proj/gate_up_proj, neox RoPE) and mistral (llama's GGUF architecture).
+PHI3_MISTRAL_ARCHS = ("phi3", "mistral")
+HF_ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
+                    "phi3": "Phi3ForCausalLM", "mistral": "MistralForCausalLM"}
 
 
 def _byte_chars() -> list[str]:
@@ -105,8 +111,8 @@ def spm_tokenizer_metadata() -> dict:
 
 def tiny_config(arch: str = "llama", tie: bool = True, **overrides) -> dict:
     """Hugging Face-style config (Q/K in HF row order: rope_traditional False)."""
-    if arch not in ARCHS:
-        raise ValueError(f"arch must be one of {ARCHS}")
+    if arch not in ARCHS + PHI3_MISTRAL_ARCHS:
+        raise ValueError(f"arch must be one of {ARCHS + PHI3_MISTRAL_ARCHS}")
     cfg = {
         "model_type": arch,
         "hidden_size": 64,
@@ -124,6 +130,8 @@ def tiny_config(arch: str = "llama", tie: bool = True, **overrides) -> dict:
     }
     if arch == "llama":
         cfg.update(attention_bias=False, mlp_bias=False)
+    if arch == "phi3":
+        cfg.update(original_max_position_embeddings=cfg["max_position_embeddings"])
     cfg.update(overrides)
     cfg["head_dim"] = cfg["hidden_size"] // cfg["num_attention_heads"]
     return cfg
@@ -178,7 +186,7 @@ def mlx_tensors(cfg: dict, tensors: dict) -> dict:
     """GGUF names -> mlx-lm names, for a model of `cfg` (the inverse of gguf_tensors' names)."""
     names = [n for n, _ in tree_flatten(edgeft_build_model(cfg).parameters())]
     by_gguf = F.mlx_names_by_gguf(names, F.family(cfg["model_type"]).arch)
-    return {by_gguf[k]: v for k, v in tensors.items() if k != F.ROPE_FREQS_TENSOR}
+    return {by_gguf[k]: v for k, v in tensors.items() if k not in ROPE_TENSORS}
 
 
 def _encode_tensor(name: str, w: np.ndarray, quant: str | None):
@@ -264,9 +272,7 @@ def make_tiny_folder(arch: str = "llama", tmp_path=".", *, seed: int = 0, tie: b
     folder = Path(tmp_path) / f"tiny-{arch}-hf-{seed}"
     folder.mkdir(parents=True, exist_ok=True)
     hf_cfg = {k: v for k, v in cfg.items() if k != "rope_traditional"}
-    hf_cfg.update(architectures=[{"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM",
-                                  "qwen3": "Qwen3ForCausalLM"}[arch]],
-                  torch_dtype=dtype, bos_token_id=0, eos_token_id=2)
+    hf_cfg.update(architectures=[HF_ARCHITECTURES[arch]], torch_dtype=dtype, bos_token_id=0, eos_token_id=2)
     (folder / "config.json").write_text(json.dumps(hf_cfg, indent=2))
     arrays = {k: mx.array(v).astype(getattr(mx, dtype)) for k, v in weights.items()}
     mx.save_safetensors(str(folder / "model.safetensors"), arrays, metadata={"format": "pt"})
