@@ -88,10 +88,11 @@ class _SPBackend:
         return out
 
     def decode(self, ids: list[int]) -> str:
-        # SentencePiece renders control pieces as "": keep their text, decode runs between.
+        # SentencePiece renders control pieces as "" and the unknown one as " ⁇ ": keep their
+        # text, as llama.cpp does, and decode the runs between.
         out, run = [], []
         for i in ids:
-            if self.sp.is_control(i):
+            if self.sp.is_control(i) or self.sp.is_unknown(i):
                 out.append(self.sp.decode(run) if run else "")
                 out.append(self.sp.id_to_piece(i))
                 run = []
