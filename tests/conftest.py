@@ -18,6 +18,15 @@ def smollm2_path():
     return hub.resolve("smollm2-135m-instruct", log=print)
 
 
+@pytest.fixture(scope="session")
+def gemma3_path():
+    """The real Gemma 3 270M Q4_K_M GGUF (a base model, Gemma terms), fetched once into
+    edgeft's cache."""
+    from edgeft import hub
+
+    return hub.resolve("gemma3-270m", log=print)
+
+
 BRAND_STEPS = 40
 
 

