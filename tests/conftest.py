@@ -49,3 +49,25 @@ def tuned_smollm2(tmp_path_factory, smollm2_path):
     )
     assert result.exit_code == 0, result.output + repr(result.exception)
     return runs / "brand"
+
+
+@pytest.fixture(scope="session")
+def tuned_gemma3(tmp_path_factory, gemma3_path):
+    """One real `edgeft tune --model gemma3-270m --data examples/brand_voice.jsonl` with the
+    default recipe (its q8_0 export, checked in llama.cpp, included; the evaluation left to the
+    tests). Returns the run folder."""
+    from pathlib import Path
+
+    from click.testing import CliRunner
+
+    from edgeft.cli import main
+
+    runs = tmp_path_factory.mktemp("runs")
+    data = Path(__file__).resolve().parent.parent / "examples" / "brand_voice.jsonl"
+    result = CliRunner().invoke(
+        main, ["tune", "--data", str(data), "--model", "gemma3-270m", "--no-eval", "--name", "gemma",
+               "--runs-dir", str(runs)],
+    )
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    print(result.output)
+    return runs / "gemma"
