@@ -30,7 +30,8 @@ from edgeft import gguf_reader as G
 from edgeft.gguf_reader import ModelLoadError
 from edgeft.tokenizer import Tokenizer
 
-__all__ = ["Loaded", "ModelLoadError", "load", "build_model", "held_bits", "read_natively", "QUANT_GROUP_SIZE"]
+__all__ = ["Loaded", "ModelLoadError", "load", "build_model", "sanitized", "held_bits", "read_natively",
+           "QUANT_GROUP_SIZE"]
 
 QUANT_GROUP_SIZE = 32  # GGUF's block size: MLX 4-bit g32 maps onto Q4_1 for export
 # ggml tensor types that `mx.load` reads itself (quantized ones as MLX affine, group 32)
@@ -147,11 +148,17 @@ def _load_gguf(path: Path, quantize_bits, tokenizer_only: bool) -> Loaded:
                 f"{path}: tensor {name} has no place in a {config['model_type']} model; "
                 "the file holds an architecture variant edgeft does not support"
             )
-        mlx_weights[by_gguf[name]] = w
+        mlx_weights[by_gguf[name]] = _from_gguf_values(w, by_gguf[name], arch)
     _fill(model, config, mlx_weights, path, lambda n: F.mlx_to_gguf_name(n, arch) or n)
     if quantize_bits:
         _quantize_rest(model, quantize_bits)
     return Loaded(model, tokenizer, config, path, "gguf", qk_layout, md)
+
+
+def _from_gguf_values(w: mx.array, mlx_name: str, arch: str) -> mx.array:
+    """A GGUF tensor's values as mlx-lm holds them (gemma norms are stored shifted)."""
+    offset = F.norm_offset(mlx_name, arch)
+    return (w.astype(mx.float32) - offset).astype(w.dtype) if offset else w
 
 
 def _read_tensor(path: Path, index: G.GGUFIndex, info: G.TensorInfo) -> np.ndarray:
@@ -205,6 +212,13 @@ def _load_folder(path: Path, quantize_bits, tokenizer_only: bool) -> Loaded:
             f"{config_file}: unsupported architecture {model_type}; supported: "
             f"{', '.join(F.ARCHITECTURES)} (mistral loads as llama)"
         )
+    multimodal = False
+    if F.family(model_type).arch in F.GEMMA_ARCHS:
+        multimodal = isinstance(config.get("text_config"), dict)
+        try:
+            config = F.gemma_folder_config(config)
+        except ModelLoadError as e:
+            raise ModelLoadError(f"{config_file}: {e}") from None
     if "quantization_config" in config and "quantization" not in config:
         method = config["quantization_config"].get("quant_method", "?")
         raise ModelLoadError(
@@ -226,6 +240,8 @@ def _load_folder(path: Path, quantize_bits, tokenizer_only: bool) -> Loaded:
             weights.update(mx.load(str(f)))
         except (RuntimeError, ValueError) as e:
             raise ModelLoadError(f"{f}: MLX cannot read it ({e}); download it again") from e
+    if multimodal:
+        weights = _language_model_weights(weights)
     # HF's default is untied; mlx-lm's is tied: let the weights decide when config is silent.
     config.setdefault("tie_word_embeddings", "lm_head.weight" not in weights)
     model = _new_model(config, path)
@@ -235,12 +251,33 @@ def _load_folder(path: Path, quantize_bits, tokenizer_only: bool) -> Loaded:
     return Loaded(model, tokenizer, config, path, "folder", "hf", None)
 
 
+# Where a multimodal checkpoint keeps its language model (older and newer transformers)
+LANGUAGE_MODEL_PREFIXES = {"language_model.model.": "model.", "model.language_model.": "model.",
+                           "language_model.lm_head.": "lm_head."}
+
+
+def _language_model_weights(weights: dict) -> dict:
+    """The text model's weights of a multimodal checkpoint (vision tower and projector left out)."""
+    out = {}
+    for name, w in weights.items():
+        for prefix, to in LANGUAGE_MODEL_PREFIXES.items():
+            if name.startswith(prefix):
+                out[to + name[len(prefix):]] = w
+    return out
+
+
 # --- building ------------------------------------------------------------------------------
 def build_model(config: dict) -> nn.Module:
     """The mlx-lm model of its family for an mlx-lm ModelArgs dict, with fresh (lazy, so not
     yet allocated) weights; refuses an unsupported model_type in one line."""
     module = importlib.import_module(f"mlx_lm.models.{F.family(config.get('model_type')).mlx_module}")
     return module.Model(module.ModelArgs.from_dict(config))
+
+
+def sanitized(model: nn.Module, weights: dict) -> dict:
+    """`weights` after the model class's own clean-up, if it has one (gemma2's has none)."""
+    sanitize = getattr(model, "sanitize", None)
+    return sanitize(dict(weights)) if sanitize else dict(weights)
 
 
 def _new_model(config: dict, source: Path) -> nn.Module:
@@ -255,7 +292,7 @@ def _fill(model: nn.Module, config: dict, weights: dict, source: Path, shown) ->
     scales, then load strictly. `shown` maps an mlx-lm parameter name to the name the user's
     file uses, for messages.
     """
-    weights = model.sanitize(dict(weights))
+    weights = sanitized(model, weights)
     overrides = config.get("quantization") or {}
     quantized = {k[: -len(".scales")] for k in weights if k.endswith(".scales")}
 

@@ -213,7 +213,7 @@ def file_model(path):
 
     from edgeft import families as F
     from edgeft import gguf_reader as G
-    from edgeft.loader import build_model
+    from edgeft.loader import build_model, sanitized
 
     index = G.read_index(path, with_metadata=True)
     tensors, rope_freqs = {}, None
@@ -226,10 +226,13 @@ def file_model(path):
             tensors[t.name] = mx.array(a)
     config = F.metadata_to_config(index.metadata, {t.name for t in index.tensors}, rope_freqs)
     model = build_model(config)
-    by_gguf = F.mlx_names_by_gguf(
-        (n for n, _ in tree_flatten(model.parameters())), F.family(config["model_type"]).arch
-    )
-    weights = model.sanitize({by_gguf[name]: a for name, a in tensors.items()})
+    arch = F.family(config["model_type"]).arch
+    by_gguf = F.mlx_names_by_gguf((n for n, _ in tree_flatten(model.parameters())), arch)
+    weights = {}
+    for name, a in tensors.items():
+        offset = F.norm_offset(by_gguf[name], arch)  # gemma norms are stored shifted
+        weights[by_gguf[name]] = a - offset if offset else a
+    weights = sanitized(model, weights)
     model.load_weights(list(weights.items()), strict=True)
     mx.eval(model.parameters())
     return model
