@@ -7,6 +7,9 @@ over plain values, so the loader (GGUF in) and the exporter (GGUF out) share one
 each convention. Metadata keys are gguf-py's own (`gguf.Keys`). Metadata dicts are shaped like
 `mx.load(path, return_metadata=True)` returns them: strings and string lists as Python values,
 numbers as `mx.array` scalars or arrays (plain Python numbers and NumPy work too).
+
+Over 400 lines because its one job is every family's conventions, side by side: the loader,
+the exporter and the verifier must read each from the same place (gemma's own section below).
 """
 
 from __future__ import annotations
