@@ -134,10 +134,12 @@ def model_tensors(model, config: dict, qk_layout: str) -> list[TensorSpec]:
         if quantized and leaf == "weight":
             shape = (shape[0], shape[1] * 32 // module.bits)
         heads = F.qk_heads(mlx_name, config) if permute else None
+        offset = F.norm_offset(mlx_name, arch)
 
-        def get(value=value, module=module if quantized and leaf == "weight" else None, heads=heads):
+        def get(value=value, module=module if quantized and leaf == "weight" else None, heads=heads, offset=offset):
             w = dequantized_weight(module) if module is not None else value
             w = np.array(w.astype(mx.float32))
+            w = w + offset if offset else w
             return F.permute_qk(w, heads) if heads else w
 
         specs.append(TensorSpec(gguf_name, shape, get))

@@ -7,6 +7,9 @@ over plain values, so the loader (GGUF in) and the exporter (GGUF out) share one
 each convention. Metadata keys are gguf-py's own (`gguf.Keys`). Metadata dicts are shaped like
 `mx.load(path, return_metadata=True)` returns them: strings and string lists as Python values,
 numbers as `mx.array` scalars or arrays (plain Python numbers and NumPy work too).
+
+Over 400 lines because its one job is every family's conventions, side by side: the loader,
+the exporter and the verifier must read each from the same place (gemma's own section below).
 """
 
 from __future__ import annotations
@@ -49,6 +52,9 @@ FAMILIES = (
     Family("qwen2", ("qwen2",), "qwen2", rope_traditional=False),
     Family("qwen3", ("qwen3",), "qwen3", rope_traditional=False),
     Family("phi3", ("phi3",), "phi3", rope_traditional=False),
+    # "gemma3" is also Hugging Face's multimodal wrapper: its text_config is what loads
+    Family("gemma3", ("gemma3", "gemma3_text"), "gemma3_text", rope_traditional=False),
+    Family("gemma2", ("gemma2",), "gemma2", rope_traditional=False),
 )
 ARCHITECTURES = tuple(f.arch for f in FAMILIES)
 MODEL_TYPES = tuple(t for f in FAMILIES for t in f.model_types)
@@ -127,6 +133,8 @@ def metadata_to_config(
     if arch == "llama":
         cfg["attention_bias"] = "blk.0.attn_q.bias" in names
         cfg["mlp_bias"] = "blk.0.ffn_gate.bias" in names
+    if arch in GEMMA_ARCHS:
+        cfg.update(gemma_metadata_to_config(md, arch, cfg))
     if arch == "qwen2" and head_dim * n_heads != hidden:
         raise ModelLoadError(
             f"qwen2 with head_dim {head_dim} != hidden/heads is not supported by mlx-lm's qwen2"
@@ -234,6 +242,8 @@ def config_to_metadata(cfg: dict) -> dict:
         )
     elif kind not in (None, "default", "linear", "yarn"):
         raise ModelLoadError(f"RoPE scaling {kind!r} cannot be written to GGUF")
+    if arch in GEMMA_ARCHS:
+        md.update(gemma_config_to_metadata(cfg, arch))
     return md
 
 
@@ -382,3 +392,137 @@ def qk_heads(mlx_name: str, config: dict) -> int | None:
 def needs_qk_permute(config: dict, qk_layout: str) -> bool:
     """llama.cpp's llama family wants permuted Q/K rows; an "hf" model does not have them."""
     return qk_layout == "hf" and family(config["model_type"]).rope_traditional
+
+
+# --- gemma2 / gemma3 -----------------------------------------------------------------------
+# What llama.cpp's runtime (src/models/gemma2.cpp, gemma3.cpp) reads from a gemma GGUF, and
+# what it assumes when a key is absent; mlx-lm's gemma2 / gemma3_text classes take the same
+# facts as ModelArgs. A value the runtime would compute differently is refused in one line.
+GEMMA_ARCHS = ("gemma2", "gemma3")
+LLAMA_CPP_SWA_PATTERN = {"gemma2": 2, "gemma3": 6}  # every n-th layer is global
+LLAMA_CPP_SWA_ROPE_BASE = 10000.0  # gemma3's local-layer RoPE base when the file has none
+GEMMA2_WINDOW = 4096  # gemma2's sliding window when the file has none
+GEMMA2_SOFTCAPS = {"attn_logit_softcapping": 50.0, "final_logit_softcapping": 30.0}
+# llama.cpp scales queries by 1/sqrt(hidden/heads) at these depths (the 27B models), by
+# 1/sqrt(head_dim) otherwise; no metadata key carries query_pre_attn_scalar.
+LLAMA_CPP_27B_LAYERS = {"gemma2": 46, "gemma3": 62}
+
+
+def norm_offset(mlx_name: str, arch: str) -> float:
+    """What a GGUF holds over the mlx-lm parameter `mlx_name`: gemma's RMSNorm multiplies by
+    1 + w and mlx-lm (like Hugging Face) holds w, while llama.cpp's converter stores w + 1 for
+    every `*norm.weight` and its runtime multiplies by the stored value. Added on export,
+    subtracted on load."""
+    return 1.0 if arch in GEMMA_ARCHS and mlx_name.endswith("norm.weight") else 0.0
+
+
+def llama_cpp_query_scalar(arch: str, n_layers: int, hidden: int, n_heads: int, head_dim: int) -> int:
+    """The query_pre_attn_scalar llama.cpp applies to a gemma model of this shape."""
+    return hidden // n_heads if n_layers == LLAMA_CPP_27B_LAYERS[arch] else head_dim
+
+
+def gemma_swa_pattern(is_swa: list[bool]) -> int:
+    """mlx-lm's sliding_window_pattern p (layer i is global iff i % p == p - 1) for a GGUF's
+    per-layer sliding flags; refuses a layout that p cannot express."""
+    flags = [bool(x) for x in is_swa]
+    p = flags.index(False) + 1 if False in flags else len(flags) + 1  # all sliding: n + 1
+    if flags != [i % p != p - 1 for i in range(len(flags))]:
+        raise ModelLoadError(
+            "the sliding-window layer layout is not every-n-th-layer-global, as mlx-lm's gemma needs"
+        )
+    return p
+
+
+def gemma_metadata_to_config(md: dict, arch: str, cfg: dict) -> dict:
+    """The gemma fields of an mlx-lm ModelArgs dict, from GGUF metadata as llama.cpp reads it."""
+    out = {"query_pre_attn_scalar": float(llama_cpp_query_scalar(
+        arch, cfg["num_hidden_layers"], cfg["hidden_size"], cfg["num_attention_heads"], cfg["head_dim"]))}
+    window = _get(md, Keys.Attention.SLIDING_WINDOW, arch)
+    pattern = md.get(Keys.Attention.SLIDING_WINDOW_PATTERN.format(arch=arch))
+    if pattern is not None:
+        pattern = np.asarray(pattern).reshape(-1)
+        if pattern.size == 1 and pattern.dtype != np.bool_:  # llama.cpp's n: 0 means all sliding
+            pattern = int(pattern[0]) or cfg["num_hidden_layers"] + 1
+        else:
+            pattern = gemma_swa_pattern(list(pattern))
+    local_base = _get(md, Keys.Rope.FREQ_BASE_SWA, arch)
+    if arch == "gemma2":
+        if pattern not in (None, LLAMA_CPP_SWA_PATTERN[arch]):
+            raise ModelLoadError(f"gemma2 with sliding window pattern {pattern} is not supported (mlx-lm's is 2)")
+        if local_base is not None and float(local_base) != cfg["rope_theta"]:
+            raise ModelLoadError("gemma2 with a local-layer RoPE base of its own is not supported by mlx-lm's gemma2")
+        out["sliding_window"] = int(window or GEMMA2_WINDOW)
+        for key, default in GEMMA2_SOFTCAPS.items():
+            out[key] = float(_get(md, getattr(Keys.LLM, key.upper()), arch, default))
+        return out
+    if _get(md, Keys.LLM.FINAL_LOGIT_SOFTCAPPING, arch):
+        raise ModelLoadError("gemma3 with final logit soft-capping is not supported by mlx-lm's gemma3_text")
+    if not window:  # llama.cpp: no sliding window, every layer global
+        window, pattern = cfg["max_position_embeddings"], 1
+    out.update(sliding_window=int(window),
+               sliding_window_pattern=LLAMA_CPP_SWA_PATTERN[arch] if pattern is None else pattern,
+               rope_local_base_freq=float(LLAMA_CPP_SWA_ROPE_BASE if local_base is None else local_base))
+    return out
+
+
+def gemma_config_to_metadata(cfg: dict, arch: str) -> dict:
+    """The gemma keys of a GGUF for an mlx-lm ModelArgs dict (see gemma_metadata_to_config)."""
+    check_gemma_config(cfg)
+    k = lambda key: key.format(arch=arch)  # noqa: E731
+    if arch == "gemma2":
+        md = {k(Keys.Attention.SLIDING_WINDOW): int(cfg.get("sliding_window") or GEMMA2_WINDOW)}
+        for key, default in GEMMA2_SOFTCAPS.items():
+            md[k(getattr(Keys.LLM, key.upper()))] = float(cfg.get(key, default))
+        return md
+    return {
+        k(Keys.Attention.SLIDING_WINDOW): int(cfg.get("sliding_window", 512)),
+        k(Keys.Attention.SLIDING_WINDOW_PATTERN): int(cfg.get("sliding_window_pattern", 6)),
+        k(Keys.Rope.FREQ_BASE_SWA): float(cfg.get("rope_local_base_freq", LLAMA_CPP_SWA_ROPE_BASE)),
+    }
+
+
+def check_gemma_config(cfg: dict) -> None:
+    """Refuse a gemma config that mlx-lm or llama.cpp would compute differently from the
+    model: an attention scale llama.cpp cannot take, soft-capping the class ignores (gemma3)
+    or lacks (gemma2), a layer layout other than mlx-lm's every-n-th-layer-global."""
+    arch = family(cfg.get("model_type")).arch
+    n_heads = int(cfg["num_attention_heads"])
+    head_dim = int(cfg.get("head_dim") or cfg["hidden_size"] // n_heads)
+    want = llama_cpp_query_scalar(arch, int(cfg["num_hidden_layers"]), int(cfg["hidden_size"]), n_heads, head_dim)
+    got = cfg.get("query_pre_attn_scalar", 256 if arch == "gemma3" else 144)
+    if float(got) != want:
+        raise ModelLoadError(
+            f"{arch} with query_pre_attn_scalar {got} is not supported: llama.cpp scales queries "
+            f"by 1/sqrt({want}) for this shape"
+        )
+    if arch == "gemma2":
+        for key in GEMMA2_SOFTCAPS:
+            if key in cfg and not cfg[key]:
+                raise ModelLoadError(f"gemma2 without {key} is not supported (llama.cpp and mlx-lm apply it)")
+        return
+    for key in ("attn_logit_softcapping", "final_logit_softcapping"):
+        if cfg.get(key):
+            raise ModelLoadError(f"gemma3 with {key} is not supported by mlx-lm's gemma3_text")
+    pattern = int(cfg.get("sliding_window_pattern", 6))
+    if pattern < 1:
+        raise ModelLoadError(f"gemma3 with sliding_window_pattern {pattern} is not supported")
+    types = cfg.get("layer_types")
+    if types is not None and list(types) != [
+        "full_attention" if i % pattern == pattern - 1 else "sliding_attention" for i in range(len(types))
+    ]:
+        raise ModelLoadError(
+            f"gemma3 layer_types do not follow sliding_window_pattern {pattern}, as mlx-lm's gemma3_text needs"
+        )
+
+
+def gemma_folder_config(config: dict) -> dict:
+    """A Hugging Face gemma config as mlx-lm's class reads it: a multimodal gemma3's
+    text_config, the sliding pattern from layer_types when only those are given; checked."""
+    if config.get("model_type") == "gemma3" and isinstance(config.get("text_config"), dict):
+        config = {**config["text_config"], "model_type": "gemma3_text"}
+    types = config.get("layer_types")
+    if config.get("model_type") == "gemma3_text" and types and "sliding_window_pattern" not in config:
+        global_layers = [i for i, t in enumerate(types) if t == "full_attention"]
+        config = {**config, "sliding_window_pattern": global_layers[0] + 1 if global_layers else len(types) + 1}
+    check_gemma_config(config)
+    return config

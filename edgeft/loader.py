@@ -31,7 +31,8 @@ from edgeft import rope_scaling as R
 from edgeft.gguf_reader import ModelLoadError
 from edgeft.tokenizer import Tokenizer
 
-__all__ = ["Loaded", "ModelLoadError", "load", "build_model", "sanitized", "held_bits", "read_natively", "QUANT_GROUP_SIZE"]
+__all__ = ["Loaded", "ModelLoadError", "load", "build_model", "sanitized", "held_bits", "read_natively",
+           "QUANT_GROUP_SIZE"]
 
 QUANT_GROUP_SIZE = 32  # GGUF's block size: MLX 4-bit g32 maps onto Q4_1 for export
 # ggml tensor types that `mx.load` reads itself (quantized ones as MLX affine, group 32)
@@ -147,11 +148,17 @@ def _load_gguf(path: Path, quantize_bits, tokenizer_only: bool) -> Loaded:
                 f"{path}: tensor {name} has no place in a {config['model_type']} model; "
                 "the file holds an architecture variant edgeft does not support"
             )
-        mlx_weights[by_gguf[name]] = w
+        mlx_weights[by_gguf[name]] = _from_gguf_values(w, by_gguf[name], arch)
     _fill(model, config, mlx_weights, path, lambda n: F.mlx_to_gguf_name(n, arch) or n)
     if quantize_bits:
         _quantize_rest(model, quantize_bits)
     return Loaded(model, tokenizer, config, path, "gguf", qk_layout, md)
+
+
+def _from_gguf_values(w: mx.array, mlx_name: str, arch: str) -> mx.array:
+    """A GGUF tensor's values as mlx-lm holds them (gemma norms are stored shifted)."""
+    offset = F.norm_offset(mlx_name, arch)
+    return (w.astype(mx.float32) - offset).astype(w.dtype) if offset else w
 
 
 def _read_tensor(path: Path, index: G.GGUFIndex, info: G.TensorInfo) -> np.ndarray:
@@ -205,6 +212,13 @@ def _load_folder(path: Path, quantize_bits, tokenizer_only: bool) -> Loaded:
             f"{config_file}: unsupported architecture {model_type}; supported: "
             f"{', '.join(F.ARCHITECTURES)} (mistral loads as llama)"
         )
+    multimodal = False
+    if F.family(model_type).arch in F.GEMMA_ARCHS:
+        multimodal = isinstance(config.get("text_config"), dict)
+        try:
+            config = F.gemma_folder_config(config)
+        except ModelLoadError as e:
+            raise ModelLoadError(f"{config_file}: {e}") from None
     if "quantization_config" in config and "quantization" not in config:
         method = config["quantization_config"].get("quant_method", "?")
         raise ModelLoadError(
@@ -226,6 +240,8 @@ def _load_folder(path: Path, quantize_bits, tokenizer_only: bool) -> Loaded:
             weights.update(mx.load(str(f)))
         except (RuntimeError, ValueError) as e:
             raise ModelLoadError(f"{f}: MLX cannot read it ({e}); download it again") from e
+    if multimodal:
+        weights = _language_model_weights(weights)
     # HF's default is untied; mlx-lm's is tied: let the weights decide when config is silent.
     config.setdefault("tie_word_embeddings", "lm_head.weight" not in weights)
     model = _new_model(config, path)
@@ -233,6 +249,21 @@ def _load_folder(path: Path, quantize_bits, tokenizer_only: bool) -> Loaded:
     if quantize_bits and "quantization" not in config:
         _quantize_rest(model, quantize_bits)
     return Loaded(model, tokenizer, config, path, "folder", "hf", None)
+
+
+# Where a multimodal checkpoint keeps its language model (older and newer transformers)
+LANGUAGE_MODEL_PREFIXES = {"language_model.model.": "model.", "model.language_model.": "model.",
+                           "language_model.lm_head.": "lm_head."}
+
+
+def _language_model_weights(weights: dict) -> dict:
+    """The text model's weights of a multimodal checkpoint (vision tower and projector left out)."""
+    out = {}
+    for name, w in weights.items():
+        for prefix, to in LANGUAGE_MODEL_PREFIXES.items():
+            if name.startswith(prefix):
+                out[to + name[len(prefix):]] = w
+    return out
 
 
 # --- building ------------------------------------------------------------------------------
@@ -244,8 +275,9 @@ def build_model(config: dict) -> nn.Module:
 
 
 def sanitized(model: nn.Module, weights: dict) -> dict:
-    """`weights` as mlx-lm's class of `model` takes them (some classes, phi3's, have no sanitize)."""
-    return model.sanitize(dict(weights)) if hasattr(model, "sanitize") else dict(weights)
+    """`weights` after the model class's own clean-up, if it has one (phi3's and gemma2's have none)."""
+    sanitize = getattr(model, "sanitize", None)
+    return sanitize(dict(weights)) if sanitize else dict(weights)
 
 
 def _new_model(config: dict, source: Path) -> nn.Module:

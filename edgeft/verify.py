@@ -227,10 +227,13 @@ def file_model(path):
             tensors[t.name] = mx.array(a)
     config = F.metadata_to_config(index.metadata, {t.name for t in index.tensors}, rope)
     model = build_model(config)
-    by_gguf = F.mlx_names_by_gguf(
-        (n for n, _ in tree_flatten(model.parameters())), F.family(config["model_type"]).arch
-    )
-    weights = sanitized(model, {by_gguf[name]: a for name, a in tensors.items()})
+    arch = F.family(config["model_type"]).arch
+    by_gguf = F.mlx_names_by_gguf((n for n, _ in tree_flatten(model.parameters())), arch)
+    weights = {}
+    for name, a in tensors.items():
+        offset = F.norm_offset(by_gguf[name], arch)  # gemma norms are stored shifted
+        weights[by_gguf[name]] = a - offset if offset else a
+    weights = sanitized(model, weights)
     model.load_weights(list(weights.items()), strict=True)
     mx.eval(model.parameters())
     return model

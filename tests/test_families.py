@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from gguf import Keys
 from mlx.utils import tree_flatten
-from tiny import ARCHS, build_model, tiny_config
+from tiny import ARCHS, GEMMA_ARCHS, build_model, gguf_config, tiny_config
 
 from edgeft import families as F
 from edgeft import rope_scaling as R
@@ -44,16 +44,16 @@ def test_metadata_values_as_mx_arrays_and_defaults():
 
 def test_unsupported_architecture_message():
     with pytest.raises(ModelLoadError) as e:
-        F.metadata_to_config({Keys.General.ARCHITECTURE: "gemma3"}, [])
-    assert str(e.value) == "unsupported architecture gemma3; supported: llama, qwen2, qwen3, phi3"
+        F.metadata_to_config({Keys.General.ARCHITECTURE: "falcon"}, [])
+    assert str(e.value) == "unsupported architecture falcon; supported: llama, qwen2, qwen3, phi3, gemma3, gemma2"
 
 
 def test_family_of_a_model_type():
     """mistral folders load as llama; a config of any other type is refused in the same words."""
     assert F.family("mistral").arch == "llama" and F.family("mistral").rope_traditional
     assert [F.family(a).arch for a in F.ARCHITECTURES] == list(F.ARCHITECTURES)
-    for bad in ("gemma3", None):
-        with pytest.raises(ModelLoadError, match=f"unsupported architecture {bad}; supported: llama, qwen2, qwen3"):
+    for bad in ("falcon", None):
+        with pytest.raises(ModelLoadError, match=f"unsupported architecture {bad}; supported: llama, qwen2, qwen3, phi3, gemma3, gemma2"):
             F.family(bad)
 
 
@@ -165,3 +165,93 @@ def test_qk_permutation_commutes_with_packed_rows():
     got = mx.dequantize(p(packed), p(scales), p(biases), group_size=32, bits=4)
     want = mx.dequantize(packed, scales, biases, group_size=32, bits=4)
     np.testing.assert_array_equal(np.array(got), F.permute_qk(np.array(want), 4))
+
+
+# --- gemma2 / gemma3 ---------------------------------------------------------------------
+@pytest.mark.parametrize("arch", GEMMA_ARCHS)
+def test_gemma_config_metadata_round_trip(arch):
+    """What llama.cpp reads from the keys written is the model's config (sliding window,
+    pattern, local RoPE base, soft-caps; the attention scale from the shape)."""
+    cfg = gguf_config(tiny_config(arch, tie=False))
+    md = F.config_to_metadata(cfg)
+    k = lambda key: key.format(arch=arch)  # noqa: E731
+    if arch == "gemma3":
+        assert md[k(Keys.Attention.SLIDING_WINDOW)] == 24 and md[k(Keys.Attention.SLIDING_WINDOW_PATTERN)] == 6
+        assert md[k(Keys.Rope.FREQ_BASE_SWA)] == 10000.0 and md[k(Keys.Rope.FREQ_BASE)] == 1e6
+    else:
+        assert md[k(Keys.LLM.ATTN_LOGIT_SOFTCAPPING)] == 5.0 and md[k(Keys.LLM.FINAL_LOGIT_SOFTCAPPING)] == 10.0
+    names = {"token_embd.weight"} | ({"output.weight"} if arch == "gemma3" else set())
+    assert F.metadata_to_config(md, names) == cfg
+
+
+def test_gemma_metadata_defaults_are_llama_cpps():
+    """Keys a converter's file may lack take the values llama.cpp's runtime assumes."""
+    md = F.config_to_metadata(gguf_config(tiny_config("gemma3")))
+    for key in (Keys.Attention.SLIDING_WINDOW_PATTERN, Keys.Rope.FREQ_BASE_SWA):
+        del md[key.format(arch="gemma3")]
+    cfg = F.metadata_to_config(md, [])
+    assert (cfg["sliding_window_pattern"], cfg["rope_local_base_freq"]) == (6, 10000.0)
+    del md["gemma3.attention.sliding_window"]  # no window: llama.cpp makes every layer global
+    assert F.metadata_to_config(md, [])["sliding_window_pattern"] == 1
+    md2 = F.config_to_metadata(gguf_config(tiny_config("gemma2")))
+    for key in ("gemma2.attention.sliding_window", "gemma2.attn_logit_softcapping", "gemma2.final_logit_softcapping"):
+        del md2[key]
+    cfg2 = F.metadata_to_config(md2, [])
+    assert (cfg2["sliding_window"], cfg2["attn_logit_softcapping"], cfg2["final_logit_softcapping"]) == (4096, 50.0, 30.0)
+
+
+def test_gemma_sliding_pattern_as_llama_cpp_stores_it():
+    """llama.cpp takes the pattern as a count n (layer i slides iff i % n < n - 1, 0: all) or
+    as one flag per layer; mlx-lm's p has layer i global iff i % p == p - 1: the same rule."""
+    assert F.gemma_swa_pattern([True] * 5 + [False] + [True] * 5 + [False]) == 6
+    assert F.gemma_swa_pattern([True, False, True, False]) == 2
+    assert F.gemma_swa_pattern([False] * 3) == 1 and F.gemma_swa_pattern([True] * 3) == 4
+    with pytest.raises(ModelLoadError, match="every-n-th-layer-global"):
+        F.gemma_swa_pattern([False, True, True, False])
+    md = F.config_to_metadata(gguf_config(tiny_config("gemma3")))
+    md["gemma3.attention.sliding_window_pattern"] = np.array([True, True, False] * 2)
+    assert F.metadata_to_config(md, [])["sliding_window_pattern"] == 3
+    md["gemma3.attention.sliding_window_pattern"] = 0
+    assert F.metadata_to_config(md, [])["sliding_window_pattern"] == 7
+
+
+def test_gemma_values_llama_cpp_would_compute_differently_are_refused():
+    with pytest.raises(ModelLoadError, match="query_pre_attn_scalar 32 is not supported.*1/sqrt\\(16\\)"):
+        F.config_to_metadata(tiny_config("gemma3", query_pre_attn_scalar=32))
+    with pytest.raises(ModelLoadError, match="gemma3 with final_logit_softcapping is not supported"):
+        F.gemma_folder_config(tiny_config("gemma3", final_logit_softcapping=30.0))
+    with pytest.raises(ModelLoadError, match="gemma2 without attn_logit_softcapping"):
+        F.gemma_folder_config(tiny_config("gemma2", attn_logit_softcapping=None))
+    bad = ["sliding_attention"] * 2 + ["full_attention"] + ["sliding_attention"] * 3
+    with pytest.raises(ModelLoadError, match="layer_types do not follow sliding_window_pattern 6"):
+        F.gemma_folder_config(tiny_config("gemma3", layer_types=bad))
+    md = F.config_to_metadata(gguf_config(tiny_config("gemma3")))
+    md["gemma3.final_logit_softcapping"] = 30.0
+    with pytest.raises(ModelLoadError, match="final logit soft-capping"):
+        F.metadata_to_config(md, [])
+    # the 27B shape: llama.cpp scales by hidden/heads, so that is what the config must say
+    deep = tiny_config("gemma3", num_hidden_layers=62, query_pre_attn_scalar=16.0)
+    with pytest.raises(ModelLoadError, match="1/sqrt\\(32\\)"):  # 128 / 4 heads
+        F.config_to_metadata({**deep, "hidden_size": 128})
+    assert F.config_to_metadata({**deep, "hidden_size": 128, "query_pre_attn_scalar": 32})
+
+
+def test_gemma_folder_configs_as_mlx_lm_reads_them():
+    text = {k: v for k, v in tiny_config("gemma3").items() if k != "sliding_window_pattern"}
+    text["layer_types"] = (["sliding_attention"] * 2 + ["full_attention"]) * 2
+    got = F.gemma_folder_config({"model_type": "gemma3", "text_config": text, "vision_config": {}})
+    assert got["model_type"] == "gemma3_text" and got["sliding_window_pattern"] == 3
+    assert F.gemma_folder_config(tiny_config("gemma2")) == tiny_config("gemma2")
+
+
+def test_gemma_norms_are_stored_shifted():
+    assert F.norm_offset("model.layers.3.self_attn.q_norm.weight", "gemma3") == 1.0
+    assert F.norm_offset("model.norm.weight", "gemma2") == 1.0
+    assert F.norm_offset("model.layers.0.pre_feedforward_layernorm.weight", "gemma3") == 1.0
+    assert F.norm_offset("model.layers.0.mlp.up_proj.weight", "gemma3") == 0.0
+    assert F.norm_offset("model.norm.weight", "llama") == 0.0
+    for arch in GEMMA_ARCHS:
+        names = [n for n, _ in tree_flatten(build_model(tiny_config(arch, tie=False)).parameters())]
+        by_gguf = F.mlx_names_by_gguf(names, arch)
+        for name in names:
+            assert by_gguf[F.mlx_to_gguf_name(name, arch)] == name

@@ -192,7 +192,7 @@ def test_unsupported_architecture_is_refused(tmp_path):
     writer.close()
     with pytest.raises(ModelLoadError) as e:
         load(path)
-    assert str(e.value) == f"{path}: unsupported architecture gemma; supported: llama, qwen2, qwen3, phi3"
+    assert str(e.value) == f"{path}: unsupported architecture gemma; supported: llama, qwen2, qwen3, phi3, gemma3, gemma2"
 
 
 def test_truncated_and_missing_files(tmp_path):
@@ -257,7 +257,7 @@ def test_folder_without_tie_flag_follows_weights(tmp_path):
 @pytest.mark.parametrize(
     "change, message",
     [
-        ({"model_type": "gpt2"}, "unsupported architecture gpt2; supported: llama, qwen2, qwen3"),
+        ({"model_type": "gpt2"}, "unsupported architecture gpt2; supported: llama, qwen2, qwen3, phi3, gemma3, gemma2"),
         ({"quantization_config": {"quant_method": "gptq"}}, "gptq-quantized checkpoints are not supported"),
         ({"intermediate_size": 96}, r"tensor model\.layers\.0\.mlp\.gate_proj\.weight has shape"),
     ],

@@ -35,6 +35,7 @@ from edgeft import families as F
 from edgeft.chat_template import CHATML_TEMPLATE
 from edgeft.gguf_writer import write_metadata
 from edgeft.loader import build_model as edgeft_build_model
+from edgeft.loader import sanitized
 from edgeft.rope_scaling import ROPE_TENSORS
 
 SPECIALS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
@@ -49,8 +50,12 @@ ARCHS = ("llama", "qwen2", "qwen3")
 # More families, proven in their own test file (ARCHS run through every shared test):
 # phi3 (fused qkv_proj/gate_up_proj, neox RoPE) and mistral (llama's GGUF architecture).
 PHI3_MISTRAL_ARCHS = ("phi3", "mistral")
+# Not in ARCHS (the shared loader/export tests run over those); tests/test_family_gemma.py
+# runs these. gemma3 has 6 layers so its pattern holds 5 sliding layers and a global one.
+GEMMA_ARCHS = ("gemma3", "gemma2")
 HF_ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
-                    "phi3": "Phi3ForCausalLM", "mistral": "MistralForCausalLM"}
+                    "phi3": "Phi3ForCausalLM", "mistral": "MistralForCausalLM",
+                    "gemma3": "Gemma3ForCausalLM", "gemma2": "Gemma2ForCausalLM"}
 
 
 def _byte_chars() -> list[str]:
@@ -111,8 +116,10 @@ def spm_tokenizer_metadata() -> dict:
 
 def tiny_config(arch: str = "llama", tie: bool = True, **overrides) -> dict:
     """Hugging Face-style config (Q/K in HF row order: rope_traditional False)."""
+    if arch in GEMMA_ARCHS:
+        return gemma_tiny_config(arch, tie, **overrides)
     if arch not in ARCHS + PHI3_MISTRAL_ARCHS:
-        raise ValueError(f"arch must be one of {ARCHS + PHI3_MISTRAL_ARCHS}")
+        raise ValueError(f"arch must be one of {ARCHS + PHI3_MISTRAL_ARCHS + GEMMA_ARCHS}")
     cfg = {
         "model_type": arch,
         "hidden_size": 64,
@@ -137,16 +144,43 @@ def tiny_config(arch: str = "llama", tie: bool = True, **overrides) -> dict:
     return cfg
 
 
+def gemma_tiny_config(arch: str, tie: bool = True, **overrides) -> dict:
+    """A tiny gemma3 (6 layers: 5 sliding with a window of 24 tokens, then 1 global, each
+    with its own RoPE base) or gemma2 (2 layers, always tied, soft-capped at 5 (attention) and
+    10 (logits), small enough to bite). mlx-lm's gemma2 attends globally on every layer, so
+    its window (512) covers every sequence the tests feed it."""
+    cfg = {
+        "model_type": {"gemma3": "gemma3_text", "gemma2": "gemma2"}[arch],
+        "hidden_size": 64, "num_hidden_layers": 6 if arch == "gemma3" else 2,
+        "intermediate_size": 128, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16,
+        "rms_norm_eps": 1e-6, "vocab_size": len(tiny_tokens()), "max_position_embeddings": 512,
+        "tie_word_embeddings": tie or arch == "gemma2", "rope_traditional": False,
+        "query_pre_attn_scalar": 16.0, "hidden_activation": "gelu_pytorch_tanh",
+    }
+    if arch == "gemma3":
+        cfg.update(rope_theta=1_000_000.0, rope_local_base_freq=10000.0, sliding_window=24,
+                   sliding_window_pattern=6)
+    else:
+        cfg.update(rope_theta=10000.0, sliding_window=512, attn_logit_softcapping=5.0,
+                   final_logit_softcapping=10.0)
+    cfg.update(overrides)
+    return cfg
+
+
 def gguf_config(cfg: dict) -> dict:
-    """The config a GGUF of `cfg` loads with: llama gets llama.cpp's Q/K order."""
-    return {**cfg, "rope_traditional": F.family(cfg["model_type"]).rope_traditional}
+    """The config a GGUF of `cfg` loads with: llama gets llama.cpp's Q/K order, a family's
+    Hugging Face model_type (gemma3_text) its GGUF architecture's name."""
+    family = F.family(cfg["model_type"])
+    out = {**cfg, "model_type": family.arch, "rope_traditional": family.rope_traditional}
+    out.pop("hidden_activation", None)
+    return out
 
 
 def build_model(cfg: dict, weights: dict | None = None):
     """An mlx-lm model for `cfg`, optionally with `weights` (name -> array) loaded strictly."""
     model = edgeft_build_model(cfg)
     if weights is not None:
-        model.load_weights([(k, mx.array(v)) for k, v in weights.items()], strict=True)
+        model.load_weights([(k, mx.array(v)) for k, v in sanitized(model, weights).items()], strict=True)
     mx.eval(model.parameters())
     return model
 
@@ -166,14 +200,19 @@ def tiny_weights(cfg: dict, seed: int = 0) -> dict[str, np.ndarray]:
         elif "embed_tokens" in name:
             w = 0.5 * rng.standard_normal(w.shape).astype(np.float32)
         out[name] = w
-    return out
+    if not cfg.get("tie_word_embeddings", True):
+        return out
+    return {k: v for k, v in out.items() if not k.startswith("lm_head.")}  # gemma3 drops it then
 
 
 def gguf_tensors(cfg: dict, weights: dict) -> dict[str, np.ndarray]:
-    """mlx names/HF order -> GGUF names/llama.cpp order (Q/K permuted for llama)."""
-    permute = F.family(cfg["model_type"]).arch == "llama"
+    """mlx names/HF order -> GGUF names/llama.cpp order (Q/K permuted for llama, gemma norms
+    shifted by one)."""
+    arch = F.family(cfg["model_type"]).arch
+    permute = arch == "llama"
     out = {}
     for name, w in weights.items():
+        w = w + F.norm_offset(name, arch)
         if permute and ".q_proj." in name:
             w = F.permute_qk(w, cfg["num_attention_heads"])
         elif permute and ".k_proj." in name:
@@ -186,7 +225,8 @@ def mlx_tensors(cfg: dict, tensors: dict) -> dict:
     """GGUF names -> mlx-lm names, for a model of `cfg` (the inverse of gguf_tensors' names)."""
     names = [n for n, _ in tree_flatten(edgeft_build_model(cfg).parameters())]
     by_gguf = F.mlx_names_by_gguf(names, F.family(cfg["model_type"]).arch)
-    return {by_gguf[k]: v for k, v in tensors.items() if k not in ROPE_TENSORS}
+    arch = F.family(cfg["model_type"]).arch
+    return {by_gguf[k]: v - F.norm_offset(by_gguf[k], arch) for k, v in tensors.items() if k not in ROPE_TENSORS}
 
 
 def _encode_tensor(name: str, w: np.ndarray, quant: str | None):
