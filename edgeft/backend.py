@@ -15,6 +15,10 @@ the batches whose samples all fit it (within a sample its attention is then caus
 models are used unchanged: ``prepare`` gives their RoPE modules and Gemma's GELU MLPs a twin
 class and routes the ``scaled_dot_product_attention`` and ``swiglu`` their module calls through
 dispatchers that act only inside ``fast_forward``.
+
+One job, a little past ~400 lines: the twins, the dispatchers, the packing rule they share
+(``pack_refusal``) and the stream split all read the one ``fast_forward`` state, and change
+together whenever mlx-lm's attention or a family's MLP does.
 """
 
 from __future__ import annotations
