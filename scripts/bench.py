@@ -224,6 +224,11 @@ def prepare_data(ctx: Ctx, tokenizer_dir: Path | None) -> None:
     tok_all = data / "tokens_all.json"
     cmd = [venv_python(ctx), HERE / "bench_torch_peft.py", "prepare", "--gguf", ctx.gguf, "--chat", cand,
            "--max-seq-len", ctx.setup.max_seq_len, "--tokens-out", tok_all]
+    builtin = edgeft_builtin_template(ctx.gguf)
+    if builtin is not None:  # a base without a template: every contestant gets the one edgeft trains with
+        (data / "chat_template.jinja").write_text(builtin.text, encoding="utf-8")
+        cmd += ["--chat-template", data / "chat_template.jinja", "--end-of-turn", builtin.end_of_turn]
+        print(f"data: the model has no chat template; all contestants use edgeft's built-in {builtin.name}", flush=True)
     if tokenizer_dir:
         cmd += ["--tokenizer-dir", tokenizer_dir]
     child = run_child(cmd, ctx.out / "logs" / "prepare.log", env=clean_env())
@@ -289,15 +294,29 @@ def batch_tokens(samples: list, idx: list[int]) -> int:
     return sum(len(samples[i]["ids"]) - 1 for i in idx)
 
 
+def edgeft_tokenizer(gguf: Path):
+    """edgeft's tokenizer of the GGUF, with the chat template an `edgeft tune` of it uses."""
+    import edgeft  # noqa: F401  (loads the BLAS before mlx, as everywhere)
+    from edgeft import runs
+    from edgeft.loader import load
+
+    loaded = load(gguf, tokenizer_only=True)
+    runs.choose_chat_template(loaded, None)
+    return loaded.tokenizer
+
+
+def edgeft_builtin_template(gguf: Path):
+    """The built-in chat template edgeft gives a GGUF without one (None: it has its own)."""
+    from edgeft.chat_template import BUILTINS
+
+    return BUILTINS.get(edgeft_tokenizer(gguf).chat_template_name or "")
+
+
 def check_edgeft_tokens(ctx: Ctx) -> dict:
     """Does edgeft's own tokenizer render the same ids as transformers'? (best effort: the
     tokenizer API may change while edgeft is young)."""
     try:
-        import edgeft  # noqa: F401  (loads the BLAS before mlx, as everywhere)
-        from edgeft import gguf_reader as egguf
-        from edgeft.tokenizer import Tokenizer
-
-        tok = Tokenizer.from_gguf_metadata(egguf.read_index(ctx.gguf, with_metadata=True).metadata)
+        tok = edgeft_tokenizer(ctx.gguf)
         same, differ = 0, []
         chats = [json.loads(line) for line in ctx.chat.read_text(encoding="utf-8").splitlines()]
         for i, (chat, s) in enumerate(zip(chats, ctx.samples)):

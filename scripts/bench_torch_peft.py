@@ -34,14 +34,14 @@ def load_tokenizer(gguf: Path):
     return AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
 
 
-def sample_tokens(tok, messages: list[dict], max_len: int) -> tuple[list[int], list[bool]]:
+def sample_tokens(tok, messages: list[dict], max_len: int, end_of_turn: str = "<|im_end|>") -> tuple[list[int], list[bool]]:
     """Token ids of the rendered chat, and a mask that is True on the last assistant turn's
     content and its end-of-turn token (the targets that carry loss), truncated to max_len."""
     ids = list(tok.apply_chat_template(messages, return_dict=False))
     prompt = list(tok.apply_chat_template(messages[:-1], add_generation_prompt=True, return_dict=False))
     if ids[: len(prompt)] != prompt:
         raise ValueError("the chat template renders the prompt differently with the answer appended")
-    end_id = tok.convert_tokens_to_ids("<|im_end|>") if "<|im_end|>" in tok.get_vocab() else tok.eos_token_id
+    end_id = tok.convert_tokens_to_ids(end_of_turn) if end_of_turn in tok.get_vocab() else tok.eos_token_id
     stop = len(ids)
     for i in range(len(prompt), len(ids)):
         if ids[i] == end_id:
@@ -54,11 +54,13 @@ def sample_tokens(tok, messages: list[dict], max_len: int) -> tuple[list[int], l
 def prepare(args) -> None:
     gguf = Path(args.gguf)
     tok = load_tokenizer(gguf)
+    if args.chat_template:  # the model has none: the one edgeft trains it with
+        tok.chat_template = Path(args.chat_template).read_text(encoding="utf-8")
     samples = []
     with open(args.chat, encoding="utf-8") as f:
         for line in f:
             if line.strip():
-                ids, mask = sample_tokens(tok, json.loads(line)["messages"], args.max_seq_len)
+                ids, mask = sample_tokens(tok, json.loads(line)["messages"], args.max_seq_len, args.end_of_turn)
                 samples.append({"ids": ids, "mask": mask})
     Path(args.tokens_out).write_text(
         json.dumps({"tokenizer": f"transformers {__import__('transformers').__version__} from {gguf.name}",
@@ -147,6 +149,8 @@ def main() -> None:
     pp.add_argument("--max-seq-len", type=int, required=True)
     pp.add_argument("--tokens-out", required=True)
     pp.add_argument("--tokenizer-dir", default=None, help="also save the tokenizer files here")
+    pp.add_argument("--chat-template", default=None, help="a Jinja chat template file, for a model without one")
+    pp.add_argument("--end-of-turn", default="<|im_end|>", help="the token that ends an assistant turn")
     pp.set_defaults(fn=prepare)
     pt = sub.add_parser("train", help="LoRA training loop over bench.py's batches")
     pt.add_argument("--gguf", required=True)
