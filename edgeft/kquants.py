@@ -36,6 +36,10 @@ def pack(q: np.ndarray, bits: int) -> np.ndarray:
     """uint8 values (rows, n) of `bits` bits as MLX packs them: one little-endian bit stream,
     value j in bits [j * bits, (j + 1) * bits), read as uint32 words."""
     rows, n = q.shape
+    if bits == 8:
+        return np.ascontiguousarray(q).view(np.uint32)
+    if bits == 4:
+        return np.ascontiguousarray(q[:, 0::2] | (q[:, 1::2] << 4)).view(np.uint32)
     eight = q.reshape(rows, n // 8, 8).astype(np.uint64) << (np.arange(8, dtype=np.uint64) * bits)
     stream = np.bitwise_or.reduce(eight, axis=-1)  # 8 values in the low 8 * bits bits
     return np.ascontiguousarray(stream[..., None].view(np.uint8)[..., :bits]).reshape(rows, -1).view(np.uint32)
