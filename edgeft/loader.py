@@ -1,13 +1,16 @@
 """Load a base model: a GGUF file or a Hugging Face / MLX folder -> an mlx-lm model + tokenizer.
 
 GGUF files whose tensors are all F32/F16/BF16/Q4_0/Q4_1/Q8_0 are read by `mx.load` itself:
-quantized tensors arrive as MLX affine triplets (weight/scales/biases, group 32) and the
-matching layers become nn.QuantizedLinear/QuantizedEmbedding with those exact values.
-`mx.load` refuses a whole file if any tensor has another type (K-quants such as Q4_K_M mix
-Q4_K/Q6_K with Q5_0/Q8_0), so such files are read with gguf-py instead: every quantized
-tensor is dequantized and re-quantized to MLX affine group 32, at 8 bits for types of 5+
-bits and for the token embedding, 4 bits otherwise (a small extra rounding error).
-`held_bits` states that rule, for the loader and for the memory plan.
+quantized tensors arrive as MLX affine triplets (weight/scales/biases, group 32, float16
+scales) and the matching layers become nn.QuantizedLinear/QuantizedEmbedding with those exact
+values. `mx.load` refuses a whole file if any tensor has another type (K-quants such as
+Q4_K_M mix Q4_K/Q6_K with Q5_0/Q8_0), so such files are read block by block instead: the
+types that are MLX affine quantization already (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K; see
+edgeft.kquants) become triplets at their own bits holding the file's exact values; the others
+(Q6_K, Q3_K, ...) are dequantized by gguf-py and re-quantized, at 8 bits for types of 6+ bits
+and for the token embedding, 4 bits otherwise (a small extra rounding error). Scales and
+biases from this path are float32. `held_bits` and `held_scale_bytes` state that rule, for
+the loader and for the memory plan.
 
 `build_model` is the one place a config becomes mlx-lm's model class.
 """
@@ -27,18 +30,20 @@ from mlx.utils import tree_flatten
 
 from edgeft import families as F
 from edgeft import gguf_reader as G
+from edgeft import kquants as K
 from edgeft import rope_scaling as R
 from edgeft.gguf_reader import ModelLoadError
 from edgeft.tokenizer import Tokenizer
 
-__all__ = ["Loaded", "ModelLoadError", "load", "build_model", "sanitized", "held_bits", "read_natively",
-           "QUANT_GROUP_SIZE"]
+__all__ = ["Loaded", "ModelLoadError", "load", "build_model", "sanitized", "held_bits", "held_scale_bytes",
+           "read_natively", "QUANT_GROUP_SIZE"]
 
 QUANT_GROUP_SIZE = 32  # GGUF's block size: MLX 4-bit g32 maps onto Q4_1 for export
 # ggml tensor types that `mx.load` reads itself (quantized ones as MLX affine, group 32)
 MLX_NATIVE_TYPES = {"F32", "F16", "BF16", "Q4_0", "Q4_1", "Q8_0"}
-# ggml types re-quantized to 8 bits when a file needs gguf-py (everything else: 4 bits)
-EIGHT_BIT_SOURCES = {"Q8_0", "Q8_1", "Q8_K", "Q6_K", "Q5_0", "Q5_1", "Q5_K"}
+# ggml types re-quantized to 8 bits when a file needs gguf-py and its blocks are not MLX
+# affine quantization (K.AFFINE_BITS); the rest of those: 4 bits
+EIGHT_BIT_SOURCES = {"Q8_1", "Q8_K", "Q6_K"}
 FLOAT_TYPES = {"F32": np.float32, "F16": np.float16, "BF16": None, "F64": np.float64}
 
 
@@ -95,10 +100,19 @@ def held_bits(info: G.TensorInfo, native: bool, quantize_bits: int | None = None
     if kind in FLOAT_TYPES:
         return quantize_bits if quantize_bits and groups else None
     if native:
-        return 8 if kind == "Q8_0" else 4
+        return K.AFFINE_BITS[kind]
     if not (groups and info.name.endswith(".weight")):
         return None
+    if kind in K.AFFINE_BITS:
+        return K.AFFINE_BITS[kind]
     return 8 if kind in EIGHT_BIT_SOURCES or info.name.startswith("token_embd.") else 4
+
+
+def held_scale_bytes(native: bool) -> int:
+    """Bytes of each scale and bias of a GGUF file's quantized tensors as loaded: float16 as
+    `mx.load` gives them, float32 from the block-by-block path (a K-quant group's scale
+    d * sc needs 17 significant bits)."""
+    return 2 if native else 4
 
 
 def _load_gguf(path: Path, quantize_bits, tokenizer_only: bool) -> Loaded:
@@ -129,7 +143,7 @@ def _load_gguf(path: Path, quantize_bits, tokenizer_only: bool) -> Loaded:
     else:
         weights = {}
         for info in index.tensors:
-            weights.update(_requantized(info, _read_tensor(path, index, info)))
+            weights.update(_held(path, index, info))
     for name in R.ROPE_TENSORS:
         weights.pop(name, None)  # their content is in config["rope_scaling"]
 
@@ -161,21 +175,27 @@ def _from_gguf_values(w: mx.array, mlx_name: str, arch: str) -> mx.array:
     return (w.astype(mx.float32) - offset).astype(w.dtype) if offset else w
 
 
+def _raw_rows(path: Path, index: G.GGUFIndex, info: G.TensorInfo) -> np.ndarray:
+    """A tensor's bytes, mapped from the file, one row of the row-major tensor per row."""
+    start = index.data_offset + info.offset
+    raw = np.memmap(path, np.uint8, "r", start, G.tensor_nbytes(info.shape, info.ggml_type))
+    return raw.reshape(-1, G.tensor_nbytes(info.shape[:1], info.ggml_type))
+
+
 def _read_tensor(path: Path, index: G.GGUFIndex, info: G.TensorInfo) -> np.ndarray:
     """One tensor as NumPy in row-major order: floats as stored, quantized ones dequantized."""
     import gguf
 
     kind = G.ggml_type_name(info.ggml_type)
-    start = index.data_offset + info.offset
-    raw = np.memmap(path, np.uint8, "r", start, G.tensor_nbytes(info.shape, info.ggml_type))
+    rows = _raw_rows(path, index, info)
     shape = tuple(reversed(info.shape))  # ggml lists the fastest-varying dimension first
     if kind in ("F32", "F16", "F64"):
-        return np.array(raw.view(FLOAT_TYPES[kind]).reshape(shape))
+        return np.array(rows.view(FLOAT_TYPES[kind]).reshape(shape))
     if kind == "BF16":
-        return (raw.view(np.uint16).astype(np.uint32) << 16).view(np.float32).reshape(shape)
+        return (rows.view(np.uint16).astype(np.uint32) << 16).view(np.float32).reshape(shape)
     try:
-        rows = raw.reshape(*shape[:-1], -1)
-        return gguf.quants.dequantize(rows, gguf.GGMLQuantizationType(info.ggml_type))
+        values = gguf.quants.dequantize(rows, gguf.GGMLQuantizationType(info.ggml_type))
+        return values.reshape(shape)
     except NotImplementedError:
         raise ModelLoadError(
             f"{path}: tensor {info.name} is {kind}, which gguf-py cannot dequantize; "
@@ -183,19 +203,22 @@ def _read_tensor(path: Path, index: G.GGUFIndex, info: G.TensorInfo) -> np.ndarr
         ) from None
 
 
-def _requantized(info: G.TensorInfo, array: np.ndarray) -> dict[str, mx.array]:
-    """A tensor gguf-py read, as mx.load would give it: quantized ones as MLX triplets."""
+def _held(path: Path, index: G.GGUFIndex, info: G.TensorInfo) -> dict[str, mx.array]:
+    """A tensor of a file `mx.load` refuses, as `held_bits` says: quantized ones as MLX triplets
+    (float32 scales and biases), exact where the blocks are MLX affine quantization already."""
     kind = G.ggml_type_name(info.ggml_type)
+    bits = held_bits(info, native=False)
+    base = info.name.removesuffix(".weight")
+    if bits is not None and kind in K.AFFINE_BITS:
+        w, scales, biases = K.triplet(kind, _raw_rows(path, index, info))
+        return {info.name: w, f"{base}.scales": scales, f"{base}.biases": biases}
+    array = _read_tensor(path, index, info)
     if kind in FLOAT_TYPES:
         a = mx.array(array.astype(np.float32) if kind == "F64" else array)
         return {info.name: a.astype(mx.bfloat16) if kind == "BF16" else a}
-    bits = held_bits(info, native=False)
     if bits is None:
         return {info.name: mx.array(array.astype(np.float16))}
-    base = info.name.removesuffix(".weight")
-    w, scales, biases = mx.quantize(
-        mx.array(array.astype(np.float16)), group_size=QUANT_GROUP_SIZE, bits=bits
-    )
+    w, scales, biases = mx.quantize(mx.array(array), group_size=QUANT_GROUP_SIZE, bits=bits)
     return {info.name: w, f"{base}.scales": scales, f"{base}.biases": biases}
 
 

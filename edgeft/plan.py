@@ -285,13 +285,19 @@ def quant_info_from_model(model, device: str | None = None) -> QuantInfo:
 def quant_info_from_gguf(path, quantize_bits: int | None = None, device: str = "cpu") -> QuantInfo:
     """From a GGUF's tensor table, as edgeft's loader and backend will hold it (no weights read)."""
     from edgeft import gguf_reader as G
-    from edgeft.loader import QUANT_GROUP_SIZE, held_bits, read_natively
+    from edgeft.loader import (
+        QUANT_GROUP_SIZE,
+        held_bits,
+        held_scale_bytes,
+        read_natively,
+    )
     from edgeft.rope_scaling import ROPE_TENSORS
 
     index = G.read_index(path)
     native = read_natively(index)
     total, linear_q, head_q = 0, False, False
-    group_bytes = (2 * 4 if device == "cpu" else 2 * 2) / QUANT_GROUP_SIZE  # scale + bias per weight
+    # scale + bias per weight (backend.prepare makes them float32 on CPU)
+    group_bytes = 2 * (4 if device == "cpu" else held_scale_bytes(native)) / QUANT_GROUP_SIZE
     names = {t.name for t in index.tensors}
     head = "output.weight" if "output.weight" in names else "token_embd.weight"
     for t in index.tensors:

@@ -103,7 +103,9 @@ def agreement_texts(tokenizer, n: int = 3, length: int = 128) -> list[list[int]]
     return [[tokenizer.bos_id] + ids[i * (length - 1):(i + 1) * (length - 1)] for i in range(n)]
 
 
-TOP1_FLOOR = 0.95  # measured: see the report; Q4_K_M re-quantized on load by edgeft
+# Measured 95.3% (384 positions; the file's exact weights in fp32 agree 96.3%): Q4_K, Q5_0 and
+# Q8_0 load exactly, Q6_K (ffn_down) is re-quantized to 8 bits. Re-quantizing all of it: 87.4%.
+TOP1_FLOOR = 0.94
 
 
 def test_mlx_on_the_q4_k_m_file_agrees_with_llama_cpp(gemma3_path):

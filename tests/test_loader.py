@@ -24,8 +24,11 @@ from tiny import (
     write_gguf,
 )
 
+from edgeft import backend, plan
 from edgeft import families as F
 from edgeft import gguf_reader as G
+from edgeft import kquants as K
+from edgeft import loader as L
 from edgeft import rope_scaling as R
 from edgeft.loader import ModelLoadError, load
 
@@ -101,9 +104,59 @@ def _dequantized_reference(path: Path, cfg: dict):
     return build_model(cfg, mlx_tensors(cfg, weights))
 
 
-@pytest.mark.parametrize("ftype, types", [("Q4_K_M", {"Q4_K", "Q6_K"}), ("Q5_0", {"Q5_0", "Q6_K"})])
-def test_k_quant_gguf_is_dequantized_and_requantized(tmp_path, ftype, types):
-    """mx.load turns Q4_K/Q6_K into full fp16 and refuses Q5_0/Q5_K/Q3_K...: edgeft requantizes."""
+# ggml types whose blocks are MLX affine quantization, and their bytes per block of values
+AFFINE_BLOCKS = {"Q4_0": (32, 18), "Q4_1": (32, 20), "Q5_0": (32, 22), "Q5_1": (32, 24),
+                 "Q8_0": (32, 34), "Q4_K": (256, 144), "Q5_K": (256, 176)}
+
+
+@pytest.mark.parametrize("kind", sorted(AFFINE_BLOCKS))
+def test_affine_blocks_become_triplets_of_the_exact_values(kind):
+    """Random blocks (random bits, finite fp16 scales): the MLX triplet dequantizes to exactly
+    gguf-py's float32 values (max |difference| 0), and computes with them exactly."""
+    block, size = AFFINE_BLOCKS[kind]
+    rng = np.random.default_rng(1)
+    raw = rng.integers(0, 256, (8, 512 // block, size), dtype=np.uint8)
+    d = (rng.standard_normal((8, 512 // block, 2)) * 0.02).astype(np.float16)  # d and m/dmin
+    raw[..., :4] = d.view(np.uint8).reshape(8, 512 // block, 4)
+    raw = raw.reshape(8, -1)
+    want = gguf.quants.dequantize(raw, gguf.GGMLQuantizationType[kind])
+    w, scales, biases = K.triplet(kind, raw)
+    bits = K.AFFINE_BITS[kind]
+    assert scales.dtype == biases.dtype == mx.float32 and w.shape == (8, 512 * bits // 32)
+    got = np.array(mx.dequantize(w, scales, biases, group_size=32, bits=bits))
+    assert got.dtype == np.float32 and np.abs(got - want).max() == 0
+    x = mx.array(rng.standard_normal((3, 512)).astype(np.float32))
+    np.testing.assert_allclose(np.array(mx.quantized_matmul(x, w, scales, biases, group_size=32, bits=bits)),
+                               np.array(x @ mx.array(want).T), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("quant", ["q8_0", "q4_0", "q4_1"])
+def test_affine_blocks_read_as_mx_load_reads_them(tmp_path, quant):
+    """The block-by-block reader and `mx.load` make the same packed values (mx.load's scales are
+    float16, exact for these types)."""
+    path, _, _ = make_tiny("llama", tmp_path, quant)
+    native = mx.load(str(path))
+    index = G.read_index(path)
+    for t in index.tensors:
+        kind = G.ggml_type_name(t.ggml_type)
+        if kind == "F32":
+            continue
+        held = L._held(path, index, t)
+        base = t.name.removesuffix(".weight")
+        np.testing.assert_array_equal(np.array(held[t.name]), np.array(native[t.name]))
+        for part in ("scales", "biases"):
+            np.testing.assert_array_equal(np.array(held[f"{base}.{part}"]),
+                                          np.array(native[f"{base}.{part}"].astype(mx.float32)))
+
+
+@pytest.mark.parametrize("ftype, types", [("Q4_K_M", {"Q4_K", "Q6_K"}), ("Q5_0", {"Q5_0", "Q6_K"}),
+                                          ("Q5_K_M", {"Q5_K", "Q6_K"}), ("Q5_1", {"Q5_1", "Q6_K"})])
+def test_k_quant_gguf_is_read_block_by_block(tmp_path, ftype, types):
+    """mx.load turns Q4_K/Q6_K into full fp16 and refuses Q5_0/Q5_K/Q3_K...: edgeft reads the
+    blocks. Q4_K, Q5_K, Q5_0, Q5_1 (and Q8_0/Q4_0/Q4_1 beside them) are MLX affine quantization
+    already: held at their own bits with the file's exact values (a behaviour change: Q5_0 and
+    Q5_K were re-quantized to 8 bits, Q4_K to 4 and the token embedding to 8). Q6_K, with
+    sub-blocks of 16, is still dequantized and re-quantized to 8 bits."""
     src, _, cfg = make_tiny("llama", tmp_path, hidden_size=256, intermediate_size=512, tie=False)
     path = _llama_quantize(src, tmp_path / f"tiny-{ftype}.gguf", ftype)
     index = G.read_index(path)
@@ -111,16 +164,42 @@ def test_k_quant_gguf_is_dequantized_and_requantized(tmp_path, ftype, types):
     loaded = load(path)
     modules = dict(loaded.model.named_modules())
     by_gguf = F.mlx_names_by_gguf([n for n, _ in tree_flatten(loaded.model.parameters())], "llama")
+    reference = gguf.GGUFReader(path)
     for t in index.tensors:
         kind = G.ggml_type_name(t.ggml_type)
         if kind == "F32":
             continue
         module = modules[by_gguf[t.name].removesuffix(".weight")]
         assert isinstance(module, (nn.QuantizedLinear, nn.QuantizedEmbedding))
-        wide = kind in ("Q6_K", "Q5_0") or t.name == "token_embd.weight"
-        assert (module.bits, module.group_size) == (8 if wide else 4, 32), t.name
+        bits = K.AFFINE_BITS.get(kind, 8 if kind == "Q6_K" or t.name == "token_embd.weight" else 4)
+        assert (module.bits, module.group_size) == (bits, 32), t.name
+        if kind in K.AFFINE_BITS:  # exactly gguf-py's values
+            r = next(r for r in reference.tensors if r.name == t.name)
+            want = gguf.quants.dequantize(r.data, r.tensor_type).reshape(module.scales.shape[0], -1)
+            got = mx.dequantize(module.weight, module.scales, module.biases, group_size=32, bits=bits)
+            assert np.abs(np.array(got) - want).max() == 0, t.name
     want = logits(_dequantized_reference(path, cfg))
-    assert_same_function(logits(loaded.model), want, rel=0.08, top1=0.5)
+    assert_same_function(logits(loaded.model), want, rel=0.08, top1=0.5)  # Q6_K re-quantized
+    # The memory plan's rule is the loader's
+    backend.prepare(loaded.model, cpu=True)
+    from_model = plan.quant_info_from_model(loaded.model, "cpu")
+    assert plan.quant_info_from_gguf(path, device="cpu").weight_bytes == from_model.weight_bytes
+
+
+@pytest.mark.parametrize("ftype", ["Q4_K_S", "Q5_0", "Q5_K_S", "Q5_1"])
+def test_exact_block_files_compute_as_gguf_pys_values(tmp_path, ftype):
+    """With no Q6_K tensor re-quantized (output.weight, Q6_K in the mixes, is kept f32 here),
+    the loaded model is the gguf-py-dequantized reference within float32 rounding."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    src, _, cfg = make_tiny("llama", tmp_path, hidden_size=256, intermediate_size=512, tie=False)
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{ftype}")
+    params.output_tensor_type = llama_cpp.GGML_TYPE_F32
+    path = tmp_path / f"tiny-{ftype}-exact.gguf"
+    assert llama_cpp.llama_model_quantize(str(src).encode(), str(path).encode(), ctypes.byref(params)) == 0
+    assert G.read_index(path).type_names() <= {"F32"} | K.AFFINE_BITS.keys()
+    want = logits(_dequantized_reference(path, cfg))
+    np.testing.assert_allclose(logits(load(path).model), want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
 
 
 def test_quantize_bits_on_gguf_load(tmp_path):
