@@ -26,6 +26,7 @@ from edgeft.lora import adapter_parameters
 ADAPTERS = "adapters.safetensors"
 OPTIMIZER = "optimizer.safetensors"
 STATE = "state.json"
+BEST = "best_adapters.safetensors"  # beside the step folders: the adapters of the lowest validation loss
 
 
 class CheckpointError(UserError, RuntimeError):
@@ -38,6 +39,7 @@ class TrainState:
     tokens: int = 0  # input tokens seen
     elapsed_s: float = 0.0  # training time, excluding evaluation
     best_val: float | None = None
+    best_step: int | None = None  # the trained step (>= 1) of the lowest validation loss
     history: list = field(default_factory=list)  # validation results [(step, loss)]
     ranks: int = 1  # processes the steps were shared over (edgeft.distributed)
 
@@ -74,6 +76,7 @@ def _save(folder: Path, model, optimizer, state: TrainState, keep: int) -> Path:
         "tokens": state.tokens,
         "elapsed_s": state.elapsed_s,
         "best_val": state.best_val,
+        "best_step": state.best_step,
         "history": state.history,
         "ranks": state.ranks,
         "sha256": {n: sha256_file(tmp / n) for n in (ADAPTERS, OPTIMIZER)},
@@ -124,6 +127,23 @@ def load(ckpt: Path, model, optimizer) -> TrainState:
         tokens=meta["tokens"],
         elapsed_s=meta["elapsed_s"],
         best_val=meta.get("best_val"),
+        best_step=meta.get("best_step"),
         history=meta.get("history", []),
         ranks=meta.get("ranks", 1),
     )
+
+
+def save_best(folder: Path, model) -> None:
+    """Keep the adapters as they are now as the run's best so far (atomic; replaces the last)."""
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    atomic_save_safetensors(Path(folder) / BEST, adapter_parameters(model))
+
+
+def load_best(folder: Path, model) -> bool:
+    """Put the best adapters save_best kept into `model`; False if there are none."""
+    path = Path(folder) / BEST
+    if not path.is_file():
+        return False
+    model.load_weights(list(mx.load(str(path)).items()), strict=False)
+    mx.eval(model.parameters())
+    return True

@@ -95,6 +95,7 @@ class TrainConfig:
     eval_every: int = _f(20, "validation loss at the start, every N steps and at the end (0: only at the end)")
     eval_batches: int | None = _f(None, "validation batches per evaluation (None: all)")
     save_every: int = _f(20, "checkpoint every N steps for --resume (0: only at the end)")
+    keep_best: bool = _f(True, "end with the adapters of the lowest validation loss, not the last step's")
     keep_checkpoints: int = _f(2, "how many recent checkpoints to keep")
     log_every: int = _f(1, "metrics line every N steps")
     peer_timeout_s: float = _f(

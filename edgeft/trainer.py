@@ -223,6 +223,10 @@ def train(
             raise TrainingError(f"validation loss is {val} at step {state.step}")
         state.history.append([state.step, val])
         state.best_val = val if state.best_val is None else min(state.best_val, val)
+        if state.step > 0 and (state.best_step is None or val < dict(state.history)[state.best_step]):
+            state.best_step = state.step
+            if writes:
+                checkpoints.save_best(ckpt_dir, model)
         append_metrics(metrics_path, {"kind": "valid", "step": state.step, "val_loss": val})
         progress.message(f"step {state.step}: validation loss {val:.4f}")
 
@@ -318,7 +322,14 @@ def train(
         except distributed.DistributedError as e:
             kept = f"the last checkpoint, {last_ckpt}, is whole" if last_ckpt else "no checkpoint was written"
             raise TrainingError(f"{e}; {kept}") from None
-        return state
+    best = state.best_step
+    if cfg.keep_best and writes and best not in (None, state.step) and checkpoints.load_best(ckpt_dir, model):
+        vals = dict(state.history)
+        progress.message(
+            f"validation loss was lowest at step {best} ({vals[best]:.4f}; {vals[state.step]:.4f} at step "
+            f"{state.step}): the run keeps step {best}'s adapters (train.keep_best)"
+        )
+    return state
 
 
 def _save(ckpt_dir: Path, model, optimizer, state: TrainState, cfg: TrainConfig, writes: bool,

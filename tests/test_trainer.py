@@ -281,3 +281,31 @@ def test_generation_has_no_dropout():
     for seed in (1, 2):
         mx.random.seed(seed)
         assert list(generate_ids(model, [3, 1, 4, 1, 5], max_tokens=8)) == reference
+
+
+@pytest.mark.parametrize("keep_best", [True, False])
+def test_the_run_ends_with_the_adapters_of_its_lowest_validation_loss(tmp_path, monkeypatch, capsys, keep_best):
+    """Validation losses 5, 1, 2, 3 at steps 0, 2, 4, 6: step 2's adapters are the result (keep_best),
+    never step 0's untrained ones; with keep_best off, step 6's."""
+    scripted, seen = iter([5.0, 1.0, 2.0, 3.0]), {}
+
+    def fake_evaluate(model, batches, loss_fn):
+        seen[len(seen) * 2] = {k: mx.array(v) for k, v in tree_flatten(model.trainable_parameters())}
+        return next(scripted)
+
+    monkeypatch.setattr(trainer, "evaluate", fake_evaluate)
+    model = backend.prepare(tiny_llama(seed=4), cpu=True)
+    lora.apply_lora(model, LoRAConfig(rank=4))
+    cfg = TrainConfig(steps=6, batch_size=2, learning_rate=5e-3, warmup_steps=0, eval_every=2, save_every=2,
+                      keep_best=keep_best)
+    seqs = four_examples()
+    state = trainer.train(model, cfg, lambda s: batches_from(seqs, 2, s), lambda: [], run_dir=tmp_path,
+                          progress=trainer.Progress(6, every=1000))
+    assert state.best_step == 2 and state.history == [[0, 5.0], [2, 1.0], [4, 2.0], [6, 3.0]]
+    now = dict(tree_flatten(model.trainable_parameters()))
+    want = seen[2] if keep_best else {k: v for k, v in now.items()}
+    assert all(mx.array_equal(now[k], want[k]) for k in now)
+    assert not all(mx.array_equal(seen[2][k], seen[6][k]) for k in now)
+    said = "validation loss was lowest at step 2 (1.0000; 3.0000 at step 6): the run keeps step 2's adapters"
+    out = capsys.readouterr()
+    assert (said in out.out + out.err) == keep_best
