@@ -40,6 +40,13 @@ INSTALL_HINT = "pip install 'edgeft[llama]'"
 FLOAT, Q8, LOW_BIT = "f16", "q8_0", "4-6 bit"
 # precision class -> (minimum top-1 agreement, whether falling below fails the export)
 THRESHOLDS = {FLOAT: (0.99, True), Q8: (0.95, True), LOW_BIT: (0.85, False)}
+# The gate counts llama.cpp's pick as agreeing when MLX rates it within this share of the
+# position's logit range (max - min over the vocabulary) of its own top token: a near-tie that
+# either runtime's rounding can flip. Gemma 3 270M's own Q4_K_M file, its exact weights in fp32
+# against llama.cpp: every one of the 5% disagreements was such a tie (MLX gaps of 0.01-0.36
+# logits in a range of ~40, while llama.cpp's logits differ from MLX's by ~0.9 per position);
+# a wrong convention moves the pick by whole logits.
+NEAR_TIE = 0.01
 FLOAT_TYPES = {"F32", "F16", "BF16"}
 
 # Fixed chats: short, varied, none from any training file; each includes the answer so
@@ -92,6 +99,7 @@ class Row:
     agree: int  # with the reference holding the file's weights
     max_abs: float
     agree_tuned: int | None = None  # with the tuned model, when that is another model
+    agree_near: int | None = None  # `agree`, plus near-ties (NEAR_TIE); None: as agree
 
 
 @dataclass
@@ -110,6 +118,12 @@ class Parity:
     @property
     def top1(self) -> float:
         return sum(r.agree for r in self.rows) / max(self.positions, 1)
+
+    @property
+    def top1_near(self) -> float:
+        """Top-1 agreement with near-ties (NEAR_TIE) counted as agreeing: what the gate reads."""
+        near = sum(r.agree if r.agree_near is None else r.agree_near for r in self.rows)
+        return near / max(self.positions, 1)
 
     @property
     def max_abs(self) -> float:
@@ -131,15 +145,15 @@ class Parity:
 
     @property
     def passed(self) -> bool:
-        """The gate: llama.cpp against MLX on the same weights."""
-        return self.top1 >= self.threshold
+        """The gate: llama.cpp against MLX on the same weights, near-ties forgiven."""
+        return self.top1_near >= self.threshold
 
     @property
     def warning(self) -> str | None:
         """For 4-6 bit files: either figure below the bar (the export is kept)."""
         if self.fatal:
             return None
-        low = min(x for x in (self.top1, self.top1_tuned) if x is not None)
+        low = min(x for x in (self.top1_near, self.top1_tuned) if x is not None)
         if low >= self.threshold:
             return None
         return (f"{self.file.name} agrees with the MLX model on only {low:.1%} of next tokens "
@@ -147,11 +161,12 @@ class Parity:
 
     def verdict(self) -> str:
         if not self.passed and self.fatal:
-            return (f"FAILED: top-1 agreement {self.top1:.1%} is below {self.threshold:.0%} "
-                    f"for {self.kind} weights")
+            return (f"FAILED: top-1 agreement {self.top1_near:.1%} (near-ties counted) is below "
+                    f"{self.threshold:.0%} for {self.kind} weights")
         if self.warning:
             return f"warning: {self.warning}"
-        return f"ok: top-1 agreement {self.top1:.1%} >= {self.threshold:.0%} ({self.kind} weights)"
+        return (f"ok: top-1 agreement {self.top1_near:.1%} (near-ties counted; {self.top1:.1%} strictly) "
+                f">= {self.threshold:.0%} ({self.kind} weights)")
 
     def table(self) -> str:
         what = self.file.name + (f" + {self.lora.name}" if self.lora else "")
@@ -306,11 +321,21 @@ def compare(path, model, tokenizer, *, lora=None, system_prompt: str | None = No
         ours = mlx_logits(model, ids)
         v = min(ours.shape[-1], lc.shape[-1])
         ours, lc = ours[:, :v], lc[:, :v]
-        row = Row(str(i), len(ids), int((ours.argmax(-1) == lc.argmax(-1)).sum()), float(np.abs(ours - lc).max()))
+        row = Row(str(i), len(ids), int((ours.argmax(-1) == lc.argmax(-1)).sum()), float(np.abs(ours - lc).max()),
+                  agree_near=near_ties(ours, lc))
         if tuned is not None:
             row.agree_tuned = int((mlx_logits(tuned, ids)[:, :v].argmax(-1) == lc.argmax(-1)).sum())
         parity.rows.append(row)
     return parity
+
+
+def near_ties(ours: np.ndarray, theirs: np.ndarray) -> int:
+    """Positions where MLX (`ours`, [T, V] logits) rates llama.cpp's top token within NEAR_TIE
+    of the logit range of its own top token (exact agreement included)."""
+    pick = theirs.argmax(-1)
+    top = ours.max(-1)
+    rated = np.take_along_axis(ours, pick[:, None], axis=-1)[:, 0]
+    return int((top - rated <= NEAR_TIE * (top - ours.min(-1))).sum())
 
 
 # --- `edgeft verify FILE` ------------------------------------------------------------------

@@ -418,3 +418,13 @@ def test_cli_export_and_verify(runs):
     assert res.exit_code == 0 and "tiny-qwen3-lora.gguf" in res.output, res.output
     res = runner.invoke(main, ["export", str(runs["qwen3"]), "--quant", "q3"])
     assert res.exit_code != 0 and "unknown --quant" in res.output
+
+
+def test_near_ties_forgive_only_flips_within_a_hundredth_of_the_logit_range():
+    ours = np.array([[10.0, 9.95, 0.0, -10.0],   # range 20: a 0.05 gap is a near-tie (<= 0.2)
+                     [10.0, 9.0, 0.0, -10.0],    # a 1-logit gap is not
+                     [1.0, 0.0, 3.0, -1.0]])     # exact agreement counts too
+    theirs = np.array([[0.0, 1.0, 0.0, 0.0], [0.0, 1.0, 0.0, 0.0], [0.0, 0.0, 1.0, 0.0]])
+    assert V.near_ties(ours, theirs) == 2
+    p = V.Parity("x.gguf", V.Q8, rows=[V.Row("1", 3, 1, 0.5, agree_near=2)])
+    assert p.top1 == pytest.approx(1 / 3) and p.top1_near == pytest.approx(2 / 3) and not p.passed
