@@ -26,7 +26,6 @@ from edgeft.lora import adapter_parameters
 ADAPTERS = "adapters.safetensors"
 OPTIMIZER = "optimizer.safetensors"
 STATE = "state.json"
-BEST = "best_adapters.safetensors"  # beside the step folders: the adapters of the lowest validation loss
 
 
 class CheckpointError(UserError, RuntimeError):
@@ -133,16 +132,15 @@ def load(ckpt: Path, model, optimizer) -> TrainState:
     )
 
 
-def save_best(folder: Path, model) -> None:
-    """Keep the adapters as they are now as the run's best so far (atomic; replaces the last)."""
-    Path(folder).mkdir(parents=True, exist_ok=True)
-    atomic_save_safetensors(Path(folder) / BEST, adapter_parameters(model))
+def save_best(path: Path, model) -> None:
+    """Keep the adapters as they are now at `path`, the run's best so far (atomic; replaces
+    the last)."""
+    atomic_save_safetensors(Path(path), adapter_parameters(model))
 
 
-def load_best(folder: Path, model) -> bool:
-    """Put the best adapters save_best kept into `model`; False if there are none."""
-    path = Path(folder) / BEST
-    if not path.is_file():
+def load_best(path: Path, model) -> bool:
+    """Put the best adapters save_best kept at `path` into `model`; False if there are none."""
+    if not Path(path).is_file():
         return False
     model.load_weights(list(mx.load(str(path)).items()), strict=False)
     mx.eval(model.parameters())

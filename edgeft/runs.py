@@ -43,6 +43,7 @@ MEMORY_PLAN = "memory_plan.json"
 METRICS = "metrics.jsonl"
 CHECKPOINTS = "checkpoints"
 ADAPTERS = "adapters"
+BEST_ADAPTERS = "best_adapters.safetensors"  # the adapters of the lowest validation loss so far
 EXPORT = "export"
 EVAL = "eval.json"
 REPORT_HTML = "report.html"

@@ -226,7 +226,7 @@ def train(
         if state.step > 0 and (state.best_step is None or val < dict(state.history)[state.best_step]):
             state.best_step = state.step
             if writes:
-                checkpoints.save_best(ckpt_dir, model)
+                checkpoints.save_best(run_dir / runs.BEST_ADAPTERS, model)
         append_metrics(metrics_path, {"kind": "valid", "step": state.step, "val_loss": val})
         progress.message(f"step {state.step}: validation loss {val:.4f}")
 
@@ -323,7 +323,8 @@ def train(
             kept = f"the last checkpoint, {last_ckpt}, is whole" if last_ckpt else "no checkpoint was written"
             raise TrainingError(f"{e}; {kept}") from None
     best = state.best_step
-    if cfg.keep_best and writes and best not in (None, state.step) and checkpoints.load_best(ckpt_dir, model):
+    if (cfg.keep_best and writes and best not in (None, state.step)
+            and checkpoints.load_best(run_dir / runs.BEST_ADAPTERS, model)):
         vals = dict(state.history)
         progress.message(
             f"validation loss was lowest at step {best} ({vals[best]:.4f}; {vals[state.step]:.4f} at step "
