@@ -219,6 +219,13 @@ def prepare_data(ctx: Ctx, tokenizer_dir: Path | None) -> None:
         chats, source = seed_task_chats(ctx.args.seed_tasks), str(ctx.args.seed_tasks)
     else:
         chats, source = generated_chats(seed=ctx.setup.seed), "generated in bench.py"
+    # A chat whose text holds one of the model's control tokens (Gemma's '<mask>' is in two seed
+    # tasks) is refused by edgeft as markup; the peers would train on it: no contestant gets it.
+    from edgeft.chat_encode import specials_pattern
+
+    markup = specials_pattern(edgeft_tokenizer(ctx.gguf))
+    if markup is not None:
+        chats = [c for c in chats if not any(markup.search(m["content"]) for m in c["messages"])]
     cand = data / "candidates.jsonl"
     cand.write_text("".join(json.dumps(c) + "\n" for c in chats), encoding="utf-8")
     tok_all = data / "tokens_all.json"
