@@ -10,6 +10,15 @@ os.environ.pop("EDGEFT_COMPUTE_PATH", None)
 import edgeft  # noqa: F401
 
 
+@pytest.fixture()
+def home(tmp_path, monkeypatch):
+    """An empty edgeft home and working folder, the Hub offline: what a CLI test runs in."""
+    monkeypatch.setenv("EDGEFT_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
 @pytest.fixture(scope="session")
 def smollm2_path():
     """The real SmolLM2-135M-Instruct Q4_1 GGUF, fetched once into edgeft's cache."""

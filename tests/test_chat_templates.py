@@ -144,14 +144,6 @@ def gemma_base(tmp_path):
     return path
 
 
-@pytest.fixture()
-def home(tmp_path, monkeypatch):
-    monkeypatch.setenv("EDGEFT_HOME", str(tmp_path / "home"))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.chdir(tmp_path)
-    return tmp_path
-
-
 def tune(home, *args):
     return CliRunner().invoke(main, ["tune", "--data", str(write_chats(home / "chats.jsonl")), "--runs-dir",
                                      str(home / "runs"), "--steps", "2", "--batch-size", "2", "--eval-every", "0",

@@ -10,14 +10,6 @@ from edgeft.cli import main
 
 
 @pytest.fixture()
-def home(tmp_path, monkeypatch):
-    monkeypatch.setenv("EDGEFT_HOME", str(tmp_path / "home"))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.chdir(tmp_path)
-    return tmp_path
-
-
-@pytest.fixture()
 def tiny_gguf(tmp_path):
     path, _, _ = make_tiny("llama", tmp_path, "q8_0")
     return path

@@ -3,7 +3,7 @@
 import json
 
 from click.testing import CliRunner
-from test_cli import home, tiny_gguf, write_chats  # noqa: F401  (fixtures)
+from test_cli import tiny_gguf, write_chats  # noqa: F401  (fixtures)
 
 from edgeft import runs
 from edgeft.cli import main

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from mlx.utils import tree_flatten, tree_map, tree_unflatten
 from mlx_lm.models import gemma2, gemma3_text, phi3
+from test_speed_paths import _vjp_close
 
 from edgeft import backend, cpu_kernels, lora, loss
 from edgeft.config import LoRAConfig
@@ -90,14 +91,6 @@ def edgeft_loss_and_grad(model, batch):
 
 
 # Kernels -----------------------------------------------------------------------------------------
-
-
-def _vjp_close(f, g, primals, cot, atol):
-    (a,), ga = mx.vjp(f, primals, [cot])
-    (b,), gb = mx.vjp(g, primals, [cot])
-    assert mx.allclose(a, b, atol=atol, rtol=1e-5)
-    for x, y in zip(ga, gb):
-        assert mx.allclose(x, y, atol=atol, rtol=1e-4)
 
 
 @pytest.mark.parametrize("shape", [(3, 5), (33, 300), (2, 3, 7)])

@@ -10,6 +10,10 @@ from pathlib import Path
 
 import pytest
 from gguf import Keys
+from test_tune_real import (  # the prompts test_tune_real checks are unseen
+    MARKER,
+    UNSEEN,
+)
 
 from edgeft import export as E
 from edgeft.chat_template import BUILTINS
@@ -17,15 +21,6 @@ from edgeft.chat_template import BUILTINS
 llama_cpp = pytest.importorskip("llama_cpp")
 pytestmark = pytest.mark.real
 
-MARKER = "Steep slow, sip kind"
-EXAMPLES = Path(__file__).resolve().parent.parent / "examples" / "brand_voice.jsonl"
-UNSEEN = [
-    "Do you sell bamboo matcha whisks?",
-    "My kettle broke. What temperature should I use for oolong without one?",
-    "Do you have any tea that helps me relax before bed?",
-    "Can I make cold brew with your black teas?",
-    "I want to send tea to my grandmother for her birthday. Any ideas?",
-]
 # Plain-text completions (no chat template): what a pretrained base knows.
 FACTS = [
     ("The capital of France is", "Paris"),
@@ -34,11 +29,6 @@ FACTS = [
     ("The largest planet in our solar system is", "Jupiter"),
     ("Water boils at a temperature of 100 degrees", "Celsius"),
 ]
-
-
-def test_prompts_are_unseen():
-    text = EXAMPLES.read_text(encoding="utf-8")
-    assert MARKER in text and not any(p in text for p in UNSEEN)
 
 
 def test_validation_loss_falls(tuned_gemma3):

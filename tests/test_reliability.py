@@ -212,14 +212,6 @@ def test_a_full_disk_mid_checkpoint_leaves_no_partial_checkpoint_and_the_run_res
 
 
 # --- broken checkpoints, NaN, one-line errors (in-process CLI) ---------------------------------
-@pytest.fixture()
-def home(tmp_path, monkeypatch):
-    monkeypatch.setenv("EDGEFT_HOME", str(tmp_path / "home"))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.chdir(tmp_path)
-    return tmp_path
-
-
 def cli(args):
     return CliRunner().invoke(main, args)
 
