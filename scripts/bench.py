@@ -3,6 +3,7 @@
     python scripts/bench.py                                # all four, ~9 min on 2 cores
     python scripts/bench.py --only torch-bf16 --steps 4    # a quick look at one contestant
     python scripts/bench.py --only edgeft                  # add edgeft to an earlier full run
+    python scripts/bench.py --scaling                      # more models and lengths (scaling_results.md)
 
 Every contestant trains SmolLM2-135M-Instruct (from its Q4_1 GGUF) on the same chats (the
 seed tasks in ../shared/data, one task per conversation, or generated ones), LoRA rank 8,
@@ -15,7 +16,8 @@ on the assistant turn only, AdamW lr 2e-4 constant, no weight decay, no clipping
               slow (~3 tokens/s), so it runs only --mlx-lm-steps steps; step times come from
               the time its per-step report lines arrive.
 - torch-fp32  transformers + PEFT on the CPU (2 threads) in their own venv, fp32 weights
-- torch-bf16  same, bf16 weights (PEFT keeps the adapters in fp32)
+- torch-bf16  same, bf16 weights (PEFT keeps the adapters in fp32); skipped where torch's bf16
+              matmul is 10x slower than its fp32 (a CPU without AVX512-BF16 or AMX)
 
 All four train the same batches in the same order: edgeft's own (asked of edgeft.batches),
 given to the torch peers as token ids and to mlx-lm as the chat file reordered so that it
@@ -75,13 +77,18 @@ class Ctx:
     args: argparse.Namespace
     setup: Setup
     out: Path
-    gguf: Path
+    gguf: Path  # the GGUF whose tokenizer (and chat template) every contestant uses
+    model: Path = None  # what the contestants train: the GGUF itself, or a Hugging Face folder
+    quantize_bits: int | None = None  # edgeft quantizes a full-precision folder on load
+    venv: Path = None  # the torch venv (shared by the points of --scaling)
+    join_tokens: int = 0  # >0: chats join consecutive tasks as turns until about this many tokens
     chat: Path = None  # chat JSONL every contestant reads
     tokens: Path = None  # token ids + loss masks of those chats (transformers' tokenizer)
     batches: Path = None  # the batch order mlx-lm draws; the torch peers follow it
     samples: list = field(default_factory=list)
     schedule: list = field(default_factory=list)  # sample indices of each step's batch, for everyone
     order_source: str = ""
+    torch_gflops: dict = None  # torch's matmul GFLOP/s per dtype on this CPU (torch_matmul_gflops)
     tok_check: dict = None  # edgeft's tokenizer against transformers' (check_edgeft_tokens)
 
 
@@ -186,6 +193,20 @@ def seed_task_chats(path: Path) -> list[dict]:
     return chats
 
 
+def joined_chats(chats: list[dict], tokens: int, chars_per_token: float = 4.0) -> list[dict]:
+    """Multi-turn chats of about `tokens` tokens each (at ~4 characters a token): consecutive
+    one-turn chats joined as the turns of one conversation, for the longer sequence lengths.
+    Every contestant takes the loss on every assistant turn."""
+    out, turns, size = [], [], 0
+    for c in chats:
+        turns += c["messages"]
+        size += sum(len(m["content"]) for m in c["messages"])
+        if size >= tokens * chars_per_token:
+            out.append({"messages": turns})
+            turns, size = [], 0
+    return out
+
+
 def generated_chats(n: int = 170, seed: int = 0) -> list[dict]:
     """Support-desk chats of varied length, for machines without the seed tasks."""
     rng = random.Random(seed)
@@ -219,6 +240,9 @@ def prepare_data(ctx: Ctx, tokenizer_dir: Path | None) -> None:
         chats, source = seed_task_chats(ctx.args.seed_tasks), str(ctx.args.seed_tasks)
     else:
         chats, source = generated_chats(seed=ctx.setup.seed), "generated in bench.py"
+    if ctx.join_tokens:
+        chats = joined_chats(chats, ctx.join_tokens)
+        source += f", consecutive tasks joined as turns to about {ctx.join_tokens} tokens"
     # A chat whose text holds one of the model's control tokens (Gemma's '<mask>' is in two seed
     # tasks) is refused by edgeft as markup; the peers would train on it: no contestant gets it.
     from edgeft.chat_encode import specials_pattern
@@ -342,12 +366,12 @@ def check_edgeft_tokens(ctx: Ctx) -> dict:
 
 
 def venv_python(ctx: Ctx) -> Path:
-    return ctx.out / "torch-venv" / "bin" / "python"
+    return ctx.venv / "bin" / "python"
 
 
 def ensure_torch_venv(ctx: Ctx) -> None:
     """Make (once) the venv with CPU torch + transformers + PEFT; refuse a CUDA build."""
-    venv = ctx.out / "torch-venv"
+    venv = ctx.venv
     marker = venv / "bench-requirements.txt"
     want = "\n".join(TORCH_REQUIREMENTS) + "\n"
     if marker.exists() and marker.read_text() == want and venv_python(ctx).exists():
@@ -370,6 +394,95 @@ def ensure_torch_venv(ctx: Ctx) -> None:
         sys.exit(f"bench: {venv} holds torch {version} (CUDA {cuda}, {nvidia} nvidia packages): "
                  "expected the CPU build; remove the venv and check `pip install torch==2.13.0`")
     marker.write_text(want)
+
+
+# torch's own matmul speed per dtype, in its venv: bf16 is the faster PyTorch configuration only
+# on CPUs whose BLAS multiplies bf16 natively (AVX512-BF16, AMX); elsewhere it can be >100x slower.
+TORCH_MATMUL_PROBE = """
+import json, time, torch
+torch.set_num_threads(2)
+out = {}
+for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+    a, b = torch.randn(512, 512, dtype=dtype), torch.randn(512, 512, dtype=dtype)
+    a @ b
+    n, tic = 0, time.perf_counter()
+    while n < 3 or time.perf_counter() - tic < 0.5:
+        a @ b
+        n += 1
+    out[name] = 2 * 512**3 * n / (time.perf_counter() - tic) / 1e9
+print(json.dumps(out))
+"""
+SLOW_DTYPE = 10  # a torch dtype this many times slower than fp32 at a matmul is not a contestant
+
+
+def torch_matmul_gflops(ctx: Ctx) -> dict:
+    """GFLOP/s of a 512^3 matmul in torch, fp32 and bf16, 2 threads (in the torch venv)."""
+    probe = subprocess.run([str(venv_python(ctx)), "-c", TORCH_MATMUL_PROBE], capture_output=True, text=True,
+                           env=clean_env())
+    if probe.returncode != 0:
+        sys.exit(f"bench: torch's matmul probe failed: {probe.stderr.strip().splitlines()[-1:]}")
+    return json.loads(probe.stdout)
+
+
+def edgeft_matmul_gflops(runs: int = 3) -> float | None:
+    """The fp32 matmul speed `edgeft doctor` measures (MLX, 1024^3), the best of a few runs:
+    the ceiling's numerator."""
+    exe = Path(sys.executable).parent / "edgeft"
+    best = None
+    for _ in range(runs):
+        r = subprocess.run([str(exe) if exe.exists() else "edgeft", "doctor"], capture_output=True, text=True,
+                           env=clean_env())
+        m = re.search(r"fp32 1024\^3: ([0-9.]+) GFLOP/s", r.stdout)
+        if m:
+            best = max(best or 0.0, float(m[1]))
+    return best
+
+
+def model_shapes(gguf: Path) -> dict:
+    """The shapes a step's arithmetic depends on, from the GGUF's metadata (or a Hugging Face
+    folder's config.json)."""
+    from gguf import GGUFReader
+
+    if gguf.is_dir():
+        c = json.loads((gguf / "config.json").read_text(encoding="utf-8"))
+        heads = c["num_attention_heads"]
+        return {"layers": c["num_hidden_layers"], "width": c["hidden_size"], "ffn": c["intermediate_size"],
+                "heads": heads, "kv_heads": c.get("num_key_value_heads", heads),
+                "head_dim": c.get("head_dim") or c["hidden_size"] // heads, "vocab": c["vocab_size"]}
+
+    r = GGUFReader(str(gguf))
+
+    def val(key, default=None):
+        f = r.fields.get(key)
+        return default if f is None else f.contents()
+
+    arch = val("general.architecture")
+    heads = val(f"{arch}.attention.head_count")
+    width = val(f"{arch}.embedding_length")
+    return {"layers": val(f"{arch}.block_count"), "width": width, "ffn": val(f"{arch}.feed_forward_length"),
+            "heads": heads, "kv_heads": val(f"{arch}.attention.head_count_kv", heads),
+            "head_dim": val(f"{arch}.attention.key_length", width // heads),
+            "vocab": len(r.fields["tokenizer.ggml.tokens"].data)}
+
+
+def lora_gflop_per_token(shapes: dict, samples: list, schedule: list) -> float:
+    """Matrix work per input token of a LoRA step on a frozen base, over the given batches: the
+    projections forward and backward to their inputs (4 FLOP per weight; no weight gradient),
+    causal attention (scores and values, forward and twice that backward), and the vocabulary
+    head forward and back only where the loss is. The rank-8 adapters add under 1%."""
+    s = shapes
+    attn_w = s["width"] * s["head_dim"] * (2 * s["heads"] + 2 * s["kv_heads"])
+    per_layer = attn_w + 3 * s["width"] * s["ffn"]
+    tokens = ctx_sum = loss = 0
+    for idx in schedule:
+        for i in idx:
+            n = len(samples[i]["ids"]) - 1
+            tokens += n
+            ctx_sum += n * (n + 1) / 2
+            loss += sum(samples[i]["mask"][1:])
+    flop = (4 * per_layer * s["layers"] * tokens + 12 * s["layers"] * s["heads"] * s["head_dim"] * ctx_sum
+            + 4 * s["vocab"] * s["width"] * loss)
+    return flop / tokens / 1e9
 
 
 def mlx_model_dir(ctx: Ctx) -> Path:
@@ -508,9 +621,15 @@ EDGEFT_STEP_LINE = re.compile(r"\bstep (\d+)/\d+\b")  # edgeft's progress line, 
 def run_torch(ctx: Ctx, name: str) -> dict:
     dtype = name.split("-")[1]
     s = ctx.setup
+    rates = ctx.torch_gflops
+    if rates and rates[dtype] * SLOW_DTYPE < rates["fp32"] and not ctx.args.run_slow_dtypes:
+        return result(name, status="skipped", error=(
+            f"torch's {dtype} matmul runs at {rates[dtype]:.1f} GFLOP/s on this CPU against fp32's "
+            f"{rates['fp32']:.0f} (no native {dtype} instructions), so fp32 is the faster PyTorch; "
+            "--run-slow-dtypes runs it anyway"))
     metrics = ctx.out / name / "metrics.jsonl"
     metrics.parent.mkdir(parents=True, exist_ok=True)
-    cmd = [venv_python(ctx), HERE / "bench_torch_peft.py", "train", "--gguf", ctx.gguf, "--tokens", ctx.tokens,
+    cmd = [venv_python(ctx), HERE / "bench_torch_peft.py", "train", "--model", ctx.model, "--tokens", ctx.tokens,
            "--batches", ctx.batches, "--dtype", dtype, "--steps", ctx.args.steps, "--lr", s.learning_rate,
            "--rank", s.rank, "--alpha", s.alpha, "--threads", 2, "--seed", s.seed, "--metrics-out", metrics]
     before = loadavg()
@@ -528,7 +647,9 @@ def run_torch(ctx: Ctx, name: str) -> dict:
 def edgeft_command(ctx: Ctx, recipe: Path, runs_dir: Path) -> list:
     s = ctx.setup
     exe = Path(sys.executable).parent / "edgeft"
-    return [exe if exe.exists() else "edgeft", "tune", "--recipe", recipe, "--data", ctx.chat, "--model", ctx.gguf,
+    quant = ["--quantize-bits", ctx.quantize_bits] if ctx.quantize_bits else []
+    return [exe if exe.exists() else "edgeft", "tune", "--recipe", recipe, "--data", ctx.chat, "--model", ctx.model,
+            *quant,
             "--steps", ctx.args.steps, "--batch-size", s.batch_size, "--max-seq-len", s.max_seq_len,
             "--lora-rank", s.rank, "--lora-alpha", s.alpha, "--learning-rate", s.learning_rate,
             "--warmup-steps", 0, "--valid-fraction", 0, "--eval-every", 0, "--save-every", 0,
@@ -676,8 +797,14 @@ def machine() -> dict:
     except (OSError, StopIteration):
         pass
     mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    return {"cpu": cpu, "cores": os.cpu_count(), "memory_gib": round(mem, 1), "python": platform.python_version(),
-            "platform": platform.platform()}
+    flags = set()
+    try:
+        flags = set(next(ln for ln in open("/proc/cpuinfo") if ln.startswith("flags")).split(":", 1)[1].split())
+    except (OSError, StopIteration):
+        pass
+    isa = [f for f in ("avx2", "fma", "avx512f", "avx512_bf16", "amx_bf16") if f in flags]
+    return {"cpu": cpu, "cores": os.cpu_count(), "memory_gib": round(mem, 1), "isa": isa,
+            "python": platform.python_version(), "platform": platform.platform()}
 
 
 def versions() -> dict:
@@ -712,7 +839,8 @@ def render_markdown(doc: dict) -> str:
     lines = [
         "# edgeft benchmark: LoRA training on the CPU", "",
         f"{doc['date']} · `{doc['command']}` · {doc['wall_s'] / 60:.1f} min",
-        f"{doc['machine']['cpu']}, {doc['machine']['cores']} cores, {doc['machine']['memory_gib']} GiB; "
+        f"{doc['machine']['cpu']} ({' '.join(doc['machine'].get('isa', [])) or 'no AVX2'}), "
+        f"{doc['machine']['cores']} cores, {doc['machine']['memory_gib']} GiB; "
         + ", ".join(f"{k_} {v}" for k_, v in doc["versions"].items()), "",
         f"Same for all: {Path(doc['config']['model']).name}, {doc['config']['samples']} chats "
         f"({doc['config']['data_source']}), LoRA r{doc['config']['rank']} alpha {doc['config']['alpha']:g} on "
@@ -720,12 +848,13 @@ def render_markdown(doc: dict) -> str:
         f"tokens, loss on the answer only, AdamW lr {doc['config']['learning_rate']:g} constant, no weight decay, "
         "no clipping.", "",
         f"| contestant | steps (warm-up) | tokens/s | × {ref or 'torch'} | tokens/CPU-s | × | peak RSS GB | × | "
-        + "".join(f"loss @{j} | " for j in loss_at) + f"mean loss {max(n - 9, 1)}-{n} | cores used | wall s |",
-        "| --- | --- |" + " ---: |" * (9 + len(loss_at)),
+        + "".join(f"loss @{j} | " for j in loss_at) + f"mean loss {max(n - 9, 1)}-{n} | cores used | "
+        "of ceiling | wall s |",
+        "| --- | --- |" + " ---: |" * (10 + len(loss_at)),
     ]
     for r in res:
         if r["status"] != "ok":
-            lines.append(f"| {r['name']} | {r['status']}: {r['error']} |" + " |" * (9 + len(loss_at)))
+            lines.append(f"| {r['name']} | {r['status']}: {r['error']} |" + " |" * (10 + len(loss_at)))
             continue
         def ratio(key):
             mine, theirs = r.get(key), (refr or {}).get(key)
@@ -738,7 +867,8 @@ def render_markdown(doc: dict) -> str:
             f"{fmt(ratio('steady_tokens_per_cpu_s'), '.3f')} | {fmt(r['peak_rss_gb'])} | {fmt(ratio('peak_rss_gb'))} | "
             + "".join(f"{fmt(at(r['losses'], j), '.3f')} | " for j in loss_at)
             + f"{fmt(sum(last) / len(last) if last else None, '.3f')} | "
-            f"{fmt(r.get('steady_cores_used'), '.2f')} | {fmt(r['wall_s'], '.0f')} |"
+            f"{fmt(r.get('steady_cores_used'), '.2f')} | {fmt(ceiling_share(doc, r), '.0%')} | "
+            f"{fmt(r['wall_s'], '.0f')} |"
         )
     lines += ["", "Notes:",
               "- tokens/s: non-padding input tokens per second of step time, after the warm-up steps. "
@@ -756,6 +886,15 @@ def render_markdown(doc: dict) -> str:
               "- Load average (1 min) before → after each contestant, to judge noise from other work on the "
               "machine: " + ", ".join(f"{r['name']} {fmt(r.get('loadavg_before'), '.1f')} → "
                                        f"{fmt(r.get('loadavg_after'), '.1f')}" for r in res if r.get("wall_s")) + "."]
+    mm, g = doc.get("matmul_gflops") or {}, doc.get("gflop_per_token")
+    if mm:
+        lines.append("- matmul speed on this CPU, GFLOP/s: " + ", ".join(f"{k} {v:.1f}" for k, v in mm.items() if v)
+                     + ".")
+    if g and ceiling(doc):
+        lines.append(f"- of ceiling: tokens/s x {g:.3f} GFLOP per token (a LoRA step's matrix work on these "
+                     "batches: the frozen projections forward and back to their inputs, causal attention, the "
+                     "head where the loss is) over edgeft doctor's fp32 matmul speed: a ceiling of "
+                     f"{ceiling(doc) / g:.0f} tokens/s.")
     for r in res:
         for note in r.get("notes", []):
             lines.append(f"- {r['name']}: {note}")
@@ -770,6 +909,16 @@ def render_markdown(doc: dict) -> str:
     elif tc:
         lines.append(f"- edgeft's tokenizer was not compared: {tc['skipped']}")
     return "\n".join(lines) + "\n"
+
+
+def ceiling(doc: dict) -> float | None:
+    return (doc.get("matmul_gflops") or {}).get("edgeft fp32 (edgeft doctor, 1024^3)")
+
+
+def ceiling_share(doc: dict, r: dict) -> float | None:
+    """The share of the fp32 matmul ceiling a contestant's tokens/s reaches."""
+    g, c = doc.get("gflop_per_token"), ceiling(doc)
+    return r["steady_tokens_per_s"] * g / c if g and c and r.get("steady_tokens_per_s") else None
 
 
 def matched_ratio(results: list[dict], ref: str | None) -> dict | None:
@@ -798,6 +947,187 @@ def write_report(ctx: Ctx, doc: dict, results: dict) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
+# --scaling: the same side by side at more sizes and sequence lengths
+
+# Random-initialised models at real configs (their Hugging Face config.json shapes), with the
+# tokenizer and 49k vocabulary of SmolLM2, whose chats every point trains on.
+RANDOM_CONFIGS = {
+    "qwen2.5-0.5b": {"model_type": "qwen2", "hidden_size": 896, "num_hidden_layers": 24, "num_attention_heads": 14,
+                     "num_key_value_heads": 2, "intermediate_size": 4864, "rope_theta": 1e6, "rms_norm_eps": 1e-6,
+                     "max_position_embeddings": 32768, "tie_word_embeddings": True},
+    "qwen2.5-1.5b": {"model_type": "qwen2", "hidden_size": 1536, "num_hidden_layers": 28, "num_attention_heads": 12,
+                     "num_key_value_heads": 2, "intermediate_size": 8960, "rope_theta": 1e6, "rms_norm_eps": 1e-6,
+                     "max_position_embeddings": 32768, "tie_word_embeddings": True},
+}
+REAL_MODELS = {"smollm2-135m": "smollm2-135m-instruct", "gemma3-270m": "gemma3-270m"}  # registry names
+SCALING_MODELS = ["smollm2-135m", "gemma3-270m", "qwen2.5-0.5b", "qwen2.5-1.5b"]
+SCALING_LENGTHS = [256, 512, 1024, 2048]
+PLAN_LINE = re.compile(r"memory: about ([0-9.]+) GB at peak on the batches this run draws.*?([0-9.]+) GB for the "
+                       r"largest batch")
+
+
+def random_model(args, name: str, venv: Path, tokenizer_gguf: Path) -> Path:
+    """The random-initialised folder of RANDOM_CONFIGS[name], made once in the torch venv."""
+    folder = args.out.resolve() / "models" / name
+    stamp = folder / "bench-config.json"
+    want = json.dumps(RANDOM_CONFIGS[name], sort_keys=True)
+    if stamp.exists() and stamp.read_text() == want:
+        return folder
+    shutil.rmtree(folder, ignore_errors=True)
+    child = run_child([venv / "bin" / "python", HERE / "bench_torch_peft.py", "init", "--gguf", tokenizer_gguf,
+                       "--config", want, "--out", folder], args.out.resolve() / "logs" / f"init-{name}.log",
+                      env=clean_env())
+    if child.rc != 0:
+        sys.exit(f"bench: making the random {name} failed: {child.tail()}")
+    stamp.write_text(want)
+    return folder
+
+
+def scaling_point(args, model: str, length: int, venv: Path, torch_gflops: dict) -> dict:
+    """One point of the grid: edgeft and the PyTorch configurations this CPU runs at speed, on
+    chats of about `length` tokens, batch max(1, --scaling-tokens // length)."""
+    from edgeft import hub
+
+    smol = Path(hub.resolve("smollm2-135m-instruct"))
+    if model in REAL_MODELS:
+        gguf = Path(hub.resolve(REAL_MODELS[model]))
+        src, bits = gguf, None
+    else:
+        gguf, src, bits = smol, random_model(args, model, venv, smol), 4
+    point_args = argparse.Namespace(**{**vars(args), "steps": args.scaling_steps, "warmup": 1, "mlx_lm_steps": 1})
+    ctx = Ctx(args=point_args, setup=Setup(batch_size=max(1, args.scaling_tokens // length), max_seq_len=length),
+              out=args.out.resolve() / "scaling" / f"{model}-{length}", gguf=gguf, model=src, quantize_bits=bits,
+              venv=venv, join_tokens=length, torch_gflops=torch_gflops)
+    print(f"\n== {model}, {length} tokens, batch {ctx.setup.batch_size}", flush=True)
+    prepare_data(ctx, None)
+    ctx.tok_check = check_edgeft_tokens(ctx)
+    point = {"model": model, "length": length, "batch": ctx.setup.batch_size, "samples": len(ctx.samples),
+             "gflop_per_token": lora_gflop_per_token(model_shapes(src), ctx.samples, ctx.schedule[1:args.scaling_steps]),
+             "mean_tokens": sum(len(x["ids"]) for x in ctx.samples) / len(ctx.samples), "results": {}}
+    for name in ["edgeft", *TORCH_NAMES]:
+        if name in args.only:
+            r = RUNNERS[name](ctx)
+            point["results"][name] = r
+            print(f"{name}: {r['status']} {r['error'] or ''} {fmt(r['steady_tokens_per_s'], '.1f')} tokens/s, "
+                  f"peak RSS {fmt(r['peak_rss_gb'])} GB, losses {[round(x, 3) for x in r['losses'][:2]]}", flush=True)
+    e = point["results"].get("edgeft")
+    log = ctx.out / "logs" / "edgeft.log"
+    m = PLAN_LINE.search(log.read_text(encoding="utf-8")) if e and log.exists() else None
+    if m:
+        point.update(plan_gb=float(m[1]), plan_worst_gb=float(m[2]))
+    return point
+
+
+def scaling_table(doc: dict) -> str:
+    lines = ["# edgeft benchmark: the side by side at more sizes and lengths", "",
+             f"{doc['date']} · `{doc['command']}` · {doc['wall_s'] / 60:.1f} min",
+             f"{doc['machine']['cpu']} ({' '.join(doc['machine']['isa']) or 'no AVX2'}), {doc['machine']['cores']} "
+             f"cores, {doc['machine']['memory_gib']} GiB; matmul GFLOP/s: "
+             + ", ".join(f"{k} {v:.1f}" for k, v in doc["matmul_gflops"].items() if v), "",
+             "| model | seq | batch | edgeft tok/s | best torch tok/s | × torch | of ceiling | edgeft RSS GB | "
+             "torch RSS GB | × | plan GB (worst) | plan error |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for p in doc["points"]:
+        e = p["results"].get("edgeft", {})
+        torch_ok = [r for n, r in p["results"].items() if n in TORCH_NAMES and r["status"] == "ok"
+                    and r["steady_tokens_per_s"]]
+        t = max(torch_ok, key=lambda r: r["steady_tokens_per_s"]) if torch_ok else {}
+        etps, ttps = e.get("steady_tokens_per_s"), t.get("steady_tokens_per_s")
+        c = ceiling(doc)
+        err = p["plan_gb"] / e["peak_rss_gb"] - 1 if p.get("plan_gb") and e.get("peak_rss_gb") else None
+        failed = "; ".join(f"{n} {r['status']}" for n, r in p["results"].items() if r["status"] != "ok")
+        lines.append(
+            f"| {p['model']} | {p['length']} | {p['batch']} | {fmt(etps, '.1f')} | "
+            f"{fmt(ttps, '.1f')}{' (' + t['name'] + ')' if t else ''} | {fmt(etps / ttps if etps and ttps else None)} | "
+            f"{fmt(etps * p['gflop_per_token'] / c if etps and c else None, '.0%')} | {fmt(e.get('peak_rss_gb'))} | "
+            f"{fmt(t.get('peak_rss_gb'))} | {fmt(e['peak_rss_gb'] / t['peak_rss_gb'] if t and e.get('peak_rss_gb') else None)} | "
+            f"{fmt(p.get('plan_gb'))} ({fmt(p.get('plan_worst_gb'))}) | {fmt(err, '+.0%')} |"
+            + (f" {failed}" if failed else ""))
+    lines += ["", "Notes:",
+              "- Each point trains the same batches for every contestant (edgeft's order), on chats of "
+              "consecutive seed tasks joined as turns to about `seq` tokens and truncated there, loss on every "
+              f"assistant turn, LoRA r8 on all 7 projections; {doc['steps']} steps, the first left out of "
+              "tokens/s. qwen2.5-* are random-initialised at those models' real shapes with SmolLM2's 49k "
+              "vocabulary and tokenizer; edgeft quantizes them to 4 bits on load, PyTorch trains their fp32 "
+              "weights. smollm2-135m and gemma3-270m are the real GGUF files (PyTorch dequantizes them).",
+              "- of ceiling: edgeft's tokens/s x the step's matrix work per token, over edgeft doctor's fp32 "
+              "matmul speed. plan: edgeft's preflight for the batches the run draws (the worst batch the data "
+              "could form in brackets); plan error: against the measured peak RSS.",
+              "- Per point: the data, metrics and logs in `scaling/<model>-<seq>/`."]
+    return "\n".join(lines) + "\n"
+
+
+def scaling_svg(doc: dict) -> str:
+    """tokens/s against sequence length, per model: edgeft solid, the best PyTorch dashed."""
+    w, h, left, bottom = 640, 400, 60, 40
+    pts = doc["points"]
+    lengths = sorted({p["length"] for p in pts})
+    tps = [r["steady_tokens_per_s"] for p in pts for r in p["results"].values() if r.get("steady_tokens_per_s")]
+    if not lengths or not tps:
+        return ""
+    top = max(tps) * 1.1
+
+    def xy(length, v):
+        i = lengths.index(length)
+        x = left + (w - left - 20) * (i / max(len(lengths) - 1, 1))
+        return x, h - bottom - (h - bottom - 20) * v / top
+
+    colors = ["#1b6ac9", "#d1495b", "#2e8b57", "#8a5cf6", "#e08e0b"]
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" font-family="sans-serif" font-size="11">',
+           f'<line x1="{left}" y1="{h - bottom}" x2="{w - 10}" y2="{h - bottom}" stroke="#333"/>',
+           f'<line x1="{left}" y1="20" x2="{left}" y2="{h - bottom}" stroke="#333"/>',
+           f'<text x="{w / 2}" y="{h - 8}" text-anchor="middle">sequence length (tokens)</text>',
+           f'<text x="14" y="{h / 2}" transform="rotate(-90 14 {h / 2})" text-anchor="middle">tokens/s</text>']
+    for length in lengths:
+        x, _ = xy(length, 0)
+        out.append(f'<text x="{x:.0f}" y="{h - bottom + 14}" text-anchor="middle">{length}</text>')
+    for k in range(5):
+        v = top * k / 4
+        _, y = xy(lengths[0], v)
+        out.append(f'<text x="{left - 6}" y="{y + 4:.0f}" text-anchor="end">{v:.0f}</text>')
+    models = list(dict.fromkeys(p["model"] for p in pts))
+    for j, model in enumerate(models):
+        color = colors[j % len(colors)]
+        for who, dash in (("edgeft", ""), ("torch", ' stroke-dasharray="5,4"')):
+            line = []
+            for p in (p for p in pts if p["model"] == model):
+                rs = [r for n, r in p["results"].items() if (n == "edgeft") == (who == "edgeft")
+                      and r.get("steady_tokens_per_s")]
+                if rs:
+                    line.append(xy(p["length"], max(r["steady_tokens_per_s"] for r in rs)))
+            if line:
+                path = " ".join(f"{x:.1f},{y:.1f}" for x, y in line)
+                out.append(f'<polyline points="{path}" fill="none" stroke="{color}" stroke-width="2"{dash}/>')
+        out.append(f'<text x="{w - 150}" y="{30 + 16 * j}" fill="{color}">{model}</text>')
+    out.append(f'<text x="{w - 150}" y="{30 + 16 * len(models)}">solid edgeft, dashed torch</text>')
+    return "\n".join(out + ["</svg>"]) + "\n"
+
+
+def run_scaling(args) -> None:
+    out = args.out.resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    venv = out / "torch-venv"
+    probe_ctx = Ctx(args=args, setup=Setup(), out=out, gguf=Path(), venv=venv)
+    ensure_torch_venv(probe_ctx)
+    gflops = torch_matmul_gflops(probe_ctx)
+    doc = {"date": dt.datetime.now().isoformat(timespec="seconds"),
+           "command": "python scripts/bench.py " + " ".join(args.argv), "machine": machine(),
+           "versions": versions(), "steps": args.scaling_steps,
+           "matmul_gflops": {"edgeft fp32 (edgeft doctor, 1024^3)": edgeft_matmul_gflops(),
+                             **{f"torch {k} (512^3)": v for k, v in gflops.items()}}, "points": []}
+    for model in args.scaling_models:
+        for length in args.scaling_lengths:
+            doc["points"].append(scaling_point(args, model, length, venv, gflops))
+            doc["wall_s"] = time.perf_counter() - args.t0
+            (out / "scaling_results.json").write_text(json.dumps(doc, indent=2) + "\n", encoding="utf-8")
+            (out / "scaling_results.md").write_text(scaling_table(doc), encoding="utf-8")
+            (out / "scaling.svg").write_text(scaling_svg(doc), encoding="utf-8")
+    print()
+    print((out / "scaling_results.md").read_text(encoding="utf-8"))
+    print(f"written: {out / 'scaling_results.md'}, {out / 'scaling_results.json'}, {out / 'scaling.svg'}")
+
+
+# ---------------------------------------------------------------------------------------------
 
 
 def default_gguf() -> Path:
@@ -818,7 +1148,27 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed-tasks", type=Path, default=SEED_TASKS,
                    help="seed tasks JSONL (default ../shared/data/seed_tasks.jsonl; if absent, generated chats)")
     p.add_argument("--timeout", type=float, default=1800, help="seconds per contestant before it is stopped")
+    p.add_argument("--run-slow-dtypes", action="store_true",
+                   help=f"run a torch dtype even when its matmul is {SLOW_DTYPE}x slower than fp32's on this CPU")
+    p.add_argument("--scaling", action="store_true",
+                   help="the side by side at more sizes and lengths (edgeft and PyTorch only): scaling_results.md")
+    p.add_argument("--scaling-models", default=",".join(SCALING_MODELS), help="comma list of "
+                   f"{', '.join(SCALING_MODELS)} (default all)")
+    p.add_argument("--scaling-lengths", default=",".join(map(str, SCALING_LENGTHS)),
+                   help="comma list of sequence lengths (default 256,512,1024,2048)")
+    p.add_argument("--scaling-tokens", type=int, default=1024,
+                   help="tokens per batch at each point: batch = max(1, this // length) (default 1024)")
+    p.add_argument("--scaling-steps", type=int, default=4, help="steps per contestant and point, the first "
+                   "left out of tokens/s (default 4)")
     args = p.parse_args(argv)
+    args.argv = sys.argv[1:] if argv is None else argv
+    args.scaling_models = [m.strip() for m in args.scaling_models.split(",") if m.strip()]
+    args.scaling_lengths = [int(x) for x in args.scaling_lengths.split(",") if x.strip()]
+    bad = [m for m in args.scaling_models if m not in SCALING_MODELS]
+    if bad:
+        p.error(f"--scaling-models: unknown {', '.join(bad)}; known: {', '.join(SCALING_MODELS)}")
+    if args.scaling_steps < 2:
+        p.error("--scaling-steps must be at least 2 (the first is a warm-up)")
     args.only = [c.strip() for c in args.only.split(",") if c.strip()]
     unknown = [c for c in args.only if c not in CONTESTANTS]
     if unknown:
@@ -831,14 +1181,17 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> None:
     args = parse_args(argv)
     args.t0 = time.perf_counter()
+    if args.scaling:
+        return run_scaling(args)
     out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
     gguf = (args.model or default_gguf()).expanduser().resolve()
     if not gguf.exists():
         sys.exit(f"bench: {gguf} not found; pass --model PATH.gguf")
-    ctx = Ctx(args=args, setup=Setup(), out=out, gguf=gguf)
+    ctx = Ctx(args=args, setup=Setup(), out=out, gguf=gguf, model=gguf, venv=out / "torch-venv")
 
     ensure_torch_venv(ctx)
+    ctx.torch_gflops = torch_matmul_gflops(ctx)
     tok_dir = None
     if "mlx-lm" in args.only and not mlx_model_ready(ctx):
         tok_dir = out / "models" / "tokenizer-from-gguf"
@@ -856,7 +1209,11 @@ def main(argv=None) -> None:
                   data_sha256=hashlib.sha256(ctx.chat.read_bytes()).hexdigest(), batch_order=ctx.order_source)
     doc = {"date": dt.datetime.now().isoformat(timespec="seconds"),
            "command": "python scripts/bench.py " + " ".join(sys.argv[1:] if argv is None else argv),
-           "machine": machine(), "versions": versions(), "config": config}
+           "machine": machine(), "versions": versions(), "config": config,
+           "matmul_gflops": {"edgeft fp32 (edgeft doctor, 1024^3)": edgeft_matmul_gflops(),
+                             **{f"torch {k} (512^3)": v for k, v in ctx.torch_gflops.items()}}}
+    doc["gflop_per_token"] = lora_gflop_per_token(model_shapes(ctx.model), ctx.samples,
+                                                  ctx.schedule[args.warmup:args.steps])
     if "edgeft" in args.only:
         doc["edgeft_tokenizer"] = ctx.tok_check = check_edgeft_tokens(ctx)
 

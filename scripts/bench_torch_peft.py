@@ -5,7 +5,7 @@ peft, gguf), never in edgeft's: torch and MLX do not share a process here.
 
     python scripts/bench_torch_peft.py prepare --gguf M.gguf --chat chat.jsonl --max-seq-len 256 \
         --tokens-out tokens.json [--tokenizer-dir folder]
-    python scripts/bench_torch_peft.py train --gguf M.gguf --tokens tokens.json \
+    python scripts/bench_torch_peft.py train --model M.gguf --tokens tokens.json \
         --batches batches.json --dtype bf16 --steps 40 --metrics-out metrics.jsonl
 
 `prepare` renders every chat with the model's own chat template (read from the GGUF by
@@ -35,19 +35,24 @@ def load_tokenizer(gguf: Path):
 
 
 def sample_tokens(tok, messages: list[dict], max_len: int, end_of_turn: str = "<|im_end|>") -> tuple[list[int], list[bool]]:
-    """Token ids of the rendered chat, and a mask that is True on the last assistant turn's
+    """Token ids of the rendered chat, and a mask that is True on every assistant turn's
     content and its end-of-turn token (the targets that carry loss), truncated to max_len."""
     ids = list(tok.apply_chat_template(messages, return_dict=False))
-    prompt = list(tok.apply_chat_template(messages[:-1], add_generation_prompt=True, return_dict=False))
-    if ids[: len(prompt)] != prompt:
-        raise ValueError("the chat template renders the prompt differently with the answer appended")
     end_id = tok.convert_tokens_to_ids(end_of_turn) if end_of_turn in tok.get_vocab() else tok.eos_token_id
-    stop = len(ids)
-    for i in range(len(prompt), len(ids)):
-        if ids[i] == end_id:
-            stop = i + 1
-            break
-    mask = [len(prompt) <= i < stop for i in range(len(ids))]
+    mask = [False] * len(ids)
+    for turn, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        prompt = list(tok.apply_chat_template(messages[:turn], add_generation_prompt=True, return_dict=False))
+        if ids[: len(prompt)] != prompt:
+            raise ValueError("the chat template renders the prompt differently with the answer appended")
+        stop = len(ids)
+        for i in range(len(prompt), len(ids)):
+            if ids[i] == end_id:
+                stop = i + 1
+                break
+        for i in range(len(prompt), stop):
+            mask[i] = True
     return ids[:max_len], mask[:max_len]
 
 
@@ -103,9 +108,12 @@ def train(args) -> None:
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
-    gguf = Path(args.gguf)
+    src = Path(args.model)
     tic = time.perf_counter()
-    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=dtype)
+    if src.suffix == ".gguf":
+        model = AutoModelForCausalLM.from_pretrained(str(src.parent), gguf_file=src.name, dtype=dtype)
+    else:  # a Hugging Face folder (scripts/bench.py --scaling makes random-initialised ones)
+        model = AutoModelForCausalLM.from_pretrained(str(src), dtype=dtype)
     cfg = LoraConfig(r=args.rank, lora_alpha=args.alpha, lora_dropout=0.0, target_modules=TARGETS,
                      task_type="CAUSAL_LM")
     # PEFT's default: adapter weights stay fp32 on a bf16 base (mixed precision, as people run it).
@@ -140,6 +148,23 @@ def train(args) -> None:
                   flush=True)
 
 
+def init(args) -> None:
+    """A random-initialised Hugging Face folder of the given config, with the GGUF's tokenizer."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(args.seed)
+    tok = load_tokenizer(Path(args.gguf))
+    kw = json.loads(args.config)
+    cfg = AutoConfig.for_model(kw.pop("model_type"), vocab_size=len(tok), bos_token_id=tok.bos_token_id,
+                               eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, **kw)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    model.save_pretrained(args.out)
+    tok.save_pretrained(args.out)
+    n = sum(p.numel() for p in model.parameters())
+    print(f"init: {cfg.model_type} {n / 1e6:.0f}M parameters, random -> {args.out}", flush=True)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -153,7 +178,7 @@ def main() -> None:
     pp.add_argument("--end-of-turn", default="<|im_end|>", help="the token that ends an assistant turn")
     pp.set_defaults(fn=prepare)
     pt = sub.add_parser("train", help="LoRA training loop over bench.py's batches")
-    pt.add_argument("--gguf", required=True)
+    pt.add_argument("--model", required=True, help="a GGUF file or a Hugging Face folder")
     pt.add_argument("--tokens", required=True)
     pt.add_argument("--batches", required=True)
     pt.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
@@ -165,6 +190,12 @@ def main() -> None:
     pt.add_argument("--seed", type=int, default=0)
     pt.add_argument("--metrics-out", required=True)
     pt.set_defaults(fn=train)
+    pi = sub.add_parser("init", help="a random-initialised Hugging Face folder of a config")
+    pi.add_argument("--gguf", required=True, help="the GGUF whose tokenizer the folder gets")
+    pi.add_argument("--config", required=True, help="JSON: model_type and the config's shapes")
+    pi.add_argument("--out", required=True)
+    pi.add_argument("--seed", type=int, default=0)
+    pi.set_defaults(fn=init)
     args = p.parse_args()
     args.fn(args)
 
