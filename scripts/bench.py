@@ -1002,6 +1002,7 @@ def scaling_point(args, model: str, length: int, venv: Path, torch_gflops: dict)
     prepare_data(ctx, None)
     ctx.tok_check = check_edgeft_tokens(ctx)
     point = {"model": model, "length": length, "batch": ctx.setup.batch_size, "samples": len(ctx.samples),
+             "measured_at": dt.datetime.now().isoformat(timespec="minutes"),
              "gflop_per_token": lora_gflop_per_token(model_shapes(src), ctx.samples, ctx.schedule[1:args.scaling_steps]),
              "mean_tokens": sum(len(x["ids"]) for x in ctx.samples) / len(ctx.samples), "results": {}}
     for name in ["edgeft", *TORCH_NAMES]:
@@ -1023,7 +1024,9 @@ def scaling_table(doc: dict) -> str:
              f"{doc['date']} · `{doc['command']}` · {doc['wall_s'] / 60:.1f} min",
              f"{doc['machine']['cpu']} ({' '.join(doc['machine']['isa']) or 'no AVX2'}), {doc['machine']['cores']} "
              f"cores, {doc['machine']['memory_gib']} GiB; matmul GFLOP/s: "
-             + ", ".join(f"{k} {v:.1f}" for k, v in doc["matmul_gflops"].items() if v), "",
+             + ", ".join(f"{k} {v:.1f}" for k, v in doc["matmul_gflops"].items() if v),
+             "points measured " + " to ".join(sorted({min(p.get("measured_at", "?") for p in doc["points"]),
+                                                     max(p.get("measured_at", "?") for p in doc["points"])})), "",
              "| model | seq | batch | edgeft tok/s | best torch tok/s | × torch | of ceiling | edgeft RSS GB | "
              "torch RSS GB | × | plan GB (worst) | plan error |",
              "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
@@ -1115,9 +1118,20 @@ def run_scaling(args) -> None:
            "versions": versions(), "steps": args.scaling_steps,
            "matmul_gflops": {"edgeft fp32 (edgeft doctor, 1024^3)": edgeft_matmul_gflops(),
                              **{f"torch {k} (512^3)": v for k, v in gflops.items()}}, "points": []}
+    # Points of an earlier run in this folder that this one does not repeat are kept (grow the
+    # grid a part at a time); its header says when each was measured.
+    prev = out / "scaling_results.json"
+    grid = {(m, n) for m in args.scaling_models for n in args.scaling_lengths}
+    if prev.exists():
+        doc["points"] = [p for p in json.loads(prev.read_text(encoding="utf-8"))["points"]
+                         if (p["model"], p["length"]) not in grid]
+
+    def order(p):
+        return SCALING_MODELS.index(p["model"]), p["length"]
+
     for model in args.scaling_models:
         for length in args.scaling_lengths:
-            doc["points"].append(scaling_point(args, model, length, venv, gflops))
+            doc["points"] = sorted(doc["points"] + [scaling_point(args, model, length, venv, gflops)], key=order)
             doc["wall_s"] = time.perf_counter() - args.t0
             (out / "scaling_results.json").write_text(json.dumps(doc, indent=2) + "\n", encoding="utf-8")
             (out / "scaling_results.md").write_text(scaling_table(doc), encoding="utf-8")
