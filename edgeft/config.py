@@ -80,7 +80,10 @@ class TrainConfig:
     steps: int = _f(60, "optimizer steps")
     batch_size: int = _f(4, "sequences per micro-batch")
     grad_accum: int = _f(1, "micro-batches per optimizer step")
-    learning_rate: float = _f(5e-4, "peak learning rate (LoRA tolerates higher rates than full fine-tuning)")
+    # 2e-4: on the brand-voice chats both SmolLM2-135M and Gemma 3 270M learn the sign-off (5 of
+    # 5 unseen prompts) and keep every plain fact their base completes; 3e-4 and 5e-4 cost
+    # Gemma 1 and 2 of its 3 facts.
+    learning_rate: float = _f(2e-4, "peak learning rate (LoRA tolerates higher rates than full fine-tuning)")
     warmup_steps: int = _f(5, "linear warm-up from 0 to the peak")
     min_lr_ratio: float = _f(0.1, "cosine decay ends at learning_rate * min_lr_ratio")
     weight_decay: float = _f(0.0, "AdamW decoupled weight decay")

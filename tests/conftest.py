@@ -63,12 +63,8 @@ def tuned_smollm2(tmp_path_factory, smollm2_path):
 @pytest.fixture(scope="session")
 def tuned_gemma3(tmp_path_factory, gemma3_path):
     """One real `edgeft tune --model gemma3-270m --data examples/brand_voice.jsonl` with the
-    default recipe but a learning rate of 2e-4 (its q8_0 export, checked in llama.cpp,
-    included; the evaluation left to the tests). Returns the run folder.
-
-    The default 5e-4 (SmolLM2's) learns the voice as well (5 of 5 sign-offs in llama.cpp) but
-    costs this base 2 of the 3 facts it completes (test_gemma_tune_real's FACTS); at 2e-4 the
-    voice is the same (5 of 5) and all 3 facts stay."""
+    default recipe (its q8_0 export, checked in llama.cpp, included; the evaluation left to the
+    tests). Returns the run folder."""
     from pathlib import Path
 
     from click.testing import CliRunner
@@ -78,7 +74,7 @@ def tuned_gemma3(tmp_path_factory, gemma3_path):
     runs = tmp_path_factory.mktemp("runs")
     data = Path(__file__).resolve().parent.parent / "examples" / "brand_voice.jsonl"
     result = CliRunner().invoke(
-        main, ["tune", "--data", str(data), "--model", "gemma3-270m", "--learning-rate", "2e-4", "--no-eval",
+        main, ["tune", "--data", str(data), "--model", "gemma3-270m", "--no-eval",
                "--name", "gemma", "--runs-dir", str(runs)],
     )
     assert result.exit_code == 0, result.output + repr(result.exception)

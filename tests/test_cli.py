@@ -159,7 +159,7 @@ def test_tune_help_shows_every_default(home):
     for flag, section, name in TUNE_FLAGS:
         default = shown(getattr(getattr(defaults, section), name))
         assert f"[{section}.{name}][default:{default}]" in text, flag
-    assert "[default:60]" in text and "[default:0.0005]" in text and "[default:export]" in text
+    assert "[default:60]" in text and "[default:0.0002]" in text and "[default:export]" in text
 
 
 def test_unknown_quant_is_refused_before_any_work(home, tiny_gguf):

@@ -24,7 +24,7 @@ def test_the_dataclass_defaults_are_the_brand_voice_run():
     cfg = RunConfig()
     assert (cfg.model.name, cfg.model.max_seq_len) == ("smollm2-135m-instruct", 384)
     t = cfg.train
-    assert (t.steps, t.learning_rate, t.warmup_steps, t.eval_every, t.save_every) == (60, 5e-4, 5, 20, 20)
+    assert (t.steps, t.learning_rate, t.warmup_steps, t.eval_every, t.save_every) == (60, 2e-4, 5, 20, 20)
     assert (cfg.lora.rank, cfg.lora.alpha, cfg.lora.targets, cfg.export.quant) == (8, 16.0, C.ALL_LINEAR, "q8_0")
 
 

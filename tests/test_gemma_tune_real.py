@@ -1,6 +1,5 @@
 """The real Gemma 3 270M (a pretrained base, Q4_K_M, no chat template) tuned by `edgeft tune`
-on the example brand-voice chats (fixture tuned_gemma3 in conftest.py: the default recipe at
-learning rate 2e-4):
+on the example brand-voice chats (fixture tuned_gemma3 in conftest.py, the default recipe):
 the validation loss falls, and llama.cpp, running the merged q8_0 GGUF and the base GGUF with
 the adapter GGUF, answers unseen questions with the brand's sign-off where the base never does,
 while plain facts the base completes stay completed."""
