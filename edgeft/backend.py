@@ -26,7 +26,7 @@ from __future__ import annotations
 import math
 import os
 import sys
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from contextvars import ContextVar
 from dataclasses import dataclass
 
@@ -204,6 +204,7 @@ CPU_STREAMS: int | None = None
 CPU_CORES: int | None = None
 _streams: list = []
 _blas_threads: int | None = None
+IDLE_STREAMS = True  # a step of one sample spreads its attention blocks over the cores' streams
 
 
 def stream_groups(lengths: tuple[int, ...]) -> list[tuple[object, tuple[int, ...]]]:
@@ -215,10 +216,11 @@ def stream_groups(lengths: tuple[int, ...]) -> list[tuple[object, tuple[int, ...
     k = min(CPU_STREAMS or cores, len(lengths)) if on_cpu() else 1
     if on_cpu():
         _set_blas_threads(max(1, cores // max(k, 1)))
+    while len(_streams) < max(k, cores if on_cpu() and IDLE_STREAMS else 1):
+        _streams.append(mx.new_stream(mx.cpu))
+    _idle_streams[:] = _streams[:cores] if k <= 1 and on_cpu() and IDLE_STREAMS and cores > 1 else []
     if k <= 1:
         return [(mx.default_stream(mx.default_device()), tuple(range(len(lengths))))]
-    while len(_streams) < k:
-        _streams.append(mx.new_stream(mx.cpu))
     load, members = [0] * k, [[] for _ in range(k)]
     for i in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
         g = min(range(k), key=lambda j: (load[j], j))
@@ -315,6 +317,24 @@ def _rope_table(x: mx.array, dims: int, traditional: bool, inv_freq: mx.array, s
     return out if rest is None else mx.concatenate([out, rest], axis=-1)
 
 
+# Causal attention over a long sample in query blocks of about this many positions, each block
+# only against the keys up to its end (cpu_kernels.causal_blocks): the scores above the
+# diagonal, half the square, are mostly never formed. When a step's samples fill fewer streams
+# than there are cores (one long sample), the blocks take turns on the idle streams.
+ATTENTION_BLOCK = 256
+_idle_streams: list = []  # set per step by stream_groups
+
+
+def _blocked_attention(q: mx.array, k: mx.array, v: mx.array, scale: float) -> mx.array:
+    T = q.shape[2]
+    outs = []
+    for i, (a, b) in enumerate(cpu_kernels.causal_blocks(T, -(-T // ATTENTION_BLOCK))):
+        stream = _idle_streams[i % len(_idle_streams)] if _idle_streams else None
+        with mx.stream(stream) if stream is not None else nullcontext():
+            outs.append(cpu_kernels.attention(q[:, :, a:b], k[:, :, :b], v[:, :, :b], scale, True))
+    return mx.concatenate(outs, axis=2)
+
+
 def _fast_sdpa(original):
     def scaled_dot_product_attention(queries, keys, values, cache=None, scale=1.0, mask=None, **kwargs):
         fwd = _FORWARD.get()
@@ -330,6 +350,8 @@ def _fast_sdpa(original):
 
         def attend(q, k, v, causal):
             if _kernels_for(q, k, v):
+                if causal and q.shape[2] == k.shape[2] >= 2 * ATTENTION_BLOCK:
+                    return _blocked_attention(q, k, v, scale)
                 return cpu_kernels.attention(q, k, v, scale, causal)
             return original(q, k, v, cache=None, scale=scale, mask="causal" if causal else None)
 

@@ -273,6 +273,27 @@ logsumexp = custom(_logsumexp, _logsumexp_vjp)
 # Attention ---------------------------------------------------------------------------------------
 
 
+def causal_blocks(length: int, n: int) -> list[tuple[int, int]]:
+    """At most `n` query blocks [a, b) of a causal attention over `length` positions, of about
+    equal work: a block sees the keys up to its end, so it computes (b - a) x b scores. Found
+    from the last block down, for the largest equal share that leaves the first block no more
+    than it. Together they compute 75% of the square's scores at n = 2, 64% at 4, 57% at 8."""
+    def starts(work: float) -> list[int]:
+        ends = [length]
+        while len(ends) < n and ends[-1] > 0:
+            ends.append(max(0, round(ends[-1] - work / ends[-1])))
+        return ends
+
+    lo, hi = length * length / (2 * n), float(length * length)
+    for _ in range(40):  # bisect the share: the smallest that leaves the first block no more
+        mid = (lo + hi) / 2
+        first = starts(mid)[-1]  # where the first block ends
+        lo, hi = (lo, mid) if first * first <= mid else (mid, hi)
+    ends = sorted(set(starts(hi)) - {0, length})
+    bounds = [0, *ends, length]
+    return list(zip(bounds[:-1], bounds[1:]))
+
+
 def attention(q: mx.array, k: mx.array, v: mx.array, scale: float, causal: bool) -> mx.array:
     """mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask="causal" if causal
     else None) with grouped KV heads: q [B, H, T, D], k and v [B, Hkv, S, D]."""

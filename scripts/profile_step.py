@@ -54,14 +54,20 @@ SEED_TASKS = Path(__file__).resolve().parent.parent.parent / "shared" / "data" /
 # Setup
 
 
-def chat_file(src: Path, out: Path) -> Path:
+def chat_file(src: Path, out: Path, join_tokens: int = 0) -> Path:
+    """One chat per seed task; with join_tokens, consecutive tasks as the turns of one chat of
+    about that many tokens (~4 characters a token), for long samples."""
     with open(src, encoding="utf-8") as f, open(out, "w", encoding="utf-8") as w:
+        turns, size = [], 0
         for line in f:
             task = json.loads(line)
             inst = task["instances"][0]
             user = task["instruction"] + (f"\n\n{inst['input']}" if inst["input"] else "")
-            msgs = [{"role": "user", "content": user}, {"role": "assistant", "content": inst["output"]}]
-            w.write(json.dumps({"messages": msgs}) + "\n")
+            turns += [{"role": "user", "content": user}, {"role": "assistant", "content": inst["output"]}]
+            size += len(user) + len(inst["output"])
+            if size >= 4 * join_tokens:
+                w.write(json.dumps({"messages": turns}) + "\n")
+                turns, size = [], 0
     return out
 
 
@@ -72,7 +78,7 @@ def setup(args):
     mx.random.seed(0)
     lora.apply_lora(loaded.model, LoRAConfig(rank=args.rank))
     with tempfile.TemporaryDirectory() as tmp:
-        path = chat_file(Path(args.data), Path(tmp) / "chat.jsonl")
+        path = chat_file(Path(args.data), Path(tmp) / "chat.jsonl", args.join_tokens)
         samples, _ = data_files.load_samples(path, loaded.tokenizer, DataConfig(), args.max_seq_len)
     return loaded.model, samples
 
@@ -177,6 +183,8 @@ VARIANTS = {
     "one-stream": with_setting(default_step, backend, "CPU_STREAMS", 1),
     "dequantize-each-step": with_setting(default_step, sys.modules[__name__], "KEEP_DEQUANTIZED", False),
     "mlx-logsumexp": with_setting(default_step, backend, "logsumexp", lambda x: mx.logsumexp(x, axis=-1)),
+    "whole-attention": with_setting(default_step, backend, "ATTENTION_BLOCK", 1 << 30),
+    "blocks-one-stream": with_setting(default_step, backend, "IDLE_STREAMS", False),
 }
 
 
@@ -395,6 +403,8 @@ def main():
     p.add_argument("--rank", type=int, default=8)
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--max-seq-len", type=int, default=256)
+    p.add_argument("--join-tokens", type=int, default=0,
+                   help="chats of consecutive tasks joined as turns to about this many tokens (long samples)")
     p.add_argument("--batches", type=int, default=3, help="distinct batches per repeat")
     p.add_argument("--repeats", type=int, default=3)
     args = p.parse_args()

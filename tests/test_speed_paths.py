@@ -78,11 +78,14 @@ def test_only_prepared_models_pack():
     assert backend.can_pack(backend.prepare(model, cpu=True))
 
 
-@pytest.mark.parametrize("arch,streams", [("llama", 1), ("llama", 2), ("llama", 3), ("qwen3", 2)])
-def test_packed_loss_and_gradients_equal_padded(monkeypatch, arch, streams):
+@pytest.mark.parametrize("arch,streams,block", [("llama", 1, 256), ("llama", 2, 256), ("llama", 3, 256),
+                                               ("qwen3", 2, 256), ("llama", 1, 5), ("qwen3", 2, 4)])
+def test_packed_loss_and_gradients_equal_padded(monkeypatch, arch, streams, block):
     """One packed row, its samples split over `streams` CPU streams, gives the loss and adapter
-    gradients of the padded batch."""
+    gradients of the padded batch; also with the attention of samples of 2 * `block` tokens or
+    more in causal query blocks (on the idle streams when there is one group)."""
     monkeypatch.setattr(backend, "CPU_STREAMS", streams)
+    monkeypatch.setattr(backend, "ATTENTION_BLOCK", block)
     model = backend.prepare(tiny(arch, seed=1), cpu=True)
     mx.random.seed(2)
     lora.apply_lora(model, LoRAConfig(rank=4))
@@ -218,6 +221,16 @@ def test_fused_attention_matches_mlx_sdpa(B, H, Hkv, T, causal):
         lambda q, k, v: mx.fast.scaled_dot_product_attention(q, k, v, scale=0.25, mask=mask),
         [q, k, v], mx.random.normal(q.shape), 1e-5,
     )
+
+
+@pytest.mark.parametrize("T,n", [(37, 3), (600, 4), (9, 8)])
+def test_causal_blocks_cover_every_position_once_with_equal_work(T, n):
+    blocks = cpu_kernels.causal_blocks(T, n)
+    assert blocks[0][0] == 0 and blocks[-1][1] == T
+    assert all(a < b == a2 for (a, b), (a2, _) in zip(blocks, blocks[1:] + [(T, None)]))
+    work = [(b - a) * b for a, b in blocks]
+    if T >= 100:
+        assert max(work) < 1.2 * min(work) and sum(work) < 0.7 * T * T
 
 
 def test_step_with_and_without_fused_kernels_agrees(monkeypatch):
