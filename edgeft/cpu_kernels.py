@@ -20,6 +20,7 @@ and callers use MLX's own ops.
 
 from __future__ import annotations
 
+import itertools
 import math
 import queue
 import threading
@@ -291,7 +292,7 @@ def causal_blocks(length: int, n: int) -> list[tuple[int, int]]:
         lo, hi = (lo, mid) if first * first <= mid else (mid, hi)
     ends = sorted(set(starts(hi)) - {0, length})
     bounds = [0, *ends, length]
-    return list(zip(bounds[:-1], bounds[1:]))
+    return list(itertools.pairwise(bounds))
 
 
 def attention(q: mx.array, k: mx.array, v: mx.array, scale: float, causal: bool) -> mx.array:
