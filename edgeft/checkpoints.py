@@ -41,6 +41,7 @@ class TrainState:
     best_step: int | None = None  # the trained step (>= 1) of the lowest validation loss
     history: list = field(default_factory=list)  # validation results [(step, loss)]
     ranks: int = 1  # processes the steps were shared over (edgeft.distributed)
+    kept_step: int | None = None  # a finished run: the step whose adapters it ends with (not saved)
 
 
 def folder_of(folder: Path, step: int) -> Path:

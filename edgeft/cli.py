@@ -128,8 +128,8 @@ def tune(data, recipe, name, runs_dir, resume, export, evaluate, **flags):
     click.echo(f"done: {st.step} steps, {st.tokens} tokens in {st.elapsed_s:.0f} s ({st.tokens / max(st.elapsed_s, 1e-9):.0f} tok/s)")
     if result.first_val is not None and st.history:
         line = f"validation loss: {result.first_val:.4f} -> {st.history[-1][1]:.4f}"
-        if st.best_step not in (None, st.step) and runs.read_run_config(result.run_dir).train.keep_best:
-            line += f" (its adapters: step {st.best_step}'s, {dict(st.history)[st.best_step]:.4f})"
+        if st.kept_step not in (None, st.step):
+            line += f" (its adapters: step {st.kept_step}'s, {dict(st.history)[st.kept_step]:.4f})"
         click.echo(line)
     click.echo(f"run folder: {result.run_dir}")
     click.echo(f"adapters:   {result.adapters}")

@@ -98,7 +98,14 @@ class TrainConfig:
     eval_every: int = _f(20, "validation loss at the start, every N steps and at the end (0: only at the end)")
     eval_batches: int | None = _f(None, "validation batches per evaluation (None: all)")
     save_every: int = _f(20, "checkpoint every N steps for --resume (0: only at the end)")
-    keep_best: bool = _f(True, "end with the adapters of the lowest validation loss, not the last step's")
+    keep_best: bool = _f(True, "end with the adapters of the lowest validation loss, not the last step's, "
+                               "when the last is more than keep_best_margin above it")
+    # 0.25: on the brand-voice chats SmolLM2's last adapters (validation loss 4% above its lowest,
+    # at step 20) signed off on 100% of held-out prompts and answered 8 of 12 knowledge
+    # questions, step 20's 83% and 6; Gemma 3 270M's ended 41% above (over-fitting), and its
+    # lowest-loss adapters kept every fact.
+    keep_best_margin: float = _f(0.25, "how far (a fraction) the last validation loss may rise above the lowest "
+                                       "before keep_best takes the lowest's adapters")
     keep_checkpoints: int = _f(2, "how many recent checkpoints to keep")
     log_every: int = _f(1, "metrics line every N steps")
     peer_timeout_s: float = _f(
@@ -231,6 +238,8 @@ def validate(cfg: RunConfig, where: str = "config") -> None:
         (t.eval_batches is None or t.eval_batches >= 1, "train.eval_batches must be at least 1 or empty (all)"),
         (t.save_every >= 0, "train.save_every must be 0 or more"),
         (t.keep_checkpoints >= 1, "train.keep_checkpoints must be at least 1"),
+        (math.isfinite(t.keep_best_margin) and t.keep_best_margin >= 0,
+         "train.keep_best_margin must be 0 or more (a fraction: 0.25 is 25%)"),
         (t.log_every >= 1, "train.log_every must be at least 1"),
         (math.isfinite(t.peer_timeout_s) and t.peer_timeout_s > 0, "train.peer_timeout_s must be a positive number of seconds"),
         (e.quant.lower() in QUANTS, f"export.quant {e.quant!r} is not a type edgeft writes; choose one of {', '.join(QUANTS)}"),

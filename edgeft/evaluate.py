@@ -270,9 +270,10 @@ def score_rows(ev: dict | None, metrics: list[dict]) -> list[tuple[str, object, 
     """The scores table: (score, base, tuned, reference); None where a column has no value."""
     rows: list[tuple[str, object, object, object]] = []
     valid = [r for r in metrics if r.get("kind") == "valid"]
+    kept = [r for r in metrics if r.get("kind") == "adapters"]  # the adapters the run ended with
     if valid:
         first = valid[0]["val_loss"] if valid[0]["step"] == 0 else None
-        last = valid[-1]["val_loss"]
+        last = (kept or valid)[-1]["val_loss"]
         rows.append(("validation loss", first, last, None))
         rows.append(("validation perplexity", math.exp(first) if first is not None else None, math.exp(last), None))
     if not ev:

@@ -83,6 +83,7 @@ BAD_VALUES = [
     ("train", "eval_batches", 0),
     ("train", "save_every", -1),
     ("train", "keep_checkpoints", 0),
+    ("train", "keep_best_margin", -0.1),
     ("train", "log_every", 0),
     ("train", "peer_timeout_s", 0.0),
     ("export", "quant", "q3_xyz"),

@@ -283,11 +283,17 @@ def test_generation_has_no_dropout():
         assert list(generate_ids(model, [3, 1, 4, 1, 5], max_tokens=8)) == reference
 
 
-@pytest.mark.parametrize("keep_best", [True, False])
-def test_the_run_ends_with_the_adapters_of_its_lowest_validation_loss(tmp_path, monkeypatch, capsys, keep_best):
-    """Validation losses 5, 1, 2, 3 at steps 0, 2, 4, 6: step 2's adapters are the result (keep_best),
-    never step 0's untrained ones; with keep_best off, step 6's."""
-    scripted, seen = iter([5.0, 1.0, 2.0, 3.0]), {}
+@pytest.mark.parametrize("keep_best,losses,kept", [
+    (True, [5.0, 1.0, 2.0, 3.0], 2),  # the last is 200% above the lowest: over-fitting
+    (False, [5.0, 1.0, 2.0, 3.0], 6),
+    (True, [5.0, 1.0, 1.1, 1.2], 6),  # 20% above, within keep_best_margin: the last
+])
+def test_the_run_ends_with_the_adapters_of_its_lowest_validation_loss(tmp_path, monkeypatch, capsys, keep_best,
+                                                                       losses, kept):
+    """Validation losses at steps 0, 2, 4, 6: step 2's adapters are the result when the last loss is
+    more than keep_best_margin (25%) above step 2's (never step 0's untrained ones); with keep_best off,
+    or the last within the margin, step 6's. metrics.jsonl says which."""
+    scripted, seen = iter(losses), {}
 
     def fake_evaluate(model, batches, loss_fn):
         seen[len(seen) * 2] = {k: mx.array(v) for k, v in tree_flatten(model.trainable_parameters())}
@@ -301,11 +307,14 @@ def test_the_run_ends_with_the_adapters_of_its_lowest_validation_loss(tmp_path, 
     seqs = four_examples()
     state = trainer.train(model, cfg, lambda s: batches_from(seqs, 2, s), lambda: [], run_dir=tmp_path,
                           progress=trainer.Progress(6, every=1000))
-    assert state.best_step == 2 and state.history == [[0, 5.0], [2, 1.0], [4, 2.0], [6, 3.0]]
+    assert state.best_step == 2 and state.history == [[0, losses[0]], [2, losses[1]], [4, losses[2]], [6, losses[3]]]
+    assert state.kept_step == kept
     now = dict(tree_flatten(model.trainable_parameters()))
-    want = seen[2] if keep_best else {k: v for k, v in now.items()}
-    assert all(mx.array_equal(now[k], want[k]) for k in now)
+    assert all(mx.array_equal(now[k], seen[kept][k]) for k in now)
     assert not all(mx.array_equal(seen[2][k], seen[6][k]) for k in now)
-    said = "validation loss was lowest at step 2 (1.0000; 3.0000 at step 6): the run keeps step 2's adapters"
+    said = f"validation loss was lowest at step 2 (1.0000; {losses[3]:.4f} at step 6"
     out = capsys.readouterr()
     assert (said in out.out + out.err) == keep_best
+    assert ("the run keeps step 2's adapters" in out.out + out.err) == (kept == 2)
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert records[-1] == {"kind": "adapters", "step": kept, "val_loss": dict(state.history)[kept]}
