@@ -1038,14 +1038,12 @@ def scaling_table(doc: dict) -> str:
         etps, ttps = e.get("steady_tokens_per_s"), t.get("steady_tokens_per_s")
         c = ceiling(doc)
         err = p["plan_gb"] / e["peak_rss_gb"] - 1 if p.get("plan_gb") and e.get("peak_rss_gb") else None
-        failed = "; ".join(f"{n} {r['status']}" for n, r in p["results"].items() if r["status"] != "ok")
         lines.append(
             f"| {p['model']} | {p['length']} | {p['batch']} | {fmt(etps, '.1f')} | "
             f"{fmt(ttps, '.1f')}{' (' + t['name'] + ')' if t else ''} | {fmt(etps / ttps if etps and ttps else None)} | "
             f"{fmt(etps * p['gflop_per_token'] / c if etps and c else None, '.0%')} | {fmt(e.get('peak_rss_gb'))} | "
             f"{fmt(t.get('peak_rss_gb'))} | {fmt(e['peak_rss_gb'] / t['peak_rss_gb'] if t and e.get('peak_rss_gb') else None)} | "
-            f"{fmt(p.get('plan_gb'))} ({fmt(p.get('plan_worst_gb'))}) | {fmt(err, '+.0%')} |"
-            + (f" {failed}" if failed else ""))
+            f"{fmt(p.get('plan_gb'))} ({fmt(p.get('plan_worst_gb'))}) | {fmt(err, '+.0%')} |")
     lines += ["", "Notes:",
               "- Each point trains the same batches for every contestant (edgeft's order), on chats of "
               "consecutive seed tasks joined as turns to about `seq` tokens and truncated there, loss on every "
@@ -1057,6 +1055,12 @@ def scaling_table(doc: dict) -> str:
               "matmul speed. plan: edgeft's preflight for the batches the run draws (the worst batch the data "
               "could form in brackets); plan error: against the measured peak RSS.",
               "- Per point: the data, metrics and logs in `scaling/<model>-<seq>/`."]
+    not_ok = {}  # contestants that did not run or failed, and why: one line each
+    for p in doc["points"]:
+        for n, r in p["results"].items():
+            if r["status"] != "ok":
+                not_ok.setdefault(f"{n} {r['status']}: {r['error']}", []).append(f"{p['model']} {p['length']}")
+    lines += [f"- {why} ({', '.join(where)})" for why, where in not_ok.items()]
     return "\n".join(lines) + "\n"
 
 
