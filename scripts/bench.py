@@ -1105,8 +1105,10 @@ def scaling_svg(doc: dict) -> str:
             if line:
                 path = " ".join(f"{x:.1f},{y:.1f}" for x, y in line)
                 out.append(f'<polyline points="{path}" fill="none" stroke="{color}" stroke-width="2"{dash}/>')
+                fill = color if who == "edgeft" else "white"
+                out += [f'<circle cx="{x:.1f}" cy="{y:.1f}" r="3" fill="{fill}" stroke="{color}"/>' for x, y in line]
         out.append(f'<text x="{w - 150}" y="{30 + 16 * j}" fill="{color}">{model}</text>')
-    out.append(f'<text x="{w - 150}" y="{30 + 16 * len(models)}">solid edgeft, dashed torch</text>')
+    out.append(f'<text x="{w - 150}" y="{30 + 16 * len(models)}">solid edgeft, dashed PyTorch</text>')
     return "\n".join(out + ["</svg>"]) + "\n"
 
 
