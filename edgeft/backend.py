@@ -205,6 +205,7 @@ CPU_CORES: int | None = None
 _streams: list = []
 _blas_threads: int | None = None
 IDLE_STREAMS = True  # a step of one sample spreads its attention blocks over the cores' streams
+_idle_streams: list = []  # set per step by stream_groups: the streams its samples leave idle
 
 
 def stream_groups(lengths: tuple[int, ...]) -> list[tuple[object, tuple[int, ...]]]:
@@ -322,7 +323,6 @@ def _rope_table(x: mx.array, dims: int, traditional: bool, inv_freq: mx.array, s
 # diagonal, half the square, are mostly never formed. When a step's samples fill fewer streams
 # than there are cores (one long sample), the blocks take turns on the idle streams.
 ATTENTION_BLOCK = 256
-_idle_streams: list = []  # set per step by stream_groups
 
 
 def _blocked_attention(q: mx.array, k: mx.array, v: mx.array, scale: float) -> mx.array:

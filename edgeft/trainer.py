@@ -323,17 +323,16 @@ def train(
             kept = f"the last checkpoint, {last_ckpt}, is whole" if last_ckpt else "no checkpoint was written"
             raise TrainingError(f"{e}; {kept}") from None
     best, vals = state.best_step, dict(state.history)
-    kept = state.step
+    state.kept_step = state.step
     if cfg.keep_best and writes and best not in (None, state.step) and state.step in vals:
         lowest = f"validation loss was lowest at step {best} ({vals[best]:.4f}; {vals[state.step]:.4f} at step {state.step}"
         if vals[state.step] <= (1 + cfg.keep_best_margin) * vals[best]:
             progress.message(f"{lowest}, within train.keep_best_margin): the run keeps its last adapters")
         elif checkpoints.load_best(run_dir / runs.BEST_ADAPTERS, model):
             progress.message(f"{lowest}): the run keeps step {best}'s adapters (train.keep_best)")
-            kept = best
-    state.kept_step = kept
-    if writes and kept in vals:  # which adapters the run ends with, for its summary and report
-        append_metrics(metrics_path, {"kind": "adapters", "step": kept, "val_loss": vals[kept]})
+            state.kept_step = best
+    if writes and state.kept_step in vals:  # which adapters the run ends with, for its summary and report
+        append_metrics(metrics_path, {"kind": "adapters", "step": state.kept_step, "val_loss": vals[state.kept_step]})
     return state
 
 

@@ -77,7 +77,7 @@ def test_two_ranks_give_the_adapters_of_one_rank_with_the_same_global_batch(worl
     listing = [sorted(str(p.relative_to(runs / n)) for p in (runs / n).rglob("*")) for n in ("one", "two")]
     assert listing[0] == listing[1]
     lines = [len((runs / n / "metrics.jsonl").read_text().splitlines()) for n in ("one", "two")]
-    assert lines[0] == lines[1] == STEPS + 4  # 6 train lines, validations at steps 0, 2, 4, 6
+    assert lines[0] == lines[1] == STEPS + 5  # 6 train lines, validations at steps 0, 2, 4, 6, the adapters kept
 
 
 def test_a_killed_rank_stops_the_other_in_bounded_time_and_the_run_resumes(world):
