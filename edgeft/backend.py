@@ -204,8 +204,7 @@ CPU_STREAMS: int | None = None
 CPU_CORES: int | None = None
 _streams: list = []
 _blas_threads: int | None = None
-IDLE_STREAMS = True  # a step of one sample spreads its attention blocks over the cores' streams
-_idle_streams: list = []  # set per step by stream_groups: the streams its samples leave idle
+IDLE_STREAMS = True  # a step on one stream spreads its attention blocks over the cores' streams
 
 
 def stream_groups(lengths: tuple[int, ...]) -> list[tuple[object, tuple[int, ...]]]:
@@ -217,11 +216,10 @@ def stream_groups(lengths: tuple[int, ...]) -> list[tuple[object, tuple[int, ...
     k = min(CPU_STREAMS or cores, len(lengths)) if on_cpu() else 1
     if on_cpu():
         _set_blas_threads(max(1, cores // max(k, 1)))
-    while len(_streams) < max(k, cores if on_cpu() and IDLE_STREAMS else 1):
-        _streams.append(mx.new_stream(mx.cpu))
-    _idle_streams[:] = _streams[:cores] if k <= 1 and on_cpu() and IDLE_STREAMS and cores > 1 else []
     if k <= 1:
         return [(mx.default_stream(mx.default_device()), tuple(range(len(lengths))))]
+    while len(_streams) < k:
+        _streams.append(mx.new_stream(mx.cpu))
     load, members = [0] * k, [[] for _ in range(k)]
     for i in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
         g = min(range(k), key=lambda j: (load[j], j))
@@ -325,11 +323,22 @@ def _rope_table(x: mx.array, dims: int, traditional: bool, inv_freq: mx.array, s
 ATTENTION_BLOCK = 256
 
 
+def _idle_streams() -> list:
+    """The cores' streams when the caller computes on none of them (its whole step is one group
+    on the default stream, see stream_groups), else none: the groups keep every core busy."""
+    cores = CPU_CORES or os.cpu_count() or 1
+    if not IDLE_STREAMS or cores < 2 or mx.default_stream(mx.default_device()) in _streams:
+        return []
+    while len(_streams) < cores:
+        _streams.append(mx.new_stream(mx.cpu))
+    return _streams[:cores]
+
+
 def _blocked_attention(q: mx.array, k: mx.array, v: mx.array, scale: float) -> mx.array:
     T = q.shape[2]
-    outs = []
+    idle, outs = _idle_streams(), []
     for i, (a, b) in enumerate(cpu_kernels.causal_blocks(T, -(-T // ATTENTION_BLOCK))):
-        stream = _idle_streams[i % len(_idle_streams)] if _idle_streams else None
+        stream = idle[i % len(idle)] if idle else None
         with mx.stream(stream) if stream is not None else nullcontext():
             outs.append(cpu_kernels.attention(q[:, :, a:b], k[:, :, :b], v[:, :, :b], scale, True))
     return mx.concatenate(outs, axis=2)

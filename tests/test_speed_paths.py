@@ -233,6 +233,18 @@ def test_causal_blocks_cover_every_position_once_with_equal_work(T, n):
         assert max(work) < 1.2 * min(work) and sum(work) < 0.7 * T * T
 
 
+def test_attention_blocks_go_to_the_idle_streams_only_when_the_step_runs_on_one(monkeypatch):
+    monkeypatch.setattr(backend, "CPU_CORES", 2)
+    monkeypatch.setattr(backend, "CPU_STREAMS", None)
+    idle = backend._idle_streams()  # the caller on the default stream: one group, a core idle
+    assert len(idle) == 2 and mx.default_stream(mx.default_device()) not in idle
+    groups = backend.stream_groups((30, 20))  # two groups: both cores taken
+    with mx.stream(groups[0][0]):
+        assert backend._idle_streams() == []
+    monkeypatch.setattr(backend, "IDLE_STREAMS", False)
+    assert backend._idle_streams() == []
+
+
 def test_step_with_and_without_fused_kernels_agrees(monkeypatch):
     model = backend.prepare(tiny(seed=6), cpu=True)
     mx.random.seed(7)
