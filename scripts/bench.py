@@ -438,6 +438,14 @@ def edgeft_matmul_gflops(runs: int = 3) -> float | None:
     return best
 
 
+DOCTOR_KEY = "edgeft fp32 (edgeft doctor, 1024^3)"  # the ceiling's numerator in a results file
+
+
+def matmul_gflops(torch_gflops: dict) -> dict:
+    """The matmul speeds a results file records: edgeft doctor's fp32 and torch's per dtype."""
+    return {DOCTOR_KEY: edgeft_matmul_gflops(), **{f"torch {k} (512^3)": v for k, v in torch_gflops.items()}}
+
+
 def model_shapes(gguf: Path) -> dict:
     """The shapes a step's arithmetic depends on, from the GGUF's metadata (or a Hugging Face
     folder's config.json)."""
@@ -912,7 +920,7 @@ def render_markdown(doc: dict) -> str:
 
 
 def ceiling(doc: dict) -> float | None:
-    return (doc.get("matmul_gflops") or {}).get("edgeft fp32 (edgeft doctor, 1024^3)")
+    return (doc.get("matmul_gflops") or {}).get(DOCTOR_KEY)
 
 
 def ceiling_share(doc: dict, r: dict) -> float | None:
@@ -1122,8 +1130,7 @@ def run_scaling(args) -> None:
     doc = {"date": dt.datetime.now().isoformat(timespec="seconds"),
            "command": "python scripts/bench.py " + " ".join(args.argv), "machine": machine(),
            "versions": versions(), "steps": args.scaling_steps,
-           "matmul_gflops": {"edgeft fp32 (edgeft doctor, 1024^3)": edgeft_matmul_gflops(),
-                             **{f"torch {k} (512^3)": v for k, v in gflops.items()}}, "points": []}
+           "matmul_gflops": matmul_gflops(gflops), "points": []}
     # Points of an earlier run in this folder that this one does not repeat are kept (grow the
     # grid a part at a time); its header says when each was measured.
     prev = out / "scaling_results.json"
@@ -1230,8 +1237,7 @@ def main(argv=None) -> None:
     doc = {"date": dt.datetime.now().isoformat(timespec="seconds"),
            "command": "python scripts/bench.py " + " ".join(sys.argv[1:] if argv is None else argv),
            "machine": machine(), "versions": versions(), "config": config,
-           "matmul_gflops": {"edgeft fp32 (edgeft doctor, 1024^3)": edgeft_matmul_gflops(),
-                             **{f"torch {k} (512^3)": v for k, v in ctx.torch_gflops.items()}}}
+           "matmul_gflops": matmul_gflops(ctx.torch_gflops)}
     doc["gflop_per_token"] = lora_gflop_per_token(model_shapes(ctx.model), ctx.samples,
                                                   ctx.schedule[args.warmup:args.steps])
     if "edgeft" in args.only:

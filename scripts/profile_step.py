@@ -55,19 +55,17 @@ SEED_TASKS = Path(__file__).resolve().parent.parent.parent / "shared" / "data" /
 
 
 def chat_file(src: Path, out: Path, join_tokens: int = 0) -> Path:
-    """One chat per seed task; with join_tokens, consecutive tasks as the turns of one chat of
-    about that many tokens (~4 characters a token), for long samples."""
-    with open(src, encoding="utf-8") as f, open(out, "w", encoding="utf-8") as w:
-        turns, size = [], 0
-        for line in f:
-            task = json.loads(line)
-            inst = task["instances"][0]
-            user = task["instruction"] + (f"\n\n{inst['input']}" if inst["input"] else "")
-            turns += [{"role": "user", "content": user}, {"role": "assistant", "content": inst["output"]}]
-            size += len(user) + len(inst["output"])
-            if size >= 4 * join_tokens:
-                w.write(json.dumps({"messages": turns}) + "\n")
-                turns, size = [], 0
+    """The benchmark's chats (one per seed task); with join_tokens, consecutive tasks as the
+    turns of one chat of about that many tokens, for long samples."""
+    from bench import (  # scripts/bench.py, beside this file
+        joined_chats,
+        seed_task_chats,
+    )
+
+    chats = seed_task_chats(src)
+    if join_tokens:
+        chats = joined_chats(chats, join_tokens)
+    out.write_text("".join(json.dumps(c) + "\n" for c in chats), encoding="utf-8")
     return out
 
 
