@@ -110,3 +110,13 @@ def test_report_renders_in_chromium(tmp_path):
     for rgb in ((0x1F, 0x77, 0xB4), (0xFF, 0x7F, 0x0E)):
         near = (np.abs(img - np.array(rgb)).sum(axis=-1) < 30).sum()
         assert near > 200, f"no loss curve in colour {rgb} on the page"
+
+
+def test_the_validation_loss_reported_is_that_of_the_adapters_the_run_kept():
+    from edgeft.evaluate import score_rows
+
+    metrics = [{"kind": "valid", "step": 0, "val_loss": 4.0}, {"kind": "valid", "step": 20, "val_loss": 2.0},
+               {"kind": "valid", "step": 60, "val_loss": 3.0}]
+    assert score_rows(None, metrics)[0] == ("validation loss", 4.0, 3.0, None)  # no record: the last
+    kept = [*metrics, {"kind": "adapters", "step": 20, "val_loss": 2.0}]
+    assert score_rows(None, kept)[0] == ("validation loss", 4.0, 2.0, None)
