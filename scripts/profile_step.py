@@ -71,7 +71,7 @@ def chat_file(src: Path, out: Path, join_tokens: int = 0) -> Path:
 
 def setup(args):
     """(model, samples) with LoRA applied the way `edgeft tune` does it."""
-    loaded = loader.load(hub.resolve(args.model))
+    loaded = loader.load(hub.resolve(args.model), quantize_bits=args.quantize_bits)
     backend.prepare(loaded.model)
     mx.random.seed(0)
     lora.apply_lora(loaded.model, LoRAConfig(rank=args.rank))
@@ -398,6 +398,8 @@ def main():
     p.add_argument("variants", nargs="*", default=["base"])
     p.add_argument("--model", default="smollm2-135m-instruct")
     p.add_argument("--data", default=str(SEED_TASKS), help="seed tasks JSONL (default ../shared/data/seed_tasks.jsonl)")
+    p.add_argument("--quantize-bits", type=int, choices=(4, 8), default=None,
+                   help="quantize a full-precision model folder's layers, as `edgeft tune --quantize-bits`")
     p.add_argument("--rank", type=int, default=8)
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--max-seq-len", type=int, default=256)
