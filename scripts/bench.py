@@ -3,6 +3,7 @@
     python scripts/bench.py                                # all four, ~9 min on 2 cores
     python scripts/bench.py --only torch-bf16 --steps 4    # a quick look at one contestant
     python scripts/bench.py --only edgeft                  # add edgeft to an earlier full run
+    python scripts/bench.py --rounds 3                     # the contestants take turns, 3 times
     python scripts/bench.py --scaling                      # more models and lengths (scaling_results.md)
 
 Every contestant trains SmolLM2-135M-Instruct (from its Q4_1 GGUF) on the same chats (the
@@ -903,6 +904,13 @@ def render_markdown(doc: dict) -> str:
                      "batches: the frozen projections forward and back to their inputs, causal attention, the "
                      "head where the loss is) over edgeft doctor's fp32 matmul speed: a ceiling of "
                      f"{ceiling(doc) / g:.0f} tokens/s.")
+    if any(len(r.get("rounds", [])) > 1 for r in res):
+        lines.append("- rounds (the contestants taking turns; the table gives each one's median round): tokens/s "
+                     + "; ".join(f"{r['name']} " + ", ".join(fmt(x["tokens_per_s"], ".1f") for x in r["rounds"])
+                                 for r in res if len(r.get("rounds", [])) > 1) + ". Against "
+                     + f"{ref} in the same round: "
+                     + "; ".join(f"{name} " + ", ".join(fmt(x, ".2f") for x in xs)
+                                 for name, xs in (doc.get("round_ratios") or {}).items()) + ".")
     for r in res:
         for note in r.get("notes", []):
             lines.append(f"- {r['name']}: {note}")
@@ -942,6 +950,28 @@ def matched_ratio(results: list[dict], ref: str | None) -> dict | None:
             "ratio": m_tps / t_tps}
 
 
+def median_round(runs: list[dict]) -> dict:
+    """The run of a contestant's rounds with the median tokens/s (the lower middle of an even
+    count), carrying every round's figures; the last run when none finished."""
+    ok = sorted((r for r in runs if r["status"] == "ok" and r["steady_tokens_per_s"]),
+                key=lambda r: r["steady_tokens_per_s"])
+    chosen = dict(ok[(len(ok) - 1) // 2] if ok else runs[-1])
+    chosen["rounds"] = [{"tokens_per_s": r["steady_tokens_per_s"], "tokens_per_cpu_s": r.get("steady_tokens_per_cpu_s"),
+                         "measured_at": r["measured_at"]} for r in runs]
+    return chosen
+
+
+def round_ratios(results: list[dict], ref: str | None) -> dict:
+    """tokens/s of each round of every contestant over the reference's in the same round."""
+    refr = next((r for r in results if r["name"] == ref), None)
+    if not refr or len(refr.get("rounds", [])) < 2:
+        return {}
+    theirs = [x["tokens_per_s"] for x in refr["rounds"]]
+    return {r["name"]: [m["tokens_per_s"] / t if m["tokens_per_s"] and t else None
+                        for m, t in zip(r["rounds"], theirs)]
+            for r in results if r["name"] != ref and len(r.get("rounds", [])) > 1}
+
+
 def write_report(ctx: Ctx, doc: dict, results: dict) -> None:
     order = [n for n in CONTESTANTS if n in results]
     doc["results"] = [results[n] for n in order]
@@ -949,6 +979,7 @@ def write_report(ctx: Ctx, doc: dict, results: dict) -> None:
                 and results[n]["steady_tokens_per_s"]]
     doc["reference"] = max(torch_ok, key=lambda r: r["steady_tokens_per_s"])["name"] if torch_ok else None
     doc["matched"] = matched_ratio(doc["results"], doc["reference"])
+    doc["round_ratios"] = round_ratios(doc["results"], doc["reference"])
     doc["wall_s"] = time.perf_counter() - ctx.args.t0
     (ctx.out / "bench_results.json").write_text(json.dumps(doc, indent=2) + "\n", encoding="utf-8")
     (ctx.out / "bench_results.md").write_text(render_markdown(doc), encoding="utf-8")
@@ -1174,6 +1205,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--model", type=Path, default=None, help="the GGUF (default: edgeft's built-in SmolLM2)")
     p.add_argument("--seed-tasks", type=Path, default=SEED_TASKS,
                    help="seed tasks JSONL (default ../shared/data/seed_tasks.jsonl; if absent, generated chats)")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="run the contestants this many times, taking turns (mlx-lm once); the table gives each "
+                   "one's median round, a note every round's ratio (default 1; not with --scaling)")
     p.add_argument("--timeout", type=float, default=1800, help="seconds per contestant before it is stopped")
     p.add_argument("--run-slow-dtypes", action="store_true",
                    help=f"run a torch dtype even when its matmul is {SLOW_DTYPE}x slower than fp32's on this CPU")
@@ -1200,6 +1234,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     unknown = [c for c in args.only if c not in CONTESTANTS]
     if unknown:
         p.error(f"--only: unknown {', '.join(unknown)}; known: {', '.join(CONTESTANTS)}")
+    if args.rounds < 1:
+        p.error("--rounds must be at least 1")
     if args.steps <= args.warmup or args.mlx_lm_steps < 1:
         p.error("--steps must exceed --warmup, and --mlx-lm-steps be at least 1")
     return args
@@ -1252,14 +1288,25 @@ def main(argv=None) -> None:
             results = {r["name"]: r for r in prev.get("results", []) if r["name"] not in args.only}
             doc["edgeft_tokenizer"] = doc.get("edgeft_tokenizer") or prev.get("edgeft_tokenizer")
 
-    for name in [c for c in CONTESTANTS if c in args.only]:
-        print(f"{name}: running ...", flush=True)
-        results[name] = RUNNERS[name](ctx)
-        r = results[name]
-        print(f"{name}: {r['status']} {r['error'] or ''} steps {r['steps']}, "
-              f"{fmt(r['steady_tokens_per_s'], '.1f')} tokens/s, peak RSS {fmt(r['peak_rss_gb'])} GB, "
-              f"losses {[round(x, 3) for x in r['losses'][:3]]}..., {fmt(r['wall_s'], '.0f')} s", flush=True)
-        write_report(ctx, doc, results)
+    # With --rounds, the contestants take turns round after round (mlx-lm, slow, runs in the
+    # first only): this machine's speed drifts by a third within minutes (the README's bench
+    # section), so each contestant's median round goes in the table and the note gives every
+    # round's ratio, each from runs minutes apart.
+    names = [c for c in CONTESTANTS if c in args.only]
+    runs: dict[str, list[dict]] = {name: [] for name in names}
+    for rnd in range(args.rounds):
+        for name in names:
+            if name == "mlx-lm" and rnd > 0:
+                continue
+            label = f" (round {rnd + 1} of {args.rounds})" if args.rounds > 1 else ""
+            print(f"{name}: running{label} ...", flush=True)
+            r = RUNNERS[name](ctx)
+            runs[name].append(r)
+            results[name] = median_round(runs[name])
+            print(f"{name}: {r['status']} {r['error'] or ''} steps {r['steps']}, "
+                  f"{fmt(r['steady_tokens_per_s'], '.1f')} tokens/s, peak RSS {fmt(r['peak_rss_gb'])} GB, "
+                  f"losses {[round(x, 3) for x in r['losses'][:3]]}..., {fmt(r['wall_s'], '.0f')} s", flush=True)
+            write_report(ctx, doc, results)
 
     write_report(ctx, doc, results)
     print()
