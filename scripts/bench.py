@@ -905,12 +905,13 @@ def render_markdown(doc: dict) -> str:
                      "head where the loss is) over edgeft doctor's fp32 matmul speed: a ceiling of "
                      f"{ceiling(doc) / g:.0f} tokens/s.")
     if any(len(r.get("rounds", [])) > 1 for r in res):
+        ratios = doc.get("round_ratios") or {}
         lines.append("- rounds (the contestants taking turns; the table gives each one's median round): tokens/s "
                      + "; ".join(f"{r['name']} " + ", ".join(fmt(x["tokens_per_s"], ".1f") for x in r["rounds"])
-                                 for r in res if len(r.get("rounds", [])) > 1) + ". Against "
-                     + f"{ref} in the same round: "
-                     + "; ".join(f"{name} " + ", ".join(fmt(x, ".2f") for x in xs)
-                                 for name, xs in (doc.get("round_ratios") or {}).items()) + ".")
+                                 for r in res if len(r.get("rounds", [])) > 1) + "."
+                     + (f" Against {ref} in the same round: " + "; ".join(
+                         f"{name} " + ", ".join(fmt(x, ".2f") for x in xs) for name, xs in ratios.items()) + "."
+                        if ratios else ""))
     for r in res:
         for note in r.get("notes", []):
             lines.append(f"- {r['name']}: {note}")
@@ -1291,7 +1292,7 @@ def main(argv=None) -> None:
     # With --rounds, the contestants take turns round after round (mlx-lm, slow, runs in the
     # first only): this machine's speed drifts by a third within minutes (the README's bench
     # section), so each contestant's median round goes in the table and the note gives every
-    # round's ratio, each from runs minutes apart.
+    # round's ratio, each from two runs taken one right after the other.
     names = [c for c in CONTESTANTS if c in args.only]
     runs: dict[str, list[dict]] = {name: [] for name in names}
     for rnd in range(args.rounds):
