@@ -9,6 +9,11 @@ calls :func:`ensure` first thing.
 Candidates, first found wins (override with ``EDGEFT_BLAS=/path/to/lib.so`` or ``EDGEFT_BLAS=none``):
 MKL from the ``mkl`` wheel (a dependency on Linux x86_64), then a system OpenBLAS.
 
+With MKL, MLX's ``cblas_sgemm`` is edgeft's own (``edgeft/_sgemm.c``, built by the install): it
+hands MKL a wide product as calls of ``SPLIT_COLUMNS`` output columns each, which MKL's
+single-thread sgemm does faster (README, "CPU speed"). ``EDGEFT_SGEMM_SPLIT=0`` turns that off,
+``EDGEFT_SGEMM_SPLIT=N`` makes it N columns per call.
+
 Settings that a library reads once from the environment are given to it with
 :func:`set_while`, which takes them out again, so that child processes (pip, llama.cpp, other
 programs) never inherit them.
@@ -18,6 +23,7 @@ from __future__ import annotations
 
 import ctypes
 import glob
+import importlib.util
 import os
 import sys
 from contextlib import contextmanager
@@ -25,6 +31,18 @@ from pathlib import Path
 
 # What was loaded, for `edgeft doctor`: (name, path) or ("reference BLAS bundled with mlx", None).
 LOADED: tuple[str, str | None] | None = None
+
+# Products whose output has at least SPLIT_FROM_COLUMNS columns and SPLIT_FROM_ROWS rows reach MKL
+# as calls of SPLIT_COLUMNS columns (edgeft/_sgemm.c). Interleaved A/B, whole training steps on
+# an AMD EPYC (AVX2): SmolLM2-135M 1.07-1.10x, Qwen2.5-0.5B's shapes 1.11-1.25x (README).
+SPLIT_COLUMNS = 256
+SPLIT_FROM_COLUMNS = 1024
+SPLIT_FROM_ROWS = 64
+# What the split does in this process, for `edgeft doctor`.
+SPLIT: str | None = None
+_split_lib: ctypes.CDLL | None = None
+_sgemm: int | None = None  # the BLAS's own cblas_sgemm
+_columns = 0  # the split in force
 
 _SYSTEM_OPENBLAS = [
     "/usr/lib/x86_64-linux-gnu/openblas-pthread/libopenblas.so.0",
@@ -74,11 +92,63 @@ def _start_mkl(lib: ctypes.CDLL) -> None:
             start()
 
 
+def _split_columns() -> int:
+    setting = os.environ.get("EDGEFT_SGEMM_SPLIT", "").strip()
+    if not setting:
+        return SPLIT_COLUMNS
+    if not setting.isdigit():
+        raise RuntimeError(f"EDGEFT_SGEMM_SPLIT={setting}: give output columns per call (e.g. 256), or 0 for none")
+    return int(setting)
+
+
+def _load_split(blas: ctypes.CDLL) -> str:
+    """Put edgeft's cblas_sgemm into the global scope, ahead of `blas` (not yet global), calling it."""
+    global _split_lib, _sgemm
+    columns = _split_columns()
+    if columns == 0:
+        return "off (EDGEFT_SGEMM_SPLIT=0)"
+    spec = importlib.util.find_spec("edgeft._sgemm")
+    if spec is None or not spec.origin:
+        return "off (edgeft._sgemm was not built: the install found no C compiler)"
+    _split_lib = ctypes.CDLL(spec.origin, mode=ctypes.RTLD_GLOBAL)
+    _sgemm = ctypes.cast(blas.cblas_sgemm, ctypes.c_void_p).value
+    _set_split(columns)
+    return f"outputs >= {SPLIT_FROM_COLUMNS} columns in calls of {columns} columns (edgeft._sgemm)"
+
+
+def _set_split(columns: int) -> None:
+    global _columns
+    _split_lib.edgeft_sgemm_next(ctypes.c_void_p(_sgemm), columns, SPLIT_FROM_COLUMNS, SPLIT_FROM_ROWS)
+    _columns = columns
+
+
+@contextmanager
+def split(columns: int):
+    """Wide products as calls of `columns` output columns inside the block (0: whole, as MLX asks
+    for them); a no-op where they are not split (SPLIT says why). Not for blocks that run while
+    another thread evaluates MLX arrays."""
+    if _split_lib is None:
+        yield
+        return
+    before = _columns
+    _set_split(columns)
+    try:
+        yield
+    finally:
+        _set_split(before)
+
+
+def _global_sgemm() -> int:
+    """The cblas_sgemm that libraries loaded from now on (libmlx) will call."""
+    return ctypes.cast(ctypes.CDLL(None).cblas_sgemm, ctypes.c_void_p).value
+
+
 def ensure() -> tuple[str, str | None]:
     """Load the best BLAS into the global symbol scope once; return what is in use."""
-    global LOADED
+    global LOADED, SPLIT, _split_lib
     if LOADED is not None:
         return LOADED
+    SPLIT = "off (MKL only)"
     if sys.platform != "linux" or "mlx.core" in sys.modules:
         # macOS: MLX uses Accelerate. Already imported: too late to change it.
         LOADED = ("as linked by mlx", None)
@@ -90,11 +160,16 @@ def ensure() -> tuple[str, str | None]:
     options = [("EDGEFT_BLAS", choice)] if choice else candidates()
     for name, path in options:
         try:
-            lib = ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
+            lib = ctypes.CDLL(path)  # not global yet: edgeft's cblas_sgemm goes ahead of it
         except OSError:
             if name == "EDGEFT_BLAS":
                 raise RuntimeError(f"EDGEFT_BLAS={path}: cannot load that library") from None
             continue
+        if name == "MKL":  # where it was measured
+            SPLIT = _load_split(lib)
+        lib = ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
+        if _split_lib is not None and _global_sgemm() != ctypes.cast(_split_lib.cblas_sgemm, ctypes.c_void_p).value:
+            SPLIT, _split_lib = "off (another library's cblas_sgemm comes first in this process)", None
         _start_mkl(lib)
         LOADED = (name, str(Path(path).resolve()))
         return LOADED

@@ -145,7 +145,7 @@ def test_models_and_doctor(home):
     r = CliRunner().invoke(main, ["models"])
     assert r.exit_code == 0 and "smollm2-135m-instruct" in r.output
     r = CliRunner().invoke(main, ["doctor"])
-    assert r.exit_code == 0 and "BLAS" in r.output and "GFLOP/s" in r.output
+    assert r.exit_code == 0 and "BLAS" in r.output and "GFLOP/s" in r.output and "split    " in r.output
 
 
 def test_tune_help_shows_every_default(home):
