@@ -35,6 +35,7 @@ import mlx.nn as nn
 import mlx.optimizers as optim
 
 from edgeft import (
+    _blas,
     backend,
     batches,
     data_files,
@@ -43,6 +44,7 @@ from edgeft import (
     loader,
     lora,
     loss,
+    runs,
     system,
 )
 from edgeft.config import DataConfig, LoRAConfig
@@ -72,12 +74,13 @@ def chat_file(src: Path, out: Path, join_tokens: int = 0) -> Path:
 def setup(args):
     """(model, samples) with LoRA applied the way `edgeft tune` does it."""
     loaded = loader.load(hub.resolve(args.model), quantize_bits=args.quantize_bits)
+    runs.choose_chat_template(loaded, None)  # as `edgeft tune`: a built-in when it has none (Gemma's GGUF)
     backend.prepare(loaded.model)
     mx.random.seed(0)
     lora.apply_lora(loaded.model, LoRAConfig(rank=args.rank))
     with tempfile.TemporaryDirectory() as tmp:
         path = chat_file(Path(args.data), Path(tmp) / "chat.jsonl", args.join_tokens)
-        samples, _ = data_files.load_samples(path, loaded.tokenizer, DataConfig(), args.max_seq_len)
+        samples, _ = data_files.load_samples(path, loaded.tokenizer, DataConfig(skip_bad_lines=True), args.max_seq_len)
     return loaded.model, samples
 
 
@@ -169,6 +172,21 @@ def with_setting(make, obj, name, value):
     return made
 
 
+def within(make, context):
+    """A variant that runs `make`'s step inside `context()`."""
+
+    def made(model):
+        step = make(model)
+
+        def step_within(batch):
+            with context():
+                step(batch)
+
+        return step_within
+
+    return made
+
+
 KEEP_DEQUANTIZED = True  # False: dequantize every weight again in every step (as before)
 
 
@@ -183,6 +201,8 @@ VARIANTS = {
     "mlx-logsumexp": with_setting(default_step, backend, "logsumexp", lambda x: mx.logsumexp(x, axis=-1)),
     "whole-attention": with_setting(default_step, backend, "ATTENTION_BLOCK", 1 << 30),
     "blocks-one-stream": with_setting(default_step, backend, "IDLE_STREAMS", False),
+    "whole-products": within(default_step, lambda: _blas.split(0)),  # MKL gets wide products whole
+    "split-512": within(default_step, lambda: _blas.split(512)),
 }
 
 
