@@ -11,7 +11,7 @@ MKL from the ``mkl`` wheel (a dependency on Linux x86_64), then a system OpenBLA
 
 With MKL, MLX's ``cblas_sgemm`` is edgeft's own (``edgeft/_sgemm.c``, built by the install): it
 hands MKL a wide product as calls of ``SPLIT_COLUMNS`` output columns each, which MKL's
-single-thread sgemm does faster (README, "CPU speed"). ``EDGEFT_SGEMM_SPLIT=0`` turns that off,
+single-thread sgemm does faster (README, "How it runs on a CPU"). ``EDGEFT_SGEMM_SPLIT=0`` turns that off,
 ``EDGEFT_SGEMM_SPLIT=N`` makes it N columns per call.
 
 Settings that a library reads once from the environment are given to it with
@@ -34,7 +34,8 @@ LOADED: tuple[str, str | None] | None = None
 
 # Products whose output has at least SPLIT_FROM_COLUMNS columns and SPLIT_FROM_ROWS rows reach MKL
 # as calls of SPLIT_COLUMNS columns (edgeft/_sgemm.c). Interleaved A/B, whole training steps on
-# an AMD EPYC (AVX2): SmolLM2-135M 1.07-1.10x, Qwen2.5-0.5B's shapes 1.11-1.25x (README).
+# an AMD EPYC (AVX2), against whole products: SmolLM2-135M 1.04-1.10x, Gemma 3 270M 1.09-1.13x,
+# Qwen2.5-0.5B's shapes 1.11-1.25x; 512 columns no better (README). Not measured on Intel.
 SPLIT_COLUMNS = 256
 SPLIT_FROM_COLUMNS = 1024
 SPLIT_FROM_ROWS = 64

@@ -2,10 +2,10 @@
  *
  * MLX's CPU matmul calls cblas_sgemm once per product, from each of its stream threads with MKL
  * at one thread. MKL's single-thread sgemm slows down when the output is wide (the FFN's up and
- * gate projections, their backward, the vocabulary head): measured per product and in whole
- * training steps, the same product done as calls of `block` output columns each runs 1.1-1.25x
- * faster (README, "CPU speed"). Each block is an ordinary sgemm over the same rows of A and the
- * same K, so every output element is the same dot product.
+ * gate projections, their backward, the vocabulary head). Done as calls of `block` output
+ * columns each, whole training steps ran 1.04-1.25x faster on an AMD EPYC (README, "How it runs
+ * on a CPU"). Each block is an ordinary sgemm over the same rows of A and the whole K, so every
+ * output element is the same dot product.
  *
  * edgeft/_blas.py loads this library into the global symbol scope before the BLAS, so MLX's
  * cblas_sgemm resolves here, and hands it the BLAS's own cblas_sgemm through edgeft_sgemm_next().
