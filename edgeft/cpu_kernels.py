@@ -24,7 +24,7 @@ import itertools
 import math
 import queue
 import threading
-from functools import lru_cache
+from collections import OrderedDict
 
 import mlx.core as mx
 
@@ -218,19 +218,33 @@ def _softmax_vjp(primals, cotangent, output):
 softmax = custom(_softmax, _softmax_vjp)  # mx.softmax(x, axis=-1)
 
 
-# Bounded rather than counted in edgeft/plan.py: a mask is rows x cols fp32 (1.8 MB per sequence
-# of 384 tokens on SmolLM2, 3 query heads per KV head), one per distinct sequence length. The
-# masks of the batch in flight are inside the peaks plan.py's coefficients were fitted to; 8
-# kept (a batch of the default 4 and the one before) add at most ~14 MB at that length, where
-# 256 could hold ~0.45 GB the plan never saw. Rebuilding a mask costs one pass over it, less
-# than the softmax it feeds.
-@lru_cache(maxsize=8)
+# Bounded rather than counted in edgeft/plan.py: a mask is rows x cols fp32, one per distinct
+# (query rows, key columns) of an attention call. A long sample's causal query blocks
+# (backend.ATTENTION_BLOCK) each have their own: 22 at 2048 tokens, 26 MB in all at SmolLM2's
+# 3 query heads per KV head, 60 MB at Qwen2.5-0.5B's 7. Kept up to _MASK_BYTES, least recently
+# used out first: a step's masks and the last step's, where a cache of 8 masks rebuilt most of
+# them in every layer. The masks of the batch in flight are inside the peaks plan.py's
+# coefficients were fitted to; the cache adds at most _MASK_BYTES to them. Rebuilding a mask costs
+# one pass over it, less than the softmax it feeds.
+_MASK_BYTES = 64 << 20
+_masks: OrderedDict[tuple[int, int, int], mx.array] = OrderedDict()
+_masks_lock = threading.Lock()
+
+
 def _causal_bias(rows: int, cols: int, period: int) -> mx.array:
     """0 where row r (query position r % period among the last `period` of `cols`) may see the
     column, -inf where it may not."""
-    pos = mx.arange(rows) % period + (cols - period)
-    bias = mx.where(mx.arange(cols)[None, :] <= pos[:, None], 0.0, -mx.inf)
-    mx.eval(bias)
+    key = (rows, cols, period)
+    with _masks_lock:
+        bias = _masks.pop(key, None)
+        if bias is None:
+            pos = mx.arange(rows) % period + (cols - period)
+            bias = mx.where(mx.arange(cols)[None, :] <= pos[:, None], 0.0, -mx.inf)
+            mx.eval(bias)
+        _masks[key] = bias
+        total = sum(b.nbytes for b in _masks.values())
+        while total > _MASK_BYTES and len(_masks) > 1:
+            total -= _masks.popitem(last=False)[1].nbytes
     return bias
 
 

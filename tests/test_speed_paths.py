@@ -233,6 +233,21 @@ def test_causal_blocks_cover_every_position_once_with_equal_work(T, n):
         assert max(work) < 1.2 * min(work) and sum(work) < 0.7 * T * T
 
 
+def test_causal_masks_are_kept_within_their_byte_budget_most_recent_first(monkeypatch):
+    monkeypatch.setattr(cpu_kernels, "_masks", type(cpu_kernels._masks)())
+    monkeypatch.setattr(cpu_kernels, "_MASK_BYTES", 3 * 12 * 43 * 4)  # three masks of 12 x 43 or less
+    first = cpu_kernels._causal_bias(12, 40, 4)
+    expect = mx.where(mx.arange(40)[None] <= (mx.arange(12) % 4 + 36)[:, None], 0.0, -mx.inf)
+    assert mx.array_equal(first, expect)
+    for cols in (41, 42):
+        cpu_kernels._causal_bias(12, cols, 4)
+    assert cpu_kernels._causal_bias(12, 40, 4) is first  # kept, and now the most recent
+    cpu_kernels._causal_bias(12, 43, 4)  # over budget: the least recently used (41) goes
+    assert list(cpu_kernels._masks) == [(12, 42, 4), (12, 40, 4), (12, 43, 4)]
+    big = cpu_kernels._causal_bias(100, 100, 100)  # alone over budget: kept until the next
+    assert list(cpu_kernels._masks) == [(100, 100, 100)] and big.shape == (100, 100)
+
+
 def test_attention_blocks_go_to_the_idle_streams_only_when_the_step_runs_on_one(monkeypatch):
     monkeypatch.setattr(backend, "CPU_CORES", 2)
     monkeypatch.setattr(backend, "CPU_STREAMS", None)
