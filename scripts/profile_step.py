@@ -200,6 +200,7 @@ VARIANTS = {
     "dequantize-each-step": with_setting(default_step, sys.modules[__name__], "KEEP_DEQUANTIZED", False),
     "mlx-logsumexp": with_setting(default_step, backend, "logsumexp", lambda x: mx.logsumexp(x, axis=-1)),
     "whole-attention": with_setting(default_step, backend, "ATTENTION_BLOCK", 1 << 30),
+    "attention-block-256": with_setting(default_step, backend, "ATTENTION_BLOCK", 256),
     "blocks-one-stream": with_setting(default_step, backend, "IDLE_STREAMS", False),
     "whole-products": within(default_step, lambda: _blas.split(0)),  # MKL gets wide products whole
     "split-512": within(default_step, lambda: _blas.split(512)),
