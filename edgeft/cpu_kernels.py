@@ -224,8 +224,8 @@ softmax = custom(_softmax, _softmax_vjp)  # mx.softmax(x, axis=-1)
 # 3 query heads per KV head, 60 MB at Qwen2.5-0.5B's 7. Kept up to _MASK_BYTES, least recently
 # used out first: a step's masks and the last step's, where a cache of 8 masks rebuilt most of
 # them in every layer. The masks of the batch in flight are inside the peaks plan.py's
-# coefficients were fitted to; the cache adds at most _MASK_BYTES to them. Rebuilding a mask costs
-# one pass over it, less than the softmax it feeds.
+# coefficients were fitted to; the cache adds at most _MASK_BYTES to them (or one mask, if that
+# alone is larger). Rebuilding a mask costs one pass over it, less than the softmax it feeds.
 _MASK_BYTES = 64 << 20
 _masks: OrderedDict[tuple[int, int, int], mx.array] = OrderedDict()
 _masks_lock = threading.Lock()
