@@ -10,6 +10,7 @@ wall time and this process's CPU time are both shown (CPU time suffers less from
     python scripts/profile_step.py ablate            # what each op family costs inside a step
     python scripts/profile_step.py ab A B ...        # step variants, interleaved (see VARIANTS)
     python scripts/profile_step.py micro             # single ops at the model's shapes
+    python scripts/profile_step.py attention         # causal attention alone, by length and block
 
 Thread settings are per process: compare them with alternating runs of `ab base`, e.g.
 ``for i in 1 2 3; do KMP_BLOCKTIME=0 python ... ab base; python ... ab base; done``.
@@ -413,9 +414,41 @@ def cmd_micro(args, model, samples):
     bench("logsumexp 216x49152", lambda l: mx.logsumexp(l, axis=-1), h @ E.T)
 
 
+def cmd_attention(args, model, samples):
+    """Causal attention forward + backward alone at the model's head shapes, over sequence
+    lengths, with query blocks of several sizes (backend.ATTENTION_BLOCK), interleaved."""
+    attn = backend._attention_modules(model)[0]
+    H, Hkv = attn.n_heads, attn.n_kv_heads
+    D = getattr(attn, "head_dim", None) or attn.q_proj.weight.shape[0] // H
+    sdpa = backend._fast_sdpa(mx.fast.scaled_dot_product_attention)
+    blocks = (256, 128, 96, 64)
+    print(f"heads {H}/{Hkv}, {D} wide; ms per forward + backward (median of {args.repeats * 3})")
+    ratios = {b: [] for b in blocks}
+    for T in (256, 384, 512, 768, 1024, 1536, 2048):
+        q, k, v = mx.random.normal((1, H, T, D)), mx.random.normal((1, Hkv, T, D)), mx.random.normal((1, Hkv, T, D))
+
+        def loss(q, k, v):
+            with backend.fast_forward():
+                return (sdpa(q, k, v, scale=D**-0.5, mask="causal") * mx.repeat(v, H // Hkv, axis=1)).sum()
+
+        grad = mx.grad(loss, argnums=(0, 1, 2))
+        times = {b: [] for b in blocks}
+        for _ in range(args.repeats * 3 + 1):
+            for b in blocks:
+                with patched(backend, "ATTENTION_BLOCK", b):
+                    tic = time.perf_counter()
+                    mx.eval(grad(q, k, v))
+                    times[b].append(time.perf_counter() - tic)
+        med = {b: statistics.median(t[1:]) * 1e3 for b, t in times.items()}  # the first: compiles
+        for b in blocks:
+            ratios[b].append(med[b] / med[blocks[0]])
+        print(f"T={T:5d} " + " ".join(f"block {b}: {med[b]:7.1f}" for b in blocks), flush=True)
+    print("mean time against blocks of 256: " + ", ".join(f"{b}: {statistics.mean(r):.2f}x" for b, r in ratios.items()))
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("command", choices=["phases", "ablate", "ab", "micro"])
+    p.add_argument("command", choices=["phases", "ablate", "ab", "micro", "attention"])
     p.add_argument("variants", nargs="*", default=["base"])
     p.add_argument("--model", default="smollm2-135m-instruct")
     p.add_argument("--data", default=str(SEED_TASKS), help="seed tasks JSONL (default ../shared/data/seed_tasks.jsonl)")
@@ -430,7 +463,8 @@ def main():
     p.add_argument("--repeats", type=int, default=3)
     args = p.parse_args()
     model, samples = setup(args)
-    {"phases": cmd_phases, "ablate": cmd_ablate, "ab": cmd_ab, "micro": cmd_micro}[args.command](args, model, samples)
+    {"phases": cmd_phases, "ablate": cmd_ablate, "ab": cmd_ab, "micro": cmd_micro,
+     "attention": cmd_attention}[args.command](args, model, samples)
 
 
 if __name__ == "__main__":
