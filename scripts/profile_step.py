@@ -39,6 +39,7 @@ from edgeft import (
     _blas,
     backend,
     batches,
+    cpu_kernels,
     data_files,
     dequant,
     hub,
@@ -202,6 +203,7 @@ VARIANTS = {
     "mlx-logsumexp": with_setting(default_step, backend, "logsumexp", lambda x: mx.logsumexp(x, axis=-1)),
     "whole-attention": with_setting(default_step, backend, "ATTENTION_BLOCK", 1 << 30),
     "attention-block-256": with_setting(default_step, backend, "ATTENTION_BLOCK", 256),
+    "exp-one-chain": with_setting(default_step, cpu_kernels, "_exp_fused", cpu_kernels.fused(cpu_kernels._exp)),
     "blocks-one-stream": with_setting(default_step, backend, "IDLE_STREAMS", False),
     "whole-products": within(default_step, lambda: _blas.split(0)),  # MKL gets wide products whole
     "split-512": within(default_step, lambda: _blas.split(512)),
