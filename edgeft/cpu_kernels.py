@@ -36,15 +36,24 @@ _C = (1.0, 1.0, 5.0000001201e-1, 1.6666665459e-1, 4.1665795894e-2, 8.3334519073e
 _LOW, _HIGH = -87.0, 88.0  # exp is 0 below _LOW (as MLX's is below -88) and finite up to _HIGH
 
 
+def _exp_remainder(xc: mx.array, n: mx.array) -> mx.array:
+    """r = xc - n ln 2, in two steps (Cody-Waite)."""
+    return (xc - n * _LN2_HI) - n * _LN2_LO
+
+
+def _exp_polynomial(r: mx.array) -> mx.array:
+    """exp(r) on [-ln2/2, ln2/2], in Estrin form (a shallow graph fuses into fewer loops)."""
+    r2 = r * r
+    return (_C[0] + _C[1] * r + r2 * (_C[2] + _C[3] * r)) + (r2 * r2) * ((_C[4] + _C[5] * r) + r2 * (_C[6] + _C[7] * r))
+
+
 def _exp(x: mx.array) -> mx.array:
-    """exp as fusable ops: 2**n * p(r) with n = round(x / ln 2), the polynomial in Estrin form
-    (a shallow graph fuses into fewer loops) and 2**n written into the exponent bits."""
+    """exp as fusable ops: 2**n * p(r) with n = round(x / ln 2) and 2**n written into the
+    exponent bits."""
     xc = mx.clip(x, _LOW, _HIGH)
     t = xc * _LOG2E + _ROUND
     n = t - _ROUND
-    r = (xc - n * _LN2_HI) - n * _LN2_LO
-    r2 = r * r
-    p = (_C[0] + _C[1] * r + r2 * (_C[2] + _C[3] * r)) + (r2 * r2) * ((_C[4] + _C[5] * r) + r2 * (_C[6] + _C[7] * r))
+    p = _exp_polynomial(_exp_remainder(xc, n))
     two_n = ((t.view(mx.int32) - (0x4B400000 - 127)) << 23).view(mx.float32)  # bits(t) = 0x4B400000 + n
     return mx.where(x < _LOW, 0.0, p * two_n)
 
@@ -135,15 +144,12 @@ def _exp_reduced(x):
     """(r, the bits of 2**n) with x = n ln 2 + r; the bits 0 (+0.0) where exp(x) is 0."""
     xc = mx.clip(x, _LOW, _HIGH)
     n = (xc * _LOG2E + _ROUND) - _ROUND
-    r = (xc - n * _LN2_HI) - n * _LN2_LO
-    return r, mx.where(x < _LOW, 0, (n.astype(mx.int32) + 127) << 23)
+    return _exp_remainder(xc, n), mx.where(x < _LOW, 0, (n.astype(mx.int32) + 127) << 23)
 
 
 @fused
 def _exp_poly(r, two_n):
-    r2 = r * r
-    p = (_C[0] + _C[1] * r + r2 * (_C[2] + _C[3] * r)) + (r2 * r2) * ((_C[4] + _C[5] * r) + r2 * (_C[6] + _C[7] * r))
-    return p * two_n
+    return _exp_polynomial(r) * two_n
 
 
 def _exp_fused(x: mx.array) -> mx.array:
@@ -266,10 +272,10 @@ def _causal_bias(rows: int, cols: int, period: int) -> mx.array:
             pos = mx.arange(rows) % period + (cols - period)
             bias = mx.where(mx.arange(cols)[None, :] <= pos[:, None], 0.0, -mx.inf)
             mx.eval(bias)
+            total = sum(b.nbytes for b in _masks.values()) + bias.nbytes
+            while total > _MASK_BYTES and _masks:  # a new mask alone over the budget is still kept
+                total -= _masks.popitem(last=False)[1].nbytes
         _masks[key] = bias
-        total = sum(b.nbytes for b in _masks.values())
-        while total > _MASK_BYTES and len(_masks) > 1:
-            total -= _masks.popitem(last=False)[1].nbytes
     return bias
 
 
