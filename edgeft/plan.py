@@ -17,10 +17,11 @@ The per-token and per-score byte counts are measured, not derived: fitted to MLX
 (mx.get_peak_memory) during edgeft's own trainer.train (packed CPU batches) over tiny models
 (9 shapes: width 64-256, MLP 128-1024, 2 or 4 layers, 4 or 8 heads; 7 batch shapes each) and
 the real SmolLM2-135M at 10 batch shapes from 1x128 to 4x256 and 1x1024 (mlx 0.32.4, Linux
-x86_64 CPU, SmolLM2 weighted as much as all tiny shapes together; refitted after the base
-weights became dequantized once per run, which lowered SmolLM2's peaks by 12-28%). The estimate
-is within -2% to +3% on every SmolLM2 shape, -10% to +12% on the tiny test model; on the other
-tiny shapes -20% to +24%, and up to +42% over where all 512 tokens carry loss.
+x86_64 CPU, SmolLM2 weighted as much as all tiny shapes together; last refitted after attention
+ran in query blocks and exp in two loops, which had moved the old fit to +16% at SmolLM2's
+1x1024 and -22% on tiny shapes). The estimate is within -1% to +1% on every SmolLM2 shape, -5%
+to +4% on the tiny test model (+20% where all 512 tokens carry loss); on the other tiny shapes
+-13% to +11%.
 With gradient checkpointing each block keeps only its input and one block is redone at a time:
 over SmolLM2's measured peak by 17-21% (measured before the refit, not since), but far under on
 tiny models, whose peak MLX raises 2-4x with checkpointing on (so auto_fit never turns it on).
@@ -70,8 +71,8 @@ class Coefficients:
     logits_per_v: float  # per loss position per vocabulary entry: logits, softmax, their gradients
 
 
-FITTED = Coefficients(act_per_h=7.5, act_per_i=14.8, transient_per_i=31.4, attn_saved=4.4,
-                      attn_transient=6.5, logits_per_v=16.0)
+FITTED = Coefficients(act_per_h=22.5, act_per_i=12.3, transient_per_i=51.7, attn_saved=2.2,
+                      attn_transient=7.5, logits_per_v=16.0)
 LORA_COPIES = 5  # fp32: parameters, 2 AdamW moments, gradient, clipped gradient
 CHECKPOINT_FILES = 3  # adapters + optimizer moments: 3 fp32 values per adapter parameter
 
