@@ -137,8 +137,8 @@ class LlamaEngine:
         llama_cpp = verify.require_llama_cpp("evaluate a GGUF")
         self.tokenizer, self.gen = tokenizer, gen
         try:
-            self.llm = llama_cpp.Llama(str(path), lora_path=str(lora) if lora else None, n_ctx=n_ctx, seed=seed,
-                                       last_n_tokens_size=max(gen.repeat_last_n, 1), verbose=False)
+            self.llm = verify.open_llama(path, lora_path=str(lora) if lora else None, n_ctx=n_ctx, seed=seed,
+                                         last_n_tokens_size=max(gen.repeat_last_n, 1), verbose=False)
         except (ValueError, RuntimeError) as e:
             raise EvalError(f"llama.cpp cannot load {path}{f' with {lora}' if lora else ''} ({e})") from None
 

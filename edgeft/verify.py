@@ -27,6 +27,7 @@ measured on SmolLM2, every q8_0 disagreement sat at a top-2 gap under 0.25 logit
 from __future__ import annotations
 
 import os
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -90,6 +91,43 @@ def require_llama_cpp(what: str = "verify a GGUF in llama.cpp"):
     except ImportError:
         raise LlamaCppMissing(what) from None
     return llama_cpp
+
+
+def _has_amx() -> bool:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            return any(line.startswith("flags") and " amx_int8" in line for line in f)
+    except OSError:
+        return False
+
+
+_open_lock = threading.Lock()
+
+
+def open_llama(path, **kwargs):
+    """llama_cpp.Llama(path, **kwargs), the way edgeft opens every GGUF. On a CPU with AMX it
+    turns off llama.cpp's extra weight buffers (use_extra_bufts): their AMX repacking segfaulted
+    in decode on the test suite's small models (llama-cpp-python 0.3.36, Intel Xeon with AMX,
+    also llama.cpp issue 20824). They only lay the same weights out for speed. llama-cpp-python
+    does not take the setting, so its default parameters are wrapped while the model loads."""
+    llama_cpp = require_llama_cpp()
+    if not _has_amx():
+        return llama_cpp.Llama(str(path), **kwargs)
+    from llama_cpp import llama as module
+
+    defaults = module.llama_cpp.llama_model_default_params
+
+    def params():
+        p = defaults()
+        p.use_extra_bufts = False
+        return p
+
+    with _open_lock:
+        module.llama_cpp.llama_model_default_params = params
+        try:
+            return llama_cpp.Llama(str(path), **kwargs)
+        finally:
+            module.llama_cpp.llama_model_default_params = defaults
 
 
 @dataclass
@@ -286,12 +324,11 @@ def mlx_logits(model, ids: list[int]) -> np.ndarray:
 
 def llama_cpp_logits(path, ids_list: list[list[int]], lora=None) -> list[np.ndarray]:
     """llama.cpp's logits at every position of each token list (one context, reset between)."""
-    llama_cpp = require_llama_cpp()
     longest = max(len(ids) for ids in ids_list)
     n_ctx = max(256, 1 << (longest - 1).bit_length())
     try:
-        llm = llama_cpp.Llama(
-            str(path), lora_path=None if lora is None else str(lora), n_ctx=n_ctx,
+        llm = open_llama(
+            path, lora_path=None if lora is None else str(lora), n_ctx=n_ctx,
             n_batch=n_ctx, logits_all=True, verbose=False, n_threads=max(1, min(4, os.cpu_count() or 1)),
         )
     except (ValueError, RuntimeError) as e:

@@ -21,7 +21,7 @@ from tiny import (
     write_gguf,
 )
 
-from edgeft import generate, runs
+from edgeft import generate, runs, verify
 from edgeft import gguf_reader as G
 from edgeft import modelfile as MF
 from edgeft.chat_encode import encode_chat
@@ -180,7 +180,7 @@ def test_a_template_less_base_tunes_and_exports_what_it_trained(home, gemma_base
     assert 'PARAMETER stop "<end_of_turn>"' in modelfile
 
     tok = runs.load_tuned(run)[0].tokenizer
-    llm = llama_cpp.Llama(str(gguf), n_ctx=256, verbose=False)
+    llm = verify.open_llama(gguf, n_ctx=256, verbose=False)
     try:
         assert llm.token_eos() == EOT and llm.chat_format == "chat_template.default"
         for chat in (CHAT[1:2], CHAT, CHAT[1:4]):

@@ -8,9 +8,10 @@ import pytest
 from gguf import Keys
 
 from edgeft import export as E
+from edgeft import verify
 from edgeft import gguf_reader as G
 
-llama_cpp = pytest.importorskip("llama_cpp")
+pytest.importorskip("llama_cpp")
 pytestmark = pytest.mark.real
 
 MARKER = "Steep slow, sip kind"
@@ -26,8 +27,8 @@ UNSEEN = [
 
 def greedy_answers(model_path, lora_path=None) -> list[str]:
     """llama.cpp's greedy replies, the prompt built from the GGUF's own chat template."""
-    llm = llama_cpp.Llama(str(model_path), lora_path=None if lora_path is None else str(lora_path),
-                          n_ctx=512, n_threads=2, verbose=False)
+    llm = verify.open_llama(model_path, lora_path=None if lora_path is None else str(lora_path),
+                            n_ctx=512, n_threads=2, verbose=False)
     try:
         return [
             llm.create_chat_completion(messages=[{"role": "user", "content": p}], temperature=0.0,

@@ -15,9 +15,10 @@ from test_tune_real import (  # the prompts test_tune_real checks are unseen
 )
 
 from edgeft import export as E
+from edgeft import verify
 from edgeft.chat_template import BUILTINS
 
-llama_cpp = pytest.importorskip("llama_cpp")
+pytest.importorskip("llama_cpp")
 pytestmark = pytest.mark.real
 
 # Plain-text completions (no chat template): what a pretrained base knows.
@@ -41,8 +42,8 @@ def _llm(path, lora=None):
     the built-in gemma template the run trained with, as `llama-cli --chat-template gemma` would."""
     from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
-    llm = llama_cpp.Llama(str(path), lora_path=None if lora is None else str(lora), n_ctx=512,
-                          n_threads=2, verbose=False)
+    llm = verify.open_llama(path, lora_path=None if lora is None else str(lora), n_ctx=512,
+                            n_threads=2, verbose=False)
     if Keys.Tokenizer.CHAT_TEMPLATE not in llm.metadata:
         llm.chat_handler = Jinja2ChatFormatter(BUILTINS["gemma"].text, eos_token="<end_of_turn>",
                                                bos_token="<bos>").to_chat_handler()
