@@ -12,7 +12,10 @@ MKL from the ``mkl`` wheel (a dependency on Linux x86_64), then a system OpenBLA
 With MKL, MLX's ``cblas_sgemm`` is edgeft's own (``edgeft/_sgemm.c``, built by the install): it
 hands MKL a wide product as calls of ``SPLIT_COLUMNS`` output columns each, which MKL's
 single-thread sgemm does faster (README, "How it runs on a CPU"). ``EDGEFT_SGEMM_SPLIT=0`` turns that off,
-``EDGEFT_SGEMM_SPLIT=N`` makes it N columns per call.
+``EDGEFT_SGEMM_SPLIT=N`` makes it N columns per call. Inside :func:`bf16` it also hands the
+larger products to MKL's ``cblas_gemm_bf16bf16f32`` (inputs rounded to bfloat16, fp32 sums),
+which CPUs with bfloat16 units (AMX, AVX512-BF16) run several times faster than sgemm;
+:func:`bf16_speedup` measures by how much on this machine.
 
 Settings that a library reads once from the environment are given to it with
 :func:`set_while`, which takes them out again, so that child processes (pip, llama.cpp, other
@@ -43,7 +46,13 @@ SPLIT_FROM_ROWS = 64
 SPLIT: str | None = None
 _split_lib: ctypes.CDLL | None = None
 _sgemm: int | None = None  # the BLAS's own cblas_sgemm
+_bf16_gemm: int | None = None  # MKL's cblas_gemm_bf16bf16f32
 _columns = 0  # the split in force
+# Inside bf16(): products whose sides (rows, columns, inner) are all at least this many go in
+# bfloat16. The rank-8 LoRA products stay fp32.
+BF16_FROM = 32
+_speedup: float | None = None
+_bf16_on = False
 
 _SYSTEM_OPENBLAS = [
     "/usr/lib/x86_64-linux-gnu/openblas-pthread/libopenblas.so.0",
@@ -113,6 +122,9 @@ def _load_split(blas: ctypes.CDLL) -> str:
         return "off (edgeft._sgemm was not built: the install found no C compiler)"
     _split_lib = ctypes.CDLL(spec.origin, mode=ctypes.RTLD_GLOBAL)
     _sgemm = ctypes.cast(blas.cblas_sgemm, ctypes.c_void_p).value
+    global _bf16_gemm
+    gemm = getattr(blas, "cblas_gemm_bf16bf16f32", None)
+    _bf16_gemm = ctypes.cast(gemm, ctypes.c_void_p).value if gemm is not None else None
     _set_split(columns)
     return f"outputs >= {SPLIT_FROM_COLUMNS} columns in calls of {columns} columns (edgeft._sgemm)"
 
@@ -137,6 +149,91 @@ def split(columns: int):
         yield
     finally:
         _set_split(before)
+
+
+def bf16_available() -> bool:
+    """Whether bf16() can hand products to a bfloat16 GEMM in this process (MKL and edgeft._sgemm)."""
+    return _split_lib is not None and _bf16_gemm is not None
+
+
+@contextmanager
+def bf16(on: bool = True):
+    """Inside the block, MLX's products with every side >= BF16_FROM take bfloat16 inputs and fp32
+    sums (MKL's cblas_gemm_bf16bf16f32); a no-op where bf16_available() is False. Not for blocks
+    that run while another thread evaluates MLX arrays."""
+    global _bf16_on
+    if not (on and bf16_available()) or _bf16_on:
+        yield
+        return
+    _split_lib.edgeft_sgemm_bf16(ctypes.c_void_p(_bf16_gemm), BF16_FROM)
+    _bf16_on = True
+    try:
+        yield
+    finally:
+        _split_lib.edgeft_sgemm_bf16(None, 0)
+        _split_lib.edgeft_sgemm_unfix()
+        _fixed.clear()
+        _bf16_on = False
+
+
+# Fixed matrices inside bf16(): id -> the array, kept alive (its memory is its own) while its
+# bfloat16 copy may be used.
+_fixed: dict[int, object] = {}
+
+
+def fix(arrays) -> None:
+    """Inside bf16(), while nothing is being evaluated: these MLX fp32 matrices (evaluated here if
+    they are not yet) do not change until the block ends (a run's dequantized base weights), so
+    each is rounded to bfloat16 once, at its first product, not in every product (2 bytes per
+    value, freed at the end of the block)."""
+    if not _bf16_on:
+        return
+    import numpy as np
+
+    for a in arrays:
+        if id(a) in _fixed:
+            continue
+        view = np.asarray(a)  # the array's own memory (evaluated if it was not)
+        if view.dtype != np.float32 or not view.flags.c_contiguous:
+            continue
+        if not _split_lib.edgeft_sgemm_fix(ctypes.c_void_p(view.ctypes.data), ctypes.c_size_t(view.size)):
+            return
+        _fixed[id(a)] = a
+
+
+def bf16_speedup() -> float | None:
+    """sgemm's time over the bf16 path's (rounding included) at one BLAS thread, on a product of a
+    small model's shape (512 x 576 @ 576 x 1536), measured once per process (~50 ms); None where
+    there is no bf16 path. Above 1 the CPU multiplies bfloat16 faster: AMX, AVX512-BF16."""
+    global _speedup
+    if _speedup is None and bf16_available():
+        import time
+
+        import numpy as np
+
+        m, k, n = 512, 576, 1536
+        rng = np.random.default_rng(0)
+        a, b = rng.standard_normal((m, k), dtype=np.float32), rng.standard_normal((k, n), dtype=np.float32)
+        c = np.empty((m, n), np.float32)
+        ptr = lambda x: x.ctypes.data_as(ctypes.c_void_p)  # noqa: E731
+        blas = ctypes.CDLL(LOADED[1])
+        threads = blas.MKL_Set_Num_Threads_Local(1)
+
+        def best(on: bool) -> float:
+            times = []
+            with bf16(on):
+                for _ in range(6):
+                    tic = time.perf_counter()
+                    _split_lib.cblas_sgemm(101, 111, 111, m, n, k, ctypes.c_float(1.0), ptr(a), k, ptr(b), n,
+                                           ctypes.c_float(0.0), ptr(c), n)
+                    times.append(time.perf_counter() - tic)
+            return min(times[1:])
+
+        try:
+            _speedup = best(False) / best(True)
+        finally:
+            blas.MKL_Set_Num_Threads_Local(threads)
+    return _speedup
 
 
 def _global_sgemm() -> int:

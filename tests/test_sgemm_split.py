@@ -134,3 +134,108 @@ def test_without_the_built_library_mlx_calls_mkl_directly(tmp_path):
     out = probe({}, pythonpath=tmp_path, first="import sys; sys.meta_path[:] = [f for f in sys.meta_path if 'editable' not in repr(f)]\n")
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip().splitlines()[-1] == "MKL | off (edgeft._sgemm was not built: the install found no C compiler)"
+
+
+# --- bfloat16 products (train.matmul bf16) ----------------------------------------------------
+
+
+def to_bf16(x: np.ndarray) -> np.ndarray:
+    """x rounded to bfloat16 (nearest, ties to even), as fp32 values."""
+    u = np.ascontiguousarray(x, np.float32).view(np.uint32).astype(np.uint64)
+    r = (((u + 0x7FFF + ((u >> 16) & 1)) >> 16) << 16).astype(np.uint32)
+    return r.view(np.float32)
+
+
+def test_rounding_to_bf16_is_to_nearest_even_and_keeps_nan_and_inf():
+    lib = ctypes.CDLL(importlib.util.find_spec("edgeft._sgemm").origin)
+    one = 0x3F800000
+    bits = np.array([one, one + 0x7FFF, one + 0x8000, one + 0x8001, one + 0x18000, 0x7F800000, 0xFF800000,
+                     0x7F800001, 0x7FC00000, 0x7F7FFFFF, 0x00000001, 0x80000000], np.uint32)
+    x = np.concatenate([bits.view(np.float32), np.random.default_rng(3).standard_normal(1000, dtype=np.float32)])
+    x = x.reshape(4, -1)  # rows with a stride: the first 200 columns of each
+    out = np.zeros((4, 200), np.uint16)
+    lib.edgeft_to_bf16(x.ctypes.data_as(ctypes.c_void_p), 4, 200, x.shape[1], out.ctypes.data_as(ctypes.c_void_p))
+    got = (out.astype(np.uint32) << 16).view(np.float32)
+    h = out.ravel()[:12]
+    assert list(h[:5]) == [0x3F80, 0x3F80, 0x3F80, 0x3F81, 0x3F82]  # down, tie to even (down), up, tie to even (up)
+    assert list(h[5:7]) == [0x7F80, 0xFF80]  # +-inf stay
+    assert np.isnan(got.ravel()[7:9]).all()  # a NaN whose top bits read as inf stays NaN
+    assert h[9] == 0x7F80  # the largest float rounds up to inf, as bfloat16 must
+    assert list(h[10:12]) == [0x0000, 0x8000]
+    finite = np.isfinite(x[:, :200])
+    np.testing.assert_array_equal(got[finite], to_bf16(x[:, :200])[finite])
+
+
+@pytest.fixture
+def bf16_copy(own_copy):
+    """own_copy with bf16 on (MKL's bf16 GEMM, products with every side >= 32)."""
+    lib, calls = own_copy
+    mkl = ctypes.CDLL(_blas.LOADED[1])
+    lib.edgeft_sgemm_bf16(ctypes.cast(mkl.cblas_gemm_bf16bf16f32, ctypes.c_void_p), 32)
+    return lib, calls
+
+
+@pytest.mark.parametrize("trans_b", [False, True], ids=["B is KxN", "B is NxK"])
+@pytest.mark.parametrize("n", [300, 1100, 90_000], ids=["narrow", "wide", "over 16 MB (a buffer of its own)"])
+def test_bf16_products_are_the_rounded_inputs_product_in_fp32(bf16_copy, trans_b, n):
+    lib, calls = bf16_copy
+    rng = np.random.default_rng(4)
+    a = rng.standard_normal((70, 96), dtype=np.float32)
+    b = rng.standard_normal((n, 96) if trans_b else (96, n), dtype=np.float32)
+    c = sgemm(lib, a, b, trans_b)
+    assert calls == []  # none went to sgemm
+    exact = to_bf16(a).astype(np.float64) @ to_bf16(b.T if trans_b else b).astype(np.float64)
+    np.testing.assert_allclose(c, exact, rtol=1e-5, atol=1e-4)
+    assert np.abs(c - a.astype(np.float64) @ (b.T if trans_b else b)).max() > 1e-3  # so it was rounded
+
+
+@pytest.mark.parametrize("shape", [(70, 8, 1100), (8, 96, 300), (70, 96, 8)], ids=["k 8", "m 8", "n 8"])
+def test_products_with_a_side_under_32_stay_fp32(bf16_copy, shape):
+    lib, calls = bf16_copy
+    m, k, n = shape
+    rng = np.random.default_rng(5)
+    a, b = rng.standard_normal((m, k), dtype=np.float32), rng.standard_normal((k, n), dtype=np.float32)
+    c = sgemm(lib, a, b, False)
+    assert calls  # sgemm did them
+    np.testing.assert_allclose(c, a.astype(np.float64) @ b, rtol=1e-5, atol=1e-5)
+
+
+def test_mlx_products_inside_bf16_and_only_there():
+    rng = np.random.default_rng(6)
+    x = mx.array(rng.standard_normal((300, 576), dtype=np.float32))
+    w = mx.array(rng.standard_normal((1500, 576), dtype=np.float32))
+    lora_a = mx.array(rng.standard_normal((576, 8), dtype=np.float32))
+    exact = to_bf16(np.asarray(x)).astype(np.float64) @ to_bf16(np.asarray(w)).astype(np.float64).T
+    fp32 = np.asarray(x, np.float64) @ np.asarray(w, np.float64).T
+    with _blas.bf16():
+        inside, low_rank = np.array(x @ w.T), np.array(x @ lora_a)
+    np.testing.assert_allclose(inside, exact, rtol=1e-5, atol=1e-3)
+    np.testing.assert_allclose(low_rank, np.asarray(x, np.float64) @ np.asarray(lora_a), rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(np.array(x @ w.T), fp32, rtol=1e-5, atol=1e-3)  # off again after the block
+    assert 0 < _blas.bf16_speedup() < 100
+
+
+def test_fixed_weights_are_rounded_once_and_forgotten_after_the_block():
+    """fix(): the first product makes the weight's bfloat16 copy and the later ones use it, so a
+    change to the weight's memory (never made in a run, where the base is fixed) is not seen
+    until the block ends and the copies are freed."""
+    rng = np.random.default_rng(7)
+    x = mx.array(rng.standard_normal((300, 576), dtype=np.float32))
+    w = mx.array(rng.standard_normal((1500, 576), dtype=np.float32))
+    mx.eval(x, w)
+    exact = to_bf16(np.asarray(x)).astype(np.float64) @ to_bf16(np.asarray(w)).astype(np.float64).T
+    memory = np.frombuffer(memoryview(w), dtype=np.float32)
+    kept = memory.copy()
+    with _blas.bf16():
+        _blas.fix([w, w])
+        first = np.array(x @ w.T)
+        memory[:] = 0.0
+        again, backward = np.array(x @ w.T), np.array(mx.ones((300, 1500)) @ w)
+    after = np.array(x @ w.T)
+    memory[:] = kept
+    np.testing.assert_allclose(first, exact, rtol=1e-5, atol=1e-3)
+    np.testing.assert_array_equal(again, first)  # the copy, made before the change
+    np.testing.assert_allclose(backward, to_bf16(kept.reshape(1500, 576)).sum(axis=0)[None].repeat(300, 0), rtol=1e-4)
+    assert not after.any()  # the block is over: fp32, from the memory as it is now
+    with _blas.bf16():
+        np.testing.assert_allclose(np.array(x @ w.T), exact, rtol=1e-5, atol=1e-3)  # no copy left over
