@@ -125,6 +125,42 @@ def prepare_inference(model: nn.Module, cpu: bool | None = None) -> nn.Module:
     return model
 
 
+# The products of a CPU training step in bfloat16 (train.matmul): inputs rounded to bf16, sums in
+# fp32, through MKL's cblas_gemm_bf16bf16f32 (edgeft/_sgemm.c). "auto" takes it where a start-up
+# measurement (_blas.bf16_speedup, rounding included) finds it at least this much faster.
+BF16_MIN_SPEEDUP = 1.3
+
+
+def bf16_products(setting: str) -> tuple[bool, str | None]:
+    """Whether a training step's CPU products go in bf16 under train.matmul = `setting` ("fp32",
+    "bf16", or "auto": where they measure BF16_MIN_SPEEDUP x faster), and a line saying why
+    (None on Metal, where MLX computes as it does)."""
+    if not on_cpu():
+        return False, None
+    if setting == "fp32":
+        return False, "matrix products in fp32 (train.matmul fp32)"
+    if not _blas.bf16_available():
+        why = _blas.SPLIT if _blas.LOADED and _blas.LOADED[0] == "MKL" else f"the BLAS is {_blas.LOADED[0]}"
+        return False, f"matrix products in fp32: no bfloat16 path here ({why}; it needs MKL and edgeft._sgemm)"
+    speed = _blas.bf16_speedup()
+    use = setting == "bf16" or speed >= BF16_MIN_SPEEDUP
+    reason = "train.matmul bf16" if setting == "bf16" else f"train.matmul auto takes bf16 from {BF16_MIN_SPEEDUP}x"
+    return use, f"matrix products in {'bf16' if use else 'fp32'}: bf16 measured {speed:.2f}x fp32's speed on this CPU ({reason})"
+
+
+@contextmanager
+def matmul_precision(setting: str, log=print):
+    """Inside the block (a training loop), the CPU's products are as bf16_products(setting) says;
+    logs why. Yields fix(arrays): call it between steps with the weights that stay as they are
+    for the whole block (the kept dequantized base), so that bf16 rounds each once, not in every
+    product."""
+    use, why = bf16_products(setting)
+    if why and setting != "fp32":
+        log(why)
+    with _blas.bf16(use):
+        yield _blas.fix
+
+
 # ---------------------------------------------------------------------------------------------
 # The training forward on CPU: packed batches, fused kernels for exp-heavy ops
 

@@ -333,7 +333,7 @@ def doctor():
 
     import mlx.core as mx
 
-    from edgeft import _blas
+    from edgeft import _blas, backend
 
     name, path = _blas.ensure()
     click.echo(f"python   {platform.python_version()} on {platform.system()} {platform.machine()}")
@@ -348,6 +348,9 @@ def doctor():
             mx.eval(a @ a)
         dt = (time.perf_counter() - tic) / 5
     click.echo(f"matmul   fp32 1024^3: {2 * 1024**3 / dt / 1e9:.0f} GFLOP/s")
+    speed = _blas.bf16_speedup()
+    click.echo("bf16     " + (f"{speed:.2f}x fp32's speed at one thread (train.matmul auto takes it from "
+                              f"{backend.BF16_MIN_SPEEDUP}x)" if speed else "no bfloat16 path (needs MKL and edgeft._sgemm)"))
     for mod in ("mlx_lm", "gguf", "llama_cpp"):
         try:
             m = __import__(mod)

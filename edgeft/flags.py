@@ -40,6 +40,7 @@ TUNE_FLAGS = [
     ("--save-every", "train", "save_every"),
     ("--grad-checkpoint", "train", "grad_checkpoint"),
     ("--auto-fit", "train", "auto_fit"),
+    ("--matmul", "train", "matmul"),
     ("--quant", "export", "quant"),
 ]
 

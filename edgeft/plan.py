@@ -12,6 +12,8 @@ quantized projections are dequantized to fp32 just in time, the model computes i
   attention     attention scores: one per head and token pair, per layer, plus one layer's work
   logits        the vocabulary projection, only at the positions that carry loss
   transient     one layer's backward-pass temporaries
+  bf16_copies   with bf16 products (train.matmul): the kept dequantized weights' bfloat16 copies
+                (2 bytes a weight, outside MLX's arrays)
 
 The per-token and per-score byte counts are measured, not derived: fitted to MLX's peak
 (mx.get_peak_memory) during edgeft's own trainer.train (packed CPU batches) over tiny models
@@ -110,6 +112,7 @@ class Breakdown:
     attention: int
     logits: int
     transient: int
+    bf16_copies: int = 0  # outside MLX (edgeft/_sgemm.c), so not part of .mlx
     batch_size: int = 0
     seq_len: int = 0
     tokens: int = 0  # input tokens of the batch (batch_size x seq_len, or the packed row)
@@ -118,12 +121,12 @@ class Breakdown:
     packed: bool = False  # the batch trains as one unpadded row
     worst_case: int = 0  # total on the largest batch the data could form (0: not weighed)
     parts: tuple = ("runtime", "weights", "lora", "dequantized", "activations", "attention",
-                    "logits", "transient")
+                    "logits", "transient", "bf16_copies")
 
     @property
     def mlx(self) -> int:
         """What MLX allocates (comparable to mx.get_peak_memory())."""
-        return self.total - self.runtime
+        return self.total - self.runtime - self.bf16_copies
 
     @property
     def total(self) -> int:
@@ -134,7 +137,7 @@ class Breakdown:
         return {**d, "mlx": self.mlx, "total": self.total}
 
     def lines(self) -> list[str]:
-        out = [f"  {p:12} {gb(getattr(self, p)):>9}" for p in self.parts]
+        out = [f"  {p:12} {gb(getattr(self, p)):>9}" for p in self.parts if p != "bf16_copies" or self.bf16_copies]
         out.append(f"  {'total':12} {gb(self.total):>9}")
         if self.worst_case > self.total:
             out.append(f"  ({gb(self.worst_case)} if the data's largest samples fell into one batch; "
@@ -210,13 +213,14 @@ def lora_parameters(config: dict, lora_cfg) -> int:
 def estimate_peak_bytes(config: dict, lora_cfg, batch_size: int, seq_len: int, quant: QuantInfo,
                         *, loss_tokens: int | None = None, grad_checkpoint: bool = False,
                         runtime_bytes: int | None = None, lengths: list[int] | None = None,
-                        coefficients: Coefficients = FITTED) -> Breakdown:
+                        bf16: bool = False, coefficients: Coefficients = FITTED) -> Breakdown:
     """Peak memory of a training step on a batch of `batch_size` x `seq_len` tokens, of which
     `loss_tokens` (default: all) carry loss. `lengths`: the batch's sequence lengths when the
     step packs them into one unpadded row (batches.pack, the CPU path): then the tokens are
     their sum and the attention pairs the sum of their squares. `runtime_bytes`: what the
-    process holds besides (default: measured now, measure_runtime_bytes()). `coefficients`:
-    the fitted bytes per unit (FITTED). See the module docstring."""
+    process holds besides (default: measured now, measure_runtime_bytes()). `bf16`: the step's
+    products go in bfloat16 (backend.bf16_products). `coefficients`: the fitted bytes per unit
+    (FITTED). See the module docstring."""
     if runtime_bytes is None:
         runtime_bytes = measure_runtime_bytes()
     c = coefficients
@@ -251,6 +255,8 @@ def estimate_peak_bytes(config: dict, lora_cfg, batch_size: int, seq_len: int, q
         attention=int(width * attention),
         logits=int(c.logits_per_v * K * d["V"]),
         transient=int(width * c.transient_per_i * N * d["I"]),
+        # the weights kept for the run (dequant.keep_dequantized: not with checkpointing), rounded
+        bf16_copies=int(dequantized // 2) if bf16 and cpu and not grad_checkpoint else 0,
         batch_size=B, seq_len=T, tokens=N, loss_tokens=K, grad_checkpoint=grad_checkpoint,
         packed=bool(lengths),
     )
@@ -453,11 +459,14 @@ def preflight(cfg, loaded, samples, run_dir, resume: bool = False, *, log: Calla
     or (train.auto_fit, new runs only) change cfg.train so that it fits. Returns the estimate.
     `share`: the processes (ranks) training side by side on this machine, each planned against
     its share of the free memory."""
+    from edgeft import backend
+
     t = cfg.train
     quant = quant_info_from_model(loaded.model)
     packed = packs(loaded.model)
     estimate = step_estimator(loaded.config, cfg.lora, samples, cfg.model.max_seq_len, quant, packed,
-                              seed=t.seed, samples_drawn=t.steps * t.batch_size * t.grad_accum)
+                              seed=t.seed, samples_drawn=t.steps * t.batch_size * t.grad_accum,
+                              bf16=backend.bf16_products(t.matmul)[0])
     available, source = system.available_memory()
     if available is not None:
         available //= max(share, 1)
@@ -483,8 +492,8 @@ def preflight(cfg, loaded, samples, run_dir, resume: bool = False, *, log: Calla
 
 
 def step_estimator(config: dict, lora_cfg, samples, max_seq_len: int, quant: QuantInfo,
-                   packed: Callable[[list[int]], bool],
-                   *, seed: int | None = None, samples_drawn: int = 0) -> Callable[[int, bool], Breakdown]:
+                   packed: Callable[[list[int]], bool], *, seed: int | None = None, samples_drawn: int = 0,
+                   bf16: bool = False) -> Callable[[int, bool], Breakdown]:
     """estimate(batch_size, grad_checkpoint) for fit_memory: the peak of a step on the largest of
     the batches the run will draw (batches.drawn_shapes: `samples_drawn` samples in the order
     `seed` gives), with the worst case, the largest batch `samples` could form (batch_shape),
@@ -497,7 +506,7 @@ def step_estimator(config: dict, lora_cfg, samples, max_seq_len: int, quant: Qua
     def peak(batch_size, grad_checkpoint, width, loss_tokens, lengths) -> Breakdown:
         return estimate_peak_bytes(config, lora_cfg, batch_size, width, quant, loss_tokens=loss_tokens,
                                    grad_checkpoint=grad_checkpoint, lengths=list(lengths) if packed(lengths) else None,
-                                   runtime_bytes=runtime)
+                                   runtime_bytes=runtime, bf16=bf16)
 
     def estimate(batch_size: int, grad_checkpoint: bool) -> Breakdown:
         worst = peak(batch_size, grad_checkpoint, *batch_shape(samples, batch_size, max_seq_len))
@@ -514,7 +523,7 @@ def step_estimator(config: dict, lora_cfg, samples, max_seq_len: int, quant: Qua
 def plan_run(cfg, runs_dir: Path = Path("runs")) -> tuple[list[str], bool]:
     """What `edgeft plan` prints for a configuration, without loading the weights, and whether
     `edgeft tune` would start (after auto_fit's changes, if allowed) with its runs in runs_dir."""
-    from edgeft import batches, data_files, hub
+    from edgeft import backend, batches, data_files, hub
     from edgeft.device import on_cpu
     from edgeft.runs import load_model
 
@@ -536,7 +545,8 @@ def plan_run(cfg, runs_dir: Path = Path("runs")) -> tuple[list[str], bool]:
 
     packed = packs(config=config)
     estimate = step_estimator(config, cfg.lora, samples, cfg.model.max_seq_len, quant, packed,
-                              seed=t.seed, samples_drawn=t.steps * t.batch_size * t.grad_accum)
+                              seed=t.seed, samples_drawn=t.steps * t.batch_size * t.grad_accum,
+                              bf16=backend.bf16_products(t.matmul)[0])
     n_lora = lora_parameters(config, cfg.lora)
     d = dims(config)
     mem = estimate(t.batch_size, t.grad_checkpoint)

@@ -27,7 +27,7 @@ import mlx.nn as nn
 import mlx.optimizers as optim
 from mlx.utils import tree_flatten
 
-from edgeft import checkpoints, dequant, distributed, runs, system
+from edgeft import backend, checkpoints, dequant, distributed, runs, system
 from edgeft.checkpoints import TrainState
 from edgeft.config import TrainConfig
 from edgeft.errors import UserError
@@ -230,8 +230,11 @@ def train(
         append_metrics(metrics_path, {"kind": "valid", "step": state.step, "val_loss": val})
         progress.message(f"step {state.step}: validation loss {val:.4f}")
 
-    # The base weights stay fixed: each is dequantized once for the whole run (backend).
-    with dequant.keep_dequantized(not cfg.grad_checkpoint):
+    # The base weights stay fixed: each is dequantized once for the whole run (backend), and
+    # with bf16 products rounded to bfloat16 once.
+    kept = {}
+    with (dequant.keep_dequantized(not cfg.grad_checkpoint, store=kept),
+          backend.matmul_precision(cfg.matmul, progress.message) as fix_weights):
         loss_and_grad = nn.value_and_grad(model, loss_fn)
         batches = train_batches(state.step * cfg.grad_accum)
         try:
@@ -245,6 +248,7 @@ def train(
                 for batch in distributed.my_rows(micro, world):
                     args, ntok_in = loss_inputs(model, loss_fn, *batch[:3])
                     loss, grads, n = summed_loss_and_grad(loss_and_grad, model, args)
+                    fix_weights(w for _, w in kept.values())  # before the step's products run
                     if n == 0:
                         continue
                     step_tokens += ntok_in

@@ -49,7 +49,7 @@ from edgeft import (
     runs,
     system,
 )
-from edgeft.config import DataConfig, LoRAConfig
+from edgeft.config import DataConfig, LoRAConfig, TrainConfig
 
 SEED_TASKS = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "seed_tasks.jsonl"
 
@@ -145,11 +145,16 @@ def default_step(model, loss_fn=loss.lm_loss):
 
     def step(batch):
         args, _ = loss.loss_inputs(model, loss_fn, *batch[:3])
-        with dequant.keep_dequantized(KEEP_DEQUANTIZED, store=kept):
-            loss_sum, grads, n = loss.summed_loss_and_grad(loss_and_grad, model, args)
-        grads = loss.tree_map_scale(grads, 1.0 / n)
-        opt.update(model, grads)
-        mx.eval(model.trainable_parameters(), opt.state, loss_sum)
+        # Evaluated inside, as in trainer.train; but bf16 rounds the kept weights again in each
+        # step here (once per step, where trainer.train rounds them once per run).
+        with backend.matmul_precision(MATMUL, log=lambda m: None) as fix_weights:
+            with dequant.keep_dequantized(KEEP_DEQUANTIZED, store=kept):
+                loss_sum, grads, n = loss.summed_loss_and_grad(loss_and_grad, model, args)
+            if FIX_WEIGHTS:
+                fix_weights(w for _, w in kept.values())
+            grads = loss.tree_map_scale(grads, 1.0 / n)
+            opt.update(model, grads)
+            mx.eval(model.trainable_parameters(), opt.state, loss_sum)
 
     return step
 
@@ -190,6 +195,8 @@ def within(make, context):
 
 
 KEEP_DEQUANTIZED = True  # False: dequantize every weight again in every step (as before)
+MATMUL = TrainConfig().matmul  # the products' precision, as trainer.train takes it
+FIX_WEIGHTS = True  # False: bf16 rounds the weights in every product (as before edgeft_sgemm_fix)
 
 
 VARIANTS = {
@@ -207,6 +214,9 @@ VARIANTS = {
     "blocks-one-stream": with_setting(default_step, backend, "IDLE_STREAMS", False),
     "whole-products": within(default_step, lambda: _blas.split(0)),  # MKL gets wide products whole
     "split-512": within(default_step, lambda: _blas.split(512)),
+    "fp32-products": with_setting(default_step, sys.modules[__name__], "MATMUL", "fp32"),
+    "bf16-products": with_setting(default_step, sys.modules[__name__], "MATMUL", "bf16"),
+    "bf16-unfixed": with_setting(default_step, sys.modules[__name__], "FIX_WEIGHTS", False),
 }
 
 

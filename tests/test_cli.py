@@ -1,6 +1,7 @@
 """The edgeft command through click's CliRunner, on tiny models, with a temporary home."""
 
 import json
+import re
 
 import pytest
 from click.testing import CliRunner
@@ -146,6 +147,7 @@ def test_models_and_doctor(home):
     assert r.exit_code == 0 and "smollm2-135m-instruct" in r.output
     r = CliRunner().invoke(main, ["doctor"])
     assert r.exit_code == 0 and "BLAS" in r.output and "GFLOP/s" in r.output and "split    " in r.output
+    assert re.search(r"^bf16     \d+\.\d\dx fp32.s speed at one thread", r.output, re.M), r.output
 
 
 def test_tune_help_shows_every_default(home):

@@ -72,6 +72,7 @@ BAD_VALUES = [
     ("train", "steps", 0),
     ("train", "batch_size", 0),
     ("train", "grad_accum", 0),
+    ("train", "matmul", "fp16"),
     ("train", "learning_rate", math.nan),
     ("train", "learning_rate", -1e-4),
     ("train", "warmup_steps", -1),

@@ -106,6 +106,35 @@ def test_loss_falls_when_overfitting_four_examples():
     assert last < 0.5 * first, (first, last)
 
 
+def test_bf16_products_train_within_a_percent_of_fp32():
+    """train.matmul bf16 (MKL's bfloat16 GEMM on the larger products) against fp32, from the same
+    start on the same batches: every step's loss within 1% and the loss falls as far."""
+    from edgeft import _blas
+
+    if not _blas.bf16_available():
+        pytest.fail(f"no bfloat16 path: {_blas.LOADED} {_blas.SPLIT}")
+    seqs = four_examples()
+    curves = {}
+    for matmul in ("fp32", "bf16"):
+        model = backend.prepare(tiny_llama(seed=4), cpu=True)
+        mx.random.seed(2)
+        lora.apply_lora(model, LoRAConfig(rank=8, alpha=16))
+        cfg = TrainConfig(steps=30, batch_size=4, learning_rate=1e-3, warmup_steps=2, eval_every=0, save_every=0,
+                          matmul=matmul)
+        progress = trainer.Progress(30, every=1000)
+        messages = []
+        progress.message = messages.append
+        losses = []
+        progress.step = lambda step, loss, *a: losses.append(loss)
+        trainer.train(model, cfg, lambda s: batches_from(seqs, 4, s), progress=progress)
+        curves[matmul] = np.array(losses)
+        assert any(m.startswith(f"matrix products in {matmul}") for m in messages) == (matmul == "bf16"), messages
+    fp32, bf16 = curves["fp32"], curves["bf16"]
+    assert fp32[-1] < 0.5 * fp32[0] and bf16[-1] < 0.5 * bf16[0], (fp32, bf16)
+    assert not np.array_equal(fp32, bf16)  # the products were rounded
+    np.testing.assert_allclose(bf16, fp32, rtol=0.01)
+
+
 @pytest.mark.parametrize("streams,dropout", [(1, 0.1), (2, 0.0)])
 def test_fast_path_equals_plain_path(monkeypatch, streams, dropout):
     """Dequantized BLAS layers + loss only at masked positions + packed batches + fused kernels
@@ -121,7 +150,8 @@ def test_fast_path_equals_plain_path(monkeypatch, streams, dropout):
         m = mx.zeros(flat.shape[0]).at[idx].add(1.0)
         return (ce * m).sum() / m.sum(), mx.array(idx.size)
 
-    cfg = TrainConfig(steps=5, batch_size=2, learning_rate=5e-3, warmup_steps=1, eval_every=0, save_every=0)
+    # fp32 products: the plain path's quantized matmul is never bf16 (that is tested against fp32 above)
+    cfg = TrainConfig(steps=5, batch_size=2, learning_rate=5e-3, warmup_steps=1, eval_every=0, save_every=0, matmul="fp32")
     seqs = four_examples()
     results = []
     for fast in (True, False):
@@ -149,7 +179,9 @@ def test_grad_accumulation_matches_bigger_batch():
         mx.random.seed(1)
         lora.apply_lora(model, LoRAConfig(rank=4))
         # lr 1e-3: Adam turns float noise in near-zero gradients into lr-sized parameter noise
-        cfg = TrainConfig(steps=3, batch_size=bs, grad_accum=accum, learning_rate=1e-3, warmup_steps=0, eval_every=0, save_every=0)
+        # fp32 products: with bf16 ones the two batchings end further apart than this tolerance
+        cfg = TrainConfig(steps=3, batch_size=bs, grad_accum=accum, learning_rate=1e-3, warmup_steps=0, eval_every=0,
+                          save_every=0, matmul="fp32")
         trainer.train(model, cfg, lambda s, bs=bs: batches_from(seqs, bs, s), progress=trainer.Progress(3, every=1000))
         out.append(dict(tree_flatten(model.trainable_parameters())))
     for k in out[0]:
