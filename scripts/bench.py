@@ -1,6 +1,6 @@
 """LoRA training speed on the CPU: edgeft against mlx-lm and PyTorch + PEFT, side by side.
 
-    python scripts/bench.py                                # all four, ~9 min on 2 cores
+    python scripts/bench.py                                # all five, ~10 min on 2 cores
     python scripts/bench.py --only torch-bf16 --steps 4    # a quick look at one contestant
     python scripts/bench.py --only edgeft                  # add edgeft to an earlier full run
     python scripts/bench.py --rounds 3                     # the contestants take turns, 3 times
@@ -12,6 +12,9 @@ alpha 16 on all 7 projections of all layers, batch 4, sequences truncated to 256
 on the assistant turn only, AdamW lr 2e-4 constant, no weight decay, no clipping:
 
 - edgeft      `edgeft tune` in a subprocess; its metrics.jsonl gives loss, tokens, step time.
+              Its products in bf16 where the CPU runs them faster (train.matmul auto), which
+              its log says.
+- edgeft-fp32 the same with --matmul fp32: every product in fp32.
 - mlx-lm      `python -m mlx_lm lora` as installed (the stock reference BLAS: edgeft's fix is
               not loaded), on an mlx-lm folder made once from the GGUF's own tensors. It is
               slow (~3 tokens/s), so it runs only --mlx-lm-steps steps; step times come from
@@ -20,7 +23,7 @@ on the assistant turn only, AdamW lr 2e-4 constant, no weight decay, no clipping
 - torch-bf16  same, bf16 weights (PEFT keeps the adapters in fp32); skipped where torch's bf16
               matmul is 10x slower than its fp32 (a CPU without AVX512-BF16 or AMX)
 
-All four train the same batches in the same order: edgeft's own (asked of edgeft.batches),
+All train the same batches in the same order: edgeft's own (asked of edgeft.batches),
 given to the torch peers as token ids and to mlx-lm as the chat file reordered so that it
 draws them; both are checked against the loss-token counts each reports. Tokens/s counts
 non-padding input tokens after --warmup steps; peak RSS is the child's ru_maxrss (os.wait4).
@@ -56,7 +59,7 @@ TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 MLX_KEYS = [f"self_attn.{t}" for t in TARGETS[:4]] + [f"mlp.{t}" for t in TARGETS[4:]]
 # torch from the CPU wheel on this disk; the others pinned to what FACTS.md measured.
 TORCH_REQUIREMENTS = ["torch==2.13.0", "transformers==5.23.0", "peft==0.21.2", "gguf==0.19.0"]
-CONTESTANTS = ["torch-fp32", "torch-bf16", "edgeft", "mlx-lm"]
+CONTESTANTS = ["torch-fp32", "torch-bf16", "edgeft-fp32", "edgeft", "mlx-lm"]
 TORCH_NAMES = ["torch-fp32", "torch-bf16"]
 ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 
@@ -653,7 +656,7 @@ def run_torch(ctx: Ctx, name: str) -> dict:
 
 
 # The `edgeft tune` flags for the common setup, in one place: adapt here if the CLI changes.
-def edgeft_command(ctx: Ctx, recipe: Path, runs_dir: Path) -> list:
+def edgeft_command(ctx: Ctx, recipe: Path, runs_dir: Path, matmul: str | None = None) -> list:
     s = ctx.setup
     exe = Path(sys.executable).parent / "edgeft"
     quant = ["--quantize-bits", ctx.quantize_bits] if ctx.quantize_bits else []
@@ -662,7 +665,8 @@ def edgeft_command(ctx: Ctx, recipe: Path, runs_dir: Path) -> list:
             "--steps", ctx.args.steps, "--batch-size", s.batch_size, "--max-seq-len", s.max_seq_len,
             "--lora-rank", s.rank, "--lora-alpha", s.alpha, "--learning-rate", s.learning_rate,
             "--warmup-steps", 0, "--valid-fraction", 0, "--eval-every", 0, "--save-every", 0,
-            "--no-export", "--no-eval", "--seed", s.seed, "--runs-dir", runs_dir, "--name", "bench"]
+            "--no-export", "--no-eval", "--seed", s.seed, "--runs-dir", runs_dir, "--name", "bench",
+            *(["--matmul", matmul] if matmul else [])]
 
 
 def edgeft_recipe(ctx: Ctx) -> Path:
@@ -681,19 +685,21 @@ def edgeft_recipe(ctx: Ctx) -> Path:
     return path
 
 
-def run_edgeft(ctx: Ctx) -> dict:
-    runs_dir = ctx.out / "edgeft" / "runs"
+def run_edgeft(ctx: Ctx, name: str = "edgeft", matmul: str | None = None) -> dict:
+    runs_dir = ctx.out / name / "runs"
     shutil.rmtree(runs_dir / "bench", ignore_errors=True)  # edgeft refuses to overwrite a run
-    cmd = edgeft_command(ctx, edgeft_recipe(ctx), runs_dir)
+    cmd = edgeft_command(ctx, edgeft_recipe(ctx), runs_dir, matmul)
     before = loadavg()
-    child = run_child(cmd, ctx.out / "logs" / "edgeft.log", env=clean_env(), timeout=ctx.args.timeout)
+    child = run_child(cmd, ctx.out / "logs" / f"{name}.log", env=clean_env(), timeout=ctx.args.timeout)
     rows = read_metrics(runs_dir / "bench" / "metrics.jsonl")
-    res = from_metrics(result("edgeft", warmup=ctx.args.warmup), rows)
+    res = from_metrics(result(name, warmup=ctx.args.warmup), rows)
     if child.rc != 0 or not rows:
         res.update(status="failed", error=child.tail())
     if rows:
         res["edgeft_peak_mem_gb"] = max(r.get("peak_mem_gb", 0) for r in rows)
         res["notes"].append(schedule_check(ctx, rows, ctx.tok_check))
+    log = (ctx.out / "logs" / f"{name}.log").read_text(errors="replace")
+    res["notes"] += [line.split("] ", 1)[-1] for line in log.splitlines() if "matrix products in" in line][:1]
     return finish(res, child, before, EDGEFT_STEP_LINE)
 
 
@@ -792,7 +798,7 @@ def mlx_lm_loss_tokens(ctx: Ctx, idx: list[int]) -> int:
 
 
 RUNNERS = {"torch-fp32": lambda c: run_torch(c, "torch-fp32"), "torch-bf16": lambda c: run_torch(c, "torch-bf16"),
-           "edgeft": run_edgeft, "mlx-lm": run_mlx_lm}
+           "edgeft": run_edgeft, "edgeft-fp32": lambda c: run_edgeft(c, "edgeft-fp32", "fp32"), "mlx-lm": run_mlx_lm}
 
 
 # ---------------------------------------------------------------------------------------------
