@@ -124,6 +124,23 @@ def test_auto_fit_lowers_the_batch_keeping_samples_per_step():
         plan.fit_memory(estimate, 8, 1, False, available=460, auto_fit=False)
 
 
+def test_bf16_products_add_the_kept_weights_copies_outside_mlx(tiny):
+    """train.matmul bf16: each kept dequantized weight has a 2-byte copy in edgeft/_sgemm.c (not an
+    MLX array); with checkpointing nothing is kept, so nothing is copied."""
+    _, path = tiny
+    config, quant = load(path, tokenizer_only=True).config, plan.quant_info_from_gguf(path)
+    fp32 = plan.estimate_peak_bytes(config, LoRAConfig(), 4, 64, quant, runtime_bytes=0)
+    bf16 = plan.estimate_peak_bytes(config, LoRAConfig(), 4, 64, quant, runtime_bytes=0, bf16=True)
+    assert fp32.dequantized > 0 and fp32.bf16_copies == 0
+    assert bf16.bf16_copies == fp32.dequantized // 2 and bf16.mlx == fp32.mlx
+    assert bf16.total == fp32.total + bf16.bf16_copies
+    assert any(line.split()[0] == "bf16_copies" for line in bf16.lines())
+    assert not any(line.split()[0] == "bf16_copies" for line in fp32.lines())
+    checkpointed = plan.estimate_peak_bytes(config, LoRAConfig(), 4, 64, quant, runtime_bytes=0, bf16=True,
+                                            grad_checkpoint=True)
+    assert checkpointed.bf16_copies == 0
+
+
 def test_disk_estimate_counts_checkpoints_adapters_and_export(tiny):
     _, path = tiny
     config = load(path, tokenizer_only=True).config
