@@ -1,6 +1,9 @@
-"""MLX's wide fp32 products reach MKL in column blocks (edgeft/_sgemm.c, loaded by edgeft/_blas.py):
-the blocks cover the product exactly, the results equal the whole product's, and without the
-library (no C compiler at install, or EDGEFT_SGEMM_SPLIT=0) MLX calls MKL directly."""
+"""MLX's products through edgeft/_sgemm.c (loaded by edgeft/_blas.py). Wide fp32 products reach
+MKL in column blocks: the blocks cover the product exactly, the results equal the whole
+product's, and without the library (no C compiler at install, or EDGEFT_SGEMM_SPLIT=0) MLX calls
+MKL directly. Inside _blas.bf16() the larger products take bfloat16 inputs: rounded to nearest
+even, multiplied exactly as the rounded values with fp32 sums, the small ones left in fp32, and
+fixed weights rounded once."""
 
 import ctypes
 import importlib.util
