@@ -8,11 +8,12 @@
  * on a CPU"). Each block is an ordinary sgemm over the same rows of A and the whole K, so every
  * output element is the same dot product.
  *
- * bf16 (when edgeft/_blas.py hands it MKL's cblas_gemm_bf16bf16f32, only while a training step runs
- * with train.matmul bf16): A and B are rounded to bfloat16 (to nearest, ties to even, NaN kept)
- * into per-thread buffers, and MKL multiplies them with fp32 sums into the fp32 C. On a CPU with
- * AMX (Intel Xeon) that ran 4x sgemm's speed at one thread. Products with a side under `bf16_from`
- * (the rank-8 LoRA products) stay fp32: rounding costs more there than it saves.
+ * bf16 (when edgeft/_blas.py hands it MKL's cblas_gemm_bf16bf16f32: only while a training run's
+ * train.matmul takes bf16): A and B are rounded to bfloat16 (to nearest, ties to even, NaN kept)
+ * into per-thread buffers, or, for a fixed matrix (a run's kept weights), once into its own copy,
+ * and MKL multiplies them with fp32 sums into the fp32 C. On a CPU with AMX (Intel Xeon) that ran
+ * 4x sgemm's speed at one thread. Products with a side under `bf16_from` (the rank-8 LoRA
+ * products) stay fp32: rounding costs more there than it saves.
  *
  * edgeft/_blas.py loads this library into the global symbol scope before the BLAS, so MLX's
  * cblas_sgemm resolves here, and hands it the BLAS's own cblas_sgemm through edgeft_sgemm_next().
@@ -203,7 +204,7 @@ void cblas_sgemm(int layout, int trans_a, int trans_b, int m, int n, int k, floa
 }
 
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, .m_name = "_sgemm",
-                                    .m_doc = "cblas_sgemm in column blocks (see edgeft/_blas.py)",
+                                    .m_doc = "cblas_sgemm in column blocks and in bfloat16 (see edgeft/_blas.py)",
                                     .m_size = -1};
 
 PyMODINIT_FUNC PyInit__sgemm(void) { return PyModule_Create(&module); }
