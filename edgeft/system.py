@@ -1,5 +1,6 @@
-"""What the machine and this process have: memory a new allocation can get, this process's
-resident memory (now and at its peak), what it holds outside MLX's arrays, free disk."""
+"""What the machine and this process have: the CPU's instruction sets, memory a new allocation
+can get, this process's resident memory (now and at its peak), what it holds outside MLX's
+arrays, free disk."""
 
 from __future__ import annotations
 
@@ -7,7 +8,20 @@ import os
 import resource
 import shutil
 import sys
+from functools import lru_cache
 from pathlib import Path
+
+
+@lru_cache(maxsize=1)
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags as Linux names them (avx2, avx512_bf16, amx_int8, ...); empty
+    where /proc/cpuinfo is not there."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            line = next((ln for ln in f if ln.startswith("flags")), "")
+    except OSError:
+        return frozenset()
+    return frozenset(line.split(":", 1)[-1].split())
 
 
 def available_memory() -> tuple[int | None, str]:

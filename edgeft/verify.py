@@ -34,6 +34,7 @@ from typing import Callable
 
 import numpy as np
 
+from edgeft import system
 from edgeft.errors import UserError
 
 INSTALL_HINT = "pip install 'edgeft[llama]'"
@@ -93,14 +94,6 @@ def require_llama_cpp(what: str = "verify a GGUF in llama.cpp"):
     return llama_cpp
 
 
-def _has_amx() -> bool:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            return any(line.startswith("flags") and " amx_int8" in line for line in f)
-    except OSError:
-        return False
-
-
 _open_lock = threading.Lock()
 
 
@@ -111,7 +104,7 @@ def open_llama(path, **kwargs):
     also llama.cpp issue 20824). They only lay the same weights out for speed. llama-cpp-python
     does not take the setting, so its default parameters are wrapped while the model loads."""
     llama_cpp = require_llama_cpp()
-    if not _has_amx():
+    if "amx_int8" not in system.cpu_flags():
         return llama_cpp.Llama(str(path), **kwargs)
     from llama_cpp import llama as module
 

@@ -806,18 +806,15 @@ RUNNERS = {"torch-fp32": lambda c: run_torch(c, "torch-fp32"), "torch-bf16": lam
 
 
 def machine() -> dict:
+    from edgeft import system
+
     cpu = "?"
     try:
         cpu = next(ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name"))
     except (OSError, StopIteration):
         pass
     mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    flags = set()
-    try:
-        flags = set(next(ln for ln in open("/proc/cpuinfo") if ln.startswith("flags")).split(":", 1)[1].split())
-    except (OSError, StopIteration):
-        pass
-    isa = [f for f in ("avx2", "fma", "avx512f", "avx512_bf16", "amx_bf16") if f in flags]
+    isa = [f for f in ("avx2", "fma", "avx512f", "avx512_bf16", "amx_bf16") if f in system.cpu_flags()]
     return {"cpu": cpu, "cores": os.cpu_count(), "memory_gib": round(mem, 1), "isa": isa,
             "python": platform.python_version(), "platform": platform.platform()}
 

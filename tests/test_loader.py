@@ -24,7 +24,7 @@ from tiny import (
     write_gguf,
 )
 
-from edgeft import backend, plan, verify
+from edgeft import backend, plan, system, verify
 from edgeft import families as F
 from edgeft import gguf_reader as G
 from edgeft import kquants as K
@@ -84,6 +84,24 @@ def test_gguf_matches_llama_cpp(tmp_path, arch):
     llm.eval(ids)
     theirs = np.array(llm.scores[: len(ids)])
     np.testing.assert_allclose(logits(load(path).model), theirs, atol=2e-3 * np.abs(theirs).max())
+
+
+def test_open_llama_turns_off_the_amx_repacking_only_on_amx_cpus(tmp_path):
+    """llama.cpp's AMX weight repacking segfaulted in decode on these tiny models (Intel Xeon with
+    AMX): edgeft opens every GGUF without it there, and as llama.cpp would elsewhere."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    from llama_cpp import llama as module
+
+    defaults = module.llama_cpp.llama_model_default_params
+    path, _, _ = make_tiny("llama", tmp_path)
+    llm = verify.open_llama(path, verbose=False, n_ctx=64)
+    try:
+        assert llm.model_params.use_extra_bufts == ("amx_int8" not in system.cpu_flags())
+        llm.eval(TOKENS[0].tolist()[:8])
+    finally:
+        llm.close()
+    assert module.llama_cpp.llama_model_default_params is defaults  # put back after loading
+    assert llama_cpp.llama_model_default_params().use_extra_bufts
 
 
 def _llama_quantize(src: Path, dst: Path, ftype: str) -> Path:
