@@ -134,11 +134,9 @@ BF16_MIN_SPEEDUP = 1.3
 def bf16_products(setting: str) -> tuple[bool, str | None]:
     """Whether a training step's CPU products go in bf16 under train.matmul = `setting` ("fp32",
     "bf16", or "auto": where they measure BF16_MIN_SPEEDUP x faster), and a line saying why
-    (None on Metal, where MLX computes as it does)."""
-    if not on_cpu():
+    (None on Metal, where MLX computes as it does, and for "fp32", which the user chose)."""
+    if not on_cpu() or setting == "fp32":
         return False, None
-    if setting == "fp32":
-        return False, "matrix products in fp32 (train.matmul fp32)"
     if not _blas.bf16_available():
         why = _blas.SPLIT if _blas.LOADED and _blas.LOADED[0] == "MKL" else f"the BLAS is {_blas.LOADED[0]}"
         return False, f"matrix products in fp32: no bfloat16 path here ({why}; it needs MKL and edgeft._sgemm)"
@@ -155,7 +153,7 @@ def matmul_precision(setting: str, log=print):
     for the whole block (the kept dequantized base), so that bf16 rounds each once, not in every
     product."""
     use, why = bf16_products(setting)
-    if why and setting != "fp32":
+    if why:
         log(why)
     with _blas.bf16(use):
         yield _blas.fix
