@@ -170,8 +170,13 @@ def bf16(on: bool = True):
     try:
         yield
     finally:
+        for a in _fixed.values():
+            if sys.getrefcount(a) > 3:  # held beyond _fixed (and this loop): it outlives the block
+                import numpy as np
+
+                _split_lib.edgeft_sgemm_restore(ctypes.c_void_p(np.asarray(a).ctypes.data))
+        _split_lib.edgeft_sgemm_unfix()  # first: released matrices take products in bf16 only
         _split_lib.edgeft_sgemm_bf16(None, 0)
-        _split_lib.edgeft_sgemm_unfix()
         _fixed.clear()
         _bf16_on = False
 
@@ -181,11 +186,15 @@ def bf16(on: bool = True):
 _fixed: dict[int, object] = {}
 
 
-def fix(arrays) -> None:
+def fix(arrays, release: bool = False) -> None:
     """Inside bf16(), while nothing is being evaluated: these MLX fp32 matrices (evaluated here if
     they are not yet) do not change until the block ends (a run's dequantized base weights), so
     each is rounded to bfloat16 once, at its first product, not in every product (2 bytes per
-    value, freed at the end of the block)."""
+    value, freed at the end of the block). With `release`, each is rounded now and its fp32
+    memory (the whole pages of it) goes back to the system: only the block's products may read
+    it (they take it in bf16 whatever their sides; anything else reading it faults). At the
+    block's end an array that nothing else holds any more stays zeros, without taking memory
+    again, until it is freed; one still held elsewhere gets its bf16 values back."""
     if not _bf16_on:
         return
     import numpy as np
@@ -196,7 +205,7 @@ def fix(arrays) -> None:
         view = np.asarray(a)  # the array's own memory (evaluated if it was not)
         if view.dtype != np.float32 or not view.flags.c_contiguous:
             continue
-        if not _split_lib.edgeft_sgemm_fix(ctypes.c_void_p(view.ctypes.data), ctypes.c_size_t(view.size)):
+        if not _split_lib.edgeft_sgemm_fix(ctypes.c_void_p(view.ctypes.data), ctypes.c_size_t(view.size), int(release)):
             return
         _fixed[id(a)] = a
 

@@ -11,7 +11,8 @@
  * bf16 (when edgeft/_blas.py hands it MKL's cblas_gemm_bf16bf16f32: only while a training run's
  * train.matmul takes bf16): A and B are rounded to bfloat16 (to nearest, ties to even, NaN kept)
  * into per-thread buffers, or, for a fixed matrix (a run's kept weights), once into its own copy,
- * and MKL multiplies them with fp32 sums into the fp32 C. On a CPU with AMX (Intel Xeon) that ran
+ * and MKL multiplies them with fp32 sums into the fp32 C. A fixed matrix can also give its fp32
+ * pages back to the system while its copy stands for it (see edgeft_sgemm_fix). On a CPU with AMX (Intel Xeon) that ran
  * 4x sgemm's speed at one thread. Products with a side under `bf16_from` (the rank-8 LoRA
  * products) stay fp32: rounding costs more there than it saves.
  *
@@ -22,9 +23,13 @@
  * and place the library like any other extension.
  */
 #include <Python.h>
+#include <limits.h>
 #include <pthread.h>
 #include <stdint.h>
+#include <stdio.h>
 #include <stdlib.h>
+#include <sys/mman.h>
+#include <unistd.h>
 
 enum { ROW_MAJOR = 101, NO_TRANS = 111 };
 
@@ -97,68 +102,137 @@ static uint16_t *scratch(int which, size_t n, int *owned) {
 }
 
 /* Fixed matrices (a run's dequantized base weights, which stay in memory while they are here):
- * their bfloat16 copies, each made once, at its first product, instead of in every product. */
+ * their bfloat16 copies, each made once, instead of in every product. A released one has also
+ * given the whole pages of its fp32 values back to the system ([lo, hi), no access: a read
+ * faults rather than finds zeros), so its products must go in bf16 from the copy whatever their
+ * sides (edgeft_sgemm_restore and edgeft_sgemm_unfix give the pages back). */
 enum { MAX_FIXED = 16384 };
 static struct {
     const float *p;
     size_t n;
     uint16_t *copy;
+    char *lo, *hi; /* released pages, or lo == hi */
 } fixed[MAX_FIXED];
 static int n_fixed;
+static int n_released;
 static pthread_mutex_t fixed_lock = PTHREAD_MUTEX_INITIALIZER;
 
-/* Called while no product runs. Returns 0 when the table is full (the matrix is then rounded in
- * each product, as any other). */
-int edgeft_sgemm_fix(const float *p, size_t n) {
-    if (n_fixed == MAX_FIXED)
+/* The whole pages of [p, p + n floats), given back to the system once the copy exists. */
+static void release(int i) {
+    uintptr_t page = (uintptr_t)sysconf(_SC_PAGESIZE);
+    uintptr_t lo = ((uintptr_t)fixed[i].p + page - 1) & ~(page - 1);
+    uintptr_t hi = ((uintptr_t)(fixed[i].p + fixed[i].n)) & ~(page - 1);
+    if (hi <= lo || mprotect((void *)lo, hi - lo, PROT_NONE) != 0)
+        return;
+    madvise((void *)lo, hi - lo, MADV_DONTNEED);
+    fixed[i].lo = (char *)lo;
+    fixed[i].hi = (char *)hi;
+    n_released++;
+}
+
+/* Called while no product runs. With `give_back`, the copy is made now and the matrix's fp32
+ * pages are released: only this library's products may read it until unfix. Returns 0 when
+ * the table is full (the matrix is then rounded in each product, as any other). */
+int edgeft_sgemm_fix(const float *p, size_t n, int give_back) {
+    int i = n_fixed;
+    if (i == MAX_FIXED || n > INT_MAX)
         return 0;
-    fixed[n_fixed].p = p;
-    fixed[n_fixed].n = n;
-    fixed[n_fixed].copy = NULL;
-    __atomic_store_n(&n_fixed, n_fixed + 1, __ATOMIC_RELEASE);
+    fixed[i].p = p;
+    fixed[i].n = n;
+    fixed[i].copy = NULL;
+    fixed[i].lo = fixed[i].hi = NULL;
+    if (give_back && (fixed[i].copy = malloc(n * sizeof(uint16_t)))) {
+        edgeft_to_bf16(p, 1, (int)n, (int)n, fixed[i].copy);
+        release(i);
+    }
+    __atomic_store_n(&n_fixed, i + 1, __ATOMIC_RELEASE);
     return 1;
 }
 
-/* Called while no product runs: forget every fixed matrix and free the copies. */
+/* Called while no product runs: the released matrix that starts at p gets its memory back,
+ * holding its copy's values (for one that outlives the block). */
+void edgeft_sgemm_restore(const float *p) {
+    for (int i = 0; i < n_fixed; i++) {
+        if (fixed[i].p != p || fixed[i].lo == fixed[i].hi)
+            continue;
+        mprotect(fixed[i].lo, fixed[i].hi - fixed[i].lo, PROT_READ | PROT_WRITE);
+        uint32_t *out = (uint32_t *)fixed[i].lo;
+        const uint16_t *from = fixed[i].copy + (out - (const uint32_t *)fixed[i].p);
+        for (size_t j = 0, count = (fixed[i].hi - fixed[i].lo) / sizeof(float); j < count; j++)
+            out[j] = (uint32_t)from[j] << 16;
+        fixed[i].lo = fixed[i].hi = NULL;
+        n_released--;
+    }
+}
+
+/* Called while no product runs: forget every fixed matrix and free the copies. The pages of
+ * the matrices still released become readable again, as zeros, without being touched (so
+ * they take no memory until written): those matrices must end with the block. */
 void edgeft_sgemm_unfix(void) {
-    for (int i = 0; i < n_fixed; i++)
+    for (int i = 0; i < n_fixed; i++) {
+        if (fixed[i].lo != fixed[i].hi)
+            mprotect(fixed[i].lo, fixed[i].hi - fixed[i].lo, PROT_READ | PROT_WRITE);
         free(fixed[i].copy);
+    }
+    n_released = 0;
     __atomic_store_n(&n_fixed, 0, __ATOMIC_RELEASE);
 }
 
-static const uint16_t *fixed_copy(const float *x, int rows, int cols, int ld) {
-    size_t n = (size_t)rows * cols;
+/* Whether x points into a released matrix. */
+static int released(const float *x) {
+    if (!__atomic_load_n(&n_released, __ATOMIC_RELAXED))
+        return 0;
     int count = __atomic_load_n(&n_fixed, __ATOMIC_ACQUIRE);
-    if (ld != cols)
-        return NULL;
+    for (int i = 0; i < count; i++)
+        if (fixed[i].lo != fixed[i].hi && x >= fixed[i].p && x < fixed[i].p + fixed[i].n)
+            return 1;
+    return 0;
+}
+
+/* The bfloat16 copy of x (rows of `cols` values, `ld` apart, the copy in the same layout) where x
+ * lies within a fixed matrix, made at its first product unless it exists; else NULL. */
+static const uint16_t *fixed_copy(const float *x, int rows, int cols, int ld) {
+    size_t span = (size_t)(rows - 1) * ld + cols;
+    int count = __atomic_load_n(&n_fixed, __ATOMIC_ACQUIRE);
     for (int i = 0; i < count; i++) {
-        if (fixed[i].p != x || fixed[i].n != n)
+        if (x < fixed[i].p || x >= fixed[i].p + fixed[i].n)
             continue;
+        size_t at = (size_t)(x - fixed[i].p);
+        if (at + span > fixed[i].n) {
+            if (fixed[i].lo == fixed[i].hi)
+                return NULL;
+            fprintf(stderr, "edgeft: a product reads past a released weight of %zu values; this is a bug "
+                            "in edgeft (train with --matmul fp32 meanwhile)\n", fixed[i].n);
+            abort();
+        }
         uint16_t *copy = __atomic_load_n(&fixed[i].copy, __ATOMIC_ACQUIRE);
         if (!copy) {
             pthread_mutex_lock(&fixed_lock);
             copy = fixed[i].copy;
-            if (!copy && (copy = malloc(n * sizeof(uint16_t)))) {
-                edgeft_to_bf16(x, rows, cols, ld, copy);
+            if (!copy && (copy = malloc(fixed[i].n * sizeof(uint16_t)))) {
+                edgeft_to_bf16(fixed[i].p, 1, (int)fixed[i].n, (int)fixed[i].n, copy);
                 __atomic_store_n(&fixed[i].copy, copy, __ATOMIC_RELEASE);
             }
             pthread_mutex_unlock(&fixed_lock);
         }
-        return copy;
+        return copy ? copy + at : NULL;
     }
     return NULL;
 }
 
-/* One operand in bfloat16, packed (leading dimension `cols`): its fixed copy, or rounded into a
- * buffer (*owned: the caller frees it). NULL where there was no memory for it. */
-static const uint16_t *operand(int which, const float *x, int rows, int cols, int ld, int *owned) {
+/* One operand in bfloat16 with its leading dimension (*ld_out): its fixed copy (ld as given), or
+ * rounded into a packed buffer (`cols`; *owned: the caller frees it). NULL where there was no
+ * memory for it. */
+static const uint16_t *operand(int which, const float *x, int rows, int cols, int ld, int *owned, int *ld_out) {
     const uint16_t *copy = fixed_copy(x, rows, cols, ld);
     *owned = 0;
+    *ld_out = ld;
     if (copy)
         return copy;
     uint16_t *buf = scratch(which, (size_t)rows * cols, owned);
     if (buf)
         edgeft_to_bf16(x, rows, cols, ld, buf);
+    *ld_out = cols;
     return buf;
 }
 
@@ -168,12 +242,12 @@ static int bf16_product(bf16_fn gemm, int trans_a, int trans_b, int m, int n, in
                         const float *a, int lda, const float *b, int ldb, float beta, float *c, int ldc) {
     int a_rows = trans_a == NO_TRANS ? m : k, a_cols = trans_a == NO_TRANS ? k : m;
     int b_rows = trans_b == NO_TRANS ? k : n, b_cols = trans_b == NO_TRANS ? n : k;
-    int own_a, own_b;
-    const uint16_t *ah = operand(0, a, a_rows, a_cols, lda, &own_a);
-    const uint16_t *bh = operand(1, b, b_rows, b_cols, ldb, &own_b);
+    int own_a, own_b, lda_h, ldb_h;
+    const uint16_t *ah = operand(0, a, a_rows, a_cols, lda, &own_a, &lda_h);
+    const uint16_t *bh = operand(1, b, b_rows, b_cols, ldb, &own_b, &ldb_h);
     int done = ah && bh;
     if (done)
-        gemm(ROW_MAJOR, trans_a, trans_b, m, n, k, alpha, ah, a_cols, bh, b_cols, beta, c, ldc);
+        gemm(ROW_MAJOR, trans_a, trans_b, m, n, k, alpha, ah, lda_h, bh, ldb_h, beta, c, ldc);
     if (own_a)
         free((void *)ah);
     if (own_b)
@@ -187,9 +261,15 @@ void cblas_sgemm(int layout, int trans_a, int trans_b, int m, int n, int k, floa
     int cols = __atomic_load_n(&block, __ATOMIC_RELAXED);
     bf16_fn gemm = __atomic_load_n(&bf16_gemm, __ATOMIC_RELAXED);
     int from = __atomic_load_n(&bf16_from, __ATOMIC_RELAXED);
-    if (gemm && layout == ROW_MAJOR && m >= from && n >= from && k >= from &&
+    int must = released(a) | released(b); /* its fp32 values are gone: from the copy, at any size */
+    if (gemm && layout == ROW_MAJOR && (must || (m >= from && n >= from && k >= from)) &&
         bf16_product(gemm, trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc))
         return;
+    if (must) {
+        fprintf(stderr, "edgeft: a product of a released weight could not go in bfloat16 (%s); "
+                        "train with --matmul fp32\n", gemm && layout == ROW_MAJOR ? "out of memory" : "bf16 is off");
+        abort();
+    }
     if (cols <= 0 || layout != ROW_MAJOR || n <= cols || n < __atomic_load_n(&min_columns, __ATOMIC_RELAXED) ||
         m < __atomic_load_n(&min_rows, __ATOMIC_RELAXED)) {
         next(layout, trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);

@@ -13,6 +13,7 @@ whole run (:func:`keep_dequantized`) or for the stream groups of one batch
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from contextlib import contextmanager
 from contextvars import ContextVar
 from functools import lru_cache
@@ -25,6 +26,7 @@ from edgeft.device import on_cpu
 
 _IN_FORWARD: ContextVar[bool] = ContextVar("edgeft_in_forward", default=False)
 _KEPT_WEIGHTS: ContextVar[dict | None] = ContextVar("edgeft_kept_weights", default=None)
+_ON_KEEP: ContextVar[Callable[[mx.array], None] | None] = ContextVar("edgeft_on_keep", default=None)
 _SHARED_WEIGHTS: ContextVar[dict | None] = ContextVar("edgeft_shared_weights", default=None)
 
 
@@ -40,6 +42,10 @@ def dequantized_weight(layer: nn.Module) -> mx.array:
         w = dequantize(layer["weight"], layer["scales"], layer.get("biases"), layer.bits, layer.group_size, layer.mode)
         if memo is not None:
             memo[id(layer)] = (layer, w)  # the layer too: its id stays its own while kept
+            on_keep = _ON_KEEP.get() if memo is _KEPT_WEIGHTS.get() else None
+            if on_keep is not None:
+                mx.eval(w)  # depends on no traced array: made now, once for the run
+                on_keep(w)
         return w
     return layer["weight"]
 
@@ -96,7 +102,8 @@ def in_forward():
 
 
 @contextmanager
-def keep_dequantized(enabled: bool = True, store: dict | None = None):
+def keep_dequantized(enabled: bool = True, store: dict | None = None,
+                     on_keep: Callable[[mx.array], None] | None = None):
     """Within (a training run: the base weights do not change): the fast forward dequantizes
     each weight once and keeps it for every later step. Without gradient checkpointing this
     costs no peak memory, since a step's backward holds every layer's dequantized weight at
@@ -104,11 +111,15 @@ def keep_dequantized(enabled: bool = True, store: dict | None = None):
     dequantization and the wait of one stream group for another's (SmolLM2, batch 4, 2
     streams: 175 -> 218 tokens/s, scripts/profile_step.py ab base dequantize-each-step). With
     checkpointing (enabled False) weights are made again for each layer's recomputation, as
-    the estimate assumes. `store`: keep them in this dict, to share them across blocks."""
+    the estimate assumes. `store`: keep them in this dict, to share them across blocks.
+    `on_keep(w)`: called with each weight when it is first kept, evaluated, before any product
+    reads it (backend.matmul_precision's keep)."""
     token = _KEPT_WEIGHTS.set((store if store is not None else {}) if enabled else None)
+    keep_token = _ON_KEEP.set(on_keep if enabled else None)
     try:
         yield
     finally:
+        _ON_KEEP.reset(keep_token)
         _KEPT_WEIGHTS.reset(token)
 
 

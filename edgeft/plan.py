@@ -14,6 +14,9 @@ quantized projections are dequantized to fp32 just in time, the model computes i
   transient     one layer's backward-pass temporaries
   bf16_copies   with bf16 products (train.matmul): the kept dequantized weights' bfloat16 copies
                 (2 bytes a weight, outside MLX's arrays)
+  released      with bf16 products, the kept fp32 weights' memory, given back to the system once
+                their copies exist (backend.matmul_precision): MLX still counts it, the process
+                does not hold it, so it is taken off the total
 
 The per-token and per-score byte counts are measured, not derived: fitted to MLX's peak
 (mx.get_peak_memory) during edgeft's own trainer.train (packed CPU batches) over tiny models
@@ -113,6 +116,7 @@ class Breakdown:
     logits: int
     transient: int
     bf16_copies: int = 0  # outside MLX (edgeft/_sgemm.c), so not part of .mlx
+    released: int = 0  # part of .mlx, not held by the process (so off the total)
     batch_size: int = 0
     seq_len: int = 0
     tokens: int = 0  # input tokens of the batch (batch_size x seq_len, or the packed row)
@@ -121,23 +125,25 @@ class Breakdown:
     packed: bool = False  # the batch trains as one unpadded row
     worst_case: int = 0  # total on the largest batch the data could form (0: not weighed)
     parts: tuple = ("runtime", "weights", "lora", "dequantized", "activations", "attention",
-                    "logits", "transient", "bf16_copies")
+                    "logits", "transient", "bf16_copies", "released")
 
     @property
     def mlx(self) -> int:
         """What MLX allocates (comparable to mx.get_peak_memory())."""
-        return self.total - self.runtime - self.bf16_copies
+        return self.total - self.runtime - self.bf16_copies + self.released
 
     @property
     def total(self) -> int:
-        return sum(getattr(self, p) for p in self.parts)
+        """What the process holds at the peak."""
+        return sum(getattr(self, p) for p in self.parts if p != "released") - self.released
 
     def to_dict(self) -> dict:
         d = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "parts"}
         return {**d, "mlx": self.mlx, "total": self.total}
 
     def lines(self) -> list[str]:
-        out = [f"  {p:12} {gb(getattr(self, p)):>9}" for p in self.parts if p != "bf16_copies" or self.bf16_copies]
+        out = [f"  {p:12} {gb(getattr(self, p)):>9}" if p != "released" else f"  {p:12} {'-' + gb(self.released):>9}"
+               for p in self.parts if p not in ("bf16_copies", "released") or getattr(self, p)]
         out.append(f"  {'total':12} {gb(self.total):>9}")
         if self.worst_case > self.total:
             out.append(f"  ({gb(self.worst_case)} if the data's largest samples fell into one batch; "
@@ -255,8 +261,10 @@ def estimate_peak_bytes(config: dict, lora_cfg, batch_size: int, seq_len: int, q
         attention=int(width * attention),
         logits=int(c.logits_per_v * K * d["V"]),
         transient=int(width * c.transient_per_i * N * d["I"]),
-        # the weights kept for the run (dequant.keep_dequantized: not with checkpointing), rounded
+        # the weights kept for the run (dequant.keep_dequantized: not with checkpointing), held
+        # as bf16 copies instead (backend.matmul_precision)
         bf16_copies=int(dequantized // 2) if bf16 and cpu and not grad_checkpoint else 0,
+        released=int(dequantized) if bf16 and cpu and not grad_checkpoint else 0,
         batch_size=B, seq_len=T, tokens=N, loss_tokens=K, grad_checkpoint=grad_checkpoint,
         packed=bool(lengths),
     )

@@ -231,10 +231,9 @@ def train(
         progress.message(f"step {state.step}: validation loss {val:.4f}")
 
     # The base weights stay fixed: each is dequantized once for the whole run (backend), and
-    # with bf16 products rounded to bfloat16 once.
-    kept_weights = {}
-    with (dequant.keep_dequantized(not cfg.grad_checkpoint, store=kept_weights),
-          backend.matmul_precision(cfg.matmul, progress.message) as fix_weights):
+    # with bf16 products held as bfloat16 only.
+    with (backend.matmul_precision(cfg.matmul, progress.message) as keep,
+          dequant.keep_dequantized(not cfg.grad_checkpoint, on_keep=keep)):
         loss_and_grad = nn.value_and_grad(model, loss_fn)
         batches = train_batches(state.step * cfg.grad_accum)
         try:
@@ -248,7 +247,6 @@ def train(
                 for batch in distributed.my_rows(micro, world):
                     args, ntok_in = loss_inputs(model, loss_fn, *batch[:3])
                     loss, grads, n = summed_loss_and_grad(loss_and_grad, model, args)
-                    fix_weights(w for _, w in kept_weights.values())  # before the step's products run
                     if n == 0:
                         continue
                     step_tokens += ntok_in

@@ -145,13 +145,15 @@ def default_step(model, loss_fn=loss.lm_loss):
 
     def step(batch):
         args, _ = loss.loss_inputs(model, loss_fn, *batch[:3])
-        # Evaluated inside, as in trainer.train; but bf16 rounds the kept weights again in each
-        # step here (once per step, where trainer.train rounds them once per run).
-        with backend.matmul_precision(MATMUL, log=lambda m: None) as fix_weights:
-            with dequant.keep_dequantized(KEEP_DEQUANTIZED, store=kept):
+        # Evaluated inside, as in trainer.train; but bf16 rounds (and gives back, and at the
+        # block's end writes back) the kept weights once per step here, where trainer.train
+        # does it once per run: variants of other precisions take turns with this one.
+        with backend.matmul_precision(MATMUL, log=lambda m: None) as keep:
+            on_keep = keep if FIX_WEIGHTS else None
+            for _, w in kept.values() if on_keep else ():
+                on_keep(w)
+            with dequant.keep_dequantized(KEEP_DEQUANTIZED, store=kept, on_keep=on_keep):
                 loss_sum, grads, n = loss.summed_loss_and_grad(loss_and_grad, model, args)
-            if FIX_WEIGHTS:
-                fix_weights(w for _, w in kept.values())
             grads = loss.tree_map_scale(grads, 1.0 / n)
             opt.update(model, grads)
             mx.eval(model.trainable_parameters(), opt.state, loss_sum)

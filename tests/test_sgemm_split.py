@@ -242,3 +242,37 @@ def test_fixed_weights_are_rounded_once_and_forgotten_after_the_block():
     assert not after.any()  # the block is over: fp32, from the memory as it is now
     with _blas.bf16():
         np.testing.assert_allclose(np.array(x @ w.T), exact, rtol=1e-5, atol=1e-3)  # no copy left over
+
+
+def test_released_weights_give_their_memory_back_and_multiply_from_their_copy():
+    """fix(release=True), as a run's kept weights: the fp32 pages go back to the system at once (the
+    process holds ~2 of the 4 bytes a weight), every product with the weight goes in bf16 from the
+    copy, the narrow ones and those of a view into it too (the fp32 values are gone), and at the
+    block's end an array still held gets its bf16 values back."""
+    from edgeft import system
+
+    rng = np.random.default_rng(8)
+    x = mx.array(rng.standard_normal((300, 576), dtype=np.float32))
+    w = mx.array(rng.standard_normal((40_000, 576), dtype=np.float32))  # 92 MB
+    mx.eval(x, w)
+    original = np.array(w)
+    kept = to_bf16(original)
+    exact = to_bf16(np.asarray(x)).astype(np.float64) @ kept.astype(np.float64).T
+    before = system.current_rss()
+    with _blas.bf16():
+        _blas.fix([w], release=True)
+        given_back = before - system.current_rss()
+        whole, narrow = np.array(x @ w.T), np.array(x[:5] @ w.T)  # 5 rows: fp32 if w were not released
+        view = np.array(x @ w[1000:1100].T)
+        backward = np.array(mx.ones((3, 40_000)) @ w)
+    after = np.array(w).ravel()
+    start = np.asarray(w).ctypes.data
+    lo, hi = (-(-start // 4096) * 4096 - start) // 4, ((start + w.nbytes) // 4096 * 4096 - start) // 4
+    assert 0.4 * w.nbytes < given_back < 0.6 * w.nbytes  # 4 bytes a weight out, 2 in
+    np.testing.assert_allclose(whole, exact, rtol=1e-5, atol=1e-3)
+    np.testing.assert_allclose(narrow, exact[:5], rtol=1e-5, atol=1e-3)
+    np.testing.assert_allclose(view, exact[:, 1000:1100], rtol=1e-5, atol=1e-3)
+    np.testing.assert_allclose(backward, kept.astype(np.float64).sum(axis=0)[None].repeat(3, 0), rtol=1e-4, atol=1e-2)
+    np.testing.assert_array_equal(after[lo:hi], kept.ravel()[lo:hi])  # the whole pages: bf16 values
+    np.testing.assert_array_equal(after[:lo], original.ravel()[:lo])  # the partial ones: never given back
+    np.testing.assert_array_equal(after[hi:], original.ravel()[hi:])
