@@ -44,7 +44,7 @@ def dequantized_weight(layer: nn.Module) -> mx.array:
             memo[id(layer)] = (layer, w)  # the layer too: its id stays its own while kept
             on_keep = _ON_KEEP.get() if memo is _KEPT_WEIGHTS.get() else None
             if on_keep is not None:
-                mx.eval(w)  # depends on no traced array: made now, once for the run
+                mx.eval(w)  # depends on no traced array (best outside one: backend.keep_weights)
                 on_keep(w)
         return w
     return layer["weight"]

@@ -234,6 +234,8 @@ def train(
     # with bf16 products held as bfloat16 only.
     with (backend.matmul_precision(cfg.matmul, progress.message) as keep,
           dequant.keep_dequantized(not cfg.grad_checkpoint, on_keep=keep)):
+        if not cfg.grad_checkpoint:
+            backend.keep_weights(model)
         loss_and_grad = nn.value_and_grad(model, loss_fn)
         batches = train_batches(state.step * cfg.grad_accum)
         try:

@@ -153,6 +153,8 @@ def default_step(model, loss_fn=loss.lm_loss):
             for _, w in kept.values() if on_keep else ():
                 on_keep(w)
             with dequant.keep_dequantized(KEEP_DEQUANTIZED, store=kept, on_keep=on_keep):
+                if KEEP_DEQUANTIZED and not kept:
+                    backend.keep_weights(model)  # as trainer.train: outside the gradient trace
                 loss_sum, grads, n = loss.summed_loss_and_grad(loss_and_grad, model, args)
             grads = loss.tree_map_scale(grads, 1.0 / n)
             opt.update(model, grads)
