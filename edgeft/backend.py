@@ -230,7 +230,6 @@ def fast_forward(packing: Packing | None = None):
         _FORWARD.reset(token)
 
 
-
 def keep_weights(model: nn.Module) -> None:
     """Inside dequant.keep_dequantized: dequantize (and keep, and hand to its on_keep) every weight
     the training forward uses, now, with a one-token forward outside any gradient trace. Made
@@ -238,6 +237,7 @@ def keep_weights(model: nn.Module) -> None:
     its size until the step ended (Gemma 3 270M: peak RSS 6.3 GB against 2.3)."""
     with fast_forward():
         mx.eval(model(mx.zeros((1, 1), dtype=mx.int32)))
+
 
 # Streams: MLX runs each stream's ops on its own thread, and its CPU elementwise ops use one
 # core. Independent samples on one stream per core (BLAS with the cores left over each) keep
