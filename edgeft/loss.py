@@ -82,20 +82,23 @@ def loss_inputs(model, loss_fn, inputs, targets, mask) -> tuple[tuple, int]:
     return (inputs, idx, tgt), input_tokens(mask)
 
 
-def stream_split(args: tuple) -> list[tuple[object, tuple]]:
+def stream_split(args: tuple, head_share: float = 0.0) -> list[tuple[object, tuple]]:
     """The loss arguments of one batch (loss_inputs) as [(stream, arguments)]: a packed batch
     is split into groups of whole samples, one per CPU stream (backend.stream_groups), whose
     losses and gradients are built and computed side by side; anything else is one group on
     the default stream. Each group's own value_and_grad keeps the streams apart until their
     gradients are added: one backward graph over both would add them layer by layer, making
-    each stream wait for the other at every layer."""
+    each stream wait for the other at every layer. The groups balance each sample's tokens
+    plus `head_share` (backend.head_share) times its loss tokens."""
     if len(args) < 4 or not args[3]:
         return [(mx.default_stream(mx.default_device()), args)]
     inputs, idx, tgt, lengths = args
     positions = np.asarray(idx)
     starts = np.concatenate([[0], np.cumsum(lengths)])
+    loss_tokens = np.diff(np.searchsorted(positions, starts))  # idx ascends (loss_positions)
+    work = tuple(float(n + head_share * c) for n, c in zip(lengths, loss_tokens))
     groups = []
-    for stream, members in backend.stream_groups(tuple(lengths)):
+    for stream, members in backend.stream_groups(tuple(lengths), work):
         pieces, mine, offset = [], [], 0
         for i in members:
             start, stop = int(starts[i]), int(starts[i + 1])
@@ -110,13 +113,13 @@ def stream_split(args: tuple) -> list[tuple[object, tuple]]:
     return groups
 
 
-def on_streams(args: tuple, fn: Callable[[tuple, int], object]) -> list[tuple[object, int]]:
+def on_streams(args: tuple, fn: Callable[[tuple, int], object], head_share: float = 0.0) -> list[tuple[object, int]]:
     """[(fn(group arguments, n), n)] for the stream groups of one batch (stream_split) that
     carry n > 0 loss tokens, each built on its own stream, every weight dequantized once
     between them."""
     out = []
     with dequant.shared_weights():
-        for stream, group in stream_split(args):
+        for stream, group in stream_split(args, head_share):
             n = group[1].size
             if n:
                 with mx.stream(stream):
@@ -133,7 +136,7 @@ def summed_loss_and_grad(loss_and_grad, model, args: tuple) -> tuple[mx.array | 
         return loss * n, tree_map_scale(grads, n)
 
     loss_sum, grads_sum, total = None, None, 0
-    for (loss, grads), n in on_streams(args, summed):
+    for (loss, grads), n in on_streams(args, summed, backend.head_share(model)):
         grads_sum = grads if grads_sum is None else tree_add(grads_sum, grads)
         loss_sum = loss if loss_sum is None else loss_sum + loss
         total += n
@@ -156,7 +159,7 @@ def loss_sums(model, batches: Iterable[Batch], loss_fn=lm_loss) -> tuple[float, 
         total, count = 0.0, 0
         for batch in batches:
             args, _ = loss_inputs(model, loss_fn, *batch[:3])
-            losses = on_streams(args, lambda group, n: loss_fn(model, *group)[0] * n)
+            losses = on_streams(args, lambda group, n: loss_fn(model, *group)[0] * n, backend.head_share(model))
             if losses:
                 total += sum(loss for loss, _ in losses).item()
                 count += sum(n for _, n in losses)

@@ -216,6 +216,7 @@ VARIANTS = {
     "attention-block-256": with_setting(default_step, backend, "ATTENTION_BLOCK", 256),
     "exp-one-chain": with_setting(default_step, cpu_kernels, "_exp_fused", cpu_kernels.fused(cpu_kernels._exp)),
     "blocks-one-stream": with_setting(default_step, backend, "IDLE_STREAMS", False),
+    "groups-by-tokens": with_setting(default_step, backend, "head_share", lambda model: 0.0),  # loss tokens weigh 1
     "whole-products": within(default_step, lambda: _blas.split(0)),  # MKL gets wide products whole
     "split-512": within(default_step, lambda: _blas.split(512)),
     "fp32-products": with_setting(default_step, sys.modules[__name__], "MATMUL", "fp32"),

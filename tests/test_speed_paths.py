@@ -125,6 +125,34 @@ def test_stream_groups_are_balanced_by_tokens(monkeypatch):
     assert [g for _, g in backend.stream_groups((5, 7))] == [(0, 1)]
 
 
+def test_stream_groups_balance_work_and_loss_tokens_weigh_the_head(monkeypatch):
+    """Given each sample's work, the groups balance it rather than tokens; stream_split counts a
+    loss token as 1 + head_share tokens (the vocabulary head runs only there), and head_share
+    is the head's weights over the other projections', quantized or not."""
+    monkeypatch.setattr(backend, "CPU_STREAMS", 2)
+    assert [g for _, g in backend.stream_groups((100, 100, 100, 100))] == [(0, 2), (1, 3)]
+    assert [g for _, g in backend.stream_groups((100, 100, 100, 100), (100, 100, 300, 100))] == [(2,), (0, 1, 3)]
+    lengths = (4, 4, 4, 4)
+    inputs, idx = mx.arange(16)[None], mx.array([0, 1, 2, 3, 5])  # sample 0 all loss, sample 1 one token
+    args = (inputs, idx, idx + 100, lengths)
+    assert [g[3] for _, g in loss.stream_split(args)] == [(4, 4), (4, 4)]
+    by_work = loss.stream_split(args, head_share=3.0)  # work 16, 7, 4, 4
+    assert [np.asarray(g[0]).tolist() for _, g in by_work] == [[[0, 1, 2, 3]], [[4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15]]]
+    assert [np.asarray(g[1]).tolist() for _, g in by_work] == [[0, 1, 2, 3], [1]]
+
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed_tokens = nn.Embedding(1000, 64)
+            self.layers = [nn.Linear(64, 128), nn.Linear(128, 64)]
+
+    model = Model()
+    assert backend.head_share(model) == 64_000 / (2 * 64 * 128)
+    nn.quantize(model, group_size=32, bits=4)
+    assert backend.head_share(model) == 64_000 / (2 * 64 * 128)
+    assert backend.head_share(nn.Linear(4, 4)) == 0.0
+
+
 def test_stream_split_regroups_samples_with_their_loss_positions(monkeypatch):
     """Samples 0 and 2 on one stream, 1 and 3 on the other (7 and 6 tokens): each group's
     row, loss positions and targets are those samples' own."""
