@@ -178,46 +178,49 @@ void edgeft_sgemm_unfix(void) {
     __atomic_store_n(&n_fixed, 0, __ATOMIC_RELEASE);
 }
 
+/* The fixed matrix that x points into, or -1. */
+static int fixed_at(const float *x) {
+    int count = __atomic_load_n(&n_fixed, __ATOMIC_ACQUIRE);
+    for (int i = 0; i < count; i++)
+        if (x >= fixed[i].p && x < fixed[i].p + fixed[i].n)
+            return i;
+    return -1;
+}
+
 /* Whether x points into a released matrix. */
 static int released(const float *x) {
     if (!__atomic_load_n(&n_released, __ATOMIC_RELAXED))
         return 0;
-    int count = __atomic_load_n(&n_fixed, __ATOMIC_ACQUIRE);
-    for (int i = 0; i < count; i++)
-        if (fixed[i].lo != fixed[i].hi && x >= fixed[i].p && x < fixed[i].p + fixed[i].n)
-            return 1;
-    return 0;
+    int i = fixed_at(x);
+    return i >= 0 && fixed[i].lo != fixed[i].hi;
 }
 
 /* The bfloat16 copy of x (rows of `cols` values, `ld` apart, the copy in the same layout) where x
  * lies within a fixed matrix, made at its first product unless it exists; else NULL. */
 static const uint16_t *fixed_copy(const float *x, int rows, int cols, int ld) {
     size_t span = (size_t)(rows - 1) * ld + cols;
-    int count = __atomic_load_n(&n_fixed, __ATOMIC_ACQUIRE);
-    for (int i = 0; i < count; i++) {
-        if (x < fixed[i].p || x >= fixed[i].p + fixed[i].n)
-            continue;
-        size_t at = (size_t)(x - fixed[i].p);
-        if (at + span > fixed[i].n) {
-            if (fixed[i].lo == fixed[i].hi)
-                return NULL;
-            fprintf(stderr, "edgeft: a product reads past a released weight of %zu values; this is a bug "
-                            "in edgeft (train with --matmul fp32 meanwhile)\n", fixed[i].n);
-            abort();
-        }
-        uint16_t *copy = __atomic_load_n(&fixed[i].copy, __ATOMIC_ACQUIRE);
-        if (!copy) {
-            pthread_mutex_lock(&fixed_lock);
-            copy = fixed[i].copy;
-            if (!copy && (copy = malloc(fixed[i].n * sizeof(uint16_t)))) {
-                edgeft_to_bf16(fixed[i].p, 1, (int)fixed[i].n, (int)fixed[i].n, copy);
-                __atomic_store_n(&fixed[i].copy, copy, __ATOMIC_RELEASE);
-            }
-            pthread_mutex_unlock(&fixed_lock);
-        }
-        return copy ? copy + at : NULL;
+    int i = fixed_at(x);
+    if (i < 0)
+        return NULL;
+    size_t at = (size_t)(x - fixed[i].p);
+    if (at + span > fixed[i].n) {
+        if (fixed[i].lo == fixed[i].hi)
+            return NULL;
+        fprintf(stderr, "edgeft: a product reads past a released weight of %zu values; this is a bug "
+                        "in edgeft (train with --matmul fp32 meanwhile)\n", fixed[i].n);
+        abort();
     }
-    return NULL;
+    uint16_t *copy = __atomic_load_n(&fixed[i].copy, __ATOMIC_ACQUIRE);
+    if (!copy) {
+        pthread_mutex_lock(&fixed_lock);
+        copy = fixed[i].copy;
+        if (!copy && (copy = malloc(fixed[i].n * sizeof(uint16_t)))) {
+            edgeft_to_bf16(fixed[i].p, 1, (int)fixed[i].n, (int)fixed[i].n, copy);
+            __atomic_store_n(&fixed[i].copy, copy, __ATOMIC_RELEASE);
+        }
+        pthread_mutex_unlock(&fixed_lock);
+    }
+    return copy ? copy + at : NULL;
 }
 
 /* One operand in bfloat16 with its leading dimension (*ld_out): its fixed copy (ld as given), or
