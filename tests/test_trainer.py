@@ -135,6 +135,34 @@ def test_bf16_products_train_within_a_percent_of_fp32():
     np.testing.assert_allclose(bf16, fp32, rtol=0.01)
 
 
+def test_every_base_weight_is_kept_before_the_first_step(monkeypatch):
+    """The trainer keeps (and with bf16 products rounds and gives back) every quantized weight the
+    step uses with backend.keep_weights, before the first step: kept inside the gradient trace
+    instead, each would leave MLX holding many times its size until the step ended."""
+    from contextlib import contextmanager
+
+    events = []
+    keep_weights, matmul_precision = backend.keep_weights, backend.matmul_precision
+
+    def recorded_keep_weights(model):
+        keep_weights(model)
+        events.append("all kept")
+
+    @contextmanager
+    def recorded_precision(setting, log=print):
+        with matmul_precision(setting, log) as keep:
+            yield lambda w: (events.append("keep"), keep(w))
+
+    monkeypatch.setattr(backend, "keep_weights", recorded_keep_weights)
+    monkeypatch.setattr(backend, "matmul_precision", recorded_precision)
+    model = backend.prepare(tiny_llama(seed=5), cpu=True)
+    lora.apply_lora(model, LoRAConfig(rank=8, alpha=16))
+    quantized = [m for _, m in model.named_modules() if isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding))]
+    cfg = TrainConfig(steps=2, batch_size=4, eval_every=0, save_every=0)
+    trainer.train(model, cfg, lambda s: batches_from(four_examples(), 4, s), progress=trainer.Progress(2, every=1000))
+    assert events == ["keep"] * len(quantized) + ["all kept"]  # 2 layers x 7 projections and the tied head
+
+
 @pytest.mark.parametrize("streams,dropout", [(1, 0.1), (2, 0.0)])
 def test_fast_path_equals_plain_path(monkeypatch, streams, dropout):
     """Dequantized BLAS layers + loss only at masked positions + packed batches + fused kernels
