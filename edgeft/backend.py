@@ -7,7 +7,7 @@ half-precision matmul has no BLAS path at all. So on CPU every quantized layer d
 its weight just in time (the base stays 4-bit in memory) and the model computes in fp32.
 
 The training forward (CPU): inside ``fast_forward()`` a prepared model computes the exp-heavy
-ops (SiLU, GELU-tanh, the attention softmax, the loss's logsumexp) 1.5-4x faster
+ops (SiLU, GELU-tanh, the attention softmax, the loss's cross-entropy) 1.5-4x faster
 than MLX (cpu_kernels.py), and takes packed batches: the samples of a batch laid end to end in
 one row with no padding, attention within each sample and RoPE positions restarting at 0 for
 each, so every sample gets exactly what it would get alone. A model with a sliding window packs
@@ -203,7 +203,7 @@ class Packing:
         return parts[0] if len(parts) == 1 else mx.concatenate(parts, axis=-2)
 
 
-# Faster kernels (edgeft/cpu_kernels.py) for SiLU, softmax and logsumexp inside fast_forward;
+# Faster kernels (edgeft/cpu_kernels.py) for SiLU, softmax and cross-entropy inside fast_forward;
 # False: MLX's own ops (for A/B measurements, scripts/profile_step.py).
 FUSED_KERNELS = True
 
@@ -316,9 +316,12 @@ def _kernels_for(*arrays: mx.array) -> bool:
     return fwd is not None and fwd.kernels and cpu_kernels.usable(*arrays)
 
 
-def logsumexp(x: mx.array) -> mx.array:
-    """mx.logsumexp(x, axis=-1), the faster way inside fast_forward."""
-    return cpu_kernels.logsumexp(x) if _kernels_for(x) else mx.logsumexp(x, axis=-1)
+def cross_entropy(logits: mx.array, targets: mx.array) -> mx.array:
+    """logsumexp(logits[i]) - logits[i, targets[i]] for each row i, the faster way inside
+    fast_forward."""
+    if _kernels_for(logits):
+        return cpu_kernels.cross_entropy(logits, targets)
+    return mx.logsumexp(logits, axis=-1) - mx.take_along_axis(logits, targets[:, None], axis=-1)[:, 0]
 
 
 def _attention_modules(model: nn.Module) -> list[nn.Module]:

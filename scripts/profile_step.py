@@ -211,10 +211,15 @@ VARIANTS = {
         w, s, b, group_size=group_size, bits=bits, mode=mode)),
     "one-stream": with_setting(default_step, backend, "CPU_STREAMS", 1),
     "dequantize-each-step": with_setting(default_step, sys.modules[__name__], "KEEP_DEQUANTIZED", False),
-    "mlx-logsumexp": with_setting(default_step, backend, "logsumexp", lambda x: mx.logsumexp(x, axis=-1)),
+    "mlx-cross-entropy": with_setting(default_step, backend, "cross_entropy", lambda x, t: mx.logsumexp(x, axis=-1)
+                                      - mx.take_along_axis(x, t[:, None], axis=-1)[:, 0]),
     "whole-attention": with_setting(default_step, backend, "ATTENTION_BLOCK", 1 << 30),
     "attention-block-256": with_setting(default_step, backend, "ATTENTION_BLOCK", 256),
     "exp-one-chain": with_setting(default_step, cpu_kernels, "_exp_fused", cpu_kernels.fused(cpu_kernels._exp)),
+    "no-compiled-kernels": with_setting(default_step, cpu_kernels, "_compiled_ok", False),  # edgeft/_kernels.cpp's
+    "ops-swiglu": with_setting(default_step, cpu_kernels, "swiglu", cpu_kernels._swiglu_ops),
+    "ops-cross-entropy": with_setting(default_step, cpu_kernels, "cross_entropy", lambda x, t: cpu_kernels.logsumexp(x)
+                                      - mx.take_along_axis(x, t[:, None], axis=-1)[:, 0]),
     "blocks-one-stream": with_setting(default_step, backend, "IDLE_STREAMS", False),
     "groups-by-tokens": with_setting(default_step, backend, "head_share", lambda model: 0.0),  # loss tokens weigh 1
     "whole-products": within(default_step, lambda: _blas.split(0)),  # MKL gets wide products whole

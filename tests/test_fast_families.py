@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from mlx.utils import tree_flatten, tree_map, tree_unflatten
 from mlx_lm.models import gemma2, gemma3_text, phi3
-from test_speed_paths import _vjp_close
+from test_speed_paths import _vjp_close, kernels  # noqa: F401 (a fixture)
 
 from edgeft import backend, cpu_kernels, lora, loss
 from edgeft.config import LoRAConfig
@@ -94,13 +94,13 @@ def edgeft_loss_and_grad(model, batch):
 
 
 @pytest.mark.parametrize("shape", [(3, 5), (33, 300), (2, 3, 7)])
-def test_fused_gelu_mul_matches_mlx(shape):
+def test_fused_gelu_mul_matches_mlx(shape, kernels):
     mx.random.seed(sum(shape))
     g, u, c = mx.random.normal(shape) * 4, mx.random.normal(shape), mx.random.normal(shape)
     _vjp_close(cpu_kernels.gelu_mul, lambda g, u: nn.gelu_approx(g) * u, [g, u], c, 2e-6)
 
 
-def test_fused_gelu_is_accurate_everywhere():
+def test_fused_gelu_is_accurate_everywhere(kernels):
     """Against float64 over [-12, 12]: GELU-tanh within 6e-7 (MLX's own op: ~4e-7), its
     gradient within 3e-7."""
     g = np.linspace(-12, 12, 200001).astype(np.float32)

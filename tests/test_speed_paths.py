@@ -214,6 +214,25 @@ def test_fused_kernels_pass_their_self_test():
     assert not cpu_kernels.usable(mx.zeros(2, dtype=mx.bfloat16))
 
 
+def test_the_install_built_the_compiled_kernels_for_this_mlx():
+    """setup.py builds edgeft/_kernels.cpp against the MLX of the install, and its primitives
+    pass the self-test against MLX's own ops (an install without a C++ compiler would fall back
+    to the fused ops, which this suite runs too, see `kernels`)."""
+    assert cpu_kernels._compiled is not None, "edgeft._kernels was not built: pip install -e . needs g++"
+    assert cpu_kernels._compiled.mlx_version == mx.__version__
+    assert cpu_kernels.compiled_usable()
+
+
+@pytest.fixture(params=["compiled", "ops"])
+def kernels(request, monkeypatch):
+    """Run a test on edgeft/_kernels.cpp's primitives, then on the fused MLX ops that stand in
+    for them where the install could not build them."""
+    if request.param == "compiled":
+        assert cpu_kernels.compiled_usable()
+    monkeypatch.setattr(cpu_kernels, "_compiled_ok", request.param == "compiled")
+    return request.param
+
+
 def test_fused_exp_is_accurate_and_zero_far_below():
     x = np.linspace(-86.9, 87.9, 200001).astype(np.float32)
     got = np.asarray(cpu_kernels._exp_fused(mx.array(x))).astype(np.float64)
@@ -233,7 +252,7 @@ def _vjp_close(f, g, primals, cot, atol):
 
 
 @pytest.mark.parametrize("shape", [(3, 5), (33, 300), (2, 3, 7)])
-def test_fused_swiglu_and_softmax_match_mlx(shape):
+def test_fused_swiglu_and_softmax_match_mlx(shape, kernels):
     mx.random.seed(sum(shape))
     g, u, c = mx.random.normal(shape) * 4, mx.random.normal(shape), mx.random.normal(shape)
     _vjp_close(cpu_kernels.swiglu, lambda g, u: nn.silu(g) * u, [g, u], c, 1e-5)
@@ -242,7 +261,7 @@ def test_fused_swiglu_and_softmax_match_mlx(shape):
 
 @pytest.mark.parametrize("B,H,Hkv,T", [(1, 9, 3, 37), (2, 4, 2, 16), (1, 4, 4, 1)])
 @pytest.mark.parametrize("causal", [True, False])
-def test_fused_attention_matches_mlx_sdpa(B, H, Hkv, T, causal):
+def test_fused_attention_matches_mlx_sdpa(B, H, Hkv, T, causal, kernels):
     mx.random.seed(T)
     q, k, v = mx.random.normal((B, H, T, 16)), mx.random.normal((B, Hkv, T, 16)), mx.random.normal((B, Hkv, T, 16))
     mask = "causal" if causal else None
@@ -290,7 +309,7 @@ def test_attention_blocks_go_to_the_idle_streams_only_when_the_step_runs_on_one(
     assert backend._idle_streams() == []
 
 
-def test_step_with_and_without_fused_kernels_agrees(monkeypatch):
+def test_step_with_and_without_fused_kernels_agrees(monkeypatch, kernels):
     model = backend.prepare(tiny(seed=6), cpu=True)
     mx.random.seed(7)
     lora.apply_lora(model, LoRAConfig(rank=4))
@@ -311,6 +330,30 @@ def test_fused_dequantize_is_bit_exact(bits, group_size):
     layer = nn.QuantizedLinear.from_linear(nn.Linear(256, 48), group_size=group_size, bits=bits)
     want = mx.dequantize(layer.weight, layer.scales, layer.biases, group_size=group_size, bits=bits)
     assert mx.array_equal(dequant.dequantized_weight(layer), want)
+
+
+@pytest.mark.parametrize("rows,vocab", [(9, 1000), (3, 49), (1, 16)])
+def test_cross_entropy_matches_mlx(rows, vocab, kernels):
+    mx.random.seed(rows)
+    x, t = mx.random.normal((rows, vocab)) * 8, mx.random.randint(0, vocab, (rows,))
+    _vjp_close(lambda x: cpu_kernels.cross_entropy(x, t),
+               lambda x: mx.logsumexp(x, axis=-1) - mx.take_along_axis(x, t[:, None], axis=-1)[:, 0],
+               [x], mx.arange(1.0, rows + 1), 1e-5)
+
+
+def test_compiled_kernels_stay_finite_and_exact_at_the_edges():
+    """Scores far apart (exp underflows to 0, not NaN), masked columns exactly 0 in the output
+    and the gradient, a target outside the vocabulary NaN rather than a read past the row."""
+    x = mx.array([[0.0, -1e4, 80.0, 79.0] * 5] * 4)  # 4 rows of 20: 16 lanes and a tail
+    p = cpu_kernels._compiled.softmax(x, 2)  # rows see 19, 20, 19, 20 columns
+    assert mx.all(mx.isfinite(p)).item() and p[0, -1].item() == 0.0 and p[2, -1].item() == 0.0
+    assert mx.allclose(p.sum(axis=-1), mx.ones(4)).item()
+    g = mx.grad(lambda x: (cpu_kernels._compiled.softmax(x, 2) * mx.arange(20.0)).sum())(x)
+    assert g[0, -1].item() == 0.0 and mx.all(mx.isfinite(g)).item()
+    big = mx.array([[-200.0, 100.0], [50.0, -50.0]])
+    assert mx.allclose(cpu_kernels._compiled.swiglu(big, mx.ones_like(big)), big * mx.sigmoid(big)).item()
+    ce = cpu_kernels._compiled.cross_entropy(mx.zeros((3, 5)), mx.array([0, 5, -1]))
+    assert ce[0].item() == pytest.approx(np.log(5)) and np.isnan(np.asarray(ce[1:])).all()
 
 
 def test_logsumexp_matches_mlx():
