@@ -28,7 +28,7 @@ import os
 import sys
 from contextlib import contextmanager, nullcontext
 from contextvars import ContextVar
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -174,10 +174,13 @@ class PackingError(RuntimeError):
 class Packing:
     """A row of samples of these lengths laid end to end (axis -2 of attention tensors). With
     `window` (the model's sliding window), every sample fits it: the window's mask of the whole
-    row then stands for attention within each sample."""
+    row then stands for attention within each sample. With `start`, the first sample continues
+    one whose first `start` tokens another segment computes (a Prefix): its positions start
+    there."""
 
     lengths: tuple[int, ...]
     window: int | None = None
+    start: int = 0
 
     def __post_init__(self):
         if self.window is not None and max(self.lengths, default=0) > self.window:
@@ -203,6 +206,23 @@ class Packing:
         return parts[0] if len(parts) == 1 else mx.concatenate(parts, axis=-2)
 
 
+@dataclass
+class Prefix:
+    """The first segment of a sample split in two (loss.lm_loss, sample_streams): its forward
+    records each attention layer's keys and values, in layer order; the second segment's
+    forward takes them in the same order and attends over them before its own."""
+
+    length: int
+    kv: list[tuple[mx.array, mx.array]] = field(default_factory=list)
+    taken: int = 0
+
+    def take(self) -> tuple[mx.array, mx.array]:
+        if self.taken >= len(self.kv):
+            raise PackingError(f"the second segment reached attention layer {self.taken + 1}, the first recorded {len(self.kv)}")
+        self.taken += 1
+        return self.kv[self.taken - 1]
+
+
 # Faster kernels (edgeft/cpu_kernels.py) for SiLU, softmax and cross-entropy inside fast_forward;
 # False: MLX's own ops (for A/B measurements, scripts/profile_step.py).
 FUSED_KERNELS = True
@@ -212,17 +232,23 @@ FUSED_KERNELS = True
 class _Forward:
     packing: Packing | None
     kernels: bool
+    prefix: Prefix | None = None  # a split sample's first segment: record into it, or ...
+    extend: bool = False  # ... the second: attend over it first
 
 
 _FORWARD: ContextVar[_Forward | None] = ContextVar("edgeft_forward", default=None)
 
 
 @contextmanager
-def fast_forward(packing: Packing | None = None):
+def fast_forward(packing: Packing | None = None, prefix: Prefix | None = None, extend: bool = False):
     """Within: a model prepared for CPU computes its forward (and the backward built from it)
     the fast way: exp-heavy ops as fused kernels, and with `packing` its input row holds samples
-    end to end. Outside (generation, plain calls) the model computes as mlx-lm wrote it."""
-    token = _FORWARD.set(_Forward(packing, FUSED_KERNELS and on_cpu()))
+    end to end. With `prefix` the row is one segment of a sample split in two: the first records
+    its keys and values into it, the second (`extend`, its packing's `start` the first's length)
+    attends over them. Outside (generation, plain calls) the model computes as mlx-lm wrote it."""
+    if prefix is not None and (packing is None or len(packing.lengths) != 1 or packing.start != (prefix.length if extend else 0)):
+        raise PackingError("a split sample's segment is one packed sample, the second starting where the first ends")
+    token = _FORWARD.set(_Forward(packing, FUSED_KERNELS and on_cpu(), prefix, extend))
     try:
         with in_forward():
             yield
@@ -251,6 +277,10 @@ CPU_CORES: int | None = None
 _streams: list = []
 _blas_threads: int | None = None
 IDLE_STREAMS = True  # a step on one stream spreads its attention blocks over the cores' streams
+# A step's lone sample of at least this many tokens is computed as two segments side by side,
+# one stream each (sample_streams, loss.lm_loss); under grad checkpointing it is not (split_samples).
+SPLIT_SAMPLE_TOKENS = 256
+_SPLIT: ContextVar[bool] = ContextVar("edgeft_split_samples", default=True)
 
 
 def stream_groups(lengths: tuple[int, ...], work: tuple[float, ...] | None = None) -> list[tuple[object, tuple[int, ...]]]:
@@ -276,13 +306,51 @@ def stream_groups(lengths: tuple[int, ...], work: tuple[float, ...] | None = Non
     return [(_streams[g], tuple(sorted(members[g]))) for g in range(k)]
 
 
-def head_share(model: nn.Module) -> float:
-    """The vocabulary head's matrix work for a token that carries loss, over the layers' for any
-    token: its V x H weights over the model's other projection weights (SmolLM2-135M 0.27,
-    Gemma 3 270M 1.67); 0 where the shapes are not found. Stream groups balanced on tokens plus
-    this times loss tokens, against tokens alone (scripts/profile_step.py ab base
-    groups-by-tokens, 4 x 256, Intel Xeon): Gemma 3 270M 1.03x in three runs, SmolLM2
-    0.98-1.01x in four."""
+def sample_streams(tokens: int) -> tuple[object, object] | None:
+    """Two of the cores' streams for a lone sample of `tokens` computed as two segments (the
+    second attending over the first's keys and values, Prefix), or None where it stays whole:
+    one core, one stream wanted (CPU_STREAMS), a short sample, the caller already on a stream
+    group's stream, or split_samples(False). Whole, such a sample kept 1.15 of 2 cores busy
+    (SmolLM2, 1024 tokens): MLX's elementwise ops take one core per stream."""
+    cores = CPU_CORES or os.cpu_count() or 1
+    if (not _SPLIT.get() or not on_cpu() or cores < 2 or CPU_STREAMS == 1 or tokens < SPLIT_SAMPLE_TOKENS
+            or mx.default_stream(mx.default_device()) in _streams):
+        return None
+    while len(_streams) < 2:
+        _streams.append(mx.new_stream(mx.cpu))
+    _set_blas_threads(max(1, cores // 2))
+    return _streams[0], _streams[1]
+
+
+@contextmanager
+def split_samples(enabled: bool):
+    """Whether a lone long sample may be split across two streams (sample_streams) within. Not
+    under grad checkpointing: a checkpointed layer recomputes its insides, and the second
+    segment would hold on to the first's."""
+    token = _SPLIT.set(enabled)
+    try:
+        yield
+    finally:
+        _SPLIT.reset(token)
+
+
+# A (query, key) pair's attention work over a token's projection work, per multiply-add (scores,
+# softmax and the products with V, forward and backward), for sample_streams' split point. At 1,
+# 2 and 4 a 1024-token SmolLM2 sample ran within 1.5% (248, 248, 245 tokens/s), at 8 0.95x.
+ATTENTION_PAIR_COST = 2.0
+
+
+def pair_share(model: nn.Module) -> float:
+    """One causal attention pair's work over one token's work in the layers' projections
+    (ATTENTION_PAIR_COST times their multiply-adds); 0 where the shapes are not found."""
+    queries = [getattr(m.q_proj, "linear", m.q_proj) for m in _attention_modules(model) if hasattr(m, "q_proj")]
+    pair = sum(2 * q.weight.shape[0] for q in queries)  # heads x head size: q k and p v
+    _, layers = _projection_sizes(model)
+    return ATTENTION_PAIR_COST * pair / layers if pair and layers else 0.0
+
+
+def _projection_sizes(model: nn.Module) -> tuple[int, int]:
+    """(the vocabulary head's weights, the other projections' weights)."""
     head, layers = 0, 0
     for name, m in model.named_modules():
         if isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding)):
@@ -295,6 +363,17 @@ def head_share(model: nn.Module) -> float:
             head = max(head, size)  # tied (the embedding) or not: one V x H product
         else:
             layers += size
+    return head, layers
+
+
+def head_share(model: nn.Module) -> float:
+    """The vocabulary head's matrix work for a token that carries loss, over the layers' for any
+    token: its V x H weights over the model's other projection weights (SmolLM2-135M 0.27,
+    Gemma 3 270M 1.67); 0 where the shapes are not found. Stream groups balanced on tokens plus
+    this times loss tokens, against tokens alone (scripts/profile_step.py ab base
+    groups-by-tokens, 4 x 256, Intel Xeon): Gemma 3 270M 1.03x in three runs, SmolLM2
+    0.98-1.01x in four."""
+    head, layers = _projection_sizes(model)
     return head / layers if head and layers else 0.0
 
 
@@ -345,7 +424,8 @@ def _packed_rope_class(cls: type) -> type:
             freqs = _rope_inverse_frequencies(self)
             if freqs is not None:
                 return _rope_table(x, self.dims, self.traditional, *freqs, fwd.packing)
-            return fwd.packing.join([cls.__call__(self, part, 0) for part in fwd.packing.split(x)])
+            parts = fwd.packing.split(x)
+            return fwd.packing.join([cls.__call__(self, p, fwd.packing.start if i == 0 else 0) for i, p in enumerate(parts)])
 
         _ROPE_TWINS[cls] = type(cls.__name__, (cls,), {"__call__": __call__, "_edgeft_packed": True})
     return _ROPE_TWINS[cls]
@@ -375,7 +455,8 @@ def _rope_table(x: mx.array, dims: int, traditional: bool, inv_freq: mx.array, s
     """mx.fast.rope(x, dims, traditional, ...) for each sample of the packed row x [B, H, T, D]."""
     packing.check(x)
     half = dims // 2
-    pos = mx.array(np.concatenate([np.arange(n, dtype=np.float32) for n in packing.lengths]))
+    starts = [packing.start] + [0] * (len(packing.lengths) - 1)
+    pos = mx.array(np.concatenate([np.arange(a, a + n, dtype=np.float32) for a, n in zip(starts, packing.lengths)]))
     theta = (pos * scale)[:, None] * inv_freq[None, :]  # [T, half]
     cos, sin = mx.cos(theta).astype(x.dtype), mx.sin(theta).astype(x.dtype)
     rot, rest = (x, None) if dims == x.shape[-1] else (x[..., :dims], x[..., dims:])
@@ -412,12 +493,14 @@ def _idle_streams() -> list:
 
 
 def _blocked_attention(q: mx.array, k: mx.array, v: mx.array, scale: float) -> mx.array:
-    T = q.shape[2]
+    """Causal attention of the queries, the last of the keys' positions, in query blocks."""
+    T, before = q.shape[2], k.shape[2] - q.shape[2]
     idle, outs = _idle_streams(), []
-    for i, (a, b) in enumerate(cpu_kernels.causal_blocks(T, -(-T // ATTENTION_BLOCK))):
+    for i, (a, b) in enumerate(cpu_kernels.causal_blocks(T, -(-T // ATTENTION_BLOCK), before)):
         stream = idle[i % len(idle)] if idle else None
         with mx.stream(stream) if stream is not None else nullcontext():
-            outs.append(cpu_kernels.attention(q[:, :, a:b], k[:, :, :b], v[:, :, :b], scale, True))
+            keys = slice(0, before + b)
+            outs.append(cpu_kernels.attention(q[:, :, a:b], k[:, :, keys], v[:, :, keys], scale, True))
     return mx.concatenate(outs, axis=2)
 
 
@@ -436,14 +519,21 @@ def _fast_sdpa(original):
 
         def attend(q, k, v, causal):
             if _kernels_for(q, k, v):
-                if causal and q.shape[2] == k.shape[2] >= 2 * ATTENTION_BLOCK:
+                if causal and q.shape[2] >= 2 * ATTENTION_BLOCK:
                     return _blocked_attention(q, k, v, scale)
                 return cpu_kernels.attention(q, k, v, scale, causal)
+            if k.shape[2] != q.shape[2]:  # MLX's causal mask aligns the queries with the last keys
+                raise PackingError("a split sample's second segment needs edgeft's CPU attention")
             return original(q, k, v, cache=None, scale=scale, mask="causal" if causal else None)
 
         if fwd.packing is None:
             return attend(queries, keys, values, causal)
-        parts = zip(*(fwd.packing.split(a) for a in (queries, keys, values)))
+        parts = list(zip(*(fwd.packing.split(a) for a in (queries, keys, values))))
+        if fwd.prefix is not None and fwd.extend:  # the first segment's keys and values first
+            (q, k, v), (pk, pv) = parts[0], fwd.prefix.take()
+            parts[0] = (q, mx.concatenate([pk, k], axis=2), mx.concatenate([pv, v], axis=2))
+        elif fwd.prefix is not None:
+            fwd.prefix.kv.append(parts[0][1:])
         return fwd.packing.join([attend(q, k, v, True) for q, k, v in parts])
 
     scaled_dot_product_attention._edgeft_original = original

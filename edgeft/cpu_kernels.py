@@ -359,22 +359,23 @@ def cross_entropy(logits: mx.array, targets: mx.array) -> mx.array:
 # Attention ---------------------------------------------------------------------------------------
 
 
-def causal_blocks(length: int, n: int) -> list[tuple[int, int]]:
+def causal_blocks(length: int, n: int, before: int = 0) -> list[tuple[int, int]]:
     """At most `n` query blocks [a, b) of a causal attention over `length` positions, of about
-    equal work: a block sees the keys up to its end, so it computes (b - a) x b scores. Found
-    from the last block down, for the largest equal share that leaves the first block no more
-    than it. Together they compute 75% of the square's scores at n = 2, 64% at 4, 57% at 8."""
+    equal work: a block sees the keys up to its end (and `before` keys ahead of the first
+    position), so it computes (b - a) x (before + b) scores. Found from the last block down, for
+    the largest equal share that leaves the first block no more than it. Together they compute
+    75% of the square's scores at n = 2, 64% at 4, 57% at 8."""
     def starts(work: float) -> list[int]:
         ends = [length]
         while len(ends) < n and ends[-1] > 0:
-            ends.append(max(0, round(ends[-1] - work / ends[-1])))
+            ends.append(max(0, round(ends[-1] - work / (before + ends[-1]))))
         return ends
 
-    lo, hi = length * length / (2 * n), float(length * length)
+    lo, hi = length * (before + length) / (2 * n), float(length * (before + length))
     for _ in range(40):  # bisect the share: the smallest that leaves the first block no more
         mid = (lo + hi) / 2
         first = starts(mid)[-1]  # where the first block ends
-        lo, hi = (lo, mid) if first * first <= mid else (mid, hi)
+        lo, hi = (lo, mid) if first * (before + first) <= mid else (mid, hi)
     ends = sorted(set(starts(hi)) - {0, length})
     bounds = [0, *ends, length]
     return list(itertools.pairwise(bounds))

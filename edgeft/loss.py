@@ -47,10 +47,44 @@ def lm_loss(
     run only where there is loss (assistant tokens), not over prompt and padding. With
     `lengths`, inputs is one packed row of sequences of these lengths (batches.pack).
     """
-    packing = backend.Packing(tuple(lengths), backend.sliding_window(model)) if lengths else None
+    window = backend.sliding_window(model)
+    if lengths and len(lengths) == 1 and (streams := backend.sample_streams(lengths[0])):
+        return _split_sample_loss(model, inputs, idx, tgt, lengths[0], window, streams)
+    packing = backend.Packing(tuple(lengths), window) if lengths else None
     with backend.fast_forward(packing):
         h = model.model(inputs)
         return _ce_sum(model, h, idx, tgt) / max(idx.size, 1), mx.array(idx.size)
+
+
+def _split_sample_loss(model, inputs, idx, tgt, length, window, streams) -> tuple[mx.array, mx.array]:
+    """lm_loss of one packed sample as two segments built on two streams, computed side by side:
+    the second attends over the first's keys and values (backend.Prefix), and the gradients
+    flow back through them, so the loss and gradients are the whole sample's."""
+    positions = np.asarray(idx)
+    cut = split_point(length, positions, backend.head_share(model), backend.pair_share(model))
+    at = int(np.searchsorted(positions, cut))
+    prefix = backend.Prefix(cut)
+    with mx.stream(streams[0]), backend.fast_forward(backend.Packing((cut,), window), prefix):
+        h = model.model(inputs[:, :cut])
+        total = _ce_sum(model, h, idx[:at], tgt[:at]) if at > 0 else mx.array(0.0)
+    with (mx.stream(streams[1]),
+          backend.fast_forward(backend.Packing((length - cut,), window, start=cut), prefix, extend=True)):
+        h = model.model(inputs[:, cut:])
+        if at < idx.size:
+            total = total + _ce_sum(model, h, idx[at:] - cut, tgt[at:])
+        return total / max(idx.size, 1), mx.array(idx.size)
+
+
+def split_point(length: int, loss_positions: np.ndarray, head_share: float, pair_share: float) -> int:
+    """Where a lone sample of `length` tokens splits into two segments of about equal work: a
+    token's layers (1), the vocabulary head at a loss position (head_share), and attention
+    (pair_share a query-key pair: the second segment's queries also see all the first's keys)."""
+    first = np.arange(1, length)
+    second = length - first
+    loss_first = np.searchsorted(loss_positions, first)
+    a = first + head_share * loss_first + pair_share * first * first / 2
+    b = second + head_share * (len(loss_positions) - loss_first) + pair_share * (second * first + second * second / 2)
+    return int(first[np.argmin(np.abs(a - b))])
 
 
 def _ce_sum(model: nn.Module, h: mx.array, idx: mx.array, tgt: mx.array) -> mx.array:

@@ -231,9 +231,11 @@ def train(
         progress.message(f"step {state.step}: validation loss {val:.4f}")
 
     # The base weights stay fixed: each is dequantized once for the whole run (backend), and
-    # with bf16 products held as bfloat16 only.
+    # with bf16 products held as bfloat16 only. A lone long sample splits across two streams,
+    # except under grad checkpointing (backend.split_samples).
     with (backend.matmul_precision(cfg.matmul, progress.message) as keep,
-          dequant.keep_dequantized(not cfg.grad_checkpoint, on_keep=keep)):
+          dequant.keep_dequantized(not cfg.grad_checkpoint, on_keep=keep),
+          backend.split_samples(not cfg.grad_checkpoint)):
         if not cfg.grad_checkpoint:
             backend.keep_weights(model)
         loss_and_grad = nn.value_and_grad(model, loss_fn)

@@ -222,6 +222,7 @@ VARIANTS = {
                                       - mx.take_along_axis(x, t[:, None], axis=-1)[:, 0]),
     "blocks-one-stream": with_setting(default_step, backend, "IDLE_STREAMS", False),
     "groups-by-tokens": with_setting(default_step, backend, "head_share", lambda model: 0.0),  # loss tokens weigh 1
+    "whole-sample": within(default_step, lambda: backend.split_samples(False)),  # a lone sample on one stream
     "whole-products": within(default_step, lambda: _blas.split(0)),  # MKL gets wide products whole
     "split-512": within(default_step, lambda: _blas.split(512)),
     "fp32-products": with_setting(default_step, sys.modules[__name__], "MATMUL", "fp32"),

@@ -117,6 +117,28 @@ def test_fused_gelu_is_accurate_everywhere(kernels):
 # Gemma 3: sliding window under packing, GELU MLP, bf16 parameters ------------------------------
 
 
+@pytest.mark.parametrize("family", ["gemma3", "gemma2", "phi3"])
+def test_a_lone_long_sample_splits_across_two_streams_in_every_family(family, monkeypatch):
+    """Gemma 3 (its sliding window wider than the sample), Gemma 2 (soft caps) and Phi-3: the
+    split sample's loss and gradients are mlx-lm's own forward's, where the family packs."""
+    monkeypatch.setattr(backend, "CPU_CORES", 2)
+    monkeypatch.setattr(backend, "CPU_STREAMS", None)
+    model = with_adapters(backend.prepare(tiny(family, seed=1, window=512), cpu=True))
+    rng = np.random.default_rng(3)
+    T = 300
+    inputs, targets = (mx.array(rng.integers(1, VOCAB, (1, T)), dtype=mx.int32) for _ in range(2))
+    mask = mx.array((rng.random((1, T)) < 0.5).astype(np.float32))
+    splits = []
+    split_loss = loss._split_sample_loss
+    monkeypatch.setattr(loss, "_split_sample_loss", lambda *a: splits.append(a[4]) or split_loss(*a))
+    args, _ = loss.loss_inputs(model, loss.lm_loss, inputs, targets, mask)
+    (got, _), grads = nn.value_and_grad(model, loss.lm_loss)(model, *args)
+    want, want_grads = nn.value_and_grad(model, lambda m: reference_loss(m, inputs, targets, mask))(model)
+    assert splits == ([args[3][0]] if len(args) == 4 else [])
+    assert abs(got.item() - want.item()) < 2e-5
+    assert_grads_close(grads, want_grads, atol=2e-5)
+
+
 @pytest.mark.parametrize("window,packs", [(32, True), (24, False)])
 def test_gemma3_packs_exactly_when_every_sample_fits_its_window(window, packs):
     """Window 32: the packed row (59 tokens) is longer than the window but each sample fits, so

@@ -199,6 +199,116 @@ def test_packed_rope_table_equals_mx_fast_rope_per_sample(rope):
     assert mx.allclose(got, want, atol=1e-6, rtol=1e-6).item()
 
 
+@pytest.mark.parametrize("rope", [nn.RoPE(64, traditional=True, base=10000.0), nn.RoPE(48, traditional=False)],
+                         ids=["traditional", "partial-neox"])
+def test_a_continued_samples_rope_starts_at_its_first_position(rope):
+    """A split sample's second segment (Packing.start) rotates from where the first ended."""
+    packing = backend.Packing((50, 7), start=30)
+    x = mx.random.normal((1, 4, packing.total, 64), key=mx.random.key(1))
+    first, second = packing.split(x)
+    want = mx.concatenate([mx.fast.rope(first, rope.dims, traditional=rope.traditional, base=rope.base, scale=1.0, offset=30),
+                           rope(second)], axis=2)
+    got = backend._rope_table(x, rope.dims, rope.traditional, *backend._rope_inverse_frequencies(rope), packing)
+    assert mx.allclose(got, want, atol=1e-5, rtol=1e-5).item()
+
+
+def long_sample(T=300, loss_tokens=120, seed=0):
+    """One packed sample of T random tokens with loss at random positions: lm_loss's arguments."""
+    rng = np.random.default_rng(seed)
+    inputs = mx.array(rng.integers(1, VOCAB, (1, T)), dtype=mx.int32)
+    idx = np.sort(rng.choice(T, loss_tokens, replace=False)).astype(np.int32)
+    return inputs, mx.array(idx), mx.array(rng.integers(1, VOCAB, loss_tokens), dtype=mx.int32), (T,)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+def test_a_lone_long_sample_split_across_two_streams_has_the_whole_samples_loss_and_gradients(arch, monkeypatch):
+    """Two segments on two streams, the second attending over the first's keys and values:
+    the loss and every gradient equal the sample computed whole (and padded, MLX's own path)."""
+    monkeypatch.setattr(backend, "CPU_CORES", 2)
+    monkeypatch.setattr(backend, "CPU_STREAMS", None)
+    model = backend.prepare(tiny(arch, seed=3), cpu=True)
+    mx.random.seed(1)
+    lora.apply_lora(model, LoRAConfig(rank=4))
+    args = long_sample()
+    splits = []
+    split_loss = loss._split_sample_loss
+    monkeypatch.setattr(loss, "_split_sample_loss", lambda *a: splits.append(a[4]) or split_loss(*a))
+    loss_and_grad = nn.value_and_grad(model, loss.lm_loss)
+    (split, _), g_split = loss_and_grad(model, *args)
+    assert splits == [300]
+    with backend.split_samples(False):
+        (whole, _), g_whole = loss_and_grad(model, *args)
+    (padded, _), g_padded = loss_and_grad(model, *args[:3])  # no lengths: not packed, not split
+    assert splits == [300]
+    assert abs(split.item() - whole.item()) < 1e-5 and abs(split.item() - padded.item()) < 1e-5
+    for (k, a), (_, b), (_, c) in zip(tree_flatten(g_split), tree_flatten(g_whole), tree_flatten(g_padded)):
+        assert mx.allclose(a, b, atol=1e-6, rtol=1e-4).item() and mx.allclose(a, c, atol=1e-6, rtol=1e-4).item(), k
+
+
+def test_a_split_samples_segments_use_the_kept_weights_and_the_fused_loss(monkeypatch):
+    """Both segments compute inside the fast forward: no weight dequantized again (the head's
+    included), the loss by the fused cross-entropy (outside, each segment's head had made its
+    own fp32 copy: +0.2 GB at SmolLM2's)."""
+    monkeypatch.setattr(backend, "CPU_CORES", 2)
+    monkeypatch.setattr(backend, "CPU_STREAMS", None)
+    model = backend.prepare(tiny(seed=3), cpu=True)
+    lora.apply_lora(model, LoRAConfig(rank=4))
+    with dequant.keep_dequantized(True, store={}):
+        backend.keep_weights(model)
+        made, fused = [], []
+        monkeypatch.setattr(dequant, "dequantize", lambda *a: made.append(a) or mx.zeros((1, 1)))
+        ce = cpu_kernels.cross_entropy
+        monkeypatch.setattr(cpu_kernels, "cross_entropy", lambda *a: fused.append(a) or ce(*a))
+        mx.eval(nn.value_and_grad(model, loss.lm_loss)(model, *long_sample()))
+    assert made == [] and len(fused) == 2
+
+
+def test_a_sample_splits_only_when_it_is_alone_long_and_cores_are_free(monkeypatch):
+    monkeypatch.setattr(backend, "CPU_CORES", 2)
+    monkeypatch.setattr(backend, "CPU_STREAMS", None)
+    assert backend.sample_streams(backend.SPLIT_SAMPLE_TOKENS) is not None
+    assert backend.sample_streams(backend.SPLIT_SAMPLE_TOKENS - 1) is None  # short
+    with backend.split_samples(False):  # grad checkpointing (trainer.train)
+        assert backend.sample_streams(1000) is None
+    with mx.stream(backend.stream_groups((300, 300))[0][0]):  # already one of two stream groups
+        assert backend.sample_streams(1000) is None
+    monkeypatch.setattr(backend, "CPU_STREAMS", 1)
+    assert backend.sample_streams(1000) is None
+    monkeypatch.setattr(backend, "CPU_STREAMS", None)
+    monkeypatch.setattr(backend, "CPU_CORES", 1)
+    assert backend.sample_streams(1000) is None
+
+
+def test_the_split_point_balances_layers_head_and_attention():
+    no_loss = np.array([], dtype=np.int32)
+    assert loss.split_point(1000, no_loss, 0.0, 0.0) in (499, 500)  # tokens alone: halves
+    # the second segment's queries also see the first's keys: attention moves the cut later
+    assert 600 < loss.split_point(1000, no_loss, 0.0, 2e-3) < 750
+    # the head where the loss is: loss only in the second half moves the cut later too
+    assert loss.split_point(1000, np.arange(500, 1000), 1.0, 0.0) > 600
+    prefix = backend.Prefix(10)
+    with pytest.raises(backend.PackingError, match="attention layer 1, the first recorded 0"):
+        prefix.take()
+
+
+@pytest.mark.parametrize("T,before", [(37, 5), (300, 200), (600, 0)])
+def test_causal_attention_of_the_last_queries_over_longer_keys(T, before, kernels):
+    """Queries at the last T of T + before positions (a split sample's second segment), whole
+    and in query blocks, equal MLX's attention with the explicit mask."""
+    mx.random.seed(T)
+    H, Hkv, D = 4, 2, 16
+    q, k, v = mx.random.normal((1, H, T, D)), mx.random.normal((1, Hkv, T + before, D)), mx.random.normal((1, Hkv, T + before, D))
+    mask = mx.arange(T + before)[None] <= mx.arange(T)[:, None] + before
+    want = mx.fast.scaled_dot_product_attention(q, k, v, scale=0.25, mask=mask)
+    assert mx.allclose(cpu_kernels.attention(q, k, v, 0.25, True), want, atol=1e-5).item()
+    assert mx.allclose(backend._blocked_attention(q, k, v, 0.25), want, atol=1e-5).item()
+    blocks = cpu_kernels.causal_blocks(T, 4, before)
+    assert blocks[0][0] == 0 and blocks[-1][1] == T
+    if T >= 300:
+        work = [(b - a) * (before + b) for a, b in blocks]
+        assert max(work) < 1.25 * min(work)
+
+
 def test_a_wrong_packing_is_an_error_not_silent_cross_attention():
     model = backend.prepare(tiny(seed=5), cpu=True)
     with pytest.raises(backend.PackingError, match="packed batch of 5 tokens"):
