@@ -22,11 +22,12 @@ The per-token and per-score byte counts are measured, not derived: fitted to MLX
 (mx.get_peak_memory) during edgeft's own trainer.train (packed CPU batches) over tiny models
 (9 shapes: width 64-256, MLP 128-1024, 2 or 4 layers, 4 or 8 heads; 7 batch shapes each) and
 the real SmolLM2-135M at 10 batch shapes from 1x128 to 4x256 and 1x1024 (mlx 0.32.4, Linux
-x86_64 CPU, SmolLM2 weighted as much as all tiny shapes together; last refitted after attention
-ran in query blocks and exp in two loops, which had moved the old fit to +16% at SmolLM2's
-1x1024 and -22% on tiny shapes). The estimate is within -1% to +1% on every SmolLM2 shape, -5%
-to +4% on the tiny test model (+20% where all 512 tokens carry loss); on the other tiny shapes
--13% to +11%.
+x86_64 CPU, SmolLM2 weighted as much as all tiny shapes together; last refitted after the
+exp-heavy ops became MLX primitives (edgeft/_kernels.cpp: fewer intermediate arrays) and a lone
+long sample split over two streams, which had moved the old fit to +4% to +13% on SmolLM2 and
+up to +46% on tiny shapes). The estimate is within -1.4% to +5.7% on every SmolLM2 shape, -7%
+to +8% on the tiny test model (+19% where all 512 tokens carry loss); on the other tiny shapes
+-15% to +12%.
 With gradient checkpointing each block keeps only its input and one block is redone at a time:
 over SmolLM2's measured peak by 17-21% (measured before the refit, not since), but far under on
 tiny models, whose peak MLX raises 2-4x with checkpointing on (so auto_fit never turns it on).
@@ -76,8 +77,8 @@ class Coefficients:
     logits_per_v: float  # per loss position per vocabulary entry: logits, softmax, their gradients
 
 
-FITTED = Coefficients(act_per_h=22.5, act_per_i=12.3, transient_per_i=51.7, attn_saved=2.2,
-                      attn_transient=7.5, logits_per_v=16.0)
+FITTED = Coefficients(act_per_h=25.9, act_per_i=6.9, transient_per_i=47.8, attn_saved=2.4,
+                      attn_transient=2.0, logits_per_v=16.0)
 LORA_COPIES = 5  # fp32: parameters, 2 AdamW moments, gradient, clipped gradient
 CHECKPOINT_FILES = 3  # adapters + optimizer moments: 3 fp32 values per adapter parameter
 

@@ -19,10 +19,12 @@ import sys
 import tempfile
 from pathlib import Path
 
+import edgeft  # noqa: F401  (first: it loads the fast BLAS, which must happen before mlx)
+
+# isort: split
 import mlx.core as mx
 import numpy as np
 
-import edgeft  # noqa: F401  (BLAS before mlx)
 from edgeft import backend, hub, lora, plan, trainer
 from edgeft.config import LoRAConfig, TrainConfig
 from edgeft.loader import load
