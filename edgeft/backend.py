@@ -34,6 +34,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_map, tree_unflatten
+from mlx_lm.tuner.lora import LoRALinear
 
 from edgeft import _blas, cpu_kernels
 from edgeft.dequant import (
@@ -84,6 +85,7 @@ def prepare(model: nn.Module, cpu: bool | None = None) -> nn.Module:
         arch = sys.modules[type(attn).__module__]
         _hook(arch, "scaled_dot_product_attention", _fast_sdpa)
         _hook(arch, "swiglu", _fast_swiglu)
+    _hook(LoRALinear, "__call__", _fast_lora)
 
     def to_fp32(x):
         return x.astype(mx.float32) if x.dtype in (mx.float16, mx.bfloat16) else x
@@ -563,6 +565,19 @@ def _gelu_mlp_class(cls: type) -> type:
 
         _MLP_TWINS[cls] = type(cls.__name__, (cls,), {"__call__": __call__})
     return _MLP_TWINS[cls]
+
+
+def _fast_lora(original):
+    """mlx-lm's LoRALinear, y + scale * ((x @ A) @ B), as y + (x @ A) @ (scale * B) inside
+    fast_forward: the scale multiplies the r x out matrix, not every output, forward and
+    backward (SmolLM2 at 4 x 256, interleaved: 353.1 against 343.2 tokens/s)."""
+    def __call__(self, x):
+        if _FORWARD.get() is None:
+            return original(self, x)
+        return self.linear(x) + (self.dropout(x) @ self.lora_a) @ (self.scale * self.lora_b)
+
+    __call__._edgeft_original = original
+    return __call__
 
 
 def _hook(module, name: str, make) -> None:
