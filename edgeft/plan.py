@@ -13,7 +13,8 @@ quantized projections are dequantized to fp32 just in time, the model computes i
   logits        the vocabulary projection, only at the positions that carry loss
   transient     one layer's backward-pass temporaries
   bf16_copies   with bf16 products (train.matmul): the kept dequantized weights' bfloat16 copies
-                (2 bytes a weight, outside MLX's arrays)
+                (2 bytes a weight, outside MLX's arrays), and the logits' gradient rounded for
+                the head's backward product (2 bytes a logit)
   released      with bf16 products, the kept fp32 weights' memory, given back to the system once
                 their copies exist (backend.matmul_precision): MLX still counts it, the process
                 does not hold it, so it is taken off the total
@@ -23,11 +24,12 @@ The per-token and per-score byte counts are measured, not derived: fitted to MLX
 (9 shapes: width 64-256, MLP 128-1024, 2 or 4 layers, 4 or 8 heads; 7 batch shapes each) and
 the real SmolLM2-135M at 10 batch shapes from 1x128 to 4x256 and 1x1024 (mlx 0.32.4, Linux
 x86_64 CPU, SmolLM2 weighted as much as all tiny shapes together; last refitted after the
-exp-heavy ops became MLX primitives (edgeft/_kernels.cpp: fewer intermediate arrays) and a lone
-long sample split over two streams, which had moved the old fit to +4% to +13% on SmolLM2 and
-up to +46% on tiny shapes). The estimate is within -1.4% to +5.7% on every SmolLM2 shape, -7%
-to +8% on the tiny test model (+19% where all 512 tokens carry loss); on the other tiny shapes
--15% to +12%.
+exp-heavy ops became MLX primitives (edgeft/_kernels.cpp: fewer intermediate arrays; the fused
+cross-entropy holds 8 bytes a logit, the logits and their gradient, measured alone, where the
+old fit held 16) and a lone long sample split over two streams, which had moved the old fit to
++4% to +13% on SmolLM2, up to +46% on tiny shapes and +16-22% on Gemma 3 270M). The estimate
+is within -1% to +1% on every SmolLM2 shape, -3% to +7% on the tiny test model; on the other
+tiny shapes -11% to +8%.
 With gradient checkpointing each block keeps only its input and one block is redone at a time:
 over SmolLM2's measured peak by 17-21% (measured before the refit, not since), but far under on
 tiny models, whose peak MLX raises 2-4x with checkpointing on (so auto_fit never turns it on).
@@ -74,11 +76,11 @@ class Coefficients:
     transient_per_i: float  # one layer's backward temporaries, per token per intermediate unit
     attn_saved: float  # per head, per (query, key) pair, per adapted layer
     attn_transient: float  # per head, per (query, key) pair, one layer at a time
-    logits_per_v: float  # per loss position per vocabulary entry: logits, softmax, their gradients
+    logits_per_v: float  # per loss position per vocabulary entry: the logits and their gradient
 
 
-FITTED = Coefficients(act_per_h=25.9, act_per_i=6.9, transient_per_i=47.8, attn_saved=2.4,
-                      attn_transient=2.0, logits_per_v=16.0)
+FITTED = Coefficients(act_per_h=36.7, act_per_i=9.0, transient_per_i=27.6, attn_saved=2.1,
+                      attn_transient=3.1, logits_per_v=8.0)
 LORA_COPIES = 5  # fp32: parameters, 2 AdamW moments, gradient, clipped gradient
 CHECKPOINT_FILES = 3  # adapters + optimizer moments: 3 fp32 values per adapter parameter
 
@@ -263,8 +265,9 @@ def estimate_peak_bytes(config: dict, lora_cfg, batch_size: int, seq_len: int, q
         logits=int(c.logits_per_v * K * d["V"]),
         transient=int(width * c.transient_per_i * N * d["I"]),
         # the weights kept for the run (dequant.keep_dequantized: not with checkpointing), held
-        # as bf16 copies instead (backend.matmul_precision)
-        bf16_copies=int(dequantized // 2) if bf16 and cpu and not grad_checkpoint else 0,
+        # as bf16 copies instead (backend.matmul_precision); and the logits' gradient rounded to
+        # bf16 for the head's backward product (Gemma 3 270M's 262k vocabulary: -11% without)
+        bf16_copies=(int(dequantized // 2) if not grad_checkpoint else 0) + 2 * K * d["V"] if bf16 and cpu else 0,
         released=int(dequantized) if bf16 and cpu and not grad_checkpoint else 0,
         batch_size=B, seq_len=T, tokens=N, loss_tokens=K, grad_checkpoint=grad_checkpoint,
         packed=bool(lengths),

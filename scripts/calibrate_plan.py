@@ -6,7 +6,7 @@
 Runs edgeft's own trainer.train for 2 steps at fixed batch shapes (random tokens, a set number
 of loss positions), each shape after mx.reset_peak_memory(), and fits the per-unit bytes of
 plan.estimate_peak_bytes (plan.Coefficients: act_per_h, act_per_i, transient_per_i, attn_saved,
-attn_transient; logits_per_v held at 16 = four fp32 copies) by least squares on relative error,
+attn_transient; logits_per_v held at 8 = two fp32 copies) by least squares on relative error,
 SmolLM2 weighted as much as all tiny shapes together. Prints the coefficients, then each shape's
 error with plan.FITTED and with the fitted ones. Change plan.FITTED by hand if they moved.
 """
