@@ -11,14 +11,16 @@ ops (SiLU, GELU-tanh, the attention softmax, the loss's cross-entropy) 1.5-4x fa
 than MLX (cpu_kernels.py), and takes packed batches: the samples of a batch laid end to end in
 one row with no padding, attention within each sample and RoPE positions restarting at 0 for
 each, so every sample gets exactly what it would get alone. A model with a sliding window packs
-the batches whose samples all fit it (within a sample its attention is then causal). mlx-lm's
-models are used unchanged: ``prepare`` gives their RoPE modules and Gemma's GELU MLPs a twin
-class and routes the ``scaled_dot_product_attention`` and ``swiglu`` their module calls through
+the batches whose samples all fit it (within a sample its attention is then causal). A step's
+samples go to the cores' streams in groups; a lone long sample as two segments, the second
+attending over the first's keys and values (Prefix). mlx-lm's models are used unchanged:
+``prepare`` gives their RoPE modules and Gemma's GELU MLPs a twin class and routes the
+``scaled_dot_product_attention`` and ``swiglu`` their module calls, and LoRALinear's, through
 dispatchers that act only inside ``fast_forward``.
 
-One job, a little past ~400 lines: the twins, the dispatchers, the packing rule they share
-(``pack_refusal``) and the stream split all read the one ``fast_forward`` state, and change
-together whenever mlx-lm's attention or a family's MLP does.
+One job, past ~600 lines: the twins, the dispatchers, the packing rule they share
+(``pack_refusal``), the stream groups and the split sample all read the one ``fast_forward``
+state, and change together whenever mlx-lm's attention or a family's MLP does.
 """
 
 from __future__ import annotations

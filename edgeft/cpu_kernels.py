@@ -35,7 +35,7 @@ from collections import OrderedDict
 
 import mlx.core as mx
 
-try:  # the attention softmax as MLX primitives (edgeft/_kernels.cpp), when the install built it
+try:  # the same ops as MLX primitives (edgeft/_kernels.cpp), when the install built them
     from edgeft import _kernels as _compiled
 except ImportError:
     _compiled = None
