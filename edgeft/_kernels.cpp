@@ -39,6 +39,14 @@ using namespace nb::literals;
 
 namespace {
 
+// The row loops compiled for AVX-512, AVX2 and baseline x86-64, one picked when the module
+// loads; elsewhere (Apple Silicon, aarch64 Linux) for the build's own target.
+#if defined(__x86_64__) && defined(__GNUC__)
+#define EDGEFT_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define EDGEFT_CLONES
+#endif
+
 constexpr int LANES = 16;  // one AVX-512 register of floats; two AVX2 ones
 
 inline float exp_(float x) {
@@ -58,7 +66,7 @@ inline float exp_(float x) {
   return x < -87.0f ? 0.0f : p * two_n;
 }
 
-__attribute__((target_clones("avx512f", "avx2", "default")))
+EDGEFT_CLONES
 void softmax_rows(const float* x, float* y, int64_t rows, int64_t cols, int64_t row0, int64_t period,
                   int64_t rows_per_matrix) {
   for (int64_t i = 0; i < rows; i++) {
@@ -93,7 +101,7 @@ void softmax_rows(const float* x, float* y, int64_t rows, int64_t cols, int64_t 
   }
 }
 
-__attribute__((target_clones("avx512f", "avx2", "default")))
+EDGEFT_CLONES
 void softmax_vjp_rows(const float* p, const float* g, float* out, int64_t rows, int64_t cols, int64_t row0,
                       int64_t period, int64_t rows_per_matrix) {
   for (int64_t i = 0; i < rows; i++) {
@@ -122,7 +130,7 @@ constexpr float G1 = 1.5957691216057308f;  // 2 sqrt(2/pi): 2u = gate (G1 + G3 g
 constexpr float G3 = G1 * 0.044715f;
 enum Act : int { SILU = 0, GELU_TANH = 1 };
 
-__attribute__((target_clones("avx512f", "avx2", "default")))
+EDGEFT_CLONES
 void gated_fwd(const float* g, const float* u, float* o, int64_t n, int act) {
   if (act == SILU)
     for (int64_t i = 0; i < n; i++) o[i] = g[i] * u[i] / (1.0f + exp_(-g[i]));
@@ -130,7 +138,7 @@ void gated_fwd(const float* g, const float* u, float* o, int64_t n, int act) {
     for (int64_t i = 0; i < n; i++) o[i] = g[i] * u[i] / (1.0f + exp_(-g[i] * (G1 + G3 * (g[i] * g[i]))));
 }
 
-__attribute__((target_clones("avx512f", "avx2", "default")))
+EDGEFT_CLONES
 void gated_bwd(const float* g, const float* u, const float* c, float* dg, float* du, int64_t n, int act) {
   if (act == SILU)
     for (int64_t i = 0; i < n; i++) {
@@ -150,7 +158,7 @@ void gated_bwd(const float* g, const float* u, const float* c, float* dg, float*
 // Cross-entropy of rows of logits against one target column each: logsumexp(x) - x[t], and the
 // logsumexp kept for the backward pass, x's gradient g * (exp(x - lse) - onehot(t)) in one pass
 // (MLX's ops write a zero array, scatter the target's -g into it and add the two).
-__attribute__((target_clones("avx512f", "avx2", "default")))
+EDGEFT_CLONES
 void cross_entropy_rows(const float* x, const int32_t* t, float* loss, float* lse, int64_t rows, int64_t cols) {
   for (int64_t i = 0; i < rows; i++) {
     const float* xr = x + i * cols;
@@ -172,7 +180,7 @@ void cross_entropy_rows(const float* x, const int32_t* t, float* loss, float* ls
   }
 }
 
-__attribute__((target_clones("avx512f", "avx2", "default")))
+EDGEFT_CLONES
 void cross_entropy_vjp_rows(const float* x, const int32_t* t, const float* lse, const float* g_loss,
                             const float* g_lse, float* out, int64_t rows, int64_t cols) {
   for (int64_t i = 0; i < rows; i++) {
