@@ -216,7 +216,7 @@ VARIANTS = {
     "whole-attention": with_setting(default_step, backend, "ATTENTION_BLOCK", 1 << 30),
     "attention-block-256": with_setting(default_step, backend, "ATTENTION_BLOCK", 256),
     "exp-one-chain": with_setting(default_step, cpu_kernels, "_exp_fused", cpu_kernels.fused(cpu_kernels._exp)),
-    "no-compiled-kernels": with_setting(default_step, cpu_kernels, "_compiled_ok", False),  # edgeft/_kernels.cpp's
+    "no-compiled-kernels": with_setting(default_step, cpu_kernels, "_compiled_ok", False),  # the fused ops instead
     "ops-swiglu": with_setting(default_step, cpu_kernels, "swiglu", cpu_kernels._swiglu_ops),
     "ops-cross-entropy": with_setting(default_step, cpu_kernels, "cross_entropy", lambda x, t: cpu_kernels.logsumexp(x)
                                       - mx.take_along_axis(x, t[:, None], axis=-1)[:, 0]),
