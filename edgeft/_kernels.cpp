@@ -66,23 +66,35 @@ inline float exp_(float x) {
   return x < -87.0f ? 0.0f : p * two_n;
 }
 
+// The largest of x[0..n), in LANES accumulators (a vector reduction without -ffast-math).
+inline float row_max(const float* x, int64_t n) {
+  float mv[LANES];
+  for (int k = 0; k < LANES; k++) mv[k] = -INFINITY;
+  int64_t j = 0;
+  for (; j + LANES <= n; j += LANES)
+    for (int k = 0; k < LANES; k++) mv[k] = x[j + k] > mv[k] ? x[j + k] : mv[k];
+  float m = -INFINITY;
+  for (int k = 0; k < LANES; k++) m = mv[k] > m ? mv[k] : m;
+  for (; j < n; j++) m = x[j] > m ? x[j] : m;
+  return m;
+}
+
+// Row r of a [.., rows_per_matrix, cols] array sees this many leading columns (period: above).
+inline int64_t visible(int64_t row, int64_t rows_per_matrix, int64_t cols, int64_t period) {
+  return period > 0 ? row % rows_per_matrix % period + cols - period + 1 : cols;
+}
+
 EDGEFT_CLONES
-void softmax_rows(const float* x, float* y, int64_t rows, int64_t cols, int64_t row0, int64_t period,
-                  int64_t rows_per_matrix) {
+void softmax_rows(const float* x, float* y, int64_t rows, int64_t cols, int64_t period, int64_t rows_per_matrix) {
   for (int64_t i = 0; i < rows; i++) {
     const float* xr = x + i * cols;
     float* yr = y + i * cols;
-    const int64_t r = (row0 + i) % rows_per_matrix;
-    const int64_t n = period > 0 ? r % period + cols - period + 1 : cols;  // visible columns
-    float mv[LANES], sv[LANES];
-    for (int k = 0; k < LANES; k++) mv[k] = -INFINITY, sv[k] = 0.0f;
+    const int64_t n = visible(i, rows_per_matrix, cols, period);
+    const float m = row_max(xr, n);
+    float sv[LANES];
+    for (int k = 0; k < LANES; k++) sv[k] = 0.0f;
     int64_t j = 0;
     for (; j + LANES <= n; j += LANES)
-      for (int k = 0; k < LANES; k++) mv[k] = xr[j + k] > mv[k] ? xr[j + k] : mv[k];
-    float m = -INFINITY;
-    for (int k = 0; k < LANES; k++) m = mv[k] > m ? mv[k] : m;
-    for (; j < n; j++) m = xr[j] > m ? xr[j] : m;
-    for (j = 0; j + LANES <= n; j += LANES)
       for (int k = 0; k < LANES; k++) {
         const float e = exp_(xr[j + k] - m);
         yr[j + k] = e;
@@ -102,14 +114,13 @@ void softmax_rows(const float* x, float* y, int64_t rows, int64_t cols, int64_t 
 }
 
 EDGEFT_CLONES
-void softmax_vjp_rows(const float* p, const float* g, float* out, int64_t rows, int64_t cols, int64_t row0,
-                      int64_t period, int64_t rows_per_matrix) {
+void softmax_vjp_rows(const float* p, const float* g, float* out, int64_t rows, int64_t cols, int64_t period,
+                      int64_t rows_per_matrix) {
   for (int64_t i = 0; i < rows; i++) {
     const float* pr = p + i * cols;
     const float* gr = g + i * cols;
     float* o = out + i * cols;
-    const int64_t r = (row0 + i) % rows_per_matrix;
-    const int64_t n = period > 0 ? r % period + cols - period + 1 : cols;
+    const int64_t n = visible(i, rows_per_matrix, cols, period);
     float dv[LANES];
     for (int k = 0; k < LANES; k++) dv[k] = 0.0f;
     int64_t j = 0;
@@ -162,15 +173,11 @@ EDGEFT_CLONES
 void cross_entropy_rows(const float* x, const int32_t* t, float* loss, float* lse, int64_t rows, int64_t cols) {
   for (int64_t i = 0; i < rows; i++) {
     const float* xr = x + i * cols;
-    float mv[LANES], sv[LANES];
-    for (int k = 0; k < LANES; k++) mv[k] = -INFINITY, sv[k] = 0.0f;
+    const float m = row_max(xr, cols);
+    float sv[LANES];
+    for (int k = 0; k < LANES; k++) sv[k] = 0.0f;
     int64_t j = 0;
     for (; j + LANES <= cols; j += LANES)
-      for (int k = 0; k < LANES; k++) mv[k] = xr[j + k] > mv[k] ? xr[j + k] : mv[k];
-    float m = -INFINITY;
-    for (int k = 0; k < LANES; k++) m = mv[k] > m ? mv[k] : m;
-    for (; j < cols; j++) m = xr[j] > m ? xr[j] : m;
-    for (j = 0; j + LANES <= cols; j += LANES)
       for (int k = 0; k < LANES; k++) sv[k] += exp_(xr[j + k] - m);
     float s = 0.0f;
     for (int k = 0; k < LANES; k++) s += sv[k];
@@ -214,7 +221,7 @@ class SoftmaxVJP : public mx::UnaryPrimitive {
     enc.set_output_array(out);
     const int64_t cols = out.shape(-1), rows = out.size() / cols, per = out.shape(-2);
     enc.dispatch([p = p.data<float>(), g = g.data<float>(), o = out.data<float>(), rows, cols, per,
-                  period = period_]() { softmax_vjp_rows(p, g, o, rows, cols, 0, period, per); });
+                  period = period_]() { softmax_vjp_rows(p, g, o, rows, cols, period, per); });
   }
   void eval_gpu(const std::vector<mx::array>&, mx::array&) override {
     throw std::runtime_error("edgeft's softmax kernels run on the CPU only");
@@ -243,7 +250,7 @@ class Softmax : public mx::UnaryPrimitive {
     enc.set_output_array(out);
     const int64_t cols = out.shape(-1), rows = out.size() / cols, per = out.shape(-2);
     enc.dispatch([x = x.data<float>(), y = out.data<float>(), rows, cols, per, period = period_]() {
-      softmax_rows(x, y, rows, cols, 0, period, per);
+      softmax_rows(x, y, rows, cols, period, per);
     });
   }
   void eval_gpu(const std::vector<mx::array>&, mx::array&) override {
