@@ -294,20 +294,31 @@ def stream_groups(lengths: tuple[int, ...], work: tuple[float, ...] | None = Non
     (contiguous groups of 4 samples left the busier stream with 15% more than half the work on
     the benchmark's batches; this, 6%)."""
     work = tuple(lengths) if work is None else tuple(work)
-    cores = CPU_CORES or os.cpu_count() or 1
+    cores = _cores()
     k = min(CPU_STREAMS or cores, len(lengths)) if on_cpu() else 1
     if on_cpu():
         _set_blas_threads(max(1, cores // max(k, 1)))
     if k <= 1:
         return [(mx.default_stream(mx.default_device()), tuple(range(len(lengths))))]
-    while len(_streams) < k:
-        _streams.append(mx.new_stream(mx.cpu))
+    streams = _core_streams(k)
     load, members = [0.0] * k, [[] for _ in range(k)]
     for i in sorted(range(len(lengths)), key=lambda i: (-work[i], i)):
         g = min(range(k), key=lambda j: (load[j], j))
         load[g] += work[i]
         members[g].append(i)
-    return [(_streams[g], tuple(sorted(members[g]))) for g in range(k)]
+    return [(streams[g], tuple(sorted(members[g]))) for g in range(k)]
+
+
+def _cores() -> int:
+    """The cores this process computes on (CPU_CORES, else all)."""
+    return CPU_CORES or os.cpu_count() or 1
+
+
+def _core_streams(n: int) -> list:
+    """The first n of the cores' streams, made when first wanted (the default stream is none)."""
+    while len(_streams) < n:
+        _streams.append(mx.new_stream(mx.cpu))
+    return _streams[:n]
 
 
 def sample_streams(tokens: int) -> tuple[object, object] | None:
@@ -316,14 +327,13 @@ def sample_streams(tokens: int) -> tuple[object, object] | None:
     one core, one stream wanted (CPU_STREAMS), a short sample, the caller already on a stream
     group's stream, or split_samples(False). Whole, such a sample kept 1.15 of 2 cores busy
     (SmolLM2, 1024 tokens): MLX's elementwise ops take one core per stream."""
-    cores = CPU_CORES or os.cpu_count() or 1
+    cores = _cores()
     if (not _SPLIT.get() or not on_cpu() or cores < 2 or CPU_STREAMS == 1 or tokens < SPLIT_SAMPLE_TOKENS
             or mx.default_stream(mx.default_device()) in _streams):
         return None
-    while len(_streams) < 2:
-        _streams.append(mx.new_stream(mx.cpu))
     _set_blas_threads(max(1, cores // 2))
-    return _streams[0], _streams[1]
+    first, second = _core_streams(2)
+    return first, second
 
 
 @contextmanager
@@ -488,12 +498,10 @@ ATTENTION_BLOCK = 96
 def _idle_streams() -> list:
     """The cores' streams when the caller computes on none of them (its whole step is one group
     on the default stream, see stream_groups), else none: the groups keep every core busy."""
-    cores = CPU_CORES or os.cpu_count() or 1
+    cores = _cores()
     if not IDLE_STREAMS or cores < 2 or mx.default_stream(mx.default_device()) in _streams:
         return []
-    while len(_streams) < cores:
-        _streams.append(mx.new_stream(mx.cpu))
-    return _streams[:cores]
+    return _core_streams(cores)
 
 
 def _blocked_attention(q: mx.array, k: mx.array, v: mx.array, scale: float) -> mx.array:

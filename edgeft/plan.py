@@ -267,7 +267,7 @@ def estimate_peak_bytes(config: dict, lora_cfg, batch_size: int, seq_len: int, q
         # the weights kept for the run (dequant.keep_dequantized: not with checkpointing), held
         # as bf16 copies instead (backend.matmul_precision); and the logits' gradient rounded to
         # bf16 for the head's backward product (Gemma 3 270M's 262k vocabulary: -11% without)
-        bf16_copies=(int(dequantized // 2) if not grad_checkpoint else 0) + 2 * K * d["V"] if bf16 and cpu else 0,
+        bf16_copies=((0 if grad_checkpoint else int(dequantized // 2)) + 2 * K * d["V"]) if bf16 and cpu else 0,
         released=int(dequantized) if bf16 and cpu and not grad_checkpoint else 0,
         batch_size=B, seq_len=T, tokens=N, loss_tokens=K, grad_checkpoint=grad_checkpoint,
         packed=bool(lengths),
