@@ -263,6 +263,48 @@ def test_a_split_samples_segments_use_the_kept_weights_and_the_fused_loss(monkey
     assert made == [] and len(fused) == 2
 
 
+def test_lora_layers_scale_b_inside_the_fast_forward_only():
+    """prepare(cpu=True) routes mlx-lm's LoRALinear through a dispatcher: inside fast_forward
+    y + (x @ A) @ (scale * B), the same values as mlx-lm's y + scale * ((x @ A) @ B) outside."""
+    from mlx_lm.tuner.lora import LoRALinear
+
+    model = backend.prepare(tiny(seed=4), cpu=True)
+    lora.apply_lora(model, LoRAConfig(rank=4))
+    layer = next(m for _, m in model.named_modules() if isinstance(m, LoRALinear))
+    layer.lora_b = mx.random.normal(layer.lora_b.shape, key=mx.random.key(2))
+    assert hasattr(LoRALinear.__call__, "_edgeft_original")
+    x = mx.random.normal((3, layer.lora_a.shape[0]), key=mx.random.key(3))
+    scaled = []
+    with patched_scale(layer, scaled):
+        with backend.fast_forward():
+            fast = layer(x)
+        plain = layer(x)
+    assert scaled == [True, False]  # the scale went to B inside, to the output outside
+    assert mx.allclose(fast, plain, rtol=1e-5, atol=1e-5).item()
+
+
+class patched_scale:
+    """Record, at each multiplication by the layer's scale, whether it scaled B (r x out)."""
+
+    def __init__(self, layer, log):
+        self.layer, self.log = layer, log
+
+    def __enter__(self):
+        layer, log = self.layer, self.log
+
+        class Scale(float):
+            def __mul__(self, other):
+                log.append(other.shape == layer.lora_b.shape and other.shape[0] == layer.lora_a.shape[1])
+                return float(self) * other
+            __rmul__ = __mul__
+
+        self.old = layer.scale
+        layer.scale = Scale(layer.scale)
+
+    def __exit__(self, *exc):
+        self.layer.scale = self.old
+
+
 def test_a_sample_splits_only_when_it_is_alone_long_and_cores_are_free(monkeypatch):
     monkeypatch.setattr(backend, "CPU_CORES", 2)
     monkeypatch.setattr(backend, "CPU_STREAMS", None)
