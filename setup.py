@@ -2,7 +2,8 @@
 
 edgeft._sgemm (C): MLX's cblas_sgemm on Linux, see edgeft/_blas.py.
 edgeft._kernels (C++): the exp-heavy ops of a training step (the attention softmax, the gated
-MLP activations, the loss's cross-entropy) as MLX CPU primitives, see edgeft/_kernels.cpp. It is
+MLP activations, the loss's cross-entropy) and a flash attention as MLX CPU primitives, see
+edgeft/_kernels.cpp. It is
 built against the MLX and nanobind of the build environment (pyproject.toml's build
 requirements: the same MLX range as the run's, and the nanobind whose ABI that MLX's Python
 module was built with), and used only when the running MLX is the version it was built for.

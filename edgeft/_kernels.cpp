@@ -10,6 +10,9 @@
 //       MLPs; the backward recomputes the sigmoid and writes both gradients in one pass.
 //   cross_entropy(logits, targets): logsumexp(row) - row[target] per row, the loss; the
 //       backward g * (softmax(row) - onehot(target)) in one pass.
+//   attention(q, k, v, scale, causal, start): softmax(scale q k^T) v as a flash attention, which
+//       holds a tile of the scores at a time where the composed attention (the softmax above
+//       between two MLX products) writes all T x S of them, forward and backward.
 //
 // exp is Cephes' polynomial (as cpu_kernels.py's _exp: ~2e-7 relative), in loops the compiler
 // vectorizes for AVX-512, AVX2 or SSE2 (target_clones picks one when the module loads). The
@@ -19,13 +22,19 @@
 // the call, which edgeft's stream groups set), one thread per call.
 
 #include <nanobind/nanobind.h>
+#include <nanobind/stl/optional.h>
 #include <nanobind/stl/string.h>
 
+#include <dlfcn.h>
+
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <stdexcept>
+#include <optional>
 #include <string>
+#include <vector>
 
 #include "mlx/allocator.h"
 #include "mlx/backend/cpu/encoder.h"
@@ -436,10 +445,301 @@ mx::array softmax(const mx::array& x, int64_t period) {
   return mx::array(xc.shape(), mx::float32, std::make_shared<Softmax>(s, period), {xc});
 }
 
+// Attention as one primitive (flash attention: Dao et al., 2022, and its second version's
+// backward). Queries in tiles of TILE_Q positions, with the query heads that share a KV head
+// stacked as rows of one product; keys in tiles of TILE_K. A query tile's scores exist one key
+// tile at a time, in the core's cache, with a running row max and sum (the online softmax),
+// where the composed attention writes every score of the T x S square to memory and reads it
+// back in each of its passes. The forward keeps the output and each row's logsumexp; the
+// backward recomputes the scores tile by tile. The products go to the process's cblas_sgemm
+// (MLX's: the BLAS edgeft/_blas.py loaded, through edgeft/_sgemm.c's bf16 when a run has it on);
+// where none resolves, a plain loop.
+constexpr int64_t TILE_Q = 64, TILE_K = 128;
+
+using sgemm_fn = void (*)(int, int, int, int, int, int, float, const float*, int, const float*, int, float, float*, int);
+
+sgemm_fn blas_sgemm() {
+  static sgemm_fn fn = reinterpret_cast<sgemm_fn>(dlsym(RTLD_DEFAULT, "cblas_sgemm"));
+  return fn;
+}
+
+// The tile products are small: the BLAS's own threads (MKL's, when edgeft runs one stream on two
+// cores) only add a wake-up to each. MKL takes a per-thread count for the call's duration.
+class OneBlasThread {
+ public:
+  OneBlasThread() : set_(reinterpret_cast<int (*)(int)>(dlsym(RTLD_DEFAULT, "MKL_Set_Num_Threads_Local"))) {
+    if (set_) previous_ = set_(1);
+  }
+  ~OneBlasThread() {
+    if (set_) set_(previous_);
+  }
+
+ private:
+  int (*set_)(int);
+  int previous_ = 0;
+};
+
+// C (m x n, row stride ldc) = alpha * op(A) op(B) + beta * C, row-major; op transposes when asked.
+void gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const float* b,
+          int64_t ldb, float beta, float* c, int64_t ldc) {
+  if (m <= 0 || n <= 0) return;
+  if (auto fn = blas_sgemm()) {
+    fn(101, ta ? 112 : 111, tb ? 112 : 111, int(m), int(n), int(k), 1.0f, a, int(lda), b, int(ldb), beta, c, int(ldc));
+    return;
+  }
+  for (int64_t i = 0; i < m; i++)
+    for (int64_t j = 0; j < n; j++) {
+      float s = 0.0f;
+      for (int64_t p = 0; p < k; p++) s += (ta ? a[p * lda + i] : a[i * lda + p]) * (tb ? b[j * ldb + p] : b[p * ldb + j]);
+      c[i * ldc + j] = s + (beta == 0.0f ? 0.0f : beta * c[i * ldc + j]);
+    }
+}
+
+// The shapes of one attention call: q [B, H, T, D], k and v [B, Hkv, S, D]; query t sits at key
+// position start + t and, when causal, sees the keys up to it.
+struct Attn {
+  int64_t B, H, Hkv, T, S, D, start;
+  bool causal;
+  int64_t rep() const { return H / Hkv; }
+  // The keys query t sees: [0, seen(t)).
+  int64_t seen(int64_t t) const { return causal ? std::min(S, start + t + 1) : S; }
+};
+
+// The rows of query tile [a, a + n) of KV head g's query heads, stacked head by head, times scale.
+void gather_rows(const float* x, const Attn& s, int64_t b, int64_t g, int64_t a, int64_t n, float scale, float* out) {
+  for (int64_t h = 0; h < s.rep(); h++) {
+    const float* src = x + (((b * s.H) + g * s.rep() + h) * s.T + a) * s.D;
+    float* dst = out + h * n * s.D;
+    for (int64_t i = 0; i < n * s.D; i++) dst[i] = scale * src[i];
+  }
+}
+
+void scatter_rows(const float* rows, const Attn& s, int64_t b, int64_t g, int64_t a, int64_t n, float* x) {
+  for (int64_t h = 0; h < s.rep(); h++)
+    std::memcpy(x + (((b * s.H) + g * s.rep() + h) * s.T + a) * s.D, rows + h * n * s.D, n * s.D * sizeof(float));
+}
+
+// One key tile's scores (rows x cols) of a query tile: exp(score - shift[r]) for the keys row r
+// sees (0 for the rest); returns nothing, writes p in place of the scores.
+EDGEFT_CLONES
+void tile_exp(float* p, int64_t rows, int64_t cols, int64_t ldp, const int64_t* sees, const float* shift) {
+  for (int64_t r = 0; r < rows; r++) {
+    float* pr = p + r * ldp;
+    const int64_t n = std::min(cols, std::max<int64_t>(sees[r], 0));
+    const float m = shift[r];
+    for (int64_t j = 0; j < n; j++) pr[j] = exp_(pr[j] - m);
+    for (int64_t j = n; j < cols; j++) pr[j] = 0.0f;
+  }
+}
+
+// The online softmax's step over one key tile: new row maxes, the tile's exp, rescaled sums and
+// output rows.
+EDGEFT_CLONES
+void tile_online(float* p, int64_t rows, int64_t cols, const int64_t* sees, float* m, float* l, float* o, int64_t d,
+                 float* shift) {
+  for (int64_t r = 0; r < rows; r++) {
+    const int64_t n = std::min(cols, std::max<int64_t>(sees[r], 0));
+    const float mt = row_max(p + r * cols, n);
+    shift[r] = mt > m[r] ? mt : m[r];
+  }
+  tile_exp(p, rows, cols, cols, sees, shift);
+  for (int64_t r = 0; r < rows; r++) {
+    const float* pr = p + r * cols;
+    float sv[LANES];
+    for (int k = 0; k < LANES; k++) sv[k] = 0.0f;
+    int64_t j = 0;
+    for (; j + LANES <= cols; j += LANES)
+      for (int k = 0; k < LANES; k++) sv[k] += pr[j + k];
+    float sum = 0.0f;
+    for (int k = 0; k < LANES; k++) sum += sv[k];
+    for (; j < cols; j++) sum += pr[j];
+    const float alpha = exp_(m[r] - shift[r]);  // 0 while the row has seen nothing (m = -inf)
+    l[r] = l[r] * alpha + sum;
+    m[r] = shift[r];
+    if (alpha != 1.0f)
+      for (int64_t i = 0; i < d; i++) o[r * d + i] *= alpha;
+  }
+}
+
+// dS = P * (dP - delta[r]), in place of dP.
+EDGEFT_CLONES
+void tile_ds(const float* p, float* dp, int64_t rows, int64_t cols, const float* delta) {
+  for (int64_t r = 0; r < rows; r++)
+    for (int64_t j = 0; j < cols; j++) dp[r * cols + j] = p[r * cols + j] * (dp[r * cols + j] - delta[r]);
+}
+
+// Row r of the stacked tile is query a + r % n: the keys it sees, counted from key c.
+void tile_sees(const Attn& s, int64_t a, int64_t n, int64_t c, int64_t* sees) {
+  for (int64_t r = 0; r < s.rep() * n; r++) sees[r] = s.seen(a + r % n) - c;
+}
+
+void attention_fwd(const float* q, const float* k, const float* v, float* out, float* lse, const Attn& s,
+                   float scale) {
+  const OneBlasThread one;
+  const int64_t D = s.D, rows_max = s.rep() * TILE_Q;
+  std::vector<float> qs(rows_max * D), o(rows_max * D), p(rows_max * TILE_K), m(rows_max), l(rows_max), shift(rows_max);
+  std::vector<int64_t> sees(rows_max);
+  for (int64_t b = 0; b < s.B; b++)
+    for (int64_t g = 0; g < s.Hkv; g++) {
+      const float* kg = k + (b * s.Hkv + g) * s.S * D;
+      const float* vg = v + (b * s.Hkv + g) * s.S * D;
+      for (int64_t a = 0; a < s.T; a += TILE_Q) {
+        const int64_t n = std::min(TILE_Q, s.T - a), rows = s.rep() * n, keys = s.seen(a + n - 1);
+        gather_rows(q, s, b, g, a, n, scale, qs.data());
+        std::fill(m.begin(), m.begin() + rows, -INFINITY);
+        std::fill(l.begin(), l.begin() + rows, 0.0f);
+        std::fill(o.begin(), o.begin() + rows * D, 0.0f);
+        for (int64_t c = 0; c < keys; c += TILE_K) {
+          const int64_t cols = std::min(TILE_K, keys - c);
+          gemm(false, true, rows, cols, D, qs.data(), D, kg + c * D, D, 0.0f, p.data(), cols);
+          tile_sees(s, a, n, c, sees.data());
+          tile_online(p.data(), rows, cols, sees.data(), m.data(), l.data(), o.data(), D, shift.data());
+          gemm(false, false, rows, D, cols, p.data(), cols, vg + c * D, D, 1.0f, o.data(), D);
+        }
+        for (int64_t r = 0; r < rows; r++) {
+          const float inv = 1.0f / l[r];
+          for (int64_t i = 0; i < D; i++) o[r * D + i] *= inv;
+          lse[((b * s.H) + g * s.rep() + r / n) * s.T + a + r % n] = m[r] + std::log(l[r]);
+        }
+        scatter_rows(o.data(), s, b, g, a, n, out);
+      }
+    }
+}
+
+void attention_bwd(const float* q, const float* k, const float* v, const float* out, const float* lse,
+                   const float* dout, float* dq, float* dk, float* dv, const Attn& s, float scale) {
+  const OneBlasThread one;
+  const int64_t D = s.D, rows_max = s.rep() * TILE_Q;
+  std::vector<float> qs(rows_max * D), dos(rows_max * D), os(rows_max * D), dqs(rows_max * D), p(rows_max * TILE_K),
+      dp(rows_max * TILE_K), lses(rows_max), delta(rows_max);
+  std::vector<int64_t> sees(rows_max);
+  std::memset(dk, 0, s.B * s.Hkv * s.S * D * sizeof(float));
+  std::memset(dv, 0, s.B * s.Hkv * s.S * D * sizeof(float));
+  for (int64_t b = 0; b < s.B; b++)
+    for (int64_t g = 0; g < s.Hkv; g++) {
+      const int64_t kv = (b * s.Hkv + g) * s.S * D;
+      for (int64_t a = 0; a < s.T; a += TILE_Q) {
+        const int64_t n = std::min(TILE_Q, s.T - a), rows = s.rep() * n, keys = s.seen(a + n - 1);
+        gather_rows(q, s, b, g, a, n, scale, qs.data());
+        gather_rows(dout, s, b, g, a, n, 1.0f, dos.data());
+        gather_rows(out, s, b, g, a, n, 1.0f, os.data());
+        for (int64_t r = 0; r < rows; r++) {
+          lses[r] = lse[((b * s.H) + g * s.rep() + r / n) * s.T + a + r % n];
+          float d = 0.0f;
+          for (int64_t i = 0; i < D; i++) d += dos[r * D + i] * os[r * D + i];
+          delta[r] = d;
+        }
+        std::fill(dqs.begin(), dqs.begin() + rows * D, 0.0f);
+        for (int64_t c = 0; c < keys; c += TILE_K) {
+          const int64_t cols = std::min(TILE_K, keys - c);
+          gemm(false, true, rows, cols, D, qs.data(), D, k + kv + c * D, D, 0.0f, p.data(), cols);
+          tile_sees(s, a, n, c, sees.data());
+          tile_exp(p.data(), rows, cols, cols, sees.data(), lses.data());
+          gemm(true, false, cols, D, rows, p.data(), cols, dos.data(), D, 1.0f, dv + kv + c * D, D);
+          gemm(false, true, rows, cols, D, dos.data(), D, v + kv + c * D, D, 0.0f, dp.data(), cols);
+          tile_ds(p.data(), dp.data(), rows, cols, delta.data());
+          gemm(false, false, rows, D, cols, dp.data(), cols, k + kv + c * D, D, 1.0f, dqs.data(), D);
+          gemm(true, false, cols, D, rows, dp.data(), cols, qs.data(), D, 1.0f, dk + kv + c * D, D);
+        }
+        for (int64_t i = 0; i < rows * D; i++) dqs[i] *= scale;
+        scatter_rows(dqs.data(), s, b, g, a, n, dq);
+      }
+    }
+}
+
+class AttentionVJP : public mx::Primitive {
+ public:
+  AttentionVJP(mx::Stream stream, Attn shape, float scale) : mx::Primitive(stream), s_(shape), scale_(scale) {}
+
+  void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override {
+    for (auto& a : outputs) a.set_data(mx::allocator::malloc(a.nbytes()));
+    auto& enc = mx::cpu::get_command_encoder(stream());
+    for (const auto& a : inputs) enc.set_input_array(a);
+    for (auto& a : outputs) enc.set_output_array(a);
+    enc.dispatch([q = inputs[0].data<float>(), k = inputs[1].data<float>(), v = inputs[2].data<float>(),
+                  o = inputs[3].data<float>(), lse = inputs[4].data<float>(), g = inputs[5].data<float>(),
+                  dq = outputs[0].data<float>(), dk = outputs[1].data<float>(), dv = outputs[2].data<float>(),
+                  s = s_, scale = scale_]() { attention_bwd(q, k, v, o, lse, g, dq, dk, dv, s, scale); });
+  }
+  void eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) override {
+    throw std::runtime_error("edgeft's attention kernel runs on the CPU only");
+  }
+  bool is_equivalent(const mx::Primitive& other) const override {
+    const auto& o = static_cast<const AttentionVJP&>(other);
+    return scale_ == o.scale_ && s_.start == o.s_.start && s_.causal == o.s_.causal;
+  }
+  const char* name() const override { return "EdgeftAttentionVJP"; }
+
+ private:
+  Attn s_;
+  float scale_;
+};
+
+class Attention : public mx::Primitive {
+ public:
+  Attention(mx::Stream stream, Attn shape, float scale) : mx::Primitive(stream), s_(shape), scale_(scale) {}
+
+  void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override {
+    for (auto& a : outputs) a.set_data(mx::allocator::malloc(a.nbytes()));
+    auto& enc = mx::cpu::get_command_encoder(stream());
+    for (const auto& a : inputs) enc.set_input_array(a);
+    for (auto& a : outputs) enc.set_output_array(a);
+    enc.dispatch([q = inputs[0].data<float>(), k = inputs[1].data<float>(), v = inputs[2].data<float>(),
+                  o = outputs[0].data<float>(), lse = outputs[1].data<float>(), s = s_,
+                  scale = scale_]() { attention_fwd(q, k, v, o, lse, s, scale); });
+  }
+  void eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) override {
+    throw std::runtime_error("edgeft's attention kernel runs on the CPU only");
+  }
+  // The logsumexp output is the backward's: its cotangent is not used.
+  std::vector<mx::array> vjp(const std::vector<mx::array>& primals, const std::vector<mx::array>& cotangents,
+                             const std::vector<int>& argnums, const std::vector<mx::array>& outputs) override {
+    auto g = mx::contiguous(cotangents[0], false, stream());
+    auto grads = mx::array::make_arrays({primals[0].shape(), primals[1].shape(), primals[2].shape()},
+                                        {mx::float32, mx::float32, mx::float32},
+                                        std::make_shared<AttentionVJP>(stream(), s_, scale_),
+                                        {primals[0], primals[1], primals[2], outputs[0], outputs[1], g});
+    std::vector<mx::array> out;
+    for (int arg : argnums) out.push_back(grads[arg]);
+    return out;
+  }
+  std::vector<mx::Shape> output_shapes(const std::vector<mx::array>& inputs) override {
+    const auto& q = inputs[0];
+    return {q.shape(), {q.shape(0), q.shape(1), q.shape(2)}};
+  }
+  bool is_equivalent(const mx::Primitive& other) const override {
+    const auto& o = static_cast<const Attention&>(other);
+    return scale_ == o.scale_ && s_.start == o.s_.start && s_.causal == o.s_.causal;
+  }
+  const char* name() const override { return "EdgeftAttention"; }
+
+ private:
+  Attn s_;
+  float scale_;
+};
+
+mx::array attention(const mx::array& q, const mx::array& k, const mx::array& v, float scale, bool causal,
+                    std::optional<int64_t> start) {
+  if (q.dtype() != mx::float32 || k.dtype() != mx::float32 || v.dtype() != mx::float32 || q.ndim() != 4 ||
+      k.ndim() != 4 || k.shape() != v.shape())
+    throw std::invalid_argument("edgeft attention: needs float32 q [B, H, T, D] and k, v [B, Hkv, S, D]");
+  if (k.shape(0) != q.shape(0) || k.shape(3) != q.shape(3) || q.shape(1) % k.shape(1) != 0)
+    throw std::invalid_argument("edgeft attention: k and v must match q's batch and width, with H a multiple of Hkv");
+  const int64_t T = q.shape(2), S = k.shape(2), first = start.value_or(S - T);
+  if (causal && (first < 0 || first + T > S))
+    throw std::invalid_argument("edgeft attention: causal queries must sit among the keys (0 <= start <= S - T)");
+  Attn shape{q.shape(0), q.shape(1), k.shape(1), T, S, q.shape(3), first, causal};
+  auto s = mx::default_stream(mx::Device::cpu);
+  auto qc = mx::contiguous(q, false, s), kc = mx::contiguous(k, false, s), vc = mx::contiguous(v, false, s);
+  auto outs = mx::array::make_arrays({q.shape(), {q.shape(0), q.shape(1), T}}, {mx::float32, mx::float32},
+                                     std::make_shared<Attention>(s, shape, scale), {qc, kc, vc});
+  return outs[0];
+}
+
 }  // namespace
 
 NB_MODULE(_kernels, m) {
-  m.doc() = "edgeft's attention softmax as MLX CPU primitives (see _kernels.cpp)";
+  m.doc() = "edgeft's exp-heavy ops and attention as MLX CPU primitives (see _kernels.cpp)";
   m.attr("mlx_version") = std::to_string(MLX_VERSION_MAJOR) + "." + std::to_string(MLX_VERSION_MINOR) + "." +
       std::to_string(MLX_VERSION_PATCH);
   m.def("softmax", &softmax, "x"_a, "period"_a = 0,
@@ -451,4 +751,7 @@ NB_MODULE(_kernels, m) {
         "up"_a, "gelu_approx(gate) * up");
   m.def("cross_entropy", &cross_entropy, "logits"_a, "targets"_a,
         "logsumexp(logits[i]) - logits[i, targets[i]] for each row i.");
+  m.def("attention", &attention, "q"_a, "k"_a, "v"_a, "scale"_a, "causal"_a, "start"_a = nb::none(),
+        "softmax(scale q k^T) v with grouped KV heads; when causal, query t sees the keys up to "
+        "start + t (start: S - T unless given).");
 }

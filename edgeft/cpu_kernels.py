@@ -381,9 +381,17 @@ def causal_blocks(length: int, n: int, before: int = 0) -> list[tuple[int, int]]
     return list(itertools.pairwise(bounds))
 
 
-def attention(q: mx.array, k: mx.array, v: mx.array, scale: float, causal: bool) -> mx.array:
+def attention(q: mx.array, k: mx.array, v: mx.array, scale: float, causal: bool, start: int | None = None) -> mx.array:
     """mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask="causal" if causal
-    else None) with grouped KV heads: q [B, H, T, D], k and v [B, Hkv, S, D]."""
+    else None) with grouped KV heads: q [B, H, T, D], k and v [B, Hkv, S, D]. Causal query t
+    sits at key position start + t (default S - T: the last keys) and sees the keys up to it.
+
+    edgeft/_kernels.cpp's flash attention when flash_attention(): no T x S scores in memory,
+    forward or backward. Otherwise composed: the scores, the softmax, the product."""
+    if flash_attention():
+        return _compiled.attention(q, k, v, scale, causal, start)
+    if causal and start is not None:  # the keys the last query sees, aligned with the queries' end
+        k, v = k[:, :, : start + q.shape[2]], v[:, :, : start + q.shape[2]]
     B, H, T, D = q.shape
     Hkv = k.shape[1]
     rep = H // Hkv
@@ -422,6 +430,22 @@ def _self_test() -> bool:
         return False
 
 
+def flash_attention() -> bool:
+    """Whether attention() is edgeft/_kernels.cpp's flash kernel, which holds a tile of the
+    scores at a time (else the composed attention, which holds them all)."""
+    return compiled_usable()
+
+
+def _attention_ref(q, k, v, scale, start):
+    """MLX's attention with the KV heads repeated and, when start is given, a causal mask."""
+    rep = q.shape[1] // k.shape[1]
+    k, v = mx.repeat(k, rep, axis=1), mx.repeat(v, rep, axis=1)
+    s = scale * q @ k.swapaxes(-1, -2)
+    if start is not None:
+        s = mx.where(mx.arange(k.shape[2])[None] <= (mx.arange(q.shape[2]) + start)[:, None], s, -mx.inf)
+    return mx.softmax(s, axis=-1) @ v
+
+
 def _compiled_self_test() -> bool:
     """Each of edgeft/_kernels.cpp's primitives against MLX's own ops: values and gradients."""
     try:
@@ -431,6 +455,12 @@ def _compiled_self_test() -> bool:
         u = mx.cos(x)
         causal = mx.arange(40)[None] <= (mx.arange(8) % 4 + 36)[:, None]
         t = mx.arange(24) % 40
+        def qkv(x, causal=True):
+            f, g = x.reshape(-1), u.reshape(-1)
+            if causal:
+                return f[:240].reshape(1, 4, 6, 10), f[100:900].reshape(1, 2, 40, 10), g[:800].reshape(1, 2, 40, 10)
+            return 0.1 * x.reshape(1, 3, 80, 4), g.reshape(1, 3, 80, 4), 0.1 * x.reshape(1, 3, 80, 4)
+
         gelu = lambda x: 0.5 * x * (1 + mx.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x**3)))  # noqa: E731
         pairs = [
             (lambda x: _compiled.softmax(x), lambda x: mx.softmax(x, axis=-1)),
@@ -438,6 +468,9 @@ def _compiled_self_test() -> bool:
             (lambda x: _compiled.swiglu(x, u), lambda x: x * mx.sigmoid(x) * u),
             (lambda x: _compiled.gelu_mul(x, u), lambda x: gelu(x) * u),
             (lambda x: _compiled.swiglu(u, x), lambda x: u * mx.sigmoid(u) * x),
+            # 4 query heads on 2 KV heads, 6 queries at key positions 30..35 of 40; and not causal
+            (lambda x: _compiled.attention(*qkv(x), 0.02, True, 30), lambda x: _attention_ref(*qkv(x), 0.02, 30)),
+            (lambda x: _compiled.attention(*qkv(x, False), 0.02, False), lambda x: _attention_ref(*qkv(x, False), 0.02, None)),
             (lambda x: _compiled.cross_entropy(x.reshape(24, 40), t)[:, None, None],
              lambda x: (mx.logsumexp(x.reshape(24, 40), axis=-1)
                         - mx.take_along_axis(x.reshape(24, 40), t[:, None], axis=-1)[:, 0])[:, None, None]),

@@ -9,7 +9,10 @@ quantized projections are dequantized to fp32 just in time, the model computes i
   lora          adapters + AdamW's two moments, and the step's gradients and clipped copy
   dequantized   fp32 copies of quantized weights, kept from the forward pass for the backward
   activations   what each adapted layer keeps per token for the backward pass
-  attention     attention scores: one per head and token pair, per layer, plus one layer's work
+  attention     attention scores: one per head and token pair, per layer, plus one layer's work;
+                none when packed CPU batches go to edgeft/_kernels.cpp's flash attention, which
+                holds a tile of them at a time (the composed attention, where it is not built,
+                and MLX's own, where a batch does not pack, hold them all)
   logits        the vocabulary projection, only at the positions that carry loss
   transient     one layer's backward-pass temporaries
   bf16_copies   with bf16 products (train.matmul): the kept dequantized weights' bfloat16 copies
@@ -27,9 +30,11 @@ x86_64 CPU, SmolLM2 weighted as much as all tiny shapes together; last refitted 
 exp-heavy ops became MLX primitives (edgeft/_kernels.cpp: fewer intermediate arrays; the fused
 cross-entropy holds 8 bytes a logit, the logits and their gradient, measured alone, where the
 old fit held 16) and a lone long sample split over two streams, which had moved the old fit to
-+4% to +13% on SmolLM2, up to +46% on tiny shapes and +16-22% on Gemma 3 270M). The estimate
-is within -1% to +1% on every SmolLM2 shape, -3% to +7% on the tiny test model; on the other
-tiny shapes -11% to +8%.
++4% to +13% on SmolLM2, up to +46% on tiny shapes and +16-22% on Gemma 3 270M). The per-token
+counts were refitted again when attention became the flash kernel, which holds no scores (the
+fit before it read -3% to +1% on SmolLM2, -8% to +5% on tiny shapes); the attention's two
+coefficients are from before it, for the composed attention and MLX's. The estimate is within
+-1% to +2% on every SmolLM2 shape, -5% to +9% on the tiny shapes.
 With gradient checkpointing each block keeps only its input and one block is redone at a time:
 over SmolLM2's measured peak by 17-21% (measured before the refit, not since), but far under on
 tiny models, whose peak MLX raises 2-4x with checkpointing on (so auto_fit never turns it on).
@@ -56,7 +61,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Callable
 
-from edgeft import system
+from edgeft import cpu_kernels, system
 from edgeft.errors import UserError
 
 # What a training run adds outside MLX's arrays after the preflight measured the process: the
@@ -79,7 +84,7 @@ class Coefficients:
     logits_per_v: float  # per loss position per vocabulary entry: the logits and their gradient
 
 
-FITTED = Coefficients(act_per_h=36.7, act_per_i=9.0, transient_per_i=27.6, attn_saved=2.1,
+FITTED = Coefficients(act_per_h=39.5, act_per_i=8.6, transient_per_i=29.0, attn_saved=2.1,
                       attn_transient=3.1, logits_per_v=8.0)
 LORA_COPIES = 5  # fp32: parameters, 2 AdamW moments, gradient, clipped gradient
 CHECKPOINT_FILES = 3  # adapters + optimizer moments: 3 fp32 values per adapter parameter
@@ -246,7 +251,8 @@ def estimate_peak_bytes(config: dict, lora_cfg, batch_size: int, seq_len: int, q
     deq_layer = 4 * proj if (cpu and quant.linear_quantized) else 0
     deq_head = 4 * d["V"] * d["H"] if (cpu and quant.head_quantized) else 0
     per_token_layer = c.act_per_h * d["H"] + c.act_per_i * d["I"]
-    pairs = d["heads"] * square
+    flash = cpu and bool(lengths) and cpu_kernels.flash_attention()  # see "attention" above
+    pairs = 0 if flash else d["heads"] * square
     if grad_checkpoint:  # each block keeps its input; one block at a time is redone
         dequantized = deq_head + deq_layer
         activations = N * (4 * d["H"] * L + per_token_layer)

@@ -217,6 +217,7 @@ VARIANTS = {
     "attention-block-256": with_setting(default_step, backend, "ATTENTION_BLOCK", 256),
     "exp-one-chain": with_setting(default_step, cpu_kernels, "_exp_fused", cpu_kernels.fused(cpu_kernels._exp)),
     "no-compiled-kernels": with_setting(default_step, cpu_kernels, "_compiled_ok", False),  # the fused ops instead
+    "composed-attention": with_setting(default_step, cpu_kernels, "flash_attention", lambda: False),  # scores in memory
     "ops-swiglu": with_setting(default_step, cpu_kernels, "swiglu", cpu_kernels._swiglu_ops),
     "ops-cross-entropy": with_setting(default_step, cpu_kernels, "cross_entropy", lambda x, t: cpu_kernels.logsumexp(x)
                                       - mx.take_along_axis(x, t[:, None], axis=-1)[:, 0]),

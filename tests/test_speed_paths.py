@@ -343,7 +343,7 @@ def test_causal_attention_of_the_last_queries_over_longer_keys(T, before, kernel
     mask = mx.arange(T + before)[None] <= mx.arange(T)[:, None] + before
     want = mx.fast.scaled_dot_product_attention(q, k, v, scale=0.25, mask=mask)
     assert mx.allclose(cpu_kernels.attention(q, k, v, 0.25, True), want, atol=1e-5).item()
-    assert mx.allclose(backend._blocked_attention(q, k, v, 0.25), want, atol=1e-5).item()
+    assert mx.allclose(backend._causal_attention(q, k, v, 0.25), want, atol=1e-5).item()
     blocks = cpu_kernels.causal_blocks(T, 4, before)
     assert blocks[0][0] == 0 and blocks[-1][1] == T
     if T >= 300:
@@ -411,7 +411,7 @@ def test_fused_swiglu_and_softmax_match_mlx(shape, kernels):
     _vjp_close(cpu_kernels.softmax, lambda x: mx.softmax(x, axis=-1), [g], c, 1e-6)
 
 
-@pytest.mark.parametrize("B,H,Hkv,T", [(1, 9, 3, 37), (2, 4, 2, 16), (1, 4, 4, 1)])
+@pytest.mark.parametrize("B,H,Hkv,T", [(1, 9, 3, 37), (2, 4, 2, 16), (1, 4, 4, 1), (1, 6, 2, 200)])
 @pytest.mark.parametrize("causal", [True, False])
 def test_fused_attention_matches_mlx_sdpa(B, H, Hkv, T, causal, kernels):
     mx.random.seed(T)
@@ -422,6 +422,38 @@ def test_fused_attention_matches_mlx_sdpa(B, H, Hkv, T, causal, kernels):
         lambda q, k, v: mx.fast.scaled_dot_product_attention(q, k, v, scale=0.25, mask=mask),
         [q, k, v], mx.random.normal(q.shape), 1e-5,
     )
+
+
+@pytest.mark.parametrize("T,before", [(130, 0), (70, 150), (1, 99)])
+def test_attention_gradients_of_queries_among_longer_keys(T, before, kernels):
+    """The flash kernel's query and key tiles (64 and 128) in several partial tiles, with queries
+    at the last T of T + before positions: the gradients of q, k and v equal MLX's."""
+    mx.random.seed(T + before)
+    q, k, v = mx.random.normal((1, 6, T, 16)), mx.random.normal((1, 2, T + before, 16)), mx.random.normal((1, 2, T + before, 16))
+    mask = mx.arange(T + before)[None] <= mx.arange(T)[:, None] + before
+    _vjp_close(
+        lambda q, k, v: cpu_kernels.attention(q, k, v, 0.25, True),
+        lambda q, k, v: mx.fast.scaled_dot_product_attention(q, k, v, scale=0.25, mask=mask),
+        [q, k, v], mx.random.normal(q.shape), 1e-5,
+    )
+
+
+def test_flash_attention_keeps_no_scores_forward_or_backward():
+    """At 1024 queries and keys the scores of 4 heads are 16 MB: the compiled kernel's forward and
+    backward never hold them, where the composed attention holds them more than once."""
+    q, k, v = (mx.random.normal((1, h, 1024, 16)) for h in (4, 2, 2))
+    grad = mx.grad(lambda q, k, v: cpu_kernels.attention(q, k, v, 0.25, True).sum(), argnums=(0, 1, 2))
+    mx.eval(q, k, v)
+    peaks = {}
+    for compiled in (True, False):
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(cpu_kernels, "_compiled_ok", compiled)
+            mx.reset_peak_memory()
+            base = mx.get_active_memory()
+            mx.eval(grad(q, k, v))
+            peaks[compiled] = (mx.get_peak_memory() - base) / 2**20
+    assert cpu_kernels.compiled_usable()
+    assert peaks[True] < 4 < 16 < peaks[False], peaks
 
 
 @pytest.mark.parametrize("T,n", [(37, 3), (600, 4), (9, 8)])
