@@ -480,9 +480,8 @@ class OneBlasThread {
 };
 
 // C (m x n, row stride ldc) = alpha * op(A) op(B) + beta * C, row-major; op transposes when asked.
-void gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const float* b,
-          int64_t ldb, float beta, float* c, int64_t ldc) {
-  if (m <= 0 || n <= 0) return;
+void sgemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const float* b,
+           int64_t ldb, float beta, float* c, int64_t ldc) {
   if (auto fn = blas_sgemm()) {
     fn(101, ta ? 112 : 111, tb ? 112 : 111, int(m), int(n), int(k), 1.0f, a, int(lda), b, int(ldb), beta, c, int(ldc));
     return;
@@ -495,12 +494,66 @@ void gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, const float* a, int
     }
 }
 
+// While a run's products go in bfloat16 (edgeft/_sgemm.c: train.matmul bf16), the tiles' go too,
+// straight to MKL's bf16 GEMM with operands rounded once each (a head's keys and values, a query
+// tile, a tile's probabilities), where cblas_sgemm would round both operands in every product.
+using bf16_gemm_fn = void (*)(int, int, int, int, int, int, float, const uint16_t*, int, const uint16_t*, int, float,
+                              float*, int);
+using to_bf16_fn = void (*)(const float*, int, int, int, uint16_t*);
+
+// An operand: fp32 values, and their bf16 copy when the products go in bf16.
+struct Operand {
+  const float* f;
+  const uint16_t* h;
+  Operand at(int64_t offset) const { return {f + offset, h ? h + offset : nullptr}; }
+};
+
+class Products {
+ public:
+  // The bf16 GEMM as of now (the dispatch of a primitive's evaluation), for products whose
+  // sides (the smallest of them: `side`) are all as large as it takes; else fp32 products.
+  explicit Products(int64_t side) {
+    static const auto current =
+        reinterpret_cast<bf16_gemm_fn (*)(int*)>(dlsym(RTLD_DEFAULT, "edgeft_sgemm_bf16_current"));
+    static const auto round = reinterpret_cast<to_bf16_fn>(dlsym(RTLD_DEFAULT, "edgeft_to_bf16"));
+    int from = 0;
+    if (current && round && (bf16_ = current(&from)) && side >= from)
+      round_ = round;
+    else
+      bf16_ = nullptr;
+  }
+  bool bf16() const { return bf16_ != nullptr; }
+  // x (n values) as an operand: rounded into `copy` when the products go in bf16.
+  Operand operand(const float* x, int64_t n, std::vector<uint16_t>& copy) const {
+    if (!bf16_) return {x, nullptr};
+    if (int64_t(copy.size()) < n) copy.resize(n);
+    round_(x, 1, int(n), int(n), copy.data());
+    return {x, copy.data()};
+  }
+  void gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, Operand a, int64_t lda, Operand b, int64_t ldb,
+            float beta, float* c, int64_t ldc) const {
+    if (m <= 0 || n <= 0) return;
+    if (bf16_ && a.h && b.h)
+      bf16_(101, ta ? 112 : 111, tb ? 112 : 111, int(m), int(n), int(k), 1.0f, a.h, int(lda), b.h, int(ldb), beta, c,
+            int(ldc));
+    else
+      sgemm(ta, tb, m, n, k, a.f, lda, b.f, ldb, beta, c, ldc);
+  }
+
+ private:
+  bf16_gemm_fn bf16_ = nullptr;
+  to_bf16_fn round_ = nullptr;
+};
+
 // The shapes of one attention call: q [B, H, T, D], k and v [B, Hkv, S, D]; query t sits at key
 // position start + t and, when causal, sees the keys up to it.
 struct Attn {
   int64_t B, H, Hkv, T, S, D, start;
   bool causal;
   int64_t rep() const { return H / Hkv; }
+  // The smallest side of the tile products but the edge tiles': the width, the stacked query
+  // rows, the keys.
+  int64_t sides() const { return std::min({D, rep() * std::min(T, TILE_Q), std::min(S, TILE_K)}); }
   // The keys query t sees: [0, seen(t)).
   int64_t seen(int64_t t) const { return causal ? std::min(S, start + t + 1) : S; }
 };
@@ -576,25 +629,29 @@ void tile_sees(const Attn& s, int64_t a, int64_t n, int64_t c, int64_t* sees) {
 void attention_fwd(const float* q, const float* k, const float* v, float* out, float* lse, const Attn& s,
                    float scale) {
   const OneBlasThread one;
+  const Products mm(s.sides());
   const int64_t D = s.D, rows_max = s.rep() * TILE_Q;
   std::vector<float> qs(rows_max * D), o(rows_max * D), p(rows_max * TILE_K), m(rows_max), l(rows_max), shift(rows_max);
+  std::vector<uint16_t> k16, v16, q16, p16;
   std::vector<int64_t> sees(rows_max);
   for (int64_t b = 0; b < s.B; b++)
     for (int64_t g = 0; g < s.Hkv; g++) {
-      const float* kg = k + (b * s.Hkv + g) * s.S * D;
-      const float* vg = v + (b * s.Hkv + g) * s.S * D;
+      const int64_t kv = (b * s.Hkv + g) * s.S * D, keys_all = s.causal ? std::min(s.S, s.start + s.T) : s.S;
+      const Operand kg = mm.operand(k + kv, keys_all * D, k16), vg = mm.operand(v + kv, keys_all * D, v16);
       for (int64_t a = 0; a < s.T; a += TILE_Q) {
         const int64_t n = std::min(TILE_Q, s.T - a), rows = s.rep() * n, keys = s.seen(a + n - 1);
         gather_rows(q, s, b, g, a, n, scale, qs.data());
+        const Operand qt = mm.operand(qs.data(), rows * D, q16);
         std::fill(m.begin(), m.begin() + rows, -INFINITY);
         std::fill(l.begin(), l.begin() + rows, 0.0f);
         std::fill(o.begin(), o.begin() + rows * D, 0.0f);
         for (int64_t c = 0; c < keys; c += TILE_K) {
           const int64_t cols = std::min(TILE_K, keys - c);
-          gemm(false, true, rows, cols, D, qs.data(), D, kg + c * D, D, 0.0f, p.data(), cols);
+          mm.gemm(false, true, rows, cols, D, qt, D, kg.at(c * D), D, 0.0f, p.data(), cols);
           tile_sees(s, a, n, c, sees.data());
           tile_online(p.data(), rows, cols, sees.data(), m.data(), l.data(), o.data(), D, shift.data());
-          gemm(false, false, rows, D, cols, p.data(), cols, vg + c * D, D, 1.0f, o.data(), D);
+          mm.gemm(false, false, rows, D, cols, mm.operand(p.data(), rows * cols, p16), cols, vg.at(c * D), D, 1.0f,
+                  o.data(), D);
         }
         for (int64_t r = 0; r < rows; r++) {
           const float inv = 1.0f / l[r];
@@ -609,20 +666,24 @@ void attention_fwd(const float* q, const float* k, const float* v, float* out, f
 void attention_bwd(const float* q, const float* k, const float* v, const float* out, const float* lse,
                    const float* dout, float* dq, float* dk, float* dv, const Attn& s, float scale) {
   const OneBlasThread one;
+  const Products mm(s.sides());
   const int64_t D = s.D, rows_max = s.rep() * TILE_Q;
   std::vector<float> qs(rows_max * D), dos(rows_max * D), os(rows_max * D), dqs(rows_max * D), p(rows_max * TILE_K),
       dp(rows_max * TILE_K), lses(rows_max), delta(rows_max);
+  std::vector<uint16_t> k16, v16, q16, do16, p16, ds16;
   std::vector<int64_t> sees(rows_max);
   std::memset(dk, 0, s.B * s.Hkv * s.S * D * sizeof(float));
   std::memset(dv, 0, s.B * s.Hkv * s.S * D * sizeof(float));
   for (int64_t b = 0; b < s.B; b++)
     for (int64_t g = 0; g < s.Hkv; g++) {
-      const int64_t kv = (b * s.Hkv + g) * s.S * D;
+      const int64_t kv = (b * s.Hkv + g) * s.S * D, keys_all = s.causal ? std::min(s.S, s.start + s.T) : s.S;
+      const Operand kg = mm.operand(k + kv, keys_all * D, k16), vg = mm.operand(v + kv, keys_all * D, v16);
       for (int64_t a = 0; a < s.T; a += TILE_Q) {
         const int64_t n = std::min(TILE_Q, s.T - a), rows = s.rep() * n, keys = s.seen(a + n - 1);
         gather_rows(q, s, b, g, a, n, scale, qs.data());
         gather_rows(dout, s, b, g, a, n, 1.0f, dos.data());
         gather_rows(out, s, b, g, a, n, 1.0f, os.data());
+        const Operand qt = mm.operand(qs.data(), rows * D, q16), dot = mm.operand(dos.data(), rows * D, do16);
         for (int64_t r = 0; r < rows; r++) {
           lses[r] = lse[((b * s.H) + g * s.rep() + r / n) * s.T + a + r % n];
           float d = 0.0f;
@@ -632,14 +693,16 @@ void attention_bwd(const float* q, const float* k, const float* v, const float* 
         std::fill(dqs.begin(), dqs.begin() + rows * D, 0.0f);
         for (int64_t c = 0; c < keys; c += TILE_K) {
           const int64_t cols = std::min(TILE_K, keys - c);
-          gemm(false, true, rows, cols, D, qs.data(), D, k + kv + c * D, D, 0.0f, p.data(), cols);
+          mm.gemm(false, true, rows, cols, D, qt, D, kg.at(c * D), D, 0.0f, p.data(), cols);
           tile_sees(s, a, n, c, sees.data());
           tile_exp(p.data(), rows, cols, cols, sees.data(), lses.data());
-          gemm(true, false, cols, D, rows, p.data(), cols, dos.data(), D, 1.0f, dv + kv + c * D, D);
-          gemm(false, true, rows, cols, D, dos.data(), D, v + kv + c * D, D, 0.0f, dp.data(), cols);
+          mm.gemm(true, false, cols, D, rows, mm.operand(p.data(), rows * cols, p16), cols, dot, D, 1.0f,
+                  dv + kv + c * D, D);
+          mm.gemm(false, true, rows, cols, D, dot, D, vg.at(c * D), D, 0.0f, dp.data(), cols);
           tile_ds(p.data(), dp.data(), rows, cols, delta.data());
-          gemm(false, false, rows, D, cols, dp.data(), cols, k + kv + c * D, D, 1.0f, dqs.data(), D);
-          gemm(true, false, cols, D, rows, dp.data(), cols, qs.data(), D, 1.0f, dk + kv + c * D, D);
+          const Operand ds = mm.operand(dp.data(), rows * cols, ds16);
+          mm.gemm(false, false, rows, D, cols, ds, cols, kg.at(c * D), D, 1.0f, dqs.data(), D);
+          mm.gemm(true, false, cols, D, rows, ds, cols, qt, D, 1.0f, dk + kv + c * D, D);
         }
         for (int64_t i = 0; i < rows * D; i++) dqs[i] *= scale;
         scatter_rows(dqs.data(), s, b, g, a, n, dq);

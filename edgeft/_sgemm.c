@@ -63,6 +63,13 @@ void edgeft_sgemm_bf16(bf16_fn gemm, int from_size) {
     __atomic_store_n(&bf16_gemm, gemm, __ATOMIC_RELAXED);
 }
 
+/* The bf16 GEMM while bf16 is on, else NULL, and the smallest side it takes (*from_size):
+ * edgeft/_kernels.cpp's flash attention calls it with operands it rounds once each. */
+bf16_fn edgeft_sgemm_bf16_current(int *from_size) {
+    *from_size = __atomic_load_n(&bf16_from, __ATOMIC_RELAXED);
+    return __atomic_load_n(&bf16_gemm, __ATOMIC_RELAXED);
+}
+
 /* rows x cols floats, row stride ld, into packed bfloat16 (round to nearest even; NaN stays NaN).
  * Branch-free, so that it vectorizes; compiled for AVX-512 and AVX2 as well where GCC can pick
  * at run time: 2.6 and 2.0 G values/s against 0.5 for the plain loop (Intel Xeon). */

@@ -277,3 +277,36 @@ def test_released_weights_give_their_memory_back_and_multiply_from_their_copy():
     np.testing.assert_array_equal(after[lo:hi], kept.ravel()[lo:hi])  # the whole pages: bf16 values
     np.testing.assert_array_equal(after[:lo], original.ravel()[:lo])  # the partial ones: never given back
     np.testing.assert_array_equal(after[hi:], original.ravel()[hi:])
+
+
+def test_flash_attention_tiles_go_in_bf16_inside_the_block_only():
+    """edgeft/_kernels.cpp's attention takes MKL's bf16 GEMM for its tile products while bf16 is
+    on (its operands rounded once each): values and gradients within bf16's error of fp32's, and
+    fp32's exactly again after the block."""
+    from edgeft import cpu_kernels
+
+    assert cpu_kernels.flash_attention()
+    mx.random.seed(1)
+    q, k, v = mx.random.normal((1, 6, 200, 64)), mx.random.normal((1, 2, 260, 64)), mx.random.normal((1, 2, 260, 64))
+    w = mx.random.normal(q.shape)
+    grad = mx.value_and_grad(lambda q, k, v: (cpu_kernels.attention(q, k, v, 0.125, True) * w).sum(), argnums=(0, 1, 2))
+    fp32 = grad(q, k, v)
+    mx.eval(fp32)
+    with _blas.bf16():
+        bf16 = grad(q, k, v)
+        mx.eval(bf16)
+    after = grad(q, k, v)
+    for a, b, c in zip([fp32[0], *fp32[1]], [bf16[0], *bf16[1]], [after[0], *after[1]]):
+        error = (mx.abs(a - b).max() / mx.abs(a).max()).item()
+        assert 1e-4 < error < 2e-2  # rounded, to bf16's precision
+        assert mx.array_equal(a, c).item()
+
+
+def test_the_kernels_self_test_passes_inside_bf16(monkeypatch):
+    """A run's first step, inside _blas.bf16(), runs cpu_kernels' one self-test: its attention
+    (4 and 10 wide, under bf16's smallest side) stays fp32, so the test compares like with like."""
+    from edgeft import cpu_kernels
+
+    monkeypatch.setattr(cpu_kernels, "_compiled_ok", None)
+    with _blas.bf16():
+        assert cpu_kernels.compiled_usable()
