@@ -546,16 +546,21 @@ class Products {
 };
 
 // The shapes of one attention call: q [B, H, T, D], k and v [B, Hkv, S, D]; query t sits at key
-// position start + t and, when causal, sees the keys up to it.
+// position start + t and, when causal, sees the keys up to it: with a sliding window, only the
+// last `window` of those (its own included).
 struct Attn {
   int64_t B, H, Hkv, T, S, D, start;
   bool causal;
+  int64_t window;  // 0: none
   int64_t rep() const { return H / Hkv; }
   // The smallest side of the tile products but the edge tiles': the width, the stacked query
   // rows, the keys.
   int64_t sides() const { return std::min({D, rep() * std::min(T, TILE_Q), std::min(S, TILE_K)}); }
-  // The keys query t sees: [0, seen(t)).
+  // The keys query t sees: [first(t), seen(t)).
   int64_t seen(int64_t t) const { return causal ? std::min(S, start + t + 1) : S; }
+  int64_t first(int64_t t) const { return window > 0 ? std::max<int64_t>(0, start + t - window + 1) : 0; }
+  // The first key tile any query of [a, ...) sees.
+  int64_t first_tile(int64_t a) const { return first(a) / TILE_K * TILE_K; }
 };
 
 // The rows of query tile [a, a + n) of KV head g's query heads, stacked head by head, times scale.
@@ -572,30 +577,35 @@ void scatter_rows(const float* rows, const Attn& s, int64_t b, int64_t g, int64_
     std::memcpy(x + (((b * s.H) + g * s.rep() + h) * s.T + a) * s.D, rows + h * n * s.D, n * s.D * sizeof(float));
 }
 
+// The columns [lo, hi) of a tile's row that its query sees.
+struct Seen {
+  int64_t lo, hi;
+};
+
 // One key tile's scores (rows x cols) of a query tile: exp(score - shift[r]) for the keys row r
-// sees (0 for the rest); returns nothing, writes p in place of the scores.
+// sees (0 for the rest), in place of the scores.
 EDGEFT_CLONES
-void tile_exp(float* p, int64_t rows, int64_t cols, int64_t ldp, const int64_t* sees, const float* shift) {
+void tile_exp(float* p, int64_t rows, int64_t cols, const Seen* sees, const float* shift) {
   for (int64_t r = 0; r < rows; r++) {
-    float* pr = p + r * ldp;
-    const int64_t n = std::min(cols, std::max<int64_t>(sees[r], 0));
+    float* pr = p + r * cols;
+    const int64_t lo = sees[r].lo, hi = sees[r].hi;
     const float m = shift[r];
-    for (int64_t j = 0; j < n; j++) pr[j] = exp_(pr[j] - m);
-    for (int64_t j = n; j < cols; j++) pr[j] = 0.0f;
+    for (int64_t j = 0; j < lo; j++) pr[j] = 0.0f;
+    for (int64_t j = lo; j < hi; j++) pr[j] = exp_(pr[j] - m);
+    for (int64_t j = hi; j < cols; j++) pr[j] = 0.0f;
   }
 }
 
 // The online softmax's step over one key tile: new row maxes, the tile's exp, rescaled sums and
 // output rows.
 EDGEFT_CLONES
-void tile_online(float* p, int64_t rows, int64_t cols, const int64_t* sees, float* m, float* l, float* o, int64_t d,
+void tile_online(float* p, int64_t rows, int64_t cols, const Seen* sees, float* m, float* l, float* o, int64_t d,
                  float* shift) {
   for (int64_t r = 0; r < rows; r++) {
-    const int64_t n = std::min(cols, std::max<int64_t>(sees[r], 0));
-    const float mt = row_max(p + r * cols, n);
+    const float mt = row_max(p + r * cols + sees[r].lo, sees[r].hi - sees[r].lo);
     shift[r] = mt > m[r] ? mt : m[r];
   }
-  tile_exp(p, rows, cols, cols, sees, shift);
+  tile_exp(p, rows, cols, sees, shift);
   for (int64_t r = 0; r < rows; r++) {
     const float* pr = p + r * cols;
     float sv[LANES];
@@ -606,7 +616,8 @@ void tile_online(float* p, int64_t rows, int64_t cols, const int64_t* sees, floa
     float sum = 0.0f;
     for (int k = 0; k < LANES; k++) sum += sv[k];
     for (; j < cols; j++) sum += pr[j];
-    const float alpha = exp_(m[r] - shift[r]);  // 0 while the row has seen nothing (m = -inf)
+    // 0 for a row's first keys (m = -inf); 1 while it has seen none (a window's earlier tiles)
+    const float alpha = shift[r] == -INFINITY ? 1.0f : exp_(m[r] - shift[r]);
     l[r] = l[r] * alpha + sum;
     m[r] = shift[r];
     if (alpha != 1.0f)
@@ -621,9 +632,12 @@ void tile_ds(const float* p, float* dp, int64_t rows, int64_t cols, const float*
     for (int64_t j = 0; j < cols; j++) dp[r * cols + j] = p[r * cols + j] * (dp[r * cols + j] - delta[r]);
 }
 
-// Row r of the stacked tile is query a + r % n: the keys it sees, counted from key c.
-void tile_sees(const Attn& s, int64_t a, int64_t n, int64_t c, int64_t* sees) {
-  for (int64_t r = 0; r < s.rep() * n; r++) sees[r] = s.seen(a + r % n) - c;
+// Row r of the stacked tile is query a + r % n: the keys it sees among key tile [c, c + cols).
+void tile_sees(const Attn& s, int64_t a, int64_t n, int64_t c, int64_t cols, Seen* sees) {
+  for (int64_t r = 0; r < s.rep() * n; r++) {
+    const int64_t t = a + r % n, hi = std::clamp<int64_t>(s.seen(t) - c, 0, cols);
+    sees[r] = {std::clamp<int64_t>(s.first(t) - c, 0, hi), hi};
+  }
 }
 
 void attention_fwd(const float* q, const float* k, const float* v, float* out, float* lse, const Attn& s,
@@ -633,7 +647,7 @@ void attention_fwd(const float* q, const float* k, const float* v, float* out, f
   const int64_t D = s.D, rows_max = s.rep() * TILE_Q;
   std::vector<float> qs(rows_max * D), o(rows_max * D), p(rows_max * TILE_K), m(rows_max), l(rows_max), shift(rows_max);
   std::vector<uint16_t> k16, v16, q16, p16;
-  std::vector<int64_t> sees(rows_max);
+  std::vector<Seen> sees(rows_max);
   for (int64_t b = 0; b < s.B; b++)
     for (int64_t g = 0; g < s.Hkv; g++) {
       const int64_t kv = (b * s.Hkv + g) * s.S * D, keys_all = s.causal ? std::min(s.S, s.start + s.T) : s.S;
@@ -645,10 +659,10 @@ void attention_fwd(const float* q, const float* k, const float* v, float* out, f
         std::fill(m.begin(), m.begin() + rows, -INFINITY);
         std::fill(l.begin(), l.begin() + rows, 0.0f);
         std::fill(o.begin(), o.begin() + rows * D, 0.0f);
-        for (int64_t c = 0; c < keys; c += TILE_K) {
+        for (int64_t c = s.first_tile(a); c < keys; c += TILE_K) {
           const int64_t cols = std::min(TILE_K, keys - c);
           mm.gemm(false, true, rows, cols, D, qt, D, kg.at(c * D), D, 0.0f, p.data(), cols);
-          tile_sees(s, a, n, c, sees.data());
+          tile_sees(s, a, n, c, cols, sees.data());
           tile_online(p.data(), rows, cols, sees.data(), m.data(), l.data(), o.data(), D, shift.data());
           mm.gemm(false, false, rows, D, cols, mm.operand(p.data(), rows * cols, p16), cols, vg.at(c * D), D, 1.0f,
                   o.data(), D);
@@ -671,7 +685,7 @@ void attention_bwd(const float* q, const float* k, const float* v, const float* 
   std::vector<float> qs(rows_max * D), dos(rows_max * D), os(rows_max * D), dqs(rows_max * D), p(rows_max * TILE_K),
       dp(rows_max * TILE_K), lses(rows_max), delta(rows_max);
   std::vector<uint16_t> k16, v16, q16, do16, p16, ds16;
-  std::vector<int64_t> sees(rows_max);
+  std::vector<Seen> sees(rows_max);
   std::memset(dk, 0, s.B * s.Hkv * s.S * D * sizeof(float));
   std::memset(dv, 0, s.B * s.Hkv * s.S * D * sizeof(float));
   for (int64_t b = 0; b < s.B; b++)
@@ -691,11 +705,11 @@ void attention_bwd(const float* q, const float* k, const float* v, const float* 
           delta[r] = d;
         }
         std::fill(dqs.begin(), dqs.begin() + rows * D, 0.0f);
-        for (int64_t c = 0; c < keys; c += TILE_K) {
+        for (int64_t c = s.first_tile(a); c < keys; c += TILE_K) {
           const int64_t cols = std::min(TILE_K, keys - c);
           mm.gemm(false, true, rows, cols, D, qt, D, kg.at(c * D), D, 0.0f, p.data(), cols);
-          tile_sees(s, a, n, c, sees.data());
-          tile_exp(p.data(), rows, cols, cols, sees.data(), lses.data());
+          tile_sees(s, a, n, c, cols, sees.data());
+          tile_exp(p.data(), rows, cols, sees.data(), lses.data());
           mm.gemm(true, false, cols, D, rows, mm.operand(p.data(), rows * cols, p16), cols, dot, D, 1.0f,
                   dv + kv + c * D, D);
           mm.gemm(false, true, rows, cols, D, dot, D, vg.at(c * D), D, 0.0f, dp.data(), cols);
@@ -729,7 +743,7 @@ class AttentionVJP : public mx::Primitive {
   }
   bool is_equivalent(const mx::Primitive& other) const override {
     const auto& o = static_cast<const AttentionVJP&>(other);
-    return scale_ == o.scale_ && s_.start == o.s_.start && s_.causal == o.s_.causal;
+    return scale_ == o.scale_ && s_.start == o.s_.start && s_.causal == o.s_.causal && s_.window == o.s_.window;
   }
   const char* name() const override { return "EdgeftAttentionVJP"; }
 
@@ -772,7 +786,7 @@ class Attention : public mx::Primitive {
   }
   bool is_equivalent(const mx::Primitive& other) const override {
     const auto& o = static_cast<const Attention&>(other);
-    return scale_ == o.scale_ && s_.start == o.s_.start && s_.causal == o.s_.causal;
+    return scale_ == o.scale_ && s_.start == o.s_.start && s_.causal == o.s_.causal && s_.window == o.s_.window;
   }
   const char* name() const override { return "EdgeftAttention"; }
 
@@ -782,7 +796,7 @@ class Attention : public mx::Primitive {
 };
 
 mx::array attention(const mx::array& q, const mx::array& k, const mx::array& v, float scale, bool causal,
-                    std::optional<int64_t> start) {
+                    std::optional<int64_t> start, int64_t window) {
   if (q.dtype() != mx::float32 || k.dtype() != mx::float32 || v.dtype() != mx::float32 || q.ndim() != 4 ||
       k.ndim() != 4 || k.shape() != v.shape())
     throw std::invalid_argument("edgeft attention: needs float32 q [B, H, T, D] and k, v [B, Hkv, S, D]");
@@ -791,7 +805,9 @@ mx::array attention(const mx::array& q, const mx::array& k, const mx::array& v, 
   const int64_t T = q.shape(2), S = k.shape(2), first = start.value_or(S - T);
   if (causal && (first < 0 || first + T > S))
     throw std::invalid_argument("edgeft attention: causal queries must sit among the keys (0 <= start <= S - T)");
-  Attn shape{q.shape(0), q.shape(1), k.shape(1), T, S, q.shape(3), first, causal};
+  if (window < 0 || (window > 0 && !causal))
+    throw std::invalid_argument("edgeft attention: a sliding window is a positive number of keys, of causal attention");
+  Attn shape{q.shape(0), q.shape(1), k.shape(1), T, S, q.shape(3), first, causal, window};
   auto s = mx::default_stream(mx::Device::cpu);
   auto qc = mx::contiguous(q, false, s), kc = mx::contiguous(k, false, s), vc = mx::contiguous(v, false, s);
   auto outs = mx::array::make_arrays({q.shape(), {q.shape(0), q.shape(1), T}}, {mx::float32, mx::float32},
@@ -814,7 +830,7 @@ NB_MODULE(_kernels, m) {
         "up"_a, "gelu_approx(gate) * up");
   m.def("cross_entropy", &cross_entropy, "logits"_a, "targets"_a,
         "logsumexp(logits[i]) - logits[i, targets[i]] for each row i.");
-  m.def("attention", &attention, "q"_a, "k"_a, "v"_a, "scale"_a, "causal"_a, "start"_a = nb::none(),
+  m.def("attention", &attention, "q"_a, "k"_a, "v"_a, "scale"_a, "causal"_a, "start"_a = nb::none(), "window"_a = 0,
         "softmax(scale q k^T) v with grouped KV heads; when causal, query t sees the keys up to "
-        "start + t (start: S - T unless given).");
+        "start + t (start: S - T unless given), with window > 0 only the last `window` of them.");
 }

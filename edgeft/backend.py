@@ -84,6 +84,8 @@ def prepare(model: nn.Module, cpu: bool | None = None) -> nn.Module:
             module.__class__ = _gelu_mlp_class(type(module))
     for attn in _attention_modules(model):
         attn.rope.__class__ = _packed_rope_class(type(attn.rope))
+        if hasattr(attn, "is_sliding"):
+            attn.__class__ = _sliding_attention_class(type(attn))
         arch = sys.modules[type(attn).__module__]
         _hook(arch, "scaled_dot_product_attention", _fast_sdpa)
         _hook(arch, "swiglu", _fast_swiglu)
@@ -176,19 +178,16 @@ class PackingError(RuntimeError):
 
 @dataclass(frozen=True)
 class Packing:
-    """A row of samples of these lengths laid end to end (axis -2 of attention tensors). With
-    `window` (the model's sliding window), every sample fits it: the window's mask of the whole
-    row then stands for attention within each sample. With `start`, the first sample continues
-    one whose first `start` tokens another segment computes (a Prefix): its positions start
-    there."""
+    """A row of samples of these lengths laid end to end (axis -2 of attention tensors), of a
+    model with a sliding `window` or none. Attention runs within each sample: its sliding layers
+    (the window's mask of the whole row) with the window where a sample passes it, which needs
+    the flash kernel and layers known to be sliding or not (pack_refusal). With `start`, the
+    first sample continues one whose first `start` tokens another segment computes (a Prefix):
+    its positions start there."""
 
     lengths: tuple[int, ...]
     window: int | None = None
     start: int = 0
-
-    def __post_init__(self):
-        if self.window is not None and max(self.lengths, default=0) > self.window:
-            raise PackingError(f"a packed sample of {max(self.lengths)} tokens exceeds the {self.window}-token sliding window")
 
     @property
     def total(self) -> int:
@@ -421,6 +420,35 @@ def _attention_modules(model: nn.Module) -> list[nn.Module]:
     return [m for _, m in model.named_modules() if isinstance(getattr(m, "rope", None), nn.Module)]
 
 
+# Whether the attention layer being computed slides its window: set by the twins of attention
+# classes that say so (mlx-lm's gemma3_text: is_sliding), None elsewhere (not known).
+_SLIDING: ContextVar[bool | None] = ContextVar("edgeft_sliding", default=None)
+_ATTENTION_TWINS: dict[type, type] = {}
+
+
+def _sliding_attention_class(cls: type) -> type:
+    if getattr(cls, "_edgeft_sliding", False):
+        return cls
+    if cls not in _ATTENTION_TWINS:
+
+        def __call__(self, *args, **kwargs):
+            token = _SLIDING.set(bool(self.is_sliding))
+            try:
+                return cls.__call__(self, *args, **kwargs)
+            finally:
+                _SLIDING.reset(token)
+
+        _ATTENTION_TWINS[cls] = type(cls.__name__, (cls,), {"__call__": __call__, "_edgeft_sliding": True,
+                                                          "__module__": cls.__module__})  # where its sdpa is
+    return _ATTENTION_TWINS[cls]
+
+
+def _windows_known(attns: list[nn.Module]) -> bool:
+    """Whether a sliding window can be applied per sample: the flash kernel, and every layer
+    says whether it slides."""
+    return cpu_kernels.flash_attention() and all(getattr(type(a), "_edgeft_sliding", False) for a in attns)
+
+
 _ROPE_TWINS: dict[type, type] = {}
 
 
@@ -508,10 +536,11 @@ def _idle_streams() -> list:
     return _core_streams(cores)
 
 
-def _causal_attention(q: mx.array, k: mx.array, v: mx.array, scale: float) -> mx.array:
-    """Causal attention of the queries, the last of the keys' positions. The flash kernel
-    (cpu_kernels.attention, compiled) takes them whole, or in two blocks per idle core's stream;
-    the composed attention in blocks of ATTENTION_BLOCK queries, on the idle streams in turn."""
+def _causal_attention(q: mx.array, k: mx.array, v: mx.array, scale: float, window: int | None = None) -> mx.array:
+    """Causal attention of the queries, the last of the keys' positions (within a sliding
+    `window`: the flash kernel only). The flash kernel (cpu_kernels.attention, compiled) takes
+    them whole, or in two blocks per idle core's stream; the composed attention in blocks of
+    ATTENTION_BLOCK queries, on the idle streams in turn."""
     T, before = q.shape[2], k.shape[2] - q.shape[2]
     idle, outs = _idle_streams(), []
     if cpu_kernels.flash_attention():
@@ -521,7 +550,7 @@ def _causal_attention(q: mx.array, k: mx.array, v: mx.array, scale: float) -> mx
     for i, (a, b) in enumerate(cpu_kernels.causal_blocks(T, max(n, 1), before)):
         stream = idle[i % len(idle)] if idle and n > 1 else None
         with mx.stream(stream) if stream is not None else nullcontext():
-            outs.append(cpu_kernels.attention(q[:, :, a:b], k, v, scale, True, start=before + a))
+            outs.append(cpu_kernels.attention(q[:, :, a:b], k, v, scale, True, start=before + a, window=window))
     return outs[0] if len(outs) == 1 else mx.concatenate(outs, axis=2)
 
 
@@ -539,6 +568,11 @@ def _fast_sdpa(original):
             return original(queries, keys, values, cache=cache, scale=scale, mask=mask, **kwargs)
 
         def attend(q, k, v, causal):
+            window = fwd.packing.window if fwd.packing is not None else None
+            if window is not None and k.shape[2] > window:  # a sample past the window: its sliding layers
+                if _SLIDING.get() is None or not (_kernels_for(q, k, v) and cpu_kernels.flash_attention()):
+                    raise PackingError(f"a packed sample of {k.shape[2]} tokens exceeds the {window}-token sliding window")
+                return _causal_attention(q, k, v, scale, window if _SLIDING.get() else None)
             if _kernels_for(q, k, v):
                 return _causal_attention(q, k, v, scale) if causal else cpu_kernels.attention(q, k, v, scale, False)
             if k.shape[2] != q.shape[2]:  # MLX's causal mask aligns the queries with the last keys
@@ -611,8 +645,9 @@ def sliding_window(model: nn.Module) -> int | None:
 def pack_refusal(model: nn.Module, lengths: tuple[int, ...] | None = None) -> str | None:
     """Why `model` does not compute packed batches correctly (None: it does), in a few words:
     prepared for CPU, every attention layer of a kind this module knows (RoPE twin, hooked
-    attention call). A model with a sliding window packs only samples that fit it: without
-    `lengths` (any batch) the answer is then no."""
+    attention call). A model with a sliding window packs any samples where the flash kernel
+    applies the window and its layers say which slide (Gemma 3), else only samples that fit
+    the window: without `lengths` (any batch) the answer is then no."""
     attns = _attention_modules(model)
     if not attns:
         return "no attention layers edgeft knows"
@@ -624,6 +659,8 @@ def pack_refusal(model: nn.Module, lengths: tuple[int, ...] | None = None) -> st
         if not getattr(type(attn.rope), "_edgeft_packed", False) or not hasattr(fn, "_edgeft_original"):
             return "not prepared for the CPU"
     window = sliding_window(model)
+    if window is not None and _windows_known(attns):
+        return None
     if window is not None and lengths is None:
         return f"only samples within its {window}-token sliding window pack"
     if window is not None and max(lengths, default=0) > window:

@@ -381,15 +381,19 @@ def causal_blocks(length: int, n: int, before: int = 0) -> list[tuple[int, int]]
     return list(itertools.pairwise(bounds))
 
 
-def attention(q: mx.array, k: mx.array, v: mx.array, scale: float, causal: bool, start: int | None = None) -> mx.array:
+def attention(q: mx.array, k: mx.array, v: mx.array, scale: float, causal: bool, start: int | None = None,
+              window: int | None = None) -> mx.array:
     """mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask="causal" if causal
     else None) with grouped KV heads: q [B, H, T, D], k and v [B, Hkv, S, D]. Causal query t
-    sits at key position start + t (default S - T: the last keys) and sees the keys up to it.
+    sits at key position start + t (default S - T: the last keys) and sees the keys up to it;
+    with a sliding `window`, the last `window` of them (the flash kernel only).
 
     edgeft/_kernels.cpp's flash attention when flash_attention(): no T x S scores in memory,
     forward or backward. Otherwise composed: the scores, the softmax, the product."""
     if flash_attention():
-        return _compiled.attention(q, k, v, scale, causal, start)
+        return _compiled.attention(q, k, v, scale, causal, start, window or 0)
+    if window is not None:
+        raise ValueError("a sliding window needs edgeft's compiled flash attention (edgeft/_kernels.cpp)")
     if causal and start is not None:  # the keys the last query sees, aligned with the queries' end
         k, v = k[:, :, : start + q.shape[2]], v[:, :, : start + q.shape[2]]
     B, H, T, D = q.shape

@@ -457,7 +457,8 @@ def batch_shape(samples, batch_size: int, max_seq_len: int) -> tuple[int, int, l
 
 def packs(model=None, config: dict | None = None) -> Callable[[list[int]], bool]:
     """Whether training packs a batch of samples of these lengths into one unpadded row
-    (backend.can_pack; a sliding-window model packs only samples that fit its window): asked
+    (backend.can_pack; a sliding-window model packs any where the flash kernel applies the
+    window per sample, else only samples that fit it): asked
     of `model`, or of a skeleton built from `config` (lazy arrays: nothing is allocated)."""
     from edgeft import backend
     from edgeft.device import on_cpu

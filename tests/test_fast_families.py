@@ -1,6 +1,7 @@
 """Gemma 3, Gemma 2 and Phi-3 on the CPU fast path, on tiny random mlx-lm models (2 layers,
 width 64): the fused GELU-tanh kernel against MLX's op, packed batches of a
-sliding-window model (exact when every sample fits the window, padded otherwise), Gemma 2's
+sliding-window model (its window applied per sample by the flash kernel; without it, exact when
+every sample fits the window, padded otherwise), Gemma 2's
 final soft cap in the loss, and Phi-3's fused SwiGLU and long-context RoPE under packing."""
 
 import math
@@ -117,13 +118,14 @@ def test_fused_gelu_is_accurate_everywhere(kernels):
 # Gemma 3: sliding window under packing, GELU MLP, bf16 parameters ------------------------------
 
 
-@pytest.mark.parametrize("family", ["gemma3", "gemma2", "phi3"])
-def test_a_lone_long_sample_splits_across_two_streams_in_every_family(family, monkeypatch):
-    """Gemma 3 (its sliding window wider than the sample), Gemma 2 (soft caps) and Phi-3: the
-    split sample's loss and gradients are mlx-lm's own forward's, where the family packs."""
+@pytest.mark.parametrize("family,window", [("gemma3", 512), ("gemma3", 100), ("gemma2", 512), ("phi3", 512)])
+def test_a_lone_long_sample_splits_across_two_streams_in_every_family(family, window, monkeypatch):
+    """Gemma 3 (its sliding window wider than the 300-token sample, and narrower than either
+    segment), Gemma 2 (soft caps) and Phi-3: the split sample's loss and gradients are mlx-lm's
+    own forward's, where the family packs."""
     monkeypatch.setattr(backend, "CPU_CORES", 2)
     monkeypatch.setattr(backend, "CPU_STREAMS", None)
-    model = with_adapters(backend.prepare(tiny(family, seed=1, window=512), cpu=True))
+    model = with_adapters(backend.prepare(tiny(family, seed=1, window=window), cpu=True))
     rng = np.random.default_rng(3)
     T = 300
     inputs, targets = (mx.array(rng.integers(1, VOCAB, (1, T)), dtype=mx.int32) for _ in range(2))
@@ -140,11 +142,14 @@ def test_a_lone_long_sample_splits_across_two_streams_in_every_family(family, mo
     assert_grads_close(grads, want_grads, atol=2e-5)
 
 
-@pytest.mark.parametrize("window,packs", [(32, True), (24, False)])
-def test_gemma3_packs_exactly_when_every_sample_fits_its_window(window, packs):
-    """Window 32: the packed row (59 tokens) is longer than the window but each sample fits, so
-    it packs, with the loss and gradients of the padded batch. Window 24: the 29-token sample
-    does not fit, so the batch stays padded, its window mask honoured (mlx-lm's own forward)."""
+@pytest.mark.parametrize("window,flash,packs", [(32, True, True), (24, True, True), (32, False, True), (24, False, False)])
+def test_gemma3_packs_with_its_window_applied_per_sample(window, flash, packs, monkeypatch):
+    """Window 32: the packed row (59 tokens) is longer than the window but each sample fits.
+    Window 24: the 29-token sample does not; the flash kernel applies the window within it on the
+    sliding layers (not on the global one). Either way the loss and gradients are the padded
+    batch's and mlx-lm's own forward's, its window masks honoured. Without the flash kernel the
+    sample past the window stays padded."""
+    monkeypatch.setattr(cpu_kernels, "flash_attention", lambda: flash)
     model = with_adapters(backend.prepare(tiny("gemma3", seed=1, window=window), cpu=True))
     batch = ragged_batch(seed=3)
     padded_args, _ = loss.loss_inputs(model, lambda m, x, i, t: None, *batch)
@@ -156,14 +161,18 @@ def test_gemma3_packs_exactly_when_every_sample_fits_its_window(window, packs):
     l3, g3 = nn.value_and_grad(model, reference_loss)(model, *batch)
     assert abs(l3.item() - l2.item()) < 1e-5
     assert_grads_close(g3, g2)
-    if not packs:  # the window did cut the long sample's attention
+    if window == 24:  # the window did cut the long sample's attention
         wide = with_adapters(backend.prepare(tiny("gemma3", seed=1, window=64), cpu=True))
         assert abs(reference_loss(wide, *batch).item() - l2.item()) > 1e-4
 
 
-def test_a_packing_whose_sample_exceeds_the_window_is_an_error():
+def test_a_packed_sample_past_the_window_without_the_flash_kernel_is_an_error(monkeypatch):
+    model = with_adapters(backend.prepare(tiny("gemma3", seed=1, window=24), cpu=True))
+    args, _ = loss.loss_inputs(model, loss.lm_loss, *ragged_batch(seed=3))
+    assert len(args) == 4  # packed: (22, 8, 29)
+    monkeypatch.setattr(cpu_kernels, "flash_attention", lambda: False)
     with pytest.raises(backend.PackingError, match="29 tokens exceeds the 24-token sliding window"):
-        backend.Packing((22, 8, 29), window=24)
+        loss.lm_loss(model, *args)
 
 
 def test_gemma_mlps_take_the_fused_gelu_inside_fast_forward_only(monkeypatch):
@@ -226,8 +235,10 @@ def test_gemma2_trains_padded_and_the_run_says_why():
     assert len(args) == 3
 
 
-def test_which_models_pack_and_the_start_of_run_note():
+def test_which_models_pack_and_the_start_of_run_note(monkeypatch):
     gemma = backend.prepare(tiny("gemma3", window=24), cpu=True)
+    assert backend.can_pack(gemma) and backend.fast_path_note(gemma) is None  # the flash kernel: any sample
+    monkeypatch.setattr(cpu_kernels, "flash_attention", lambda: False)
     assert backend.can_pack(gemma, (24, 3)) and not backend.can_pack(gemma, (25, 3))
     assert not backend.can_pack(gemma)  # any batch: not known to fit
     assert "a sample of 25 tokens exceeds the 24-token sliding window" == backend.pack_refusal(gemma, (25,))

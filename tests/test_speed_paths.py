@@ -438,6 +438,27 @@ def test_attention_gradients_of_queries_among_longer_keys(T, before, kernels):
     )
 
 
+@pytest.mark.parametrize("T,before,window", [(300, 0, 100), (70, 150, 130), (200, 0, 129), (40, 0, 1)])
+def test_flash_attention_within_a_sliding_window(T, before, window):
+    """Query p sees the keys (p - window, p]: several key tiles wholly before a query tile's
+    window, and rows that see nothing in the first tiles they meet. The composed attention has
+    no window: it refuses one."""
+    assert cpu_kernels.flash_attention()
+    mx.random.seed(T + window)
+    q, k, v = mx.random.normal((1, 6, T, 16)), mx.random.normal((1, 2, T + before, 16)), mx.random.normal((1, 2, T + before, 16))
+    pos, keys = mx.arange(T)[:, None] + before, mx.arange(T + before)[None]
+    mask = (keys <= pos) & (keys > pos - window)
+    _vjp_close(
+        lambda q, k, v: cpu_kernels.attention(q, k, v, 0.25, True, window=window),
+        lambda q, k, v: mx.fast.scaled_dot_product_attention(q, k, v, scale=0.25, mask=mask),
+        [q, k, v], mx.random.normal(q.shape), 1e-5,
+    )
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(cpu_kernels, "_compiled_ok", False)
+        with pytest.raises(ValueError, match="sliding window needs"):
+            cpu_kernels.attention(q, k, v, 0.25, True, window=window)
+
+
 def test_flash_attention_keeps_no_scores_forward_or_backward():
     """At 1024 queries and keys the scores of 4 heads are 16 MB: the compiled kernel's forward and
     backward never hold them, where the composed attention holds them more than once."""
