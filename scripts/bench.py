@@ -693,6 +693,11 @@ def run_edgeft(ctx: Ctx, name: str = "edgeft", matmul: str | None = None) -> dic
     child = run_child(cmd, ctx.out / "logs" / f"{name}.log", env=clean_env(), timeout=ctx.args.timeout)
     rows = read_metrics(runs_dir / "bench" / "metrics.jsonl")
     res = from_metrics(result(name, warmup=ctx.args.warmup), rows)
+    # Credited with the batch's input tokens, as every contestant (batch_tokens): edgeft's own
+    # count leaves out each sequence's tokens after its last loss token, which it does not
+    # compute (nothing they feed reaches the loss), so its tokens/s would not compare.
+    res["computed_tokens"] = res["tokens"]
+    res["tokens"] = [batch_tokens(ctx.samples, ctx.schedule[r["step"] - 1]) for r in rows]
     if child.rc != 0 or not rows:
         res.update(status="failed", error=child.tail())
     if rows:
