@@ -10,7 +10,7 @@ wall time and this process's CPU time are both shown (CPU time suffers less from
     python scripts/profile_step.py ablate            # what each op family costs inside a step
     python scripts/profile_step.py ab A B ...        # step variants, interleaved (see VARIANTS)
     python scripts/profile_step.py micro             # single ops at the model's shapes
-    python scripts/profile_step.py attention         # causal attention alone, by length and block
+    python scripts/profile_step.py attention         # causal attention alone: flash against composed
 
 Thread settings are per process: compare them with alternating runs of `ab base`, e.g.
 ``for i in 1 2 3; do KMP_BLOCKTIME=0 python ... ab base; python ... ab base; done``.
@@ -440,34 +440,35 @@ def cmd_micro(args, model, samples):
 
 def cmd_attention(args, model, samples):
     """Causal attention forward + backward alone at the model's head shapes, over sequence
-    lengths, with query blocks of several sizes (backend.ATTENTION_BLOCK), interleaved."""
+    lengths: the compiled flash kernel against the composed attention (its query blocks of
+    backend.ATTENTION_BLOCK), both as a step computes it on one stream (the blocks on the idle
+    cores' streams), with fp32 and with bf16 products, interleaved."""
     attn = backend._attention_modules(model)[0]
     H, Hkv = attn.n_heads, attn.n_kv_heads
     D = getattr(attn, "head_dim", None) or attn.q_proj.weight.shape[0] // H
     sdpa = backend._fast_sdpa(mx.fast.scaled_dot_product_attention)
-    blocks = (256, 128, 96, 64)
+    kinds = {"flash": True, "composed": False}
     print(f"heads {H}/{Hkv}, {D} wide; ms per forward + backward (median of {args.repeats * 3})")
-    ratios = {b: [] for b in blocks}
-    for T in (256, 384, 512, 768, 1024, 1536, 2048):
-        q, k, v = mx.random.normal((1, H, T, D)), mx.random.normal((1, Hkv, T, D)), mx.random.normal((1, Hkv, T, D))
+    for bf16 in (False, True):
+        for T in (256, 512, 1024, 2048):
+            q, k, v = mx.random.normal((1, H, T, D)), mx.random.normal((1, Hkv, T, D)), mx.random.normal((1, Hkv, T, D))
 
-        def loss(q, k, v):
-            with backend.fast_forward():
-                return (sdpa(q, k, v, scale=D**-0.5, mask="causal") * mx.repeat(v, H // Hkv, axis=1)).sum()
+            def loss(q, k, v):
+                with backend.fast_forward():
+                    return (sdpa(q, k, v, scale=D**-0.5, mask="causal") * mx.repeat(v, H // Hkv, axis=1)).sum()
 
-        grad = mx.grad(loss, argnums=(0, 1, 2))
-        times = {b: [] for b in blocks}
-        for _ in range(args.repeats * 3 + 1):
-            for b in blocks:
-                with patched(backend, "ATTENTION_BLOCK", b):
-                    tic = time.perf_counter()
-                    mx.eval(grad(q, k, v))
-                    times[b].append(time.perf_counter() - tic)
-        med = {b: statistics.median(t[1:]) * 1e3 for b, t in times.items()}  # the first: compiles
-        for b in blocks:
-            ratios[b].append(med[b] / med[blocks[0]])
-        print(f"T={T:5d} " + " ".join(f"block {b}: {med[b]:7.1f}" for b in blocks), flush=True)
-    print("mean time against blocks of 256: " + ", ".join(f"{b}: {statistics.mean(r):.2f}x" for b, r in ratios.items()))
+            grad = mx.grad(loss, argnums=(0, 1, 2))
+            times = {name: [] for name in kinds}
+            with _blas.bf16(bf16):
+                for _ in range(args.repeats * 3 + 1):
+                    for name, flash in kinds.items():
+                        with patched(cpu_kernels, "flash_attention", lambda flash=flash: flash):
+                            tic = time.perf_counter()
+                            mx.eval(grad(q, k, v))
+                            times[name].append(time.perf_counter() - tic)
+            med = {name: statistics.median(t[1:]) * 1e3 for name, t in times.items()}  # the first: compiles
+            print(f"{'bf16' if bf16 else 'fp32'} products, T={T:5d}: " + "  ".join(f"{n} {m:7.1f}" for n, m in med.items())
+                  + f"  composed / flash {med['composed'] / med['flash']:.2f}x", flush=True)
 
 
 def main():
