@@ -216,6 +216,16 @@ void take_or_allocate(const mx::array& in, mx::array& out) {
     out.set_data(mx::allocator::malloc(out.nbytes()));
 }
 
+// The outputs allocated, and every array registered with the stream's command encoder.
+mx::cpu::CommandEncoder& encode(mx::Stream stream, const std::vector<mx::array>& inputs,
+                                std::vector<mx::array>& outputs) {
+  for (auto& a : outputs) a.set_data(mx::allocator::malloc(a.nbytes()));
+  auto& enc = mx::cpu::get_command_encoder(stream);
+  for (const auto& a : inputs) enc.set_input_array(a);
+  for (auto& a : outputs) enc.set_output_array(a);
+  return enc;
+}
+
 class SoftmaxVJP : public mx::UnaryPrimitive {
  public:
   SoftmaxVJP(mx::Stream stream, int64_t period) : mx::UnaryPrimitive(stream), period_(period) {}
@@ -384,16 +394,11 @@ class CrossEntropy : public mx::Primitive {
 
   void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override {
     const auto &x = inputs[0], &t = inputs[1];
-    auto &loss = outputs[0], &lse = outputs[1];
-    loss.set_data(mx::allocator::malloc(loss.nbytes()));
-    lse.set_data(mx::allocator::malloc(lse.nbytes()));
-    auto& enc = mx::cpu::get_command_encoder(stream());
-    enc.set_input_array(x);
-    enc.set_input_array(t);
-    enc.set_output_array(loss);
-    enc.set_output_array(lse);
-    enc.dispatch([x = x.data<float>(), t = t.data<int32_t>(), l = loss.data<float>(), s = lse.data<float>(),
-                  rows = x.shape(0), cols = x.shape(1)]() { cross_entropy_rows(x, t, l, s, rows, cols); });
+    encode(stream(), inputs, outputs)
+        .dispatch([x = x.data<float>(), t = t.data<int32_t>(), l = outputs[0].data<float>(),
+                   s = outputs[1].data<float>(), rows = x.shape(0), cols = x.shape(1)]() {
+          cross_entropy_rows(x, t, l, s, rows, cols);
+        });
   }
   void eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) override {
     throw std::runtime_error("edgeft's cross-entropy kernel runs on the CPU only");
@@ -552,6 +557,7 @@ struct Attn {
   int64_t B, H, Hkv, T, S, D, start;
   bool causal;
   int64_t window;  // 0: none
+  bool operator==(const Attn&) const = default;
   int64_t rep() const { return H / Hkv; }
   // The smallest side of the tile products but the edge tiles': the width, the stacked query
   // rows, the keys.
@@ -561,6 +567,16 @@ struct Attn {
   int64_t first(int64_t t) const { return window > 0 ? std::max<int64_t>(0, start + t - window + 1) : 0; }
   // The first key tile any query of [a, ...) sees.
   int64_t first_tile(int64_t a) const { return first(a) / TILE_K * TILE_K; }
+  // The keys any query sees: [0, keys()).
+  int64_t keys() const { return causal ? std::min(S, start + T) : S; }
+  // The query tile at a: its queries, its stacked rows, the keys its last query sees.
+  struct Tile {
+    int64_t n, rows, keys;
+  };
+  Tile tile(int64_t a) const {
+    const int64_t n = std::min(TILE_Q, T - a);
+    return {n, rep() * n, seen(a + n - 1)};
+  }
 };
 
 // The rows of query tile [a, a + n) of KV head g's query heads, stacked head by head, times scale.
@@ -640,6 +656,17 @@ void tile_sees(const Attn& s, int64_t a, int64_t n, int64_t c, int64_t cols, See
   }
 }
 
+// KV head (b, g): its offset in k and v, and its keys and values as operands.
+struct Head {
+  int64_t kv;
+  Operand k, v;
+};
+Head head(const Products& mm, const Attn& s, const float* k, const float* v, int64_t b, int64_t g,
+          std::vector<uint16_t>& k16, std::vector<uint16_t>& v16) {
+  const int64_t kv = (b * s.Hkv + g) * s.S * s.D;
+  return {kv, mm.operand(k + kv, s.keys() * s.D, k16), mm.operand(v + kv, s.keys() * s.D, v16)};
+}
+
 void attention_fwd(const float* q, const float* k, const float* v, float* out, float* lse, const Attn& s,
                    float scale) {
   const OneBlasThread one;
@@ -650,10 +677,9 @@ void attention_fwd(const float* q, const float* k, const float* v, float* out, f
   std::vector<Seen> sees(rows_max);
   for (int64_t b = 0; b < s.B; b++)
     for (int64_t g = 0; g < s.Hkv; g++) {
-      const int64_t kv = (b * s.Hkv + g) * s.S * D, keys_all = s.causal ? std::min(s.S, s.start + s.T) : s.S;
-      const Operand kg = mm.operand(k + kv, keys_all * D, k16), vg = mm.operand(v + kv, keys_all * D, v16);
+      const auto [kv, kg, vg] = head(mm, s, k, v, b, g, k16, v16);
       for (int64_t a = 0; a < s.T; a += TILE_Q) {
-        const int64_t n = std::min(TILE_Q, s.T - a), rows = s.rep() * n, keys = s.seen(a + n - 1);
+        const auto [n, rows, keys] = s.tile(a);
         gather_rows(q, s, b, g, a, n, scale, qs.data());
         const Operand qt = mm.operand(qs.data(), rows * D, q16);
         std::fill(m.begin(), m.begin() + rows, -INFINITY);
@@ -690,10 +716,9 @@ void attention_bwd(const float* q, const float* k, const float* v, const float* 
   std::memset(dv, 0, s.B * s.Hkv * s.S * D * sizeof(float));
   for (int64_t b = 0; b < s.B; b++)
     for (int64_t g = 0; g < s.Hkv; g++) {
-      const int64_t kv = (b * s.Hkv + g) * s.S * D, keys_all = s.causal ? std::min(s.S, s.start + s.T) : s.S;
-      const Operand kg = mm.operand(k + kv, keys_all * D, k16), vg = mm.operand(v + kv, keys_all * D, v16);
+      const auto [kv, kg, vg] = head(mm, s, k, v, b, g, k16, v16);
       for (int64_t a = 0; a < s.T; a += TILE_Q) {
-        const int64_t n = std::min(TILE_Q, s.T - a), rows = s.rep() * n, keys = s.seen(a + n - 1);
+        const auto [n, rows, keys] = s.tile(a);
         gather_rows(q, s, b, g, a, n, scale, qs.data());
         gather_rows(dout, s, b, g, a, n, 1.0f, dos.data());
         gather_rows(out, s, b, g, a, n, 1.0f, os.data());
@@ -724,49 +749,44 @@ void attention_bwd(const float* q, const float* k, const float* v, const float* 
     }
 }
 
-class AttentionVJP : public mx::Primitive {
+// What the attention's forward and backward primitives share: the call's shape and scale.
+class AttentionPrimitive : public mx::Primitive {
  public:
-  AttentionVJP(mx::Stream stream, Attn shape, float scale) : mx::Primitive(stream), s_(shape), scale_(scale) {}
-
-  void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override {
-    for (auto& a : outputs) a.set_data(mx::allocator::malloc(a.nbytes()));
-    auto& enc = mx::cpu::get_command_encoder(stream());
-    for (const auto& a : inputs) enc.set_input_array(a);
-    for (auto& a : outputs) enc.set_output_array(a);
-    enc.dispatch([q = inputs[0].data<float>(), k = inputs[1].data<float>(), v = inputs[2].data<float>(),
-                  o = inputs[3].data<float>(), lse = inputs[4].data<float>(), g = inputs[5].data<float>(),
-                  dq = outputs[0].data<float>(), dk = outputs[1].data<float>(), dv = outputs[2].data<float>(),
-                  s = s_, scale = scale_]() { attention_bwd(q, k, v, o, lse, g, dq, dk, dv, s, scale); });
-  }
+  AttentionPrimitive(mx::Stream stream, Attn shape, float scale) : mx::Primitive(stream), s_(shape), scale_(scale) {}
   void eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) override {
     throw std::runtime_error("edgeft's attention kernel runs on the CPU only");
   }
   bool is_equivalent(const mx::Primitive& other) const override {
-    const auto& o = static_cast<const AttentionVJP&>(other);
-    return scale_ == o.scale_ && s_.start == o.s_.start && s_.causal == o.s_.causal && s_.window == o.s_.window;
+    const auto& o = static_cast<const AttentionPrimitive&>(other);
+    return scale_ == o.scale_ && s_ == o.s_;
   }
-  const char* name() const override { return "EdgeftAttentionVJP"; }
 
- private:
+ protected:
   Attn s_;
   float scale_;
 };
 
-class Attention : public mx::Primitive {
+class AttentionVJP : public AttentionPrimitive {
  public:
-  Attention(mx::Stream stream, Attn shape, float scale) : mx::Primitive(stream), s_(shape), scale_(scale) {}
-
+  using AttentionPrimitive::AttentionPrimitive;
   void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override {
-    for (auto& a : outputs) a.set_data(mx::allocator::malloc(a.nbytes()));
-    auto& enc = mx::cpu::get_command_encoder(stream());
-    for (const auto& a : inputs) enc.set_input_array(a);
-    for (auto& a : outputs) enc.set_output_array(a);
-    enc.dispatch([q = inputs[0].data<float>(), k = inputs[1].data<float>(), v = inputs[2].data<float>(),
-                  o = outputs[0].data<float>(), lse = outputs[1].data<float>(), s = s_,
-                  scale = scale_]() { attention_fwd(q, k, v, o, lse, s, scale); });
+    encode(stream(), inputs, outputs)
+        .dispatch([q = inputs[0].data<float>(), k = inputs[1].data<float>(), v = inputs[2].data<float>(),
+                   o = inputs[3].data<float>(), lse = inputs[4].data<float>(), g = inputs[5].data<float>(),
+                   dq = outputs[0].data<float>(), dk = outputs[1].data<float>(), dv = outputs[2].data<float>(),
+                   s = s_, scale = scale_]() { attention_bwd(q, k, v, o, lse, g, dq, dk, dv, s, scale); });
   }
-  void eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) override {
-    throw std::runtime_error("edgeft's attention kernel runs on the CPU only");
+  const char* name() const override { return "EdgeftAttentionVJP"; }
+};
+
+class Attention : public AttentionPrimitive {
+ public:
+  using AttentionPrimitive::AttentionPrimitive;
+  void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override {
+    encode(stream(), inputs, outputs)
+        .dispatch([q = inputs[0].data<float>(), k = inputs[1].data<float>(), v = inputs[2].data<float>(),
+                   o = outputs[0].data<float>(), lse = outputs[1].data<float>(), s = s_,
+                   scale = scale_]() { attention_fwd(q, k, v, o, lse, s, scale); });
   }
   // The logsumexp output is the backward's: its cotangent is not used.
   std::vector<mx::array> vjp(const std::vector<mx::array>& primals, const std::vector<mx::array>& cotangents,
@@ -784,15 +804,7 @@ class Attention : public mx::Primitive {
     const auto& q = inputs[0];
     return {q.shape(), {q.shape(0), q.shape(1), q.shape(2)}};
   }
-  bool is_equivalent(const mx::Primitive& other) const override {
-    const auto& o = static_cast<const Attention&>(other);
-    return scale_ == o.scale_ && s_.start == o.s_.start && s_.causal == o.s_.causal && s_.window == o.s_.window;
-  }
   const char* name() const override { return "EdgeftAttention"; }
-
- private:
-  Attn s_;
-  float scale_;
 };
 
 mx::array attention(const mx::array& q, const mx::array& k, const mx::array& v, float scale, bool causal,
