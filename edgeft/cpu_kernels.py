@@ -440,13 +440,15 @@ def flash_attention() -> bool:
     return compiled_usable()
 
 
-def _attention_ref(q, k, v, scale, start):
-    """MLX's attention with the KV heads repeated and, when start is given, a causal mask."""
+def _attention_ref(q, k, v, scale, start, window=None):
+    """MLX's attention with the KV heads repeated and, when start is given, a causal mask (of the
+    last `window` keys, when given)."""
     rep = q.shape[1] // k.shape[1]
     k, v = mx.repeat(k, rep, axis=1), mx.repeat(v, rep, axis=1)
     s = scale * q @ k.swapaxes(-1, -2)
     if start is not None:
-        s = mx.where(mx.arange(k.shape[2])[None] <= (mx.arange(q.shape[2]) + start)[:, None], s, -mx.inf)
+        pos, keys = (mx.arange(q.shape[2]) + start)[:, None], mx.arange(k.shape[2])[None]
+        s = mx.where((keys <= pos) & (keys > pos - (window or k.shape[2])), s, -mx.inf)
     return mx.softmax(s, axis=-1) @ v
 
 
@@ -472,8 +474,10 @@ def _compiled_self_test() -> bool:
             (lambda x: _compiled.swiglu(x, u), lambda x: x * mx.sigmoid(x) * u),
             (lambda x: _compiled.gelu_mul(x, u), lambda x: gelu(x) * u),
             (lambda x: _compiled.swiglu(u, x), lambda x: u * mx.sigmoid(u) * x),
-            # 4 query heads on 2 KV heads, 6 queries at key positions 30..35 of 40; and not causal
+            # 4 query heads on 2 KV heads, 6 queries at key positions 30..35 of 40, within a window
+            # of 5 keys; and not causal
             (lambda x: _compiled.attention(*qkv(x), 0.02, True, 30), lambda x: _attention_ref(*qkv(x), 0.02, 30)),
+            (lambda x: _compiled.attention(*qkv(x), 0.02, True, 30, 5), lambda x: _attention_ref(*qkv(x), 0.02, 30, 5)),
             (lambda x: _compiled.attention(*qkv(x, False), 0.02, False), lambda x: _attention_ref(*qkv(x, False), 0.02, None)),
             (lambda x: _compiled.cross_entropy(x.reshape(24, 40), t)[:, None, None],
              lambda x: (mx.logsumexp(x.reshape(24, 40), axis=-1)
