@@ -472,7 +472,7 @@ sgemm_fn blas_sgemm() {
 // cores) only add a wake-up to each. MKL takes a per-thread count for the call's duration.
 class OneBlasThread {
  public:
-  OneBlasThread() : set_(reinterpret_cast<int (*)(int)>(dlsym(RTLD_DEFAULT, "MKL_Set_Num_Threads_Local"))) {
+  OneBlasThread() : set_(local_threads()) {
     if (set_) previous_ = set_(1);
   }
   ~OneBlasThread() {
@@ -480,7 +480,11 @@ class OneBlasThread {
   }
 
  private:
-  int (*set_)(int);
+  static int (*local_threads())(int) {  // looked up at the first call, as blas_sgemm()
+    static const auto fn = reinterpret_cast<int (*)(int)>(dlsym(RTLD_DEFAULT, "MKL_Set_Num_Threads_Local"));
+    return fn;
+  }
+  int (*const set_)(int);
   int previous_ = 0;
 };
 
@@ -577,12 +581,14 @@ struct Attn {
     const int64_t n = std::min(TILE_Q, T - a);
     return {n, rep() * n, seen(a + n - 1)};
   }
+  // Query t of KV head g's query head h (batch b): its row among q's (and the output's) B H T.
+  int64_t row(int64_t b, int64_t g, int64_t h, int64_t t) const { return ((b * H) + g * rep() + h) * T + t; }
 };
 
 // The rows of query tile [a, a + n) of KV head g's query heads, stacked head by head, times scale.
 void gather_rows(const float* x, const Attn& s, int64_t b, int64_t g, int64_t a, int64_t n, float scale, float* out) {
   for (int64_t h = 0; h < s.rep(); h++) {
-    const float* src = x + (((b * s.H) + g * s.rep() + h) * s.T + a) * s.D;
+    const float* src = x + s.row(b, g, h, a) * s.D;
     float* dst = out + h * n * s.D;
     for (int64_t i = 0; i < n * s.D; i++) dst[i] = scale * src[i];
   }
@@ -590,7 +596,7 @@ void gather_rows(const float* x, const Attn& s, int64_t b, int64_t g, int64_t a,
 
 void scatter_rows(const float* rows, const Attn& s, int64_t b, int64_t g, int64_t a, int64_t n, float* x) {
   for (int64_t h = 0; h < s.rep(); h++)
-    std::memcpy(x + (((b * s.H) + g * s.rep() + h) * s.T + a) * s.D, rows + h * n * s.D, n * s.D * sizeof(float));
+    std::memcpy(x + s.row(b, g, h, a) * s.D, rows + h * n * s.D, n * s.D * sizeof(float));
 }
 
 // The columns [lo, hi) of a tile's row that its query sees.
@@ -696,7 +702,7 @@ void attention_fwd(const float* q, const float* k, const float* v, float* out, f
         for (int64_t r = 0; r < rows; r++) {
           const float inv = 1.0f / l[r];
           for (int64_t i = 0; i < D; i++) o[r * D + i] *= inv;
-          lse[((b * s.H) + g * s.rep() + r / n) * s.T + a + r % n] = m[r] + std::log(l[r]);
+          lse[s.row(b, g, r / n, a + r % n)] = m[r] + std::log(l[r]);
         }
         scatter_rows(o.data(), s, b, g, a, n, out);
       }
@@ -724,7 +730,7 @@ void attention_bwd(const float* q, const float* k, const float* v, const float* 
         gather_rows(out, s, b, g, a, n, 1.0f, os.data());
         const Operand qt = mm.operand(qs.data(), rows * D, q16), dot = mm.operand(dos.data(), rows * D, do16);
         for (int64_t r = 0; r < rows; r++) {
-          lses[r] = lse[((b * s.H) + g * s.rep() + r / n) * s.T + a + r % n];
+          lses[r] = lse[s.row(b, g, r / n, a + r % n)];
           float d = 0.0f;
           for (int64_t i = 0; i < D; i++) d += dos[r * D + i] * os[r * D + i];
           delta[r] = d;
