@@ -692,12 +692,7 @@ def run_edgeft(ctx: Ctx, name: str = "edgeft", matmul: str | None = None) -> dic
     before = loadavg()
     child = run_child(cmd, ctx.out / "logs" / f"{name}.log", env=clean_env(), timeout=ctx.args.timeout)
     rows = read_metrics(runs_dir / "bench" / "metrics.jsonl")
-    res = from_metrics(result(name, warmup=ctx.args.warmup), rows)
-    # Credited with the batch's input tokens, as every contestant (batch_tokens): edgeft's own
-    # count leaves out each sequence's tokens after its last loss token, which it does not
-    # compute (nothing they feed reaches the loss), so its tokens/s would not compare.
-    res["computed_tokens"] = res["tokens"]
-    res["tokens"] = [batch_tokens(ctx.samples, ctx.schedule[r["step"] - 1]) for r in rows]
+    res = credit_batch_tokens(from_metrics(result(name, warmup=ctx.args.warmup), rows), rows, ctx.samples, ctx.schedule)
     if child.rc != 0 or not rows:
         res.update(status="failed", error=child.tail())
     if rows:
@@ -706,6 +701,16 @@ def run_edgeft(ctx: Ctx, name: str = "edgeft", matmul: str | None = None) -> dic
     log = (ctx.out / "logs" / f"{name}.log").read_text(errors="replace")
     res["notes"] += [line.split("] ", 1)[-1] for line in log.splitlines() if "matrix products in" in line][:1]
     return finish(res, child, before, EDGEFT_STEP_LINE)
+
+
+def credit_batch_tokens(res: dict, rows: list[dict], samples: list, schedule: list) -> dict:
+    """Each step credited with its batch's input tokens, as every contestant (batch_tokens):
+    edgeft's own count leaves out each sequence's tokens after its last loss token, which it
+    does not compute (nothing they feed reaches the loss), so its tokens/s would not compare.
+    Its own count stays as computed_tokens."""
+    res["computed_tokens"] = res["tokens"]
+    res["tokens"] = [batch_tokens(samples, schedule[r["step"] - 1]) for r in rows]
+    return res
 
 
 def schedule_check(ctx: Ctx, rows: list[dict], tok_check: dict | None) -> str:

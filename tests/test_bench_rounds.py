@@ -1,5 +1,6 @@
 """scripts/bench.py --rounds: the table takes each contestant's median round, and every round's
-ratio is taken against the reference's run of that same round."""
+ratio is taken against the reference's run of that same round. And every contestant's tokens/s
+counts the same tokens: its batches' input tokens."""
 
 import importlib.util
 import sys
@@ -34,3 +35,14 @@ def test_a_failed_round_is_not_the_median_and_one_round_gives_no_ratios():
     assert len(chosen["rounds"]) == 3
     only = bench.median_round([bench.result("torch-fp32", steady_tokens_per_s=80.0)])
     assert bench.round_ratios([only, chosen], "torch-fp32") == {}
+
+
+def test_edgeft_is_credited_with_its_batches_input_tokens_not_its_own_count():
+    bench = load_bench()
+    samples = [{"ids": list(range(n))} for n in (11, 21, 31, 41)]
+    schedule = [[0, 1], [2, 3]]
+    rows = [{"step": 1, "tokens": 25, "loss": 1.0, "step_time_s": 1.0},
+            {"step": 2, "tokens": 60, "loss": 1.0, "step_time_s": 2.0}]
+    res = bench.credit_batch_tokens(bench.from_metrics(bench.result("edgeft", warmup=0), rows), rows, samples, schedule)
+    assert res["tokens"] == [10 + 20, 30 + 40] and res["computed_tokens"] == [25, 60]
+    assert bench.steady(res)["steady_tokens_per_s"] == 100 / 3
