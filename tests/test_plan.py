@@ -147,6 +147,22 @@ def test_bf16_products_hold_the_kept_weights_as_copies_outside_mlx(tiny):
     assert checkpointed.bf16_copies == rounded_logits and checkpointed.released == 0
 
 
+def test_packed_batches_under_the_flash_kernel_plan_no_attention_scores(tiny, monkeypatch):
+    """The flash attention holds a tile of scores at a time: a packed CPU batch plans none; the
+    composed attention (no compiled module) and a padded batch still plan them."""
+    from edgeft import cpu_kernels
+
+    _, path = tiny
+    config, quant = load(path, tokenizer_only=True).config, plan.quant_info_from_gguf(path)
+    assert cpu_kernels.flash_attention() and quant.device == "cpu"
+    packed = plan.estimate_peak_bytes(config, LoRAConfig(), 4, 64, quant, runtime_bytes=0, lengths=[64, 40, 30, 20])
+    padded = plan.estimate_peak_bytes(config, LoRAConfig(), 4, 64, quant, runtime_bytes=0)
+    assert packed.attention == 0 < padded.attention
+    monkeypatch.setattr(cpu_kernels, "flash_attention", lambda: False)
+    composed = plan.estimate_peak_bytes(config, LoRAConfig(), 4, 64, quant, runtime_bytes=0, lengths=[64, 40, 30, 20])
+    assert composed.attention > 0 and composed.mlx == packed.mlx + composed.attention
+
+
 def test_disk_estimate_counts_checkpoints_adapters_and_export(tiny):
     _, path = tiny
     config = load(path, tokenizer_only=True).config
