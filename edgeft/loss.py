@@ -161,13 +161,19 @@ def on_streams(args: tuple, fn: Callable[[tuple, int], object], head_share: floa
     return out
 
 
-def summed_loss_and_grad(loss_and_grad, model, args: tuple) -> tuple[mx.array | None, dict | None, int]:
+def summed_loss_and_grad(model, loss_fn, args: tuple) -> tuple[mx.array | None, dict | None, int]:
     """Loss and gradients of one batch, each summed over its loss tokens (not averaged), and
     the number of those tokens: its stream groups (stream_split) computed side by side, each
-    weight dequantized once between them. (None, None, 0) for a batch without loss tokens."""
+    weight dequantized once between them. (None, None, 0) for a batch without loss tokens.
+    Each group's mean loss is multiplied by its tokens before the backward, which carries the
+    factor to every gradient (not one multiply per gradient matrix afterwards)."""
     def summed(group, n):
-        (loss, _), grads = loss_and_grad(model, *group)
-        return loss * n, tree_map_scale(grads, n)
+        def group_sum(model, *a):
+            loss, count = loss_fn(model, *a)
+            return loss * n, count
+
+        (loss, _), grads = nn.value_and_grad(model, group_sum)(model, *group)
+        return loss, grads
 
     loss_sum, grads_sum, total = None, None, 0
     for (loss, grads), n in on_streams(args, summed, backend.head_share(model)):

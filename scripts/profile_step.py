@@ -48,6 +48,7 @@ from edgeft import (
     loss,
     runs,
     system,
+    trainer,
 )
 from edgeft.config import DataConfig, LoRAConfig, TrainConfig
 
@@ -138,9 +139,8 @@ def patched(obj, name, value):
 
 def default_step(model, loss_fn=loss.lm_loss):
     """One optimizer step as trainer.train takes it (packing decided by loss.loss_inputs)."""
-    loss_and_grad = nn.value_and_grad(model, loss_fn)
     opt = optim.AdamW(learning_rate=1e-5)
-
+    update = trainer.compiled_update(model, opt)
     kept = {}  # as trainer.train: each weight dequantized once for the run
 
     def step(batch):
@@ -155,10 +155,9 @@ def default_step(model, loss_fn=loss.lm_loss):
             with dequant.keep_dequantized(KEEP_DEQUANTIZED, store=kept, on_keep=on_keep):
                 if KEEP_DEQUANTIZED and not kept:
                     backend.keep_weights(model)  # as trainer.train: outside the gradient trace
-                loss_sum, grads, n = loss.summed_loss_and_grad(loss_and_grad, model, args)
-            grads = loss.tree_map_scale(grads, 1.0 / n)
-            opt.update(model, grads)
-            mx.eval(model.trainable_parameters(), opt.state, loss_sum)
+                loss_sum, grads, n = loss.summed_loss_and_grad(model, loss_fn, args)
+            gnorm = update(grads, mx.array(1.0 / n, dtype=mx.float32))
+            mx.eval(model.trainable_parameters(), opt.state, loss_sum, gnorm)
 
     return step
 

@@ -52,13 +52,16 @@ def wrap(owner, name, before=None, after=None):
 
 
 def main(at: str, marker: Path, args: list[str]) -> None:
-    # imported here, after edgeft: BLAS before mlx (edgeft/_blas.py)
-    from mlx.optimizers import Optimizer
+    def pausing_update(model, optimizer, *args, **kwargs):
+        update = compiled_update(model, optimizer, *args, **kwargs)
 
-    def before_update(optimizer, model, gradients):
-        step = int(optimizer.step) + 1  # the optimizer counts its updates; checkpoints keep the count
-        pause(at, marker, "step", step)
-        done["steps"] = step
+        def paused(*a):
+            step = int(optimizer.step) + 1  # the optimizer counts its updates; checkpoints keep the count
+            pause(at, marker, "step", step)
+            done["steps"] = step
+            return update(*a)
+
+        return paused
 
     def before_save(target, arrays, metadata=None):
         target = Path(target)  # checkpoints/.step_NNNNNN.tmp/optimizer.safetensors, the second file
@@ -68,7 +71,8 @@ def main(at: str, marker: Path, args: list[str]) -> None:
     def after_train(state):
         done["steps"] = state.step
 
-    wrap(Optimizer, "update", before=before_update)
+    compiled_update = trainer.compiled_update
+    trainer.compiled_update = pausing_update  # the step's update is compiled: pause before the call
     wrap(checkpoints, "atomic_save_safetensors", before=before_save)
     wrap(trainer, "evaluate", after=lambda loss: pause(at, marker, "eval", done["steps"]))
     wrap(trainer, "train", after=after_train)

@@ -87,7 +87,7 @@ def assert_grads_close(g1, g2, atol=1e-5):
 def edgeft_loss_and_grad(model, batch):
     """(loss, grads, packed?) as training computes them: loss_inputs, then the stream groups."""
     args, _ = loss.loss_inputs(model, loss.lm_loss, *batch)
-    total, grads, n = loss.summed_loss_and_grad(nn.value_and_grad(model, loss.lm_loss), model, args)
+    total, grads, n = loss.summed_loss_and_grad(model, loss.lm_loss, args)
     return total / n, loss.tree_map_scale(grads, 1.0 / n), len(args) == 4
 
 

@@ -99,7 +99,7 @@ def test_packed_loss_and_gradients_equal_padded(monkeypatch, arch, streams, bloc
     assert len(packed_args) == 4 and n_packed == n_padded
     (l1, _), g1 = loss_and_grad(model, *padded_args)
     assert len(loss.stream_split(packed_args)) == streams
-    l2, g2, n = loss.summed_loss_and_grad(loss_and_grad, model, packed_args)
+    l2, g2, n = loss.summed_loss_and_grad(model, loss.lm_loss, packed_args)
     l2, g2 = l2 / n, loss.tree_map_scale(g2, 1.0 / n)
     assert n == packed_args[1].size
     assert abs(l1.item() - l2.item()) < 1e-5
