@@ -34,6 +34,8 @@ import edgeft  # noqa: F401  (first: it loads the fast BLAS, which must happen b
 import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
+from mlx.utils import tree_flatten
+from mlx_lm.tuner.lora import LoRALinear
 
 from edgeft import (
     _blas,
@@ -156,7 +158,12 @@ def default_step(model, loss_fn=loss.lm_loss):
                 if KEEP_DEQUANTIZED and not kept:
                     backend.keep_weights(model)  # as trainer.train: outside the gradient trace
                 loss_sum, grads, n = loss.summed_loss_and_grad(model, loss_fn, args)
-            gnorm = update(grads, mx.array(1.0 / n, dtype=mx.float32))
+            if COMPILED_UPDATE:
+                gnorm = update(grads, mx.array(1.0 / n, dtype=mx.float32))
+            else:  # the same step op by op, as the trainer took it before trainer.compiled_update
+                grads = loss.tree_map_scale(grads, 1.0 / n)
+                gnorm = mx.sqrt(sum((g * g).sum() for _, g in tree_flatten(grads)))
+                opt.update(model, grads)
             mx.eval(model.trainable_parameters(), opt.state, loss_sum, gnorm)
 
     return step
@@ -197,8 +204,15 @@ def within(make, context):
     return made
 
 
+def _lora_separate_add(self, x):
+    """LoRALinear inside the training step as before mx.addmm: the rank-r product writes its own
+    output, then an add."""
+    return self.linear(x) + (self.dropout(x) @ self.lora_a) @ (self.scale * self.lora_b)
+
+
 KEEP_DEQUANTIZED = True  # False: dequantize every weight again in every step (as before)
 MATMUL = TrainConfig().matmul  # the products' precision, as trainer.train takes it
+COMPILED_UPDATE = True  # False: the gradients' scale and norm and AdamW as separate ops
 FIX_WEIGHTS = True  # False: bf16 rounds the weights in every product (as before edgeft_sgemm_fix)
 
 
@@ -228,6 +242,8 @@ VARIANTS = {
     "fp32-products": with_setting(default_step, sys.modules[__name__], "MATMUL", "fp32"),
     "bf16-products": with_setting(default_step, sys.modules[__name__], "MATMUL", "bf16"),
     "bf16-unfixed": with_setting(default_step, sys.modules[__name__], "FIX_WEIGHTS", False),
+    "lora-add": with_setting(default_step, LoRALinear, "__call__", _lora_separate_add),
+    "update-ops": with_setting(default_step, sys.modules[__name__], "COMPILED_UPDATE", False),
 }
 
 

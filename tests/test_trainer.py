@@ -4,9 +4,10 @@ import json
 
 import mlx.core as mx
 import mlx.nn as nn
+import mlx.optimizers as optim
 import numpy as np
 import pytest
-from mlx.utils import tree_flatten
+from mlx.utils import tree_flatten, tree_map
 from mlx_lm.models import llama
 
 from edgeft import backend, dequant, lora, trainer
@@ -279,6 +280,38 @@ def test_schedule_warms_up_then_decays_to_floor():
     assert sched(mx.array(10)).item() == pytest.approx(1e-3, rel=1e-5)
     assert sched(mx.array(100)).item() == pytest.approx(1e-4, rel=1e-4)
     assert sched(mx.array(55)).item() < 1e-3
+
+
+@pytest.mark.parametrize("max_grad_norm", [None, 0.05])
+def test_the_compiled_update_steps_as_the_optimizer_does_op_by_op(max_grad_norm):
+    """Five steps with a warm-up schedule (the learning rate changes every step: a value baked
+    into the compiled function would show) and gradients of different sizes (clipped or not)."""
+    cfg = TrainConfig(steps=20, learning_rate=1e-2, warmup_steps=4, weight_decay=0.01)
+    models = []
+    for _ in range(2):
+        model = tiny_llama()
+        mx.random.seed(3)
+        lora.apply_lora(model, LoRAConfig(rank=4))
+        models.append((model, optim.AdamW(learning_rate=trainer.lr_schedule(cfg), weight_decay=0.01)))
+    (compiled_model, compiled_opt), (plain_model, plain_opt) = models
+    update = trainer.compiled_update(compiled_model, compiled_opt, max_grad_norm)
+    for step in range(5):
+        mx.random.seed(10 + step)
+        grads = tree_map(lambda p: mx.random.normal(p.shape) * (step + 1), plain_model.trainable_parameters())
+        scale = 1.0 / (7 + step)
+        norm = update(grads, mx.array(scale, dtype=mx.float32))
+        scaled = tree_map(lambda g: g * scale, grads)
+        if max_grad_norm:
+            scaled, plain_norm = optim.clip_grad_norm(scaled, max_grad_norm)
+        else:
+            plain_norm = mx.sqrt(sum((g * g).sum() for _, g in tree_flatten(scaled)))
+        plain_opt.update(plain_model, scaled)
+        assert norm.item() == pytest.approx(plain_norm.item(), rel=1e-5)
+        assert compiled_opt.learning_rate.item() == pytest.approx(plain_opt.learning_rate.item(), rel=1e-6)
+    for (name, a), (_, b) in zip(tree_flatten(compiled_model.trainable_parameters()),
+                                 tree_flatten(plain_model.trainable_parameters())):
+        np.testing.assert_allclose(np.array(a), np.array(b), rtol=1e-5, atol=1e-7, err_msg=name)
+    assert compiled_opt.step.item() == 5
 
 
 def test_inference_preparation_keeps_the_function():
