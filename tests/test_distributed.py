@@ -113,7 +113,11 @@ def test_ctrl_c_on_the_launcher_checkpoints_and_the_run_resumes(world):
     root, runs = world["root"], world["root"] / "runs"
     marker = root / "ctrl-c-{rank}"
     cmd = [sys.executable, str(PAUSED), "step:3", str(marker), *world["base"], "--name", "ctrl-c"]
-    proc = subprocess.Popen([*LAUNCH, *port(3), "--", *cmd], cwd=root, env=env_for(root),
+    # stdin a pipe left open, as a terminal's: on /dev/null mlx.launch (MLX 0.32) relays stdin in
+    # a loop that never waits, and a SIGINT landing while that loop holds one of its output
+    # queues' locks ends its main thread with the lock held: the relay threads block on it and
+    # the launcher never exits (1 launch in 8 in a stand-in with busy ranks; none of 70 so).
+    proc = subprocess.Popen([*LAUNCH, *port(3), "--", *cmd], cwd=root, env=env_for(root), stdin=subprocess.PIPE,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
         deadline = time.monotonic() + 90
