@@ -116,7 +116,7 @@ def test_ctrl_c_on_the_launcher_checkpoints_and_the_run_resumes(world):
     # stdin a pipe left open, as a terminal's: on /dev/null mlx.launch (MLX 0.32) relays stdin in
     # a loop that never waits, and a SIGINT landing while that loop holds one of its output
     # queues' locks ends its main thread with the lock held: the relay threads block on it and
-    # the launcher never exits (1 launch in 8 in a stand-in with busy ranks; none of 70 so).
+    # the launcher never exits (5 launches of 60 in a stand-in with busy ranks; none of 70 so).
     proc = subprocess.Popen([*LAUNCH, *port(3), "--", *cmd], cwd=root, env=env_for(root), stdin=subprocess.PIPE,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
