@@ -12,7 +12,8 @@
 //       backward g * (softmax(row) - onehot(target)) in one pass.
 //   attention(q, k, v, scale, causal, start): softmax(scale q k^T) v as a flash attention, which
 //       holds a tile of the scores at a time where the composed attention (the softmax above
-//       between two MLX products) writes all T x S of them, forward and backward.
+//       between two MLX products) writes all T x S of them, forward and backward. With
+//       segments, a packed row's samples each attend within themselves, in one call.
 //
 // exp is Cephes' polynomial (as cpu_kernels.py's _exp: ~2e-7 relative), in loops the compiler
 // vectorizes for AVX-512, AVX2 or SSE2 (target_clones picks one when the module loads). The
@@ -24,6 +25,7 @@
 #include <nanobind/nanobind.h>
 #include <nanobind/stl/optional.h>
 #include <nanobind/stl/string.h>
+#include <nanobind/stl/vector.h>
 
 #include <dlfcn.h>
 
@@ -556,12 +558,22 @@ class Products {
 
 // The shapes of one attention call: q [B, H, T, D], k and v [B, Hkv, S, D]; query t sits at key
 // position start + t and, when causal, sees the keys up to it: with a sliding window, only the
-// last `window` of those (its own included).
+// last `window` of those (its own included). A segment of a packed row (segment()) is the same
+// within rows [q0, q0 + T) of q's Tq and [k0, k0 + S) of the keys' Sk.
 struct Attn {
   int64_t B, H, Hkv, T, S, D, start;
   bool causal;
   int64_t window;  // 0: none
+  int64_t Tq = T, Sk = S, q0 = 0, k0 = 0;
   bool operator==(const Attn&) const = default;
+  // Causal attention within rows [a, a + n) of a packed row (its own queries and keys).
+  Attn segment(int64_t a, int64_t n) const {
+    Attn s = *this;
+    s.T = s.S = n;
+    s.start = 0;
+    s.q0 = s.k0 = a;
+    return s;
+  }
   int64_t rep() const { return H / Hkv; }
   // The smallest side of the tile products but the edge tiles': the width, the stacked query
   // rows, the keys.
@@ -582,7 +594,7 @@ struct Attn {
     return {n, rep() * n, seen(a + n - 1)};
   }
   // Query t of KV head g's query head h (batch b): its row among q's (and the output's) B H T.
-  int64_t row(int64_t b, int64_t g, int64_t h, int64_t t) const { return ((b * H) + g * rep() + h) * T + t; }
+  int64_t row(int64_t b, int64_t g, int64_t h, int64_t t) const { return ((b * H) + g * rep() + h) * Tq + q0 + t; }
 };
 
 // The rows of query tile [a, a + n) of KV head g's query heads, stacked head by head, times scale.
@@ -669,7 +681,7 @@ struct Head {
 };
 Head head(const Products& mm, const Attn& s, const float* k, const float* v, int64_t b, int64_t g,
           std::vector<uint16_t>& k16, std::vector<uint16_t>& v16) {
-  const int64_t kv = (b * s.Hkv + g) * s.S * s.D;
+  const int64_t kv = ((b * s.Hkv + g) * s.Sk + s.k0) * s.D;
   return {kv, mm.operand(k + kv, s.keys() * s.D, k16), mm.operand(v + kv, s.keys() * s.D, v16)};
 }
 
@@ -718,8 +730,6 @@ void attention_bwd(const float* q, const float* k, const float* v, const float* 
       dp(rows_max * TILE_K), lses(rows_max), delta(rows_max);
   std::vector<uint16_t> k16, v16, q16, do16, p16, ds16;
   std::vector<Seen> sees(rows_max);
-  std::memset(dk, 0, s.B * s.Hkv * s.S * D * sizeof(float));
-  std::memset(dv, 0, s.B * s.Hkv * s.S * D * sizeof(float));
   for (int64_t b = 0; b < s.B; b++)
     for (int64_t g = 0; g < s.Hkv; g++) {
       const auto [kv, kg, vg] = head(mm, s, k, v, b, g, k16, v16);
@@ -755,21 +765,35 @@ void attention_bwd(const float* q, const float* k, const float* v, const float* 
     }
 }
 
-// What the attention's forward and backward primitives share: the call's shape and scale.
+// What the attention's forward and backward primitives share: the call's shape and scale, and
+// the lengths of the samples of a packed row (none: one attention over the whole call).
 class AttentionPrimitive : public mx::Primitive {
  public:
-  AttentionPrimitive(mx::Stream stream, Attn shape, float scale) : mx::Primitive(stream), s_(shape), scale_(scale) {}
+  AttentionPrimitive(mx::Stream stream, Attn shape, float scale, std::vector<int64_t> segments)
+      : mx::Primitive(stream), s_(shape), scale_(scale), segments_(std::move(segments)) {}
   void eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) override {
     throw std::runtime_error("edgeft's attention kernel runs on the CPU only");
   }
   bool is_equivalent(const mx::Primitive& other) const override {
     const auto& o = static_cast<const AttentionPrimitive&>(other);
-    return scale_ == o.scale_ && s_ == o.s_;
+    return scale_ == o.scale_ && s_ == o.s_ && segments_ == o.segments_;
   }
 
  protected:
+  // Each attention the call holds: the whole call's, or each sample's.
+  std::vector<Attn> parts() const {
+    if (segments_.empty()) return {s_};
+    std::vector<Attn> out;
+    int64_t a = 0;
+    for (int64_t n : segments_) {
+      out.push_back(s_.segment(a, n));
+      a += n;
+    }
+    return out;
+  }
   Attn s_;
   float scale_;
+  std::vector<int64_t> segments_;
 };
 
 class AttentionVJP : public AttentionPrimitive {
@@ -780,7 +804,11 @@ class AttentionVJP : public AttentionPrimitive {
         .dispatch([q = inputs[0].data<float>(), k = inputs[1].data<float>(), v = inputs[2].data<float>(),
                    o = inputs[3].data<float>(), lse = inputs[4].data<float>(), g = inputs[5].data<float>(),
                    dq = outputs[0].data<float>(), dk = outputs[1].data<float>(), dv = outputs[2].data<float>(),
-                   s = s_, scale = scale_]() { attention_bwd(q, k, v, o, lse, g, dq, dk, dv, s, scale); });
+                   s = s_, parts = parts(), scale = scale_]() {
+          std::memset(dk, 0, s.B * s.Hkv * s.S * s.D * sizeof(float));
+          std::memset(dv, 0, s.B * s.Hkv * s.S * s.D * sizeof(float));
+          for (const Attn& part : parts) attention_bwd(q, k, v, o, lse, g, dq, dk, dv, part, scale);
+        });
   }
   const char* name() const override { return "EdgeftAttentionVJP"; }
 };
@@ -791,8 +819,9 @@ class Attention : public AttentionPrimitive {
   void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override {
     encode(stream(), inputs, outputs)
         .dispatch([q = inputs[0].data<float>(), k = inputs[1].data<float>(), v = inputs[2].data<float>(),
-                   o = outputs[0].data<float>(), lse = outputs[1].data<float>(), s = s_,
-                   scale = scale_]() { attention_fwd(q, k, v, o, lse, s, scale); });
+                   o = outputs[0].data<float>(), lse = outputs[1].data<float>(), parts = parts(), scale = scale_]() {
+          for (const Attn& part : parts) attention_fwd(q, k, v, o, lse, part, scale);
+        });
   }
   // The logsumexp output is the backward's: its cotangent is not used.
   std::vector<mx::array> vjp(const std::vector<mx::array>& primals, const std::vector<mx::array>& cotangents,
@@ -800,7 +829,7 @@ class Attention : public AttentionPrimitive {
     auto g = mx::contiguous(cotangents[0], false, stream());
     auto grads = mx::array::make_arrays({primals[0].shape(), primals[1].shape(), primals[2].shape()},
                                         {mx::float32, mx::float32, mx::float32},
-                                        std::make_shared<AttentionVJP>(stream(), s_, scale_),
+                                        std::make_shared<AttentionVJP>(stream(), s_, scale_, segments_),
                                         {primals[0], primals[1], primals[2], outputs[0], outputs[1], g});
     std::vector<mx::array> out;
     for (int arg : argnums) out.push_back(grads[arg]);
@@ -814,7 +843,7 @@ class Attention : public AttentionPrimitive {
 };
 
 mx::array attention(const mx::array& q, const mx::array& k, const mx::array& v, float scale, bool causal,
-                    std::optional<int64_t> start, int64_t window) {
+                    std::optional<int64_t> start, int64_t window, std::vector<int64_t> segments) {
   if (q.dtype() != mx::float32 || k.dtype() != mx::float32 || v.dtype() != mx::float32 || q.ndim() != 4 ||
       k.ndim() != 4 || k.shape() != v.shape())
     throw std::invalid_argument("edgeft attention: needs float32 q [B, H, T, D] and k, v [B, Hkv, S, D]");
@@ -825,11 +854,22 @@ mx::array attention(const mx::array& q, const mx::array& k, const mx::array& v, 
     throw std::invalid_argument("edgeft attention: causal queries must sit among the keys (0 <= start <= S - T)");
   if (window < 0 || (window > 0 && !causal))
     throw std::invalid_argument("edgeft attention: a sliding window is a positive number of keys, of causal attention");
+  if (!segments.empty()) {
+    bool positive = true;
+    int64_t total = 0;
+    for (int64_t n : segments) {
+      positive = positive && n > 0;
+      total += n;
+    }
+    if (!positive || !causal || first != 0 || T != S || total != T)
+      throw std::invalid_argument("edgeft attention: segments are positive lengths adding up to the queries, "
+                                  "which are the keys, causal");
+  }
   Attn shape{q.shape(0), q.shape(1), k.shape(1), T, S, q.shape(3), first, causal, window};
   auto s = mx::default_stream(mx::Device::cpu);
   auto qc = mx::contiguous(q, false, s), kc = mx::contiguous(k, false, s), vc = mx::contiguous(v, false, s);
   auto outs = mx::array::make_arrays({q.shape(), {q.shape(0), q.shape(1), T}}, {mx::float32, mx::float32},
-                                     std::make_shared<Attention>(s, shape, scale), {qc, kc, vc});
+                                     std::make_shared<Attention>(s, shape, scale, std::move(segments)), {qc, kc, vc});
   return outs[0];
 }
 
@@ -849,6 +889,8 @@ NB_MODULE(_kernels, m) {
   m.def("cross_entropy", &cross_entropy, "logits"_a, "targets"_a,
         "logsumexp(logits[i]) - logits[i, targets[i]] for each row i.");
   m.def("attention", &attention, "q"_a, "k"_a, "v"_a, "scale"_a, "causal"_a, "start"_a = nb::none(), "window"_a = 0,
+        "segments"_a = std::vector<int64_t>(),
         "softmax(scale q k^T) v with grouped KV heads; when causal, query t sees the keys up to "
-        "start + t (start: S - T unless given), with window > 0 only the last `window` of them.");
+        "start + t (start: S - T unless given), with window > 0 only the last `window` of them; with "
+        "segments (the lengths of a packed row's samples), causal attention within each.");
 }

@@ -554,6 +554,27 @@ def _causal_attention(q: mx.array, k: mx.array, v: mx.array, scale: float, windo
     return outs[0] if len(outs) == 1 else mx.concatenate(outs, axis=2)
 
 
+def _packed_in_one_call(fwd: _Forward, q: mx.array, k: mx.array, v: mx.array) -> tuple[bool, int | None] | None:
+    """(True, the window to apply) when a packed row's samples can attend within themselves in
+    one flash-kernel call (its segments), else None: one call per sample. Per sample, each
+    sample's q, k and v were copies out of the row, and their gradients went back into it as
+    zeros plus an update plus an add, for every sample of every layer. Not for a split sample's
+    segments (their keys continue another's) or when attention blocks go to idle streams."""
+    lengths, window = fwd.packing.lengths, fwd.packing.window
+    if (len(lengths) < 2 or fwd.prefix is not None or fwd.packing.start or not PACKED_ATTENTION
+            or not (_kernels_for(q, k, v) and cpu_kernels.flash_attention()) or _idle_streams()):
+        return None
+    if window is None or max(lengths) <= window:
+        return True, None
+    sliding = _SLIDING.get()
+    return None if sliding is None else (True, window if sliding else None)
+
+
+# A packed row's attention in one call of the flash kernel (see _packed_in_one_call); False: one
+# call per sample, as before (scripts/profile_step.py's A/B).
+PACKED_ATTENTION = True
+
+
 def _fast_sdpa(original):
     def scaled_dot_product_attention(queries, keys, values, cache=None, scale=1.0, mask=None, **kwargs):
         fwd = _FORWARD.get()
@@ -581,6 +602,8 @@ def _fast_sdpa(original):
 
         if fwd.packing is None:
             return attend(queries, keys, values, causal)
+        if whole := _packed_in_one_call(fwd, queries, keys, values):
+            return cpu_kernels.attention(queries, keys, values, scale, True, window=whole[1], segments=fwd.packing.lengths)
         parts = list(zip(*(fwd.packing.split(a) for a in (queries, keys, values))))
         if fwd.prefix is not None and fwd.extend:  # the first segment's keys and values first
             (q, k, v), (pk, pv) = parts[0], fwd.prefix.take()

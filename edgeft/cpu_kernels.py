@@ -382,18 +382,24 @@ def causal_blocks(length: int, n: int, before: int = 0) -> list[tuple[int, int]]
 
 
 def attention(q: mx.array, k: mx.array, v: mx.array, scale: float, causal: bool, start: int | None = None,
-              window: int | None = None) -> mx.array:
+              window: int | None = None, segments: tuple[int, ...] = ()) -> mx.array:
     """mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask="causal" if causal
     else None) with grouped KV heads: q [B, H, T, D], k and v [B, Hkv, S, D]. Causal query t
     sits at key position start + t (default S - T: the last keys) and sees the keys up to it;
-    with a sliding `window`, the last `window` of them (the flash kernel only).
+    with a sliding `window`, the last `window` of them (the flash kernel only). With `segments`,
+    the lengths of a packed row's samples (T = S, causal), each sample attends within itself.
 
     edgeft/_kernels.cpp's flash attention when flash_attention(): no T x S scores in memory,
-    forward or backward. Otherwise composed: the scores, the softmax, the product."""
+    forward or backward, and a packed row in one call. Otherwise composed: the scores, the
+    softmax, the product, a sample at a time."""
     if flash_attention():
-        return _compiled.attention(q, k, v, scale, causal, start, window or 0)
+        return _compiled.attention(q, k, v, scale, causal, start, window or 0, list(segments))
     if window is not None:
         raise ValueError("a sliding window needs edgeft's compiled flash attention (edgeft/_kernels.cpp)")
+    if segments:
+        bounds = [0, *itertools.accumulate(segments)]
+        return mx.concatenate([attention(*(x[:, :, a:b] for x in (q, k, v)), scale, True)
+                               for a, b in itertools.pairwise(bounds)], axis=2)
     if causal and start is not None:  # the keys the last query sees, aligned with the queries' end
         k, v = k[:, :, : start + q.shape[2]], v[:, :, : start + q.shape[2]]
     B, H, T, D = q.shape
@@ -467,6 +473,11 @@ def _compiled_self_test() -> bool:
                 return f[:240].reshape(1, 4, 6, 10), f[100:900].reshape(1, 2, 40, 10), g[:800].reshape(1, 2, 40, 10)
             return 0.1 * x.reshape(1, 3, 80, 4), g.reshape(1, 3, 80, 4), 0.1 * x.reshape(1, 3, 80, 4)
 
+        def packed(x):
+            f, g = x.reshape(-1), u.reshape(-1)
+            q = mx.concatenate([f[:800], f[160:960]]).reshape(1, 4, 40, 10)
+            return q, f[100:900].reshape(1, 2, 40, 10), g[:800].reshape(1, 2, 40, 10)
+
         gelu = lambda x: 0.5 * x * (1 + mx.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x**3)))  # noqa: E731
         pairs = [
             (lambda x: _compiled.softmax(x), lambda x: mx.softmax(x, axis=-1)),
@@ -479,6 +490,10 @@ def _compiled_self_test() -> bool:
             (lambda x: _compiled.attention(*qkv(x), 0.02, True, 30), lambda x: _attention_ref(*qkv(x), 0.02, 30)),
             (lambda x: _compiled.attention(*qkv(x), 0.02, True, 30, 5), lambda x: _attention_ref(*qkv(x), 0.02, 30, 5)),
             (lambda x: _compiled.attention(*qkv(x, False), 0.02, False), lambda x: _attention_ref(*qkv(x, False), 0.02, None)),
+            # a packed row of samples of 30, 2 and 8 tokens, each within itself
+            (lambda x: _compiled.attention(*packed(x), 0.02, True, 0, 0, [30, 2, 8]),
+             lambda x: mx.concatenate([_attention_ref(*(y[:, :, a:b] for y in packed(x)), 0.02, 0)
+                                       for a, b in ((0, 30), (30, 32), (32, 40))], axis=2)),
             (lambda x: _compiled.cross_entropy(x.reshape(24, 40), t)[:, None, None],
              lambda x: (mx.logsumexp(x.reshape(24, 40), axis=-1)
                         - mx.take_along_axis(x.reshape(24, 40), t[:, None], axis=-1)[:, 0])[:, None, None]),

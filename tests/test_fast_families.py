@@ -143,13 +143,18 @@ def test_a_lone_long_sample_splits_across_two_streams_in_every_family(family, wi
 
 
 @pytest.mark.parametrize("window,flash,packs", [(32, True, True), (24, True, True), (32, False, True), (24, False, False)])
-def test_gemma3_packs_with_its_window_applied_per_sample(window, flash, packs, monkeypatch):
+@pytest.mark.parametrize("one_call", [False, True])
+def test_gemma3_packs_with_its_window_applied_per_sample(window, flash, packs, one_call, monkeypatch):
     """Window 32: the packed row (59 tokens) is longer than the window but each sample fits.
     Window 24: the 29-token sample does not; the flash kernel applies the window within it on the
     sliding layers (not on the global one). Either way the loss and gradients are the padded
     batch's and mlx-lm's own forward's, its window masks honoured. Without the flash kernel the
-    sample past the window stays padded."""
+    sample past the window stays padded. `one_call`: the three samples on one stream, without
+    idle streams, so the flash kernel takes the row whole (its segments)."""
     monkeypatch.setattr(cpu_kernels, "flash_attention", lambda: flash)
+    if one_call:
+        monkeypatch.setattr(backend, "CPU_STREAMS", 1)
+        monkeypatch.setattr(backend, "IDLE_STREAMS", False)
     model = with_adapters(backend.prepare(tiny("gemma3", seed=1, window=window), cpu=True))
     batch = ragged_batch(seed=3)
     padded_args, _ = loss.loss_inputs(model, lambda m, x, i, t: None, *batch)

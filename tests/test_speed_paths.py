@@ -2,6 +2,8 @@
 packed batches (no padding, attention within each sample, positions restarting per sample) and
 the fused kernels (SwiGLU, attention softmax)."""
 
+import itertools
+
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
@@ -457,6 +459,44 @@ def test_flash_attention_within_a_sliding_window(T, before, window):
         mp.setattr(cpu_kernels, "_compiled_ok", False)
         with pytest.raises(ValueError, match="sliding window needs"):
             cpu_kernels.attention(q, k, v, 0.25, True, window=window)
+
+
+def _each_sample_alone(lengths, window=None):
+    """Causal attention of each sample of a packed row on its own (its last `window` keys)."""
+    bounds = list(itertools.pairwise([0, *itertools.accumulate(lengths)]))
+
+    def attend(q, k, v):
+        outs = []
+        for a, b in bounds:
+            pos = mx.arange(b - a)
+            mask = (pos[None] <= pos[:, None]) & (pos[None] > pos[:, None] - (window or b - a))
+            outs.append(mx.fast.scaled_dot_product_attention(*(x[:, :, a:b] for x in (q, k, v)), scale=0.25, mask=mask))
+        return mx.concatenate(outs, axis=2)
+
+    return attend
+
+
+def _packed_row(lengths):
+    mx.random.seed(sum(lengths))
+    T = sum(lengths)
+    return [mx.random.normal((1, 6, T, 16)), mx.random.normal((1, 2, T, 16)), mx.random.normal((1, 2, T, 16))]
+
+
+@pytest.mark.parametrize("lengths", [(130, 1, 69), (64, 64, 128, 7), (3, 2)])
+def test_a_packed_rows_samples_attend_within_themselves_in_one_call(lengths, kernels):
+    """One call with the row's segments gives each sample's own causal attention, values and
+    gradients, as one call per sample does."""
+    q, k, v = _packed_row(lengths)
+    _vjp_close(lambda q, k, v: cpu_kernels.attention(q, k, v, 0.25, True, segments=lengths),
+               _each_sample_alone(lengths), [q, k, v], mx.random.normal(q.shape), 1e-5)
+
+
+@pytest.mark.parametrize("lengths,window", [((300, 40, 5), 100), ((20, 230), 129)])
+def test_a_packed_rows_samples_keep_their_sliding_window_in_one_call(lengths, window):
+    assert cpu_kernels.flash_attention()
+    q, k, v = _packed_row(lengths)
+    _vjp_close(lambda q, k, v: cpu_kernels.attention(q, k, v, 0.25, True, window=window, segments=lengths),
+               _each_sample_alone(lengths, window), [q, k, v], mx.random.normal(q.shape), 1e-5)
 
 
 def test_flash_attention_keeps_no_scores_forward_or_backward():
