@@ -10,6 +10,7 @@
 //       MLPs; the backward recomputes the sigmoid and writes both gradients in one pass.
 //   cross_entropy(logits, targets): logsumexp(row) - row[target] per row, the loss; the
 //       backward g * (softmax(row) - onehot(target)) in one pass.
+//   lora_linear(x, w, a, b, scale): a LoRA layer's products, forward and backward.
 //   attention(q, k, v, scale, causal, start): softmax(scale q k^T) v as a flash attention, which
 //       holds a tile of the scores at a time where the composed attention (the softmax above
 //       between two MLX products) writes all T x S of them, forward and backward. With
@@ -492,16 +493,17 @@ class OneBlasThread {
 
 // C (m x n, row stride ldc) = alpha * op(A) op(B) + beta * C, row-major; op transposes when asked.
 void sgemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const float* b,
-           int64_t ldb, float beta, float* c, int64_t ldc) {
+           int64_t ldb, float beta, float* c, int64_t ldc, float alpha = 1.0f) {
+  if (m <= 0 || n <= 0) return;
   if (auto fn = blas_sgemm()) {
-    fn(101, ta ? 112 : 111, tb ? 112 : 111, int(m), int(n), int(k), 1.0f, a, int(lda), b, int(ldb), beta, c, int(ldc));
+    fn(101, ta ? 112 : 111, tb ? 112 : 111, int(m), int(n), int(k), alpha, a, int(lda), b, int(ldb), beta, c, int(ldc));
     return;
   }
   for (int64_t i = 0; i < m; i++)
     for (int64_t j = 0; j < n; j++) {
       float s = 0.0f;
       for (int64_t p = 0; p < k; p++) s += (ta ? a[p * lda + i] : a[i * lda + p]) * (tb ? b[j * ldb + p] : b[p * ldb + j]);
-      c[i * ldc + j] = s + (beta == 0.0f ? 0.0f : beta * c[i * ldc + j]);
+      c[i * ldc + j] = alpha * s + (beta == 0.0f ? 0.0f : beta * c[i * ldc + j]);
     }
 }
 
@@ -873,6 +875,124 @@ mx::array attention(const mx::array& q, const mx::array& k, const mx::array& v, 
   return outs[0];
 }
 
+// A LoRA layer (mlx-lm's LoRALinear without dropout): y = x W^T + scale (x A) B, with W the
+// frozen base weight [out, in] (a kept one: edgeft/_sgemm.c gives its bf16 copy while a run's
+// products go in bf16), A [in, r], B [r, out]. As MLX ops its forward and backward were some 40
+// ops a layer (the products, their transposes and reshapes, the scale, the adds of the
+// gradients), each paying MLX's per-op cost; here one primitive each way: the forward's three
+// products, the backward's five (dx = G W + u A^T accumulated in one buffer). The products go to
+// the process's cblas_sgemm (edgeft/_sgemm.c: split, bf16), as MLX's own would.
+struct Lora {
+  int64_t M, in, out, r;
+  float scale;
+  bool operator==(const Lora&) const = default;
+};
+
+// y = x W^T + scale t B with t = x A (kept for the backward).
+void lora_fwd(const float* x, const float* w, const float* a, const float* b, float* y, float* t, const Lora& s) {
+  sgemm(false, false, s.M, s.r, s.in, x, s.in, a, s.r, 0.0f, t, s.r);
+  sgemm(false, true, s.M, s.out, s.in, x, s.in, w, s.in, 0.0f, y, s.out);
+  sgemm(false, false, s.M, s.out, s.r, t, s.r, b, s.out, 1.0f, y, s.out, s.scale);
+}
+
+// From G = dL/dy: u = scale G B^T, dB = scale t^T G, dA = x^T u, dx = G W + u A^T, and dW = G^T x
+// when asked (a base weight that trains).
+void lora_bwd(const float* x, const float* w, const float* a, const float* b, const float* t, const float* g,
+              float* dx, float* da, float* db, float* dw, const Lora& s) {
+  std::vector<float> u(s.M * s.r);
+  sgemm(false, true, s.M, s.r, s.out, g, s.out, b, s.out, 0.0f, u.data(), s.r, s.scale);
+  if (s.M == 0) {  // no rows: the weights' gradients are zeros
+    std::memset(da, 0, s.in * s.r * sizeof(float));
+    std::memset(db, 0, s.r * s.out * sizeof(float));
+    if (dw) std::memset(dw, 0, s.out * s.in * sizeof(float));
+    return;
+  }
+  sgemm(true, false, s.r, s.out, s.M, t, s.r, g, s.out, 0.0f, db, s.out, s.scale);
+  sgemm(true, false, s.in, s.r, s.M, x, s.in, u.data(), s.r, 0.0f, da, s.r);
+  sgemm(false, false, s.M, s.in, s.out, g, s.out, w, s.in, 0.0f, dx, s.in);
+  sgemm(false, true, s.M, s.in, s.r, u.data(), s.r, a, s.r, 1.0f, dx, s.in);
+  if (dw) sgemm(true, false, s.out, s.in, s.M, g, s.out, x, s.in, 0.0f, dw, s.in);
+}
+
+class LoraPrimitive : public mx::Primitive {
+ public:
+  LoraPrimitive(mx::Stream stream, Lora shape) : mx::Primitive(stream), s_(shape) {}
+  void eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) override {
+    throw std::runtime_error("edgeft's LoRA kernel runs on the CPU only");
+  }
+  bool is_equivalent(const mx::Primitive& other) const override {
+    return s_ == static_cast<const LoraPrimitive&>(other).s_;
+  }
+
+ protected:
+  Lora s_;
+};
+
+// Inputs x, W, A, B, t, G; outputs dx, dA, dB, and dW when it has a fourth.
+class LoraVJP : public LoraPrimitive {
+ public:
+  using LoraPrimitive::LoraPrimitive;
+  void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override {
+    encode(stream(), inputs, outputs)
+        .dispatch([x = inputs[0].data<float>(), w = inputs[1].data<float>(), a = inputs[2].data<float>(),
+                   b = inputs[3].data<float>(), t = inputs[4].data<float>(), g = inputs[5].data<float>(),
+                   dx = outputs[0].data<float>(), da = outputs[1].data<float>(), db = outputs[2].data<float>(),
+                   dw = outputs.size() > 3 ? outputs[3].data<float>() : nullptr,
+                   s = s_]() { lora_bwd(x, w, a, b, t, g, dx, da, db, dw, s); });
+  }
+  const char* name() const override { return "EdgeftLoraVJP"; }
+};
+
+// Inputs x, W, A, B; outputs y and t = x A (the backward's).
+class LoraLinear : public LoraPrimitive {
+ public:
+  using LoraPrimitive::LoraPrimitive;
+  void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override {
+    encode(stream(), inputs, outputs)
+        .dispatch([x = inputs[0].data<float>(), w = inputs[1].data<float>(), a = inputs[2].data<float>(),
+                   b = inputs[3].data<float>(), y = outputs[0].data<float>(), t = outputs[1].data<float>(),
+                   s = s_]() { lora_fwd(x, w, a, b, y, t, s); });
+  }
+  // t's cotangent is not used: t is the backward's own.
+  std::vector<mx::array> vjp(const std::vector<mx::array>& primals, const std::vector<mx::array>& cotangents,
+                             const std::vector<int>& argnums, const std::vector<mx::array>& outputs) override {
+    const bool dw = std::find(argnums.begin(), argnums.end(), 1) != argnums.end();
+    std::vector<mx::Shape> shapes{primals[0].shape(), primals[2].shape(), primals[3].shape()};
+    if (dw) shapes.push_back(primals[1].shape());
+    auto g = mx::contiguous(cotangents[0], false, stream());
+    auto grads = mx::array::make_arrays(shapes, std::vector<mx::Dtype>(shapes.size(), mx::float32),
+                                        std::make_shared<LoraVJP>(stream(), s_),
+                                        {primals[0], primals[1], primals[2], primals[3], outputs[1], g});
+    std::vector<mx::array> out;
+    for (int arg : argnums) out.push_back(grads[arg == 0 ? 0 : arg == 1 ? 3 : arg - 1]);
+    return out;
+  }
+  std::vector<mx::Shape> output_shapes(const std::vector<mx::array>& inputs) override {
+    auto y = inputs[0].shape();
+    y.back() = s_.out;
+    return {y, {int(s_.M), int(s_.r)}};
+  }
+  const char* name() const override { return "EdgeftLoraLinear"; }
+};
+
+mx::array lora_linear(const mx::array& x, const mx::array& w, const mx::array& a, const mx::array& b, float scale) {
+  for (const auto* m : {&x, &w, &a, &b})
+    if (m->dtype() != mx::float32) throw std::invalid_argument("edgeft lora_linear: needs float32 arrays");
+  if (x.ndim() < 1 || w.ndim() != 2 || a.ndim() != 2 || b.ndim() != 2 || w.shape(1) != x.shape(-1) ||
+      a.shape(0) != x.shape(-1) || b.shape(0) != a.shape(1) || b.shape(1) != w.shape(0))
+    throw std::invalid_argument("edgeft lora_linear: needs x [..., in], W [out, in], A [in, r], B [r, out]");
+  const int64_t in = x.shape(-1), M = in ? x.size() / in : 0;
+  Lora shape{M, in, w.shape(0), a.shape(1), scale};
+  auto s = mx::default_stream(mx::Device::cpu);
+  auto y = x.shape();
+  y.back() = int(shape.out);
+  auto outs = mx::array::make_arrays({y, {int(M), int(shape.r)}}, {mx::float32, mx::float32},
+                                     std::make_shared<LoraLinear>(s, shape),
+                                     {mx::contiguous(x, false, s), mx::contiguous(w, false, s),
+                                      mx::contiguous(a, false, s), mx::contiguous(b, false, s)});
+  return outs[0];
+}
+
 }  // namespace
 
 NB_MODULE(_kernels, m) {
@@ -886,6 +1006,8 @@ NB_MODULE(_kernels, m) {
         "silu(gate) * up");
   m.def("gelu_mul", [](const mx::array& gate, const mx::array& up) { return gated(gate, up, GELU_TANH); }, "gate"_a,
         "up"_a, "gelu_approx(gate) * up");
+  m.def("lora_linear", &lora_linear, "x"_a, "w"_a, "a"_a, "b"_a, "scale"_a,
+        "x W^T + scale (x A) B, a LoRA layer's product, forward and backward as one primitive each.");
   m.def("cross_entropy", &cross_entropy, "logits"_a, "targets"_a,
         "logsumexp(logits[i]) - logits[i, targets[i]] for each row i.");
   m.def("attention", &attention, "q"_a, "k"_a, "v"_a, "scale"_a, "causal"_a, "start"_a = nb::none(), "window"_a = 0,

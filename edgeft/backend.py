@@ -641,17 +641,31 @@ def _gelu_mlp_class(cls: type) -> type:
     return _MLP_TWINS[cls]
 
 
+# A LoRA layer without dropout as edgeft/_kernels.cpp's one primitive each way (see _fast_lora);
+# False: MLX's ops (scripts/profile_step.py's A/B).
+LORA_KERNEL = True
+
+
 def _fast_lora(original):
-    """mlx-lm's LoRALinear, y + scale * ((x @ A) @ B), as y + (x @ A) @ (scale * B) inside
-    fast_forward: the scale multiplies the r x out matrix, not every output, forward and
-    backward (SmolLM2 at 4 x 256, interleaved: 353.1 against 343.2 tokens/s). And the rank-r
-    product adds itself to y inside the BLAS call (addmm: beta 1 into y's buffer), instead of
-    writing its own output for a separate add (`scripts/profile_step.py ab base lora-add`:
-    1.03x at 4 x 256, 1.01x at 1024 tokens)."""
+    """mlx-lm's LoRALinear, y + scale * ((x @ A) @ B), inside fast_forward: without dropout, as
+    cpu_kernels.lora_linear, the layer's products forward and backward as one primitive each,
+    where MLX's ops were ~40 a layer, each with its per-op cost, and the backward's two parts of
+    dx went through an add (`scripts/profile_step.py ab base lora-ops`, interleaved: SmolLM2 at
+    4 x 256 439.5 against 393.9 tokens/s, 1.12x; at 1024 tokens 1.10x; the 0.5B's shapes at 1024
+    tokens 1.13x). Otherwise as y + (x @ A) @ (scale * B): the scale multiplies the r x out
+    matrix, not every output, forward and backward (SmolLM2 at 4 x 256, interleaved: 353.1
+    against 343.2 tokens/s), and the rank-r product adds itself to y inside the BLAS call
+    (addmm: beta 1 into y's buffer), instead of writing its own output for a separate add
+    (`scripts/profile_step.py ab lora-ops lora-add`: 1.03x at 4 x 256, 1.01x at 1024 tokens)."""
     def __call__(self, x):
         if _FORWARD.get() is None:
             return original(self, x)
-        return mx.addmm(self.linear(x), self.dropout(x) @ self.lora_a, self.scale * self.lora_b)
+        xd, base = self.dropout(x), self.linear
+        if LORA_KERNEL and xd is x and type(base) in (DequantizedLinear, nn.Linear) and cpu_kernels.compiled_usable() \
+                and _kernels_for(x, self.lora_a, self.lora_b):
+            y = cpu_kernels.lora_linear(x, dequantized_weight(base), self.lora_a, self.lora_b, self.scale)
+            return y + base["bias"] if "bias" in base else y
+        return mx.addmm(base(x), xd @ self.lora_a, self.scale * self.lora_b)
 
     __call__._edgeft_original = original
     return __call__

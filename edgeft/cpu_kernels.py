@@ -356,6 +356,18 @@ def cross_entropy(logits: mx.array, targets: mx.array) -> mx.array:
     return logsumexp(logits) - mx.take_along_axis(logits, targets[:, None], axis=-1)[:, 0]
 
 
+# LoRA layers ------------------------------------------------------------------------------------
+
+
+def lora_linear(x: mx.array, w: mx.array, a: mx.array, b: mx.array, scale: float) -> mx.array:
+    """x @ w.T + scale * ((x @ a) @ b): a LoRA layer on base weight w [out, in], with A [in, r]
+    and B [r, out]. edgeft/_kernels.cpp's one primitive each way when compiled_usable(), else
+    MLX's ops."""
+    if compiled_usable():
+        return _compiled.lora_linear(x, w, a, b, float(scale))
+    return mx.addmm(x @ w.T, x @ a, scale * b)
+
+
 # Attention ---------------------------------------------------------------------------------------
 
 
@@ -473,6 +485,10 @@ def _compiled_self_test() -> bool:
                 return f[:240].reshape(1, 4, 6, 10), f[100:900].reshape(1, 2, 40, 10), g[:800].reshape(1, 2, 40, 10)
             return 0.1 * x.reshape(1, 3, 80, 4), g.reshape(1, 3, 80, 4), 0.1 * x.reshape(1, 3, 80, 4)
 
+        def lora(x):
+            f = 0.02 * x.reshape(-1)
+            return f[:400].reshape(10, 40), f[400:520].reshape(40, 3), f[520:550].reshape(3, 10)
+
         def packed(x):
             f, g = x.reshape(-1), u.reshape(-1)
             q = mx.concatenate([f[:800], f[160:960]]).reshape(1, 4, 40, 10)
@@ -494,6 +510,9 @@ def _compiled_self_test() -> bool:
             (lambda x: _compiled.attention(*packed(x), 0.02, True, 0, 0, [30, 2, 8]),
              lambda x: mx.concatenate([_attention_ref(*(y[:, :, a:b] for y in packed(x)), 0.02, 0)
                                        for a, b in ((0, 30), (30, 32), (32, 40))], axis=2)),
+            # a LoRA layer of rank 3 on a 10 x 40 weight, W, A and B trained too
+            (lambda x: _compiled.lora_linear(x, *lora(x), 0.5), lambda x: mx.addmm(x @ lora(x)[0].T, x @ lora(x)[1],
+                                                                                     0.5 * lora(x)[2])),
             (lambda x: _compiled.cross_entropy(x.reshape(24, 40), t)[:, None, None],
              lambda x: (mx.logsumexp(x.reshape(24, 40), axis=-1)
                         - mx.take_along_axis(x.reshape(24, 40), t[:, None], axis=-1)[:, 0])[:, None, None]),

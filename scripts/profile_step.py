@@ -245,6 +245,7 @@ VARIANTS = {
     "lora-add": with_setting(default_step, LoRALinear, "__call__", _lora_separate_add),
     "update-ops": with_setting(default_step, sys.modules[__name__], "COMPILED_UPDATE", False),
     "attention-per-sample": with_setting(default_step, backend, "PACKED_ATTENTION", False),
+    "lora-ops": with_setting(default_step, backend, "LORA_KERNEL", False),
 }
 
 

@@ -265,11 +265,13 @@ def test_a_split_samples_segments_use_the_kept_weights_and_the_fused_loss(monkey
     assert made == [] and len(fused) == 2
 
 
-def test_lora_layers_scale_b_inside_the_fast_forward_only():
+def test_lora_layers_scale_b_inside_the_fast_forward_only(monkeypatch):
     """prepare(cpu=True) routes mlx-lm's LoRALinear through a dispatcher: inside fast_forward
-    y + (x @ A) @ (scale * B), the same values as mlx-lm's y + scale * ((x @ A) @ B) outside."""
+    (without the compiled LoRA kernel) y + (x @ A) @ (scale * B), the same values as mlx-lm's
+    y + scale * ((x @ A) @ B) outside."""
     from mlx_lm.tuner.lora import LoRALinear
 
+    monkeypatch.setattr(backend, "LORA_KERNEL", False)
     model = backend.prepare(tiny(seed=4), cpu=True)
     lora.apply_lora(model, LoRAConfig(rank=4))
     layer = next(m for _, m in model.named_modules() if isinstance(m, LoRALinear))
@@ -283,6 +285,42 @@ def test_lora_layers_scale_b_inside_the_fast_forward_only():
         plain = layer(x)
     assert scaled == [True, False]  # the scale went to B inside, to the output outside
     assert mx.allclose(fast, plain, rtol=1e-5, atol=1e-5).item()
+
+
+@pytest.mark.parametrize("base", ["quantized", "linear", "linear-bias"])
+def test_a_lora_layer_in_the_fast_forward_is_mlx_lms_values_and_gradients(base, kernels, monkeypatch):
+    """Inside fast_forward a LoRA layer without dropout is one compiled primitive each way (or
+    MLX's ops without the module): the output and the gradients of x, A and B (and of a base
+    weight that trains) are mlx-lm's LoRALinear's outside."""
+    from mlx_lm.tuner.lora import LoRALinear
+
+    calls = []
+    fused = cpu_kernels.lora_linear
+    monkeypatch.setattr(cpu_kernels, "lora_linear", lambda *a: calls.append(a[0].shape) or fused(*a))
+    linear = nn.Linear(64, 40, bias=base == "linear-bias")
+    if base == "quantized":
+        linear = backend.prepare(nn.Sequential(nn.QuantizedLinear.from_linear(linear, 64, 8)), cpu=True).layers[0]
+    layer = LoRALinear.from_base(linear, r=4, scale=3.0)
+    layer.lora_b = mx.random.normal(layer.lora_b.shape, key=mx.random.key(2))
+    x, cot = mx.random.normal((2, 5, 64), key=mx.random.key(3)), mx.random.normal((2, 5, 40), key=mx.random.key(4))
+    params = {"x": x, "a": layer.lora_a, "b": layer.lora_b, **({"w": linear.weight} if base != "quantized" else {})}
+
+    def run(p):
+        layer.lora_a, layer.lora_b = p["a"], p["b"]
+        if "w" in p:
+            linear.weight = p["w"]
+        return layer(p["x"])
+
+    def fast(p):
+        with backend.fast_forward():
+            return run(p)
+
+    names = list(params)
+    (y1,), g1 = mx.vjp(lambda *a: fast(dict(zip(names, a))), list(params.values()), [cot])
+    (y2,), g2 = mx.vjp(lambda *a: run(dict(zip(names, a))), list(params.values()), [cot])
+    assert calls == ([(2, 5, 64)] if kernels == "compiled" else [])
+    for k, a, b in zip(["y", *names], [y1, *g1], [y2, *g2]):  # fp32 sums in another order: to 1e-6 of the largest
+        assert mx.abs(a - b).max().item() <= 1e-6 * mx.abs(b).max().item(), k
 
 
 class patched_scale:
