@@ -877,7 +877,7 @@ mx::array attention(const mx::array& q, const mx::array& k, const mx::array& v, 
 
 // A LoRA layer (mlx-lm's LoRALinear without dropout): y = x W^T + scale (x A) B, with W the
 // frozen base weight [out, in] (a kept one: edgeft/_sgemm.c gives its bf16 copy while a run's
-// products go in bf16), A [in, r], B [r, out]. As MLX ops its forward and backward were some 40
+// products go in bf16), A [in, r], B [r, out]. As MLX ops its forward and backward were some 28
 // ops a layer (the products, their transposes and reshapes, the scale, the adds of the
 // gradients), each paying MLX's per-op cost; here one primitive each way: the forward's three
 // products, the backward's five (dx = G W + u A^T accumulated in one buffer). The products go to

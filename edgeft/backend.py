@@ -649,7 +649,7 @@ LORA_KERNEL = True
 def _fast_lora(original):
     """mlx-lm's LoRALinear, y + scale * ((x @ A) @ B), inside fast_forward: without dropout, as
     cpu_kernels.lora_linear, the layer's products forward and backward as one primitive each,
-    where MLX's ops were ~40 a layer, each with its per-op cost, and the backward's two parts of
+    where MLX's ops were ~28 a layer, each with its per-op cost, and the backward's two parts of
     dx went through an add (`scripts/profile_step.py ab base lora-ops`, interleaved: SmolLM2 at
     4 x 256 439.5 against 393.9 tokens/s, 1.12x; at 1024 tokens 1.10x; the 0.5B's shapes at 1024
     tokens 1.13x). Otherwise as y + (x @ A) @ (scale * B): the scale multiplies the r x out
