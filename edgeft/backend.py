@@ -661,7 +661,7 @@ def _fast_lora(original):
         if _FORWARD.get() is None:
             return original(self, x)
         xd, base = self.dropout(x), self.linear
-        if LORA_KERNEL and xd is x and type(base) in (DequantizedLinear, nn.Linear) and cpu_kernels.compiled_usable() \
+        if LORA_KERNEL and xd is x and type(base) in (DequantizedLinear, nn.Linear) \
                 and _kernels_for(x, self.lora_a, self.lora_b):
             y = cpu_kernels.lora_linear(x, dequantized_weight(base), self.lora_a, self.lora_b, self.scale)
             return y + base["bias"] if "bias" in base else y

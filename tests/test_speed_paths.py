@@ -318,7 +318,7 @@ def test_a_lora_layer_in_the_fast_forward_is_mlx_lms_values_and_gradients(base, 
     names = list(params)
     (y1,), g1 = mx.vjp(lambda *a: fast(dict(zip(names, a))), list(params.values()), [cot])
     (y2,), g2 = mx.vjp(lambda *a: run(dict(zip(names, a))), list(params.values()), [cot])
-    assert calls == ([(2, 5, 64)] if kernels == "compiled" else [])
+    assert calls == [(2, 5, 64)]  # the primitive, or its MLX ops without the compiled module
     for k, a, b in zip(["y", *names], [y1, *g1], [y2, *g2]):  # fp32 sums in another order: to 1e-6 of the largest
         assert mx.abs(a - b).max().item() <= 1e-6 * mx.abs(b).max().item(), k
 
